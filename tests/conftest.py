@@ -1,0 +1,24 @@
+"""Shared test fixtures.
+
+Meta's real Llama 2 tokenizer lives in ../shared/llama2/tokenizer.model (beside the repository, as CI lays it out).
+Tests that need it take the `meta_tokenizer_path` fixture, which skips with a clear reason where it is absent.
+NANOLLAMA2_SHARED overrides where shared/ is.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the scripts are flat top-level modules: `import model`, `import tokenizer`, ...
+
+SHARED = Path(os.environ.get("NANOLLAMA2_SHARED", REPO.parent / "shared"))
+META_TOKENIZER = SHARED / "llama2" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer_path() -> Path:
+    if not META_TOKENIZER.is_file():
+        pytest.skip(f"Meta's tokenizer.model not found at {META_TOKENIZER} (set NANOLLAMA2_SHARED to the shared/ folder)")
+    return META_TOKENIZER
