@@ -1,0 +1,284 @@
+"""Sampling from a Llama 2 model (Meta's llama/generation.py, re-thought for batches and training-time use).
+
+  python generate.py --checkpoint out/sft --prompt "Alice's pet is a"      # text completion
+  python generate.py --checkpoint out/sft --chat --system "Be brief."       # interactive chat, Llama 2 format
+  python generate.py --checkpoint /path/to/llama-2-7b-chat --chat --device cuda --compile
+
+What is here:
+  - KVCache: a preallocated (n_layers, B, K, S, D) key/value store that the model writes into; Attention keeps no state.
+  - generate(): a batch of prompts of different lengths, left-padded so every row's next token sits in the same
+    column: one prefill call, then one decode step per token over the static cache. Greedy at temperature 0;
+    otherwise temperature and Meta's nucleus (top-p) rule, in fp32. Rows stop at EOS independently.
+    num_samples=K prefills each prompt once and samples K continuations from the shared prefix (rejection sampling).
+  - sequence_logprobs(): the log-probability of given continuation tokens (PPO's logprobs / ref_logprobs).
+  - --compile compiles the decode step once: the cache has a fixed size and the step attends over all of it with a
+    mask, so no shape changes from token to token (gpt-fast's recipe).
+
+Choices where Meta's code differs or is silent:
+  1. Left padding with per-row RoPE positions (Meta pads on the right and overwrites); attention masks hide the pads.
+  2. Returned completions include the EOS token when one was sampled (RL needs to know the reply ended).
+  3. The log-probs returned with samples are those of the temperature-scaled distribution before top-p truncation;
+     for PPO sample with top_p=1.0 so they are exactly the sampling distribution's.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import common
+from model import CheckpointError, Transformer, load_checkpoint
+
+
+class KVCache:
+    """Keys/values for every layer: k, v of shape (L, B, K, S, D), allocated once (S = max_len)."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, device=None, dtype=None):
+        a = model.args
+        p = next(model.parameters())
+        shape = (a.n_layers, batch, a.kv_heads, max_len, a.head_dim)
+        self.k = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
+        self.v = torch.zeros_like(self.k)
+        self.max_len = max_len
+
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: Optional[int]):
+        """Write k, v (B, K, T, D) at positions pos (T,); return the first kv_len positions (all when None)."""
+        ck, cv = self.k[layer], self.v[layer]  # (B, K, S, D) views into the big tensors
+        ck.index_copy_(2, pos, k.to(ck.dtype))
+        cv.index_copy_(2, pos, v.to(cv.dtype))
+        if kv_len is None:
+            return ck, cv
+        return ck[:, :, :kv_len], cv[:, :, :kv_len]  # (B, K, kv_len, D)
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """A cache whose row b*n + j copies row b: K samples continue from one prefilled prompt."""
+        new = object.__new__(KVCache)
+        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        new.max_len = self.max_len
+        return new
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Tensor:
+    """Meta's nucleus rule: sort descending, keep each token whose preceding mass is <= top_p (so the smallest set
+    reaching top_p, always at least the top token), renormalize, sample. probs (B, V) fp32 -> (B,) token ids."""
+    sorted_p, idx = probs.sort(dim=-1, descending=True)  # (B, V)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+    sorted_p = sorted_p.masked_fill(before > top_p, 0.0)
+    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)  # (B, 1) index into the sorted order
+    return idx.gather(-1, choice).squeeze(-1)
+
+
+def _next_token(logits, temperature, top_p, generator):
+    """logits (B, V) fp32 -> (tokens (B,), logprobs (B,) under the temperature-scaled distribution)."""
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        logp = F.log_softmax(logits, -1)
+    else:
+        logp = F.log_softmax(logits / temperature, -1)
+        probs = logp.exp()
+        tok = sample_top_p(probs, top_p, generator) if top_p < 1.0 else torch.multinomial(
+            probs, 1, generator=generator).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def _decode_step(model, tok, pos, pad_len, t, cache, kv_len):
+    """One token for every row. tok (B, 1); pos (1,) cache column; pad_len (B,); t (0-d tensor) current column."""
+    S = cache.max_len if kv_len is None else kv_len
+    cols = torch.arange(S, device=tok.device)
+    mask = (cols[None, :] >= pad_len[:, None]) & (cols[None, :] <= t)  # (B, S): real tokens up to and including t
+    logits, _ = model(tok, positions=(t - pad_len)[:, None], mask=mask[:, None, None, :], cache=cache,
+                      cache_pos=pos, kv_len=kv_len)
+    return logits[:, -1]  # (B, V)
+
+
+_compiled_steps: dict = {}
+
+
+def _compiled_decode_step(model):
+    key = id(model)
+    if key not in _compiled_steps:
+        # dynamic=False: every step has the same shapes (full cache, mask over all of it), so this compiles once
+        _compiled_steps[key] = torch.compile(_decode_step, dynamic=False)
+    return _compiled_steps[key]
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
+             top_p: float = 0.9, eos_id: Optional[int] = 2, num_samples: int = 1, logprobs: bool = False,
+             generator: Optional[torch.Generator] = None, compile: bool = False, pad_id: int = 0):
+    """Sample continuations for a batch of prompts (lists of token ids, different lengths allowed).
+
+    Returns completions: list (len(prompts) * num_samples, prompt-major) of token lists, each ending at its first EOS
+    (included) or after max_new_tokens; with logprobs=True also the per-token log-probs, as (tokens, logprobs).
+    Defaults are Meta's chat sampling (temperature 0.6, top_p 0.9); temperature 0 is greedy.
+    """
+    if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token (e.g. BOS)")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    max_seq = model.args.max_seq_len
+    lens = [len(p) for p in prompt_tokens]
+    P = max(lens)
+    if P >= max_seq:
+        raise ValueError(f"prompt of {P} tokens does not fit the model's context of {max_seq} tokens")
+    total = min(max_seq, P + max_new_tokens)
+    B = len(prompt_tokens)
+
+    # 1. left-pad: row b's prompt occupies columns pad_len[b] .. P-1, so the next token is column P in every row
+    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompt_tokens):
+        tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    pad_len = torch.tensor([P - n for n in lens], device=device)  # (B,)
+    cols = torch.arange(P, device=device)
+    positions = (cols[None, :] - pad_len[:, None]).clamp(min=0)  # (B, P): each prompt's own RoPE positions from 0
+    real = cols[None, :] >= pad_len[:, None]  # (B, P) key is a real token
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    # a pad query attends to itself only, so no softmax row is empty (an all-masked row would give NaN)
+    mask = causal[None] & (real[:, None, :] | torch.eye(P, dtype=torch.bool, device=device)[None])  # (B, P, P)
+
+    # 2. prefill all prompts in one call, then share each prefix among its num_samples continuations
+    cache = KVCache(model, B, total, device=device)
+    logits, _ = model(tokens, positions=positions, mask=mask[:, None], cache=cache,
+                      cache_pos=torch.arange(P, device=device), kv_len=P)
+    logits = logits[:, -1]  # (B, V)
+    if num_samples > 1:
+        cache = cache.repeat_rows(num_samples)
+        logits, pad_len = logits.repeat_interleave(num_samples, 0), pad_len.repeat_interleave(num_samples, 0)
+        B *= num_samples
+
+    # 3. decode: one token per step for all rows; finished rows keep computing (cheaper than reshaping the batch)
+    step = _compiled_decode_step(model) if compile else _decode_step
+    out_tok = torch.full((B, total - P), pad_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros((B, total - P), dtype=torch.float32, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_gen = torch.zeros(B, dtype=torch.long, device=device)
+    for i, t in enumerate(range(P, total)):
+        tok, lp = _next_token(logits.float(), temperature, top_p, generator)
+        out_tok[:, i], out_logp[:, i] = tok, lp
+        n_gen += (~done).long()
+        if eos_id is not None:
+            done |= tok == eos_id
+        if t == total - 1 or bool(done.all()):
+            break
+        t_ = torch.tensor(t, device=device)
+        logits = step(model, tok[:, None], t_[None], pad_len, t_, cache, None if compile else t + 1)
+
+    model.train(was_training)
+    n_gen = n_gen.tolist()
+    toks = [out_tok[b, :n_gen[b]].tolist() for b in range(B)]
+    if logprobs:
+        return toks, [out_logp[b, :n_gen[b]].tolist() for b in range(B)]
+    return toks
+
+
+def sequence_logprobs(model: Transformer, prompts: list[list[int]], completions: list[list[int]],
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log pi(completion token | everything before it) for a batch, with gradients if the model is training.
+
+    Rows are prompt + completion, right-padded (padding after a sequence cannot change it under causal attention).
+    Returns (B, Tc) fp32, Tc = longest completion, zeros past each completion's end. Used by PPO (logprobs of the
+    policy and of the frozen reference) and checked against the log-probs recorded at sampling time.
+    """
+    device = next(model.parameters()).device
+    rows = [p + c for p, c in zip(prompts, completions)]
+    T = max(len(r) for r in rows)
+    Tc = max(len(c) for c in completions)
+    tokens = torch.zeros((len(rows), T), dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(r, device=device)
+    logits, _ = model(tokens)  # (B, T, V) fp32
+    logp = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (B, T, V)
+    out = torch.zeros((len(rows), Tc), dtype=torch.float32, device=device)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        if c:  # token c[j] sits at column len(p)+j and is predicted by the logits at the column before it
+            idx = torch.tensor(c, device=device)
+            out[b, :len(c)] = logp[b, len(p) - 1:len(p) - 1 + len(c)].gather(-1, idx[:, None]).squeeze(-1)
+    return out
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+@dataclass
+class GenerateConfig:
+    checkpoint: str = "out/sft"  # a checkpoint directory: ours, Meta's or Hugging Face's
+    tokenizer: Optional[str] = None  # tokenizer.model; default: the one in --checkpoint
+    prompt: str = ""  # text to complete (ignored with --chat)
+    chat: bool = False  # interactive chat in the Llama 2 format
+    system: Optional[str] = None  # system prompt for --chat
+    max_new_tokens: int = 128
+    temperature: float = 0.6  # Meta's chat default
+    top_p: float = 0.9  # Meta's chat default
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the decode step
+
+
+def load_for_inference(cfg):
+    """Checkpoint + tokenizer, or one clear error line."""
+    from tokenizer import Tokenizer
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(cfg.dtype, device)
+    try:
+        model = load_checkpoint(cfg.checkpoint, device=device, dtype=dtype)
+    except CheckpointError as e:
+        common.die(str(e))
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.checkpoint) / "tokenizer.model"
+    if not tok_path.is_file():
+        common.die(f"tokenizer not found: {tok_path} (pass --tokenizer PATH)")
+    tok = Tokenizer(str(tok_path))
+    if tok.n_words != model.args.vocab_size:
+        common.die(f"{tok_path} has {tok.n_words} tokens but the model's vocabulary is {model.args.vocab_size}")
+    return model.eval(), tok
+
+
+def _complete(model, tok, cfg, prompt_ids, gen):
+    t0 = time.perf_counter()
+    out = generate(model, [prompt_ids], cfg.max_new_tokens, cfg.temperature, cfg.top_p, tok.eos_id,
+                   generator=gen, compile=cfg.compile)[0]
+    dt = time.perf_counter() - t0
+    print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return [t for t in out if t != tok.eos_id]
+
+
+def main(cfg: GenerateConfig):
+    from tokenizer import UNSAFE_ERROR, has_special_tags
+    model, tok = load_for_inference(cfg)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    if not cfg.chat:
+        ids = tok.encode(cfg.prompt, bos=True, eos=False)
+        if len(ids) >= model.args.max_seq_len:
+            common.die(f"--prompt is {len(ids)} tokens; the context is {model.args.max_seq_len}")
+        print(cfg.prompt + tok.decode(_complete(model, tok, cfg, ids, gen)))
+        return
+    dialog = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    print("Chat in the Llama 2 format. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            user = input("user> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        dialog.append({"role": "user", "content": user})
+        ids, _ = tok.encode_dialog(dialog)
+        if len(ids) >= model.args.max_seq_len:
+            print(f"(the dialog is {len(ids)} tokens, over the context of {model.args.max_seq_len}; starting over)",
+                  file=sys.stderr)
+            dialog = dialog[:1] if cfg.system else []
+            continue
+        reply = tok.decode(_complete(model, tok, cfg, ids, gen)).strip()
+        if has_special_tags(dialog):  # Meta generates but answers with this error when a tag is smuggled in
+            reply = UNSAFE_ERROR
+        print(f"assistant> {reply}")
+        dialog.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    main(common.parse_config(GenerateConfig, description=__doc__))

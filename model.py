@@ -1,0 +1,497 @@
+"""The Llama 2 Transformer (paper §2.2, Table 1; Meta's llama/model.py), one file, no training logic.
+
+Architecture, exactly as Meta's released checkpoints expect it:
+  - pre-normalization with RMSNorm (eps 1e-5, computed in fp32),
+  - rotary position embeddings (theta 10000) rotating adjacent pairs (2i, 2i+1) of each head, applied to q and k,
+  - grouped-query attention (GQA: n_kv_heads < n_heads; 70B uses 8 KV heads, 7B/13B plain multi-head),
+  - SwiGLU feed-forward, width int(2 * 4 * dim / 3) [* ffn_dim_multiplier] rounded up to multiple_of,
+  - no biases anywhere, untied input embedding and output head.
+Weight names are Meta's (tok_embeddings, layers.N.attention.wq, ...), so one loader serves our checkpoints and Meta's.
+A Hugging Face directory loads too (the q/k row permutation undone), and any model exports to Hugging Face's layout.
+
+Tensor letters used in shape comments throughout the project:
+  B batch, T tokens in this forward call, S key/value length (cache), V vocabulary, C model dim,
+  H query heads, K key/value heads (H % K == 0), D head dim (C // H), F feed-forward hidden width.
+
+Choices where the paper is silent (see also the module docstrings of the stage scripts):
+  1. RoPE is computed with real cos/sin on adjacent pairs instead of complex numbers: the same numbers as Meta's
+     complex multiply, but torch.compile and bf16 handle it without complex dtypes.
+  2. The KV cache is a separate object (generate.py's job) passed into forward; Attention owns no state, so the same
+     module trains, samples and scores.
+  3. Reward and value models (§3.2.2) are this trunk with head="scalar": a Linear(C, 1) named `score` replaces `output`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    # Meta's params.json keys and defaults (the 7B model).
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: plain multi-head attention (7B, 13B)
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096  # §2.2: Llama 2 doubled the context to 4096
+    head: str = "lm"  # ours: "lm" = next-token logits, "scalar" = one number per position (reward / value models)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # §2.2 SwiGLU: 2/3 of the usual 4*dim keeps the parameter count of a 4*dim GELU MLP (three matrices, not two)
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE's (2i, 2i+1) pairs")
+        if self.head not in ("lm", "scalar"):
+            raise ValueError(f"head must be 'lm' or 'scalar', got {self.head!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})  # Meta's files may carry extra keys
+
+
+# Table 1 / Meta's params.json. vocab_size is -1 in Meta's files (taken from the tokenizer); 32000 here.
+PRESETS = {
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40, multiple_of=256),
+    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
+    # Small models for CPU work. "15M" is llama2.c's stories15M shape (dim 288, 6 layers, 6 heads, seq 256).
+    "15M": dict(dim=288, n_layers=6, n_heads=6, multiple_of=32, max_seq_len=256),
+    # ~1M parameters with a 512-token vocabulary: the size that learns the miniature world in minutes on a laptop.
+    "1M": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=512, max_seq_len=256),
+    # ~110M (GPT-2 small shape) for GPU throughput measurements.
+    "110M": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256, max_seq_len=1024),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelArgs(**{**PRESETS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, in fp32: in bf16 the mean of squares loses the small components."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight  # cast back before the weight, as Meta does
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of angle pos * theta^(-2i/D) for every position and pair i: two (max_pos, D/2) fp32 tables."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (D/2,)
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)  # (max_pos, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the position's angle: Meta's (x0 + i x1) * e^(i angle).
+
+    x: (B, T, H, D); cos, sin: (B, T, 1, D/2). Done in fp32 (as Meta does) and cast back.
+    """
+    xp = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]  # (B, T, H, D/2) each
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, D/2, 2)
+    return out.flatten(-2).type_as(x)  # (B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, cache_pos=None, kv_len: Optional[int] = None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE on q and k only, never on v
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
+        if cache is not None:
+            # write this call's keys/values at cache_pos, attend over the first kv_len cached positions
+            k, v = cache.update(layer, cache_pos, k, v, kv_len)  # (B, K, S, D)
+        if self.n_kv_heads != self.n_heads:
+            if _SDPA_GQA:  # the kernel broadcasts each KV head over its H/K query heads: no copy of K/V
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            else:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+def _sdpa_supports_gqa() -> bool:
+    try:
+        q = torch.zeros(1, 2, 1, 2)
+        F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+_SDPA_GQA = _sdpa_supports_gqa()  # torch >= 2.5
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (§2.2): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, F) -> (B, T, C)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None, kv_len=None):
+        # pre-normalization: normalize each sub-layer's input, add its output to the un-normalized residual stream
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id, cache_pos, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        if args.head == "lm":
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
+        else:
+            self.score = nn.Linear(args.dim, 1, bias=False)  # §3.2.2: regression head, one scalar per position
+        # RoPE tables for 2x the context, as Meta does (room for generation past training length); not saved.
+        cos, sin = rope_tables(args.head_dim, 2 * args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpoint = False  # common.py turns this on (--grad-checkpoint): recompute blocks in backward
+
+    def init_weights(self, seed: Optional[int] = None):
+        """Normal(0, 0.02) weights, residual output projections scaled by 1/sqrt(2 n_layers) (GPT-2's rule; Meta
+        does not publish its init), norms at 1."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+                continue
+            std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def trunk(self, tokens, positions=None, mask=None, cache=None, cache_pos=None, kv_len=None):
+        """Final normalized hidden states (B, T, C).
+
+        tokens (B, T). positions (B, T) or None for 0..T-1: RoPE position of each token (left-padded prompts and packed
+        documents restart their own count). mask: None for plain causal attention, else a bool (B, 1, T, S) tensor,
+        True = may attend. cache/cache_pos/kv_len: see generate.KVCache.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            if T > 2 * self.args.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens is longer than the RoPE table ({2 * self.args.max_seq_len})")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
+            cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+        else:
+            cos, sin = self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :]  # (B,T,1,D/2)
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        for layer in self.layers:
+            if self.grad_checkpoint and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, cache_pos, kv_len)
+        return self.norm(h)
+
+    def forward(self, tokens, targets=None, *, positions=None, mask=None, cache=None, cache_pos=None, kv_len=None,
+                ignore_index: int = -100):
+        """Returns (out, loss). out: logits (B, T, V) in fp32 for head="lm", scores (B, T) for head="scalar".
+
+        loss: mean next-token cross-entropy over targets (B, T) that are not ignore_index (the caller shifts: targets[t]
+        is the token after tokens[t]); None when targets is None. Logits are fp32 so the softmax is exact under bf16.
+        """
+        h = self.trunk(tokens, positions, mask, cache, cache_pos, kv_len)  # (B, T, C)
+        if self.args.head == "scalar":
+            return self.score(h).squeeze(-1).float(), None  # (B, T)
+        logits = self.output(h).float()  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * matmul params + attention scores (PaLM appendix B), used for MFU."""
+        a = self.args
+        n = self.num_params(exclude_embeddings=True)
+        return 6 * n + 12 * a.n_layers * a.dim * seq_len
+
+    # ---- checkpoints: loading and saving (Meta layout, Hugging Face layout) live in checkpoint helpers below ----
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype: Optional[torch.dtype] = None, **arg_overrides):
+        return load_checkpoint(path, device=device, dtype=dtype, **arg_overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints. Ours and Meta's: params.json + consolidated.NN.pth (+ tokenizer.model). Hugging Face's: config.json +
+# *.safetensors or pytorch_model*.bin. All loads use weights_only=True (a pickle cannot run code) and mmap where the
+# format allows, and the model is built on the meta device and takes the loaded tensors as they are (assign=True), so
+# a 7B checkpoint does not need twice its size in memory.
+# --------------------------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    pass
+
+
+# How Meta's model-parallel shards split each weight (fairscale): column-parallel layers split rows (dim 0),
+# row-parallel layers and the embedding split columns (dim 1); norms are replicated.
+_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "output": 0}
+
+
+def _shard_dim(name: str) -> Optional[int]:
+    return _SHARD_DIM.get(name.split(".")[-2] if name.endswith(".weight") else name)
+
+
+def _torch_load(f: Path):
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:  # an old (non-zip) file cannot be memory-mapped; a zip one can
+        if "mmap" not in str(e):
+            raise CheckpointError(f"{f}: cannot be loaded safely: {str(e).splitlines()[0]}") from None
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError from weights_only: the file wants to run code
+        raise CheckpointError(f"{f}: refused to load (not plain tensors; weights_only=True): "
+                              f"{str(e).splitlines()[0][:200]}") from None
+
+
+def load_checkpoint(path, device="cpu", dtype=None, **arg_overrides) -> Transformer:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if (path / "params.json").is_file():
+        args, state = _read_meta(path)
+    elif (path / "config.json").is_file():
+        args, state = _read_hf(path)
+    else:
+        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
+    args = ModelArgs(**{**asdict(args), **arg_overrides})
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{path}: {k} has shape {tuple(t.shape)} but params say {tuple(expected[k].shape)}")
+        if dtype is not None or not t.is_floating_point():
+            state[k] = t.to(dtype or torch.float32)
+    model.load_state_dict(state, assign=True, strict=True)
+    # the RoPE tables are not weights: rebuild them for real (they were created on the meta device)
+    model.rope_cos, model.rope_sin = rope_tables(args.head_dim, 2 * args.max_seq_len, args.rope_theta)
+    return model.to(device)
+
+
+def _read_meta(path: Path):
+    params = json.loads((path / "params.json").read_text())
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
+    parts = [_torch_load(f) for f in shards]
+    if params.get("vocab_size", -1) <= 0:  # Meta writes -1: the vocabulary comes from the tokenizer / embedding
+        params["vocab_size"] = parts[0]["tok_embeddings.weight"].shape[0]
+    args = ModelArgs.from_dict(params)
+    if len(parts) == 1:
+        return args, dict(parts[0])
+    state = {}
+    for name in parts[0]:  # 13B (2 shards), 70B (8 shards): concatenate each split weight along its split dim
+        d = _shard_dim(name)
+        state[name] = parts[0][name] if d is None else torch.cat([p[name] for p in parts], dim=d)
+    return args, state
+
+
+def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta -> HF: within each head, rows (2i, 2i+1) become rows i and i + D/2 ("rotate half" RoPE layout)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF -> Meta: the inverse of _hf_permute."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+_HF_NAMES = {  # Meta name pattern -> Hugging Face name pattern
+    "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight", "score.weight": "score.weight",
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _meta_to_hf_name(name: str) -> str:
+    if name in _HF_NAMES:
+        return _HF_NAMES[name]
+    _, i, rest = name.split(".", 2)  # layers.N.attention.wq.weight
+    sub, _, suffix = rest.rpartition(".")
+    return f"model.layers.{i}.{_HF_NAMES[sub]}.{suffix}"
+
+
+def _read_hf(path: Path):
+    cfg = json.loads((path / "config.json").read_text())
+    n_heads = cfg["num_attention_heads"]
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=cfg.get("num_key_value_heads") or None, vocab_size=cfg["vocab_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
+                     max_seq_len=cfg.get("max_position_embeddings", 4096),
+                     head="scalar" if cfg.get("nanollama2_head") == "scalar" else "lm")
+    hidden = cfg["intermediate_size"]
+    args.multiple_of, args.ffn_dim_multiplier = 1, None
+    if args.ffn_hidden != hidden:  # express the given width through Meta's rule: multiplier on the 8/3*dim width
+        args.ffn_dim_multiplier = hidden / int(2 * 4 * args.dim / 3)
+        if args.ffn_hidden != hidden:
+            raise CheckpointError(f"{path}: intermediate_size {hidden} cannot be expressed as Meta's FFN width rule")
+    if args.n_kv_heads == args.n_heads:
+        args.n_kv_heads = None
+    hf = {}
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+        for f in files:
+            hf.update(load_file(str(f)))  # safetensors memory-maps and never runs code
+    else:
+        files = sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise CheckpointError(f"{path}: config.json but no *.safetensors or pytorch_model*.bin")
+        for f in files:
+            hf.update(_torch_load(f))
+    names = {_meta_to_hf_name(k): k for k in _state_names(args)}
+    state = {}
+    for hname, t in hf.items():
+        if hname not in names:
+            if "rotary_emb" in hname:  # old HF files stored the RoPE frequencies; we compute them
+                continue
+            raise CheckpointError(f"{path}: unexpected weight {hname}")
+        name = names[hname]
+        if name.endswith("attention.wq.weight"):
+            t = _hf_unpermute(t, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = _hf_unpermute(t, args.kv_heads)
+        state[name] = t
+    return args, state
+
+
+def _state_names(args: ModelArgs) -> list[str]:
+    with torch.device("meta"):
+        return list(Transformer(args).state_dict())
+
+
+def save_checkpoint(model: Transformer, out_dir, tokenizer_path=None, extra_params: Optional[dict] = None):
+    """Meta's layout: params.json + consolidated.00.pth (+ a copy of tokenizer.model). Atomic: each file is written to
+    a temporary name and renamed, so a crash mid-write leaves the previous checkpoint intact."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = asdict(model.args)
+    params.update(extra_params or {})
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # uncompiled names only
+    _atomic_write(out / "consolidated.00.pth", lambda f: torch.save(state, f))
+    _atomic_write(out / "params.json", lambda f: f.write(json.dumps(params, indent=2).encode()))
+    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
+        data = Path(tokenizer_path).read_bytes()
+        _atomic_write(out / "tokenizer.model", lambda f: f.write(data))
+
+
+def export_hf(model: Transformer, out_dir, tokenizer_path=None):
+    """Hugging Face's layout (config.json + model.safetensors) that transformers' LlamaForCausalLM loads."""
+    from safetensors.torch import save
+    a, out = model.args, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu")
+        if name.endswith("attention.wq.weight"):
+            t = _hf_permute(t, a.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = _hf_permute(t, a.kv_heads)
+        hf[_meta_to_hf_name(name)] = t.contiguous()
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+           "intermediate_size": a.ffn_hidden, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+           "num_key_value_heads": a.kv_heads, "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps,
+           "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
+           "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "bos_token_id": 1,
+           "eos_token_id": 2, "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    if a.head == "scalar":
+        cfg["nanollama2_head"] = "scalar"  # not a LlamaForCausalLM: our reward/value head, reloadable here
+    _atomic_write(out / "model.safetensors", lambda f: f.write(save(hf, metadata={"format": "pt"})))
+    _atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
+    if tokenizer_path is not None:
+        data = Path(tokenizer_path).read_bytes()
+        _atomic_write(out / "tokenizer.model", lambda f: f.write(data))
+
+
+def _atomic_write(dest: Path, write):
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(dest)  # atomic on POSIX: readers see the old file or the new one, never half of one

@@ -1,0 +1,113 @@
+"""generate.py: the cached, batched, left-padded path against plain full recomputation, and the sampling rules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import generate as G
+import model as M
+
+
+def tiny(**kw):
+    args = M.ModelArgs(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
+                                   max_seq_len=64), **kw})
+    return M.Transformer(args).init_weights(seed=1).eval()
+
+
+PROMPTS = [[1, 5, 9, 13, 2, 7, 7], [1, 3], [1, 40, 41, 42, 43]]
+
+
+def naive_greedy(m, prompt, n):
+    """No cache, no padding: recompute the whole sequence for every token."""
+    seq, logps = list(prompt), []
+    for _ in range(n):
+        logits = m(torch.tensor([seq]))[0][0, -1]
+        t = int(logits.argmax())
+        logps.append(float(F.log_softmax(logits, -1)[t]))
+        seq.append(t)
+    return seq[len(prompt):], logps
+
+
+def test_cached_batched_greedy_equals_full_recomputation():
+    m = tiny()
+    with torch.no_grad():
+        toks, logps = G.generate(m, PROMPTS, 12, temperature=0.0, eos_id=None, logprobs=True)
+        for p, t, lp in zip(PROMPTS, toks, logps):
+            ref_t, ref_lp = naive_greedy(m, p, 12)
+            assert t == ref_t
+            torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_logits_equal_uncached_logits():
+    m = tiny()
+    seq = torch.randint(0, 61, (2, 20))
+    with torch.no_grad():
+        full = m(seq)[0]
+        cache = G.KVCache(m, 2, 20)
+        cols = torch.arange(20)
+        first = m(seq[:, :8], mask=torch.ones(8, 8, dtype=torch.bool).tril()[None, None], cache=cache,
+                  cache_pos=cols[:8], kv_len=8)[0]
+        torch.testing.assert_close(first, full[:, :8], atol=1e-5, rtol=1e-4)
+        for t in range(8, 20):
+            step = m(seq[:, t:t + 1], positions=torch.full((2, 1), t), mask=torch.ones(1, 1, 1, t + 1, dtype=torch.bool),
+                     cache=cache, cache_pos=cols[t:t + 1], kv_len=t + 1)[0]
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decode_matches_eager():
+    m = tiny()
+    eager = G.generate(m, PROMPTS, 6, temperature=0.0, eos_id=None)
+    compiled = G.generate(m, PROMPTS, 6, temperature=0.0, eos_id=None, compile=True)
+    assert eager == compiled
+
+
+def test_num_samples_shares_prefill_and_matches_separate_rows():
+    m = tiny()
+    shared = G.generate(m, PROMPTS[:2], 5, temperature=0.0, eos_id=None, num_samples=3)
+    single = G.generate(m, PROMPTS[:2], 5, temperature=0.0, eos_id=None)
+    assert shared == [single[0]] * 3 + [single[1]] * 3
+
+
+def test_stops_per_row_at_eos_and_includes_it():
+    m = tiny()
+    greedy = G.generate(m, PROMPTS, 10, temperature=0.0, eos_id=None)
+    eos = greedy[0][3]  # pretend row 0's 4th token is EOS
+    out = G.generate(m, PROMPTS, 10, temperature=0.0, eos_id=eos)
+    assert out[0] == greedy[0][:greedy[0].index(eos) + 1]
+    for o, g in zip(out, greedy):
+        assert o == (g[:g.index(eos) + 1] if eos in g else g)
+
+
+def test_top_p_never_leaves_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    s = G.sample_top_p(probs, 0.75, gen)
+    # mass before token 0 = 0, before 1 = 0.5, before 2 = 0.8 > 0.75: the nucleus is {0, 1}
+    assert set(s.tolist()) == {0, 1}
+    # within the nucleus the renormalized odds are 5:3; 4000 draws, p(0)=0.625, sd ~0.0077: +-0.04 is > 5 sd
+    assert abs((s == 0).float().mean().item() - 0.625) < 0.04
+    assert set(G.sample_top_p(probs[:50], 0.0, gen).tolist()) == {0}  # top_p 0 keeps only the top token
+
+
+def test_temperature_zero_is_deterministic_and_sampling_is_seeded():
+    m = tiny()
+    assert G.generate(m, PROMPTS, 8, temperature=0.0) == G.generate(m, PROMPTS, 8, temperature=0.0)
+    a = G.generate(m, PROMPTS, 8, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = G.generate(m, PROMPTS, 8, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert a == b
+
+
+def test_recorded_logprobs_equal_recomputed_logprobs():
+    """PPO's invariant: the log-probs recorded while sampling are the policy's log-probs of those tokens."""
+    m = tiny()
+    gen = torch.Generator().manual_seed(0)
+    toks, logps = G.generate(m, PROMPTS, 9, temperature=0.8, top_p=1.0, eos_id=None, logprobs=True, generator=gen)
+    with torch.no_grad():
+        re = G.sequence_logprobs(m, PROMPTS, toks, temperature=0.8)
+    for b, lp in enumerate(logps):
+        torch.testing.assert_close(re[b, :len(lp)], torch.tensor(lp), atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_longer_than_context_is_rejected():
+    m = tiny(max_seq_len=16)
+    with pytest.raises(ValueError, match="context"):
+        G.generate(m, [[1] * 16], 4)
