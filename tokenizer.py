@@ -25,8 +25,9 @@ Choices where the paper is silent
    which Meta kept) are skipped by sentencepiece.
 2. A corpus too small for the requested vocabulary: sentencepiece refuses and says the largest size it can build;
    we retrain at that size and print the reduction to stderr, rather than fail a miniature run.
-3. Determinism: at most `max_sentences` lines are sampled (sentencepiece's input_sentence_size) with a seeded
-   shuffle; the BPE merges themselves are deterministic. Same corpus + seed -> same model file.
+3. Determinism: at most `max_sentences` lines are used, sampled by us with a seeded RNG (sentencepiece's own sampler
+   cannot be reseeded within a process); the BPE merges themselves are deterministic. Same corpus + seed -> same
+   model file, byte for byte.
 4. Loss mask: 1 on every token of an assistant answer, on the space token that separates "[/INST]" from the answer
    (the generation prompt ends at "[/INST]", so the model must produce that space itself), on the trailing space Meta
    appends, and on the pair's EOS (the model must learn to stop). 0 on BOS, tags, system prompt and user text.
@@ -38,6 +39,7 @@ import argparse
 import io
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -94,27 +96,26 @@ class Tokenizer:
             ids = ids.tolist()
         return self.sp_model.decode([int(i) for i in ids])
 
-    def _encode_with_starts(self, s: str) -> tuple[list[int], list[int]]:
-        """ids of s (no BOS/EOS) and, for each, the UTF-8 byte offset in s where the text it covers begins.
-        A piece with a leading "▁" begins at the space it stands for; the dummy prefix space of the first piece is not
-        in s, so that piece begins at 0. Byte pieces of one character all begin where the character does."""
-        if hasattr(self.sp_model, "EncodeAsOffsetMapping"):  # sentencepiece >= 0.2.1: bytes in -> byte offsets out
-            om = self.sp_model.encode(s.encode("utf-8"), out_type="offset_mapping")
-            return list(om["ids"]), [begin for begin, _ in om["offsets"]]
-        proto = self.sp_model.encode(s, out_type="immutable_proto")  # older versions: begin is a byte offset too
-        return [p.id for p in proto.pieces], [p.begin for p in proto.pieces]
+    def _encode_with_spans(self, s: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids of s (no BOS/EOS) and, for each, the (begin, end) character offsets in s of the text it covers.
+        A piece with a leading "▁" begins at the space it stands for (the dummy prefix of the first piece is not in s,
+        so that piece begins at 0). The byte pieces of one character begin where the character does."""
+        if hasattr(self.sp_model, "EncodeAsOffsetMapping"):  # sentencepiece >= 0.2.1
+            om = self.sp_model.encode(s, out_type="offset_mapping")
+            return list(om["ids"]), [tuple(span) for span in om["offsets"]]
+        proto = self.sp_model.encode(s, out_type="immutable_proto")  # older versions; str in -> character offsets
+        return [p.id for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
 
     def _encode_pair(self, user: str, answer: str) -> tuple[list[int], list[int]]:
         """One finished turn, as Meta encodes it: a single string, BOS + ... + EOS. The mask is found from the pieces'
         offsets in that string, not by encoding the prompt alone: BPE need not split a prefix the same way on its own."""
         prompt = f"{B_INST} {user.strip()} {E_INST}"
         text = f"{prompt} {answer.strip()} "
-        ids, starts = self._encode_with_starts(text)
-        cut = len(prompt.encode("utf-8"))  # byte offset of the space before the answer: the first trained piece
-        ends = starts[1:] + [len(text.encode("utf-8"))]
-        if any(b < cut < e for b, e in zip(starts, ends)):  # cannot happen with split_by_whitespace (Meta's setting)
-            raise RuntimeError(f"a piece straddles the prompt/answer boundary in {text!r}: cannot mask exactly")
-        mask = [int(b >= cut) for b in starts]
+        ids, spans = self._encode_with_spans(text)
+        cut = len(prompt)  # offset of the space before the answer: the first piece we train on begins there
+        if spans[-1][1] != len(text) or any(b < cut < e for b, e in spans):  # impossible with split_by_whitespace
+            raise RuntimeError(f"cannot split the pieces of {text!r} exactly at the prompt/answer boundary")
+        mask = [int(b >= cut) for b, _ in spans]
         return [self.bos_id] + ids + [self.eos_id], [0] + mask + [1]  # BOS untrained; EOS trained (learn to stop)
 
     def encode_dialog(self, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -166,7 +167,7 @@ def _check_dialog(messages: list[dict]) -> list[str]:
 # -----------------------------------------------------------------------------
 # Training a tokenizer with Llama 2's settings (§2.2)
 
-def _llama2_trainer_settings(vocab_size: int, max_sentences: int) -> dict:
+def _llama2_trainer_settings(vocab_size: int) -> dict:
     return dict(
         model_type="bpe",
         vocab_size=vocab_size,
@@ -179,38 +180,53 @@ def _llama2_trainer_settings(vocab_size: int, max_sentences: int) -> dict:
         max_sentencepiece_length=16,
         character_coverage=0.99995,  # characters rarer than this share go through byte fallback
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # so the byte pieces are ids 3..258
-        input_sentence_size=max_sentences, shuffle_input_sentence=True,  # sample at most this many lines (seeded)
-        num_threads=4,  # the BPE result does not depend on it; a few threads only speed up counting
+        input_sentence_size=0,  # use every sentence we pass: we sample them ourselves, see _sample_lines
+        num_threads=4,  # the merges do not depend on it; a few threads only speed up counting
         minloglevel=2,  # quiet: sentencepiece logs every merge step at INFO
     )
+
+
+def _sample_lines(path: Path, n_lines: int, k: int, seed: int):
+    """Yield k of the n_lines lines of path, each k-subset equally likely, in file order, in one pass (Knuth's
+    selection sampling). Ours rather than sentencepiece's input_sentence_size: its RNG is seeded once per process, so
+    set_random_generator_seed has no effect after the first training in a process."""
+    rng, need = random.Random(seed), min(k, n_lines)
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if rng.random() * (n_lines - i) < need:  # P(take) = still needed / still left
+                need -= 1
+                yield line.rstrip("\n")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path, *, max_sentences: int = 2_000_000,
                     seed: int = 0) -> Tokenizer:
     """Train a SentencePiece BPE model on texts (an iterable of strings, e.g. documents) with Llama 2's settings and
-    write it atomically to out_path. If the corpus cannot fill vocab_size pieces, the vocabulary is reduced to the
-    largest size sentencepiece accepts and the reduction is printed to stderr."""
+    write it atomically to out_path. At most max_sentences lines are used (a seeded sample; Meta used 200M).
+    If the corpus cannot fill vocab_size pieces, the vocabulary is reduced to the largest size sentencepiece accepts
+    and the reduction is printed to stderr."""
     if vocab_size <= N_SPECIAL + 256:
         raise ValueError(f"vocab_size {vocab_size} too small: byte fallback alone needs {N_SPECIAL} special + 256 byte "
                          f"pieces, plus one piece per character of the corpus; use at least a few hundred")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        # The corpus goes to a temporary file (one sentence per line) so that a retry at a smaller vocab can re-read it.
-        corpus = Path(tmp) / "corpus.txt"
+        # The corpus goes to a temporary file, one sentence per line, so that it can be sampled and re-read on retry
+        # without holding it in memory.
+        corpus, n_lines = Path(tmp) / "corpus.txt", 0
         with open(corpus, "w", encoding="utf-8") as f:
-            for text in texts:
+            for text in [texts] if isinstance(texts, str) else texts:  # one string is one text, not its characters
                 for line in text.split("\n"):
                     if line.strip():
                         f.write(line + "\n")
-        model_bytes, size = None, vocab_size
+                        n_lines += 1
+        if n_lines == 0:
+            raise ValueError("train_tokenizer: texts hold no non-empty line to train on")
+        size = vocab_size
         for _ in range(3):  # the size sentencepiece proposes normally works at once; bounded in case it does not
-            spm.set_random_generator_seed(seed)
             writer = io.BytesIO()
-            try:
-                spm.SentencePieceTrainer.train(input=str(corpus), model_writer=writer,
-                                               **_llama2_trainer_settings(size, max_sentences))
-                model_bytes = writer.getvalue()
+            try:  # sentence_iterator, not input=path, which the model file would record
+                spm.SentencePieceTrainer.train(sentence_iterator=_sample_lines(corpus, n_lines, max_sentences, seed),
+                                               model_writer=writer, **_llama2_trainer_settings(size))
                 break
             except RuntimeError as e:
                 msg = str(e)
@@ -221,15 +237,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path, *, max_sent
                 too_high = re.search(r"Vocabulary size too high.*<= (\d+)", msg)
                 if not too_high or int(too_high.group(1)) <= N_SPECIAL + 256:
                     raise RuntimeError(f"sentencepiece could not train a {size}-piece tokenizer on this corpus: {msg}")
-                new_size = int(too_high.group(1))
-                print(f"train_tokenizer: corpus too small for vocab_size {size}; reducing to {new_size}",
+                print(f"train_tokenizer: corpus too small for vocab_size {size}; reducing to {too_high.group(1)}",
                       file=sys.stderr)
-                size = new_size
-        if model_bytes is None:
+                size = int(too_high.group(1))
+        else:
             raise RuntimeError(f"sentencepiece kept refusing the vocabulary size (last tried {size})")
         # Atomic write: a crash leaves either the old file or the new one, never half a model.
         part = Path(tmp) / "tokenizer.model"
-        part.write_bytes(model_bytes)
+        part.write_bytes(writer.getvalue())
         os.replace(part, out_path)
     return Tokenizer(out_path)
 
@@ -244,14 +259,17 @@ def _main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--chat", action="store_true", help="encode a JSON dialog (stdin or --dialog) and show its mask")
     p.add_argument("--dialog", help="JSON file with a list of {role, content} messages (implies --chat)")
     args = p.parse_args(argv)
-    tok = Tokenizer(args.model)
-    if args.text is not None:
-        ids, mask = tok.encode(args.text, bos=True, eos=False), None
-    elif args.chat or args.dialog:
-        raw = Path(args.dialog).read_text(encoding="utf-8") if args.dialog else sys.stdin.read()
-        ids, mask = tok.encode_dialog(json.loads(raw))
-    else:
+    if args.text is None and not (args.chat or args.dialog):
         p.error("give --text or --chat/--dialog")
+    try:
+        tok = Tokenizer(args.model)
+        if args.text is not None:
+            ids, mask = tok.encode(args.text, bos=True, eos=False), None
+        else:
+            raw = Path(args.dialog).read_text(encoding="utf-8") if args.dialog else sys.stdin.read()
+            ids, mask = tok.encode_dialog(json.loads(raw))
+    except (OSError, ValueError) as e:  # missing/invalid model, bad JSON, bad dialog: one line, no traceback
+        p.error(str(e))
     print(f"{len(ids)} tokens, vocabulary {tok.n_words}" + ("; '*' = trained on (loss_mask 1)" if mask else ""))
     for k, i in enumerate(ids):
         mark = ("*" if mask[k] else " ") if mask else ""
