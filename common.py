@@ -9,9 +9,15 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import json
+import math
+import os
 import re
 import sys
+import time
 import typing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -46,7 +52,7 @@ def build_parser(cls, description: Optional[str] = None) -> argparse.ArgumentPar
         flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{helps.get(f.name, '')} (default: {default})".strip()
+        help_text = f"{helps.get(f.name, '')} (default: {default})".strip().replace("%", "%%")  # argparse formats %
         args = typing.get_args(typ)
         if typing.get_origin(typ) is typing.Union and type(None) in args:  # Optional[X]
             inner = next(a for a in args if a is not type(None))
@@ -112,3 +118,245 @@ def die(msg: str, code: int = 2):
     """One clear line on stderr and a non-zero exit, instead of a traceback, for errors the user can fix."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
+
+
+# ---- model FLOPs utilization: achieved FLOP/s over the device's peak, the peak looked up per device ----------------
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s. Matched against the name that
+# torch.cuda.get_device_name() reports; an unknown GPU gets no MFU rather than a wrong one.
+_GPU_PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("A10G", 125e12), ("A10", 125e12), ("L4", 121e12), ("RTX 4090", 165e12),
+              ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[Optional[float], str]:
+    """(peak FLOP/s or None, what it is). CPU: an estimate, cores x clock x FLOPs per cycle of the vector unit."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_PEAKS:
+            if key in name:
+                return (peak if dtype != torch.float32 else peak / 2 if "V100" not in name else peak / 8), name
+        return None, name
+    if device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ghz, flags = 2.5, ""
+        try:
+            info = open("/proc/cpuinfo").read()
+            m = re.search(r"cpu MHz\s*:\s*([\d.]+)", info)
+            ghz = float(m.group(1)) / 1000 if m else ghz
+            flags = info
+        except OSError:
+            pass
+        # fp32 FLOPs per cycle per core: 2 FMA units x (16 lanes AVX-512 | 8 lanes AVX2) x 2 (multiply + add)
+        # (AMD Zen 4, cpu family 25, runs AVX-512 on 256-bit units: 32, like AVX2)
+        per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 8
+        if "AuthenticAMD" in flags and re.search(r"cpu family\s*:\s*25\b", flags):
+            per_cycle = 32
+        return cores * ghz * 1e9 * per_cycle, f"CPU estimate: {cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle"
+    return None, device.type
+
+
+# ---- torchrun: one process per device; the environment (never the config) says the rank ---------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str = "auto") -> Dist:
+    """Single process unless launched by torchrun (RANK/WORLD_SIZE set). nccl on CUDA, gloo on CPU (how the multi-
+    process paths are tested on a laptop)."""
+    if "RANK" not in os.environ:
+        return Dist(device=pick_device(device_name))
+    import torch.distributed as tdist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local, device)
+
+
+def cleanup_distributed():
+    import torch.distributed as tdist
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def all_reduce_mean(x: float, dist: Dist) -> float:
+    if dist.world_size == 1:
+        return x
+    import torch.distributed as tdist
+    t = torch.tensor([x], dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(t)
+    return t.item() / dist.world_size
+
+
+def wrap_model(model: torch.nn.Module, dist: Dist, fsdp: bool = False, compile: bool = False,
+               grad_checkpoint: bool = False, param_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """The module the training loop calls. The raw model (the argument) keeps the weights' plain names: save that one,
+    never the wrapped one (no "_orig_mod." / "module." prefixes to strip).
+
+    DDP (default under torchrun): every rank holds all weights; gradients are averaged during backward.
+    FSDP2 (--fsdp): fully_shard each transformer block, then the root: weights, gradients and optimizer state are split
+    across ranks and gathered block by block; bf16 compute with fp32 gradient reduction on GPUs (param_dtype).
+    """
+    model.grad_checkpoint = grad_checkpoint
+    if fsdp and dist.world_size > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+        kw = {"mp_policy": mp} if mp else {}
+        for block in model.layers:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        wrapped = model
+    elif dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrapped = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    else:
+        wrapped = model
+    return torch.compile(wrapped) if compile else wrapped
+
+
+# ---- optimizer and schedule ----------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-5):
+    """AdamW with Llama 2's betas, eps and weight decay (§2.2). The paper does not say which tensors decay: here the
+    matrices (embeddings, projections, heads) do, and the RMSNorm gains do not. Decaying a gain pulls it toward 0,
+    i.e. shrinks the normalized activations, which is not a 'smaller weights' prior (the usual GPT/Llama practice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def lr_at(step: int, max_steps: int, peak: float, warmup: int, final_ratio: float = 0.1) -> float:
+    """Linear warmup to peak over `warmup` steps, then cosine decay to final_ratio * peak at max_steps (§2.2: 2000
+    warmup steps, decay to 10% of the peak)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+# ---- checkpoints with exact resume -----------------------------------------------------------------------------------
+def full_state_dicts(wrapped: torch.nn.Module, opt: Optional[torch.optim.Optimizer]):
+    """Unsharded model (and optimizer) state on CPU, the same under a plain module, DDP or FSDP2 (collective: every
+    rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, get_model_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    inner = getattr(wrapped, "_orig_mod", wrapped)
+    if opt is None:
+        return get_model_state_dict(inner, options=opts), None
+    return get_state_dict(inner, opt, options=opts)
+
+
+def load_full_state_dicts(wrapped: torch.nn.Module, opt: Optional[torch.optim.Optimizer], model_sd, opt_sd=None):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict, set_model_state_dict
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    inner = getattr(wrapped, "_orig_mod", wrapped)
+    if opt is None or opt_sd is None:
+        set_model_state_dict(inner, model_sd, options=opts)
+    else:
+        set_state_dict(inner, opt, model_state_dict=model_sd, optim_state_dict=opt_sd, options=opts)
+
+
+def save_training_checkpoint(out_dir, wrapped, raw, opt, step: int, dist: Dist, tokenizer_path=None,
+                             extra: Optional[dict] = None, extra_params: Optional[dict] = None):
+    """The model in Meta's layout (model.save_checkpoint) + resume.pt beside it (optimizer, step, RNG, extra such as
+    the data position). Every file is written to a temp name and renamed, resume.pt last: a run killed at any moment
+    leaves either the previous checkpoint or the new one complete."""
+    from model import save_checkpoint, _atomic_write
+    model_sd, opt_sd = full_state_dicts(wrapped, opt)
+    if not dist.is_main:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(raw, out, tokenizer_path, extra_params, state_dict=model_sd)
+    state = {"step": step, "optimizer": opt_sd, "rng_cpu": torch.get_rng_state(), "extra": extra or {},
+             "world_size": dist.world_size}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    _atomic_write(out / "resume.pt", lambda f: torch.save(state, f))
+
+
+def load_resume_state(out_dir) -> Optional[dict]:
+    f = Path(out_dir) / "resume.pt"
+    if not f.is_file():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+# ---- progress, metrics -------------------------------------------------------------------------------------------------
+class Progress:
+    """One line per `log` call: step, loss, lr, tokens/s, MFU (against this device's peak), elapsed and ETA."""
+
+    def __init__(self, name: str, total_steps: int, tokens_per_step: int, flops_per_token: float, device, dtype,
+                 start_step: int = 0, enabled: bool = True):
+        self.name, self.total, self.tps_tokens = name, total_steps, tokens_per_step
+        self.flops_per_token, self.enabled = flops_per_token, enabled
+        self.peak, _ = peak_flops(device, dtype)
+        self.t0 = time.perf_counter()
+        self.start_step = start_step
+        self.last_t, self.last_step = self.t0, start_step
+
+    def tokens_per_sec(self, step: int) -> float:
+        return (step - self.start_step) * self.tps_tokens / max(1e-9, time.perf_counter() - self.t0)
+
+    def log(self, step: int, **values):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.tps_tokens / max(1e-9, now - self.last_t)
+        self.last_t, self.last_step = now, step
+        done = step - self.start_step
+        eta = (now - self.t0) / max(1, done) * (self.total - step)
+        mfu = f" mfu {100 * rate * self.flops_per_token / self.peak:.1f}%" if self.peak else ""
+        vals = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        print(f"[{self.name}] step {step}/{self.total} {vals} | {rate:,.0f} tok/s{mfu} | "
+              f"{fmt_time(now - self.t0)} elapsed, ETA {fmt_time(eta)}", flush=True)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def write_metrics(out_dir, metrics: dict):
+    """Merge into out_dir/metrics.json (atomically); the pipeline builds the report from these files."""
+    from model import _atomic_write
+    f = Path(out_dir) / "metrics.json"
+    old = json.loads(f.read_text()) if f.is_file() else {}
+    old.update(metrics)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _atomic_write(f, lambda fh: fh.write(json.dumps(old, indent=2).encode()))
+
+
+def read_metrics(out_dir) -> dict:
+    f = Path(out_dir) / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def seed_everything(seed: int):
+    import random
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass

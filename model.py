@@ -445,14 +445,17 @@ def _state_names(args: ModelArgs) -> list[str]:
         return list(Transformer(args).state_dict())
 
 
-def save_checkpoint(model: Transformer, out_dir, tokenizer_path=None, extra_params: Optional[dict] = None):
+def save_checkpoint(model: Transformer, out_dir, tokenizer_path=None, extra_params: Optional[dict] = None,
+                    state_dict: Optional[dict] = None):
     """Meta's layout: params.json + consolidated.00.pth (+ a copy of tokenizer.model). Atomic: each file is written to
-    a temporary name and renamed, so a crash mid-write leaves the previous checkpoint intact."""
+    a temporary name and renamed, so a crash mid-write leaves the previous checkpoint intact. state_dict: the full
+    weights when `model` is sharded (FSDP) and its own state_dict() would hold only this rank's shards."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = asdict(model.args)
     params.update(extra_params or {})
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # uncompiled names only
+    sd = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}  # uncompiled names only
     _atomic_write(out / "consolidated.00.pth", lambda f: torch.save(state, f))
     _atomic_write(out / "params.json", lambda f: f.write(json.dumps(params, indent=2).encode()))
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():

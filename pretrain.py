@@ -1,0 +1,332 @@
+"""Pretraining (paper §2): a SentencePiece BPE tokenizer, then next-token prediction on a corpus.
+
+  python pretrain.py                                   # the miniature world, ~4 minutes on a 2-core laptop CPU
+  python pretrain.py --data my1.txt my2.txt --vocab-size 8000 --model 15M
+  python pretrain.py --init-from /path/to/llama-2-7b --data more.txt --device cuda --fsdp   # continued pretraining
+  torchrun --nproc_per_node=8 pretrain.py --model 110M --device cuda --compile --batch-size 256
+
+Steps: 1. tokenizer (trained with Llama 2's settings, or taken from --tokenizer / --init-from); 2. the corpus tokenized
+once into a uint16 memory-mapped file (cached by content hash); 3. the training loop: random windows of seq_len tokens,
+AdamW, warmup + cosine, clipping; periodic validation loss and checkpoints (resumable at any moment: rerun the same
+command); 4. evaluation of the final checkpoint: validation loss against the unigram entropy, fact recall from
+completion prompts, a few samples. Writes out/pretrain/ (params.json, consolidated.00.pth, tokenizer.model,
+metrics.json).
+
+Paper defaults and how the miniature scales them (§2.2):
+  1. AdamW beta1 0.9, beta2 0.95, eps 1e-5, weight decay 0.1, clipping 1.0: as the paper.
+  2. Peak lr 3e-3 instead of 3e-4, warmup 50 steps instead of 2000, cosine to 10% of the peak: a 1M-parameter model
+     tolerates (and needs) a 10x larger rate, and 1000 steps cannot spend 2000 on warmup.
+  3. Batch 32 x 128 tokens (4k tokens) instead of 4M, ~4M tokens in all instead of 2T: what a CPU does in minutes.
+  4. Context: trained at 128 tokens, then the last 10% of steps at 512 (same tokens per step) so that later stages'
+     long dialogues (Ghost Attention's 8 turns) sit at positions the model has seen; long-context training does the
+     same at scale. RoPE does not extrapolate to positions never trained.
+  5. Data is sampled as random windows of the token stream (every document starts with BOS and ends with EOS), a
+     function of (seed, step) only: the same global batch whatever the number of processes, and exact resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import common
+import data
+from model import CheckpointError, Transformer, load_checkpoint, preset
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = "out/pretrain"  # checkpoint + metrics.json
+    init_from: Optional[str] = None  # continue from a checkpoint (ours, Meta's or Hugging Face's); None = from scratch
+    data: list[str] = field(default_factory=list)  # text files to pretrain on (one document each); empty = the world
+    world_seed: int = 0  # seed of the built-in world
+    corpus_bytes: int = 8_000_000  # size of the generated world corpus
+    tokenizer: Optional[str] = None  # an existing tokenizer.model; default: train one (or take --init-from's)
+    vocab_size: int = 512  # §2.2: 32k; 512 for the miniature world
+    model: str = "1M"  # a preset of model.py (1M, 15M, 110M, 7B, ...); ignored with --init-from
+    seq_len: int = 128  # tokens per training sequence
+    long_seq_len: int = 512  # the final phase's sequence length (0 = no long phase)
+    long_frac: float = 0.1  # share of the steps spent at long_seq_len
+    batch_size: int = 32  # sequences per optimizer step, all processes together (§2.2: 4M tokens)
+    grad_accum: int = 1  # micro-batches per step on each process
+    max_steps: int = 1000  # optimizer steps (§2.2: 2T tokens)
+    lr: float = 3e-3  # peak lr (§2.2: 3e-4 for 7B/13B)
+    warmup: int = 50  # §2.2: 2000 steps
+    final_lr_ratio: float = 0.1  # §2.2: cosine decay to 10% of the peak
+    weight_decay: float = 0.1  # §2.2
+    grad_clip: float = 1.0  # §2.2
+    eval_interval: int = 200  # steps between validation losses
+    eval_batches: int = 8  # validation windows = eval_batches x batch_size
+    ckpt_interval: int = 250  # steps between checkpoints (resume points)
+    stop_at: int = 0  # stop after this step as if killed (after its checkpoint); for tests and time-boxing
+    recall_eval: bool = True  # fact recall of the built-in world at the end
+    device: str = "auto"  # auto, cpu, cuda, mps
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
+    grad_checkpoint: bool = False  # recompute each block's activations in backward
+    seed: int = 0
+    log_interval: int = 50
+
+
+# ---- 1-2. tokenizer and the tokenized corpus ------------------------------------------------------------------------
+def load_documents(cfg) -> tuple[list[str], str]:
+    if cfg.data:
+        try:
+            return data.read_text_files(cfg.data), "files:" + ",".join(sorted(cfg.data))
+        except data.DataError as e:
+            common.die(str(e))
+    world = data.World(seed=cfg.world_seed)
+    return world.pretrain_documents(cfg.corpus_bytes, seed=cfg.seed), f"world:{cfg.world_seed}:{cfg.corpus_bytes}"
+
+
+def get_tokenizer(cfg, docs, out: Path):
+    from tokenizer import Tokenizer, train_tokenizer
+    src = cfg.tokenizer or (str(Path(cfg.init_from) / "tokenizer.model") if cfg.init_from else None)
+    if src:
+        if not Path(src).is_file():
+            common.die(f"tokenizer not found: {src}")
+        return Tokenizer(src)
+    path = out / "tokenizer.model"
+    texts = list(docs)
+    if not cfg.data:
+        texts += chat_texts(cfg.world_seed)
+    print(f"[pretrain] training a {cfg.vocab_size}-token BPE tokenizer on {len(texts):,} texts", flush=True)
+    return train_tokenizer(texts, cfg.vocab_size, path, seed=cfg.seed)
+
+
+def chat_texts(world_seed: int, n: int = 3000) -> list[str]:
+    """Dialogs rendered in the Llama 2 chat format, for the TOKENIZER's training text only (never the language model's).
+    With a 512-piece vocabulary, "[INST]" and "[/INST]" would otherwise cost ~6 pieces each, every turn: an 8-turn
+    Ghost Attention dialogue would overflow the context. Llama 2's 32k vocabulary has room to spare; ours must learn
+    the tags as pieces, as a vocabulary trained on chat-heavy text would."""
+    from tokenizer import B_INST, B_SYS, E_INST, E_SYS
+    out = []
+    for i, d in enumerate(data.World(seed=world_seed).sft_dialogs("train", n=n)):
+        turns = [m["content"] for m in d if m["role"] != "system"]
+        sys_prefix = f"{B_SYS}Be brief.{E_SYS}" if i % 4 == 0 else ""
+        out.append(" ".join(f"{B_INST} {sys_prefix if j == 0 else ''}{u} {E_INST} {a}"
+                            for j, (u, a) in enumerate(zip(turns[::2], turns[1::2]))))
+    return out
+
+
+def tokenize_corpus(docs, tok, cache_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """BOS doc EOS BOS doc EOS ... as one stream, 99% train / 1% validation (by document), cached as .bin files."""
+    digest = hashlib.sha1((key + hashlib.md5(Path(tok.model_path).read_bytes()).hexdigest()).encode()).hexdigest()[:12]
+    dtype = np.uint16 if tok.n_words < 2 ** 16 else np.uint32
+    files = {s: cache_dir / f"{s}-{digest}.bin" for s in ("train", "val")}
+    if not all(f.is_file() for f in files.values()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        ids = tok.sp_model.encode(docs)  # batched in C++
+        n_val = max(1, len(docs) // 100)
+        for split, rows in (("train", ids[n_val:]), ("val", ids[:n_val])):
+            flat = np.fromiter((t for r in rows for t in (tok.bos_id, *r, tok.eos_id)), dtype=dtype)
+            tmp = files[split].with_suffix(".tmp")
+            flat.tofile(tmp)
+            tmp.replace(files[split])
+        print(f"[pretrain] tokenized {len(docs):,} documents in {time.perf_counter() - t0:.1f}s", flush=True)
+    return tuple(np.memmap(files[s], dtype=dtype, mode="r") for s in ("train", "val"))
+
+
+def unigram_entropy(stream: np.ndarray) -> float:
+    """Entropy (nats/token) of the token frequencies: the loss of a model that ignores all context."""
+    counts = np.bincount(np.asarray(stream[:5_000_000], dtype=np.int64)).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def get_batch(stream: np.ndarray, step: int, seed: int, n: int, seq_len: int, rank_slice: slice):
+    """The global batch of step `step` (n windows of seq_len + 1 tokens), this rank's slice of it: (x, y) (b, T)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(stream) - seq_len - 1, (n,), generator=g)[rank_slice]
+    rows = np.stack([stream[s:s + seq_len + 1] for s in starts.tolist()]).astype(np.int64)
+    xy = torch.from_numpy(rows)
+    return xy[:, :-1], xy[:, 1:]  # input tokens, next-token targets (B, T)
+
+
+def phase(cfg, step: int) -> tuple[int, int]:
+    """(sequence length, global batch) at this step: the long phase keeps tokens per step constant."""
+    if cfg.long_seq_len and step >= int(cfg.max_steps * (1 - cfg.long_frac)):
+        return cfg.long_seq_len, max(1, cfg.batch_size * cfg.seq_len // cfg.long_seq_len)
+    return cfg.seq_len, cfg.batch_size
+
+
+# ---- 4. evaluation ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def val_loss(net, stream, cfg, dist, device, dtype) -> float:
+    net.eval()
+    losses = []
+    per_rank = slice(dist.rank, None, dist.world_size)
+    for i in range(cfg.eval_batches):  # fixed windows (negative steps never collide with training batches)
+        x, y = get_batch(stream, -1 - i, cfg.seed, cfg.batch_size, cfg.seq_len, per_rank)
+        with common.autocast(device, dtype):
+            losses.append(net(x.to(device), y.to(device))[1].item())
+    net.train()
+    return common.all_reduce_mean(sum(losses) / len(losses), dist)
+
+
+@torch.no_grad()
+def fact_recall(model, tok, world_seed: int, batch: int = 64) -> tuple[float, list]:
+    """Greedy completion of "Alice's pet is a" ... for every fact; correct if the first word is the fact."""
+    from generate import generate
+    prompts = data.World(seed=world_seed).fact_recall_prompts()
+    hits, examples = 0, []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        outs = generate(model, [tok.encode(p, bos=True, eos=False) for p, _ in chunk], 4, temperature=0.0,
+                        eos_id=tok.eos_id)
+        for (p, want), out in zip(chunk, outs):
+            text = tok.decode([t for t in out if t != tok.eos_id])
+            ok = data.recall_correct(text, want)
+            hits += ok
+            if len(examples) < 5:
+                examples.append(f"{p}|{text} [{'ok' if ok else 'want ' + want}]")
+    return hits / len(prompts), examples
+
+
+# ---- 3. the training loop -----------------------------------------------------------------------------------------
+def build_model(cfg, tok, device) -> Transformer:
+    if cfg.init_from:
+        try:
+            model = load_checkpoint(cfg.init_from, device="cpu")
+        except CheckpointError as e:
+            common.die(f"--init-from: {e}")
+        if model.args.vocab_size != tok.n_words:
+            common.die(f"--init-from {cfg.init_from}: vocabulary {model.args.vocab_size} != tokenizer's {tok.n_words}")
+        return model.to(device)
+    max_len = max(cfg.seq_len, cfg.long_seq_len)
+    args = preset(cfg.model, vocab_size=tok.n_words, max_seq_len=max(max_len, preset(cfg.model).max_seq_len))
+    return Transformer(args).init_weights(seed=cfg.seed).to(device)
+
+
+def main(cfg: PretrainConfig):
+    dist = common.setup_distributed(cfg.device)
+    device = dist.device
+    dtype = common.pick_dtype(cfg.dtype, device)
+    common.seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        common.die(f"--init-from {cfg.init_from}: directory not found")
+    n_micro = dist.world_size * cfg.grad_accum
+    for L, B in {phase(cfg, 0), phase(cfg, cfg.max_steps - 1)}:
+        if B % n_micro:
+            common.die(f"--batch-size {cfg.batch_size} gives {B} sequences at length {L}, not divisible by "
+                       f"processes x --grad-accum = {n_micro}")
+
+    docs, key = load_documents(cfg)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tok = get_tokenizer(cfg, docs, out)
+        train, val = tokenize_corpus(docs, tok, out / "data", key)
+    if dist.world_size > 1:  # rank 0 trains the tokenizer and writes the cache; the others read them
+        torch.distributed.barrier()
+    if not dist.is_main:
+        tok = get_tokenizer(cfg, docs, out) if (cfg.tokenizer or cfg.init_from) else __import__("tokenizer").Tokenizer(
+            str(out / "tokenizer.model"))
+        train, val = tokenize_corpus(docs, tok, out / "data", key)
+    del docs
+    tok_path = Path(tok.model_path)
+
+    model = build_model(cfg, tok, device)
+    resume = common.load_resume_state(out) if (out / "consolidated.00.pth").is_file() else None
+    net = common.wrap_model(model, dist, cfg.fsdp, cfg.compile, cfg.grad_checkpoint,
+                            param_dtype=dtype if device.type == "cuda" else None)
+    opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay)
+    start, history = 0, {"train": [], "val": []}
+    if resume is not None:  # pick up the last checkpoint: same weights, optimizer, step, loss history
+        common.load_full_state_dicts(net, opt, load_checkpoint(out).state_dict(), resume["optimizer"])
+        start, history = resume["step"], resume["extra"]["history"]
+        if dist.is_main:
+            print(f"[pretrain] resuming from step {start} in {out}", flush=True)
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+
+    H = unigram_entropy(train)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    prog = common.Progress("pretrain", cfg.max_steps, tokens_per_step, model.flops_per_token(cfg.seq_len), device,
+                           dtype, start_step=start, enabled=dist.is_main)
+    if dist.is_main:
+        print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_words}, {len(train):,} train tokens,"
+              f" unigram entropy {H:.3f} nats; {cfg.max_steps} steps x {tokens_per_step:,} tokens", flush=True)
+    t_start = time.perf_counter()
+    net.train()
+    step = start
+    for step in range(start, cfg.max_steps):
+        seq, gb = phase(cfg, step)
+        lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.final_lr_ratio)
+        common.set_lr(opt, lr)
+        micro = gb // n_micro
+        loss_sum = 0.0
+        for m in range(cfg.grad_accum):  # this rank's micro-batches: a contiguous slice of the global batch
+            lo = (dist.rank * cfg.grad_accum + m) * micro
+            x, y = get_batch(train, step, cfg.seed, gb, seq, slice(lo, lo + micro))
+            with common.autocast(device, dtype):
+                loss = net(x.to(device), y.to(device))[1] / cfg.grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        loss_g = common.all_reduce_mean(loss_sum, dist)
+        history["train"].append([step + 1, loss_g])
+        if (step + 1) % cfg.log_interval == 0 or step == start:
+            prog.log(step + 1, loss=loss_g, lr=lr)
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
+            vl = val_loss(net, val, cfg, dist, device, dtype)
+            history["val"].append([step + 1, vl])
+            if dist.is_main:
+                print(f"[pretrain] step {step + 1} val_loss {vl:.4f} (unigram entropy {H:.3f})", flush=True)
+        stopping = cfg.stop_at and step + 1 >= cfg.stop_at
+        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps or stopping:
+            common.save_training_checkpoint(out, net, model, opt, step + 1, dist, tok_path,
+                                            extra={"history": history})
+        if stopping:
+            if dist.is_main:
+                print(f"[pretrain] stopped at step {step + 1} (--stop-at); rerun to resume", flush=True)
+            common.cleanup_distributed()
+            return
+    train_time = time.perf_counter() - t_start
+    tps = prog.tokens_per_sec(cfg.max_steps)
+    if start >= cfg.max_steps and dist.is_main:
+        print(f"[pretrain] {out} is already trained to {cfg.max_steps} steps", flush=True)
+
+    if dist.is_main:  # 4. evaluate the saved checkpoint in one process (also right after FSDP training)
+        final = load_checkpoint(out, device=device).eval()
+        metrics = {"train_loss": history["train"][-1][1] if history["train"] else None,
+                   "val_loss": history["val"][-1][1] if history["val"] else None, "unigram_entropy": H,
+                   "loss_curve": history["train"][::max(1, len(history["train"]) // 200)],
+                   "val_curve": history["val"], "steps": cfg.max_steps, "params": final.num_params(),
+                   "tokens_per_sec": tps if step + 1 > start else None, "train_seconds": train_time,
+                   "tokens_seen": cfg.max_steps * tokens_per_step, "vocab_size": tok.n_words, "device": str(device)}
+        peak, _ = common.peak_flops(device, dtype)
+        metrics["mfu"] = tps * final.flops_per_token(cfg.seq_len) / peak if peak and metrics["tokens_per_sec"] else None
+        if cfg.recall_eval and not cfg.data:
+            metrics["fact_recall"], metrics["recall_examples"] = fact_recall(final, tok, cfg.world_seed)
+            print(f"[pretrain] fact recall {100 * metrics['fact_recall']:.1f}%: " + " | ".join(
+                metrics["recall_examples"][:3]), flush=True)
+        from generate import generate
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        starts = [tok.encode(s, bos=True, eos=False) for s in ("Once upon a time", "Q: What is", "12 + 7 =")]
+        samples = [tok.decode(s + [t for t in o if t != tok.eos_id]) for s, o in
+                   zip(starts, generate(final, starts, 40, temperature=0.8, eos_id=tok.eos_id, generator=g))]
+        metrics["samples"] = samples
+        for s in samples:
+            print(f"[pretrain] sample: {s!r}", flush=True)
+        metrics["complete"] = True
+        common.write_metrics(out, metrics)
+        print(f"[pretrain] done: val_loss {metrics['val_loss']:.4f}, {tps:,.0f} tokens/s, "
+              f"{common.fmt_time(train_time)}; wrote {out}", flush=True)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(common.parse_config(PretrainConfig, description=__doc__))
