@@ -929,7 +929,12 @@ def _messages(value, where: str, last_role: str) -> list[dict]:
             raise DataError(f"{where}: message {j} has role {role!r}; expected 'system', 'user' or 'assistant'")
         if not isinstance(content, str):
             raise DataError(f"{where}: message {j} content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if "weight" in m:  # fine-tuning JSONL convention: an assistant turn with weight 0 is context, not trained
+            if role != "assistant" or m["weight"] not in (0, 1):
+                raise DataError(f"{where}: message {j}: 'weight' must be 0 or 1 and only on assistant messages")
+            msg["weight"] = m["weight"]
+        out.append(msg)
     roles = [m["role"] for m in out[1:]] if out[0]["role"] == "system" else [m["role"] for m in out]
     if not roles or any(r != ("user", "assistant")[k % 2] for k, r in enumerate(roles)):
         raise DataError(f"{where}: roles must alternate user/assistant starting with user (after an optional system)")

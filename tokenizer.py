@@ -124,11 +124,16 @@ class Tokenizer:
         messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], an optional system message first,
         then user/assistant alternating, starting with user. Layout (Meta's chat_completion), per finished pair:
             <s>[INST] {B_SYS}{system}{E_SYS}{user} [/INST] {answer} </s>   (system in the first pair only)
-        and, if the dialog ends with a user message, the open turn <s>[INST] {user} [/INST] (no EOS, mask all 0)."""
+        and, if the dialog ends with a user message, the open turn <s>[INST] {user} [/INST] (no EOS, mask all 0).
+        An assistant message with "weight": 0 (the convention of common fine-tuning JSONL) is context only: its loss
+        mask is 0. Ghost Attention (§3.3) uses it to train on the last turn of a dialog alone."""
         turns = _check_dialog(messages)
+        answers = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
         tokens, loss_mask = [], []
         for i in range(0, len(turns) - 1, 2):
             ids, mask = self._encode_pair(turns[i], turns[i + 1])
+            if answers[i // 2].get("weight", 1) == 0:
+                mask = [0] * len(mask)
             tokens += ids
             loss_mask += mask
         if len(turns) % 2 == 1:  # ends with a user message: the prompt the model answers
@@ -150,6 +155,8 @@ def _check_dialog(messages: list[dict]) -> list[str]:
             raise ValueError(f"message {i}: role must be system, user or assistant, got {role!r}")
         if not isinstance(msg.get("content"), str):
             raise ValueError(f"message {i} ({role}): content must be a str, got {type(msg.get('content')).__name__}")
+        if "weight" in msg and (role != "assistant" or msg["weight"] not in (0, 1)):
+            raise ValueError(f"message {i} ({role}): weight must be 0 or 1, and only on assistant messages")
         if role == "system" and i != 0:
             raise ValueError(f"message {i} (system): a system message is only allowed first")
         expected = "user" if (i - offset) % 2 == 0 else "assistant"

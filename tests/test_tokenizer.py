@@ -276,3 +276,22 @@ def test_cli_prints_pieces_and_mask(trained, tmp_path, capsys):
     T._main(["--model", str(out), "--dialog", str(dialog)])
     printed = capsys.readouterr().out
     assert "trained text: 'Bob has 7 '" in printed and "*      2  '</s>'" in printed
+
+
+def test_weight_zero_makes_an_answer_context_only(tmp_path):
+    """Ghost Attention's mask: earlier answers with "weight": 0 are not trained; the last one is."""
+    import tokenizer as T
+    tok = T.train_tokenizer(["What is two plus two? It is four. " * 50, "Tell me more please. " * 50], 300,
+                            tmp_path / "t.model")
+    msgs = [{"role": "user", "content": "What is two plus two?"},
+            {"role": "assistant", "content": "It is four.", "weight": 0},
+            {"role": "user", "content": "Tell me more."},
+            {"role": "assistant", "content": "It is four, please."}]
+    ids, mask = tok.encode_dialog(msgs)
+    trained = tok.decode([t for t, m in zip(ids, mask) if m and t != tok.eos_id]).strip()
+    assert trained == "It is four, please."
+    full_ids, full_mask = tok.encode_dialog([{k: v for k, v in m.items() if k != "weight"} for m in msgs])
+    assert ids == full_ids and sum(full_mask) > sum(mask)
+    import pytest
+    with pytest.raises(ValueError, match="weight"):
+        tok.encode_dialog([{"role": "user", "content": "hi", "weight": 0}])
