@@ -371,9 +371,31 @@ class World:
         request, answer = self._borderline_text(key)
         return Task("borderline", [user(request)], answer, True, {"person": key[1], "request": key[0]})
 
-    def sft_dialogs(self, split: str, n: int | None = None, seed: int = 0) -> list[list[dict]]:
-        """Complete dialogs for SFT (§3.1): every task's messages + its ideal reply (refusals for harmful prompts)."""
-        return [t.messages + [assistant(t.reference)] for t in self.tasks(split, n, seed=seed)]
+    def sft_dialogs(self, split: str, n: int | None = None, seed: int = 0,
+                    instruction_share: float = 0.15) -> list[list[dict]]:
+        """Complete dialogs for SFT (§3.1): every task's messages + its ideal reply (refusals for harmful prompts),
+        plus instruction_share as many instruction-following dialogs (instruction_dialogs) mixed in at random."""
+        out = [t.messages + [assistant(t.reference)] for t in self.tasks(split, n, seed=seed)]
+        k = round(instruction_share * len(out))
+        if k:
+            out += self.instruction_dialogs(split, k, seed=seed)
+            Random(f"sft-mix/{self.seed}/{split}/{seed}").shuffle(out)
+        return out
+
+    def instruction_dialogs(self, split: str, n: int, seed: int = 0, max_turns: int = 3) -> list[list[dict]]:
+        """Dialogs of 1..max_turns short questions with a persistent instruction attached to EVERY user message and
+        every reply following it: the in-context instruction following that Ghost Attention (§3.3) builds on. The
+        paper's RLHF models could already follow an instruction in the current turn; GAtt teaches them to keep it
+        when only the first turn carries it. Train/val never use held-out constraints."""
+        rng = Random(f"instr/{self.seed}/{split}/{seed}")
+        out = []
+        for g in self.gatt_dialogs(split if split != "test" else "val", n, n_turns=max_turns, seed=seed + 7):
+            turns = rng.randint(1, max_turns)
+            msgs = []
+            for q, r in list(zip(g.user_turns, g.compliant_replies()))[:turns]:
+                msgs += [user(f"{g.instruction} {q}"), assistant(r)]
+            out.append(msgs)
+        return out
 
     # -- candidate replies of graded quality (preference data, §3.2.1) -----------------------------------------------
     def reply_variants(self, task: Task, rng: Random) -> list[tuple[str, str]]:
