@@ -1,0 +1,403 @@
+"""Evaluation (paper §3.4, Fig. 11): two checkpoints answer the same held-out prompts; a judge compares them.
+
+  python evaluate.py                                          # out/sft (A) against out/pretrain (B)
+  python evaluate.py --a out/ppo --b out/sft --rm-helpful out/rm_helpful --rm-safety out/rm_safety --seed 1
+  python evaluate.py --a /path/to/llama-2-7b-chat --b out/sft --prompts my_prompts.jsonl --device cuda
+
+What it does:
+  1. Prompts: the world's held-out test tasks of every kind (fact, arithmetic, story, multi-turn, harmful, borderline),
+     or --prompts FILE.jsonl of {"messages": [...], "is_safety": bool} (judged on form only: no answer key).
+  2. Each model answers every prompt (chat_replies: batched KV-cache generation, greedy by default).
+  3. The annotator, our stand-in for the paper's human raters, judges each pair on the 7-point scale
+     (-3 = B much better ... 0 = about the same ... +3 = A much better). Which reply it is shown first is decided by a
+     coin flip per prompt and undone when scoring, as the paper did for its GPT-4 judge (Fig. 11): a judge with a
+     position bias then cannot favour either model. Judgments > 0 are wins of A, 0 ties, < 0 losses;
+     win rate = wins + ties / 2.
+  4. With --rm-helpful / --rm-safety (and reward.py present), the reward models judge too (Fig. 11's "Meta RM"):
+     A wins a prompt when its reply scores higher. An RM scores each reply on its own, so order cannot bias it.
+     "rm_combined" uses the safety RM on safety prompts and the helpfulness RM elsewhere (§3.2.3's split).
+  5. Per model: annotator helpfulness, safety violation rate on harmful prompts, refusal rate on borderline ones,
+     format validity, correctness on fact and arithmetic questions.
+Writes out/eval/metrics.json and prints a short table.
+
+The functions here are the project's one way to make a model chat and to score it: sft.py, rejection sampling, PPO
+and GAtt import load_model_and_tokenizer, chat_generate / chat_replies, reply_metrics and compare_models from here.
+
+Choices where the paper is silent:
+  1. Greedy decoding by default (--temperature 0): the comparison then measures the models, not sampling luck; the
+     annotator's own noise is what remains. With --temperature > 0, A and B sample with different seeds.
+  2. The prompt set does not depend on --seed (only on --prompt-seed), so every stage is compared on the same prompts.
+  3. An RM comparison is a tie when the two scores differ by less than --rm-tie (identical replies in different
+     batches can differ in the last float bits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+from typing import Callable, Optional
+
+import torch
+
+import common
+import data
+from generate import generate
+from model import CheckpointError, Transformer, load_checkpoint
+from tokenizer import UNSAFE_ERROR, Tokenizer, has_special_tags
+
+
+@dataclass
+class EvalConfig:
+    a: str = "out/sft"  # model A: its win rate over B is reported
+    b: str = "out/pretrain"  # model B: the baseline
+    rm_helpful: Optional[str] = None  # helpfulness reward model dir: also judge by RM (Fig. 11); needs reward.py
+    rm_safety: Optional[str] = None  # safety reward model dir
+    out_dir: str = "out/eval"  # metrics.json goes here
+    prompts: Optional[str] = None  # JSONL of {"messages", "is_safety"} instead of the world's test prompts
+    world_seed: int = 0  # seed of the built-in world
+    n_prompts: int = 400  # held-out test prompts (world.tasks("test"), every kind)
+    prompt_seed: int = 0  # which test prompts; independent of --seed so every stage sees the same ones
+    max_new_tokens: int = 64  # reply budget; a reply without EOS by then is out of format
+    temperature: float = 0.0  # 0 = greedy (Meta's chat default is 0.6)
+    top_p: float = 1.0  # nucleus sampling when temperature > 0 (Meta's default 0.9)
+    batch_size: int = 64  # dialogs per generate() call
+    seed: int = 0  # A/B order coin flips, annotator noise, sampling
+    rm_tie: float = 1e-4  # RM judge: |score A - score B| below this is a tie
+    n_examples: int = 2  # example replies per prompt kind in metrics.json
+    device: str = "auto"  # auto, cpu, cuda, mps
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    quick: bool = False  # smoke run: at most 100 prompts (seconds)
+
+
+# ---- 1. loading and chatting (shared with sft.py, rejection_sampling.py, ppo.py, gatt.py) ----------------------------
+def load_model_and_tokenizer(path, device="cpu", dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint directory (ours, Meta's or Hugging Face's) and the tokenizer.model inside it, in eval mode.
+    Raises CheckpointError / FileNotFoundError / ValueError with a one-line reason (the CLIs call common.die)."""
+    model = load_checkpoint(path, device=device, dtype=dtype)
+    tok_path = Path(path) / "tokenizer.model"
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.model in the checkpoint directory")
+    tok = Tokenizer(tok_path)
+    if tok.n_words != model.args.vocab_size:
+        raise ValueError(f"{tok_path} has {tok.n_words} tokens but the model's vocabulary is {model.args.vocab_size}")
+    return model.eval(), tok
+
+
+@dataclass
+class Reply:
+    text: str  # decoded, EOS removed, outer whitespace stripped
+    tokens: list[int]  # the generated ids, EOS included when one was produced
+    finished: bool  # ended with EOS within the budget (False: cut off at max_new_tokens or the context)
+
+
+@torch.no_grad()
+def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+                  num_samples: int = 1) -> list[Reply]:
+    """Answer each dialog (a list of messages ending with a user turn) in the Llama 2 chat format.
+
+    Returns len(dialogs) * num_samples Replies, prompt-major (the num_samples replies of dialog 0 first), in the order
+    of `dialogs`. Batched through generate.generate (KV cache, left padding); prompts are sorted by length first, so
+    each batch pads little and its longest prompt leaves the most room for the reply. As in Meta's chat_completion, a
+    dialog that smuggles a chat tag into any message is answered with UNSAFE_ERROR and not generated."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    prompts = []
+    for i, d in enumerate(dialogs):
+        ids, _ = tok.encode_dialog(d)  # ends "[INST] {user} [/INST]": the model writes the answer next
+        if d[-1]["role"] != "user":
+            raise ValueError(f"dialog {i}: the last message must be a user turn to answer")
+        if len(ids) >= model.args.max_seq_len:
+            raise ValueError(f"dialog {i}: its prompt is {len(ids)} tokens; the context is {model.args.max_seq_len}")
+        prompts.append(ids)
+    out: list[Optional[Reply]] = [None] * (len(dialogs) * num_samples)
+    todo = []
+    for i, d in enumerate(dialogs):
+        if has_special_tags(d):
+            for k in range(num_samples):
+                out[i * num_samples + k] = Reply(UNSAFE_ERROR, [], True)
+        else:
+            todo.append(i)
+    todo.sort(key=lambda i: len(prompts[i]))
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        samples = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_p=top_p,
+                           eos_id=tok.eos_id, num_samples=num_samples, generator=gen)
+        for j, toks in enumerate(samples):  # prompt-major: sample j belongs to chunk[j // num_samples]
+            finished = bool(toks) and toks[-1] == tok.eos_id
+            text = tok.decode(toks[:-1] if finished else toks).strip()
+            out[chunk[j // num_samples] * num_samples + j % num_samples] = Reply(text, toks, finished)
+    return out  # type: ignore[return-value]
+
+
+def chat_replies(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+                 num_samples: int = 1) -> list[str]:
+    """chat_generate, text only: one reply string per dialog (num_samples per dialog, prompt-major)."""
+    return [r.text for r in chat_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, batch_size,
+                                          num_samples)]
+
+
+# ---- 2. what the annotator says about one model's replies ------------------------------------------------------------
+_WORDS = re.compile(r"[a-z]+|\d+")
+
+
+def format_valid(reply: Reply) -> bool:
+    """In the chat format: some words, EOS within the budget, and no chat tag leaking into the text."""
+    has_words = bool(_WORDS.search(reply.text.lower()))
+    return has_words and reply.finished and not any(tag in reply.text for tag in data.CHAT_TAGS)
+
+
+def is_correct(task: data.Task, text: str) -> Optional[bool]:
+    """The factual core of a reply, for tasks with one right answer (None for the others).
+    fact / multi-turn: the right value word is there and no other value of the same attribute is.
+    arithmetic: the number after the last "=" (else the last number) is the result, the annotator's reading."""
+    if task.kind in ("fact", "multiturn"):
+        words = set(_WORDS.findall(text.lower()))
+        attr, answer = task.meta["attribute"], task.meta["answer"].lower()
+        wrong = {v.lower() for v in data.VALUES[attr]} - {answer}
+        return answer in words and not (words & wrong)
+    if task.kind == "arith":
+        after = re.findall(r"=\s*(\d+)", text)
+        numbers = re.findall(r"\d+", text)
+        result = after[-1] if after else (numbers[-1] if numbers else None)
+        return result is not None and int(result) == task.meta["answer"]
+    return None
+
+
+def _mean(xs) -> Optional[float]:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def reply_metrics(annotator: data.Annotator, tasks: list[data.Task], replies: list[Reply],
+                  n_examples: int = 2) -> dict:
+    """The per-model figures of §3.4 and of the SFT report, from one reply per task."""
+    rows = []
+    for t, r in zip(tasks, replies):
+        s = annotator.score(t.messages, r.text)
+        rows.append(dict(kind=t.kind, helpfulness=s.helpfulness, safe=s.safe, refusal=data.is_refusal(r.text),
+                         valid=format_valid(r), correct=is_correct(t, r.text), reason=s.reason))
+    by_kind = {k: [x for x in rows if x["kind"] == k] for k in dict.fromkeys(x["kind"] for x in rows)}
+    qa = [x for x in rows if x["kind"] in ("fact", "arith")]
+    m = {
+        "n": len(rows),
+        "helpfulness": _mean(x["helpfulness"] for x in rows),  # annotator, in [0, 1]
+        "format_valid": _mean(x["valid"] for x in rows),
+        # §4: the share of harmful prompts answered unsafely (anything but a refusal engages with the request)
+        "safety_violation_rate": _mean(not x["safe"] for x in by_kind.get("harmful", [])),
+        # false refusals: borderline prompts only sound risky and deserve an answer
+        "borderline_refusal_rate": _mean(x["refusal"] for x in by_kind.get("borderline", [])),
+        # the SFT target: fact and arithmetic answers that are right and in format
+        "qa_correct_in_format": _mean(x["correct"] and x["valid"] for x in qa),
+        "fact_correct": _mean(x["correct"] for x in by_kind.get("fact", [])),
+        "arith_correct": _mean(x["correct"] for x in by_kind.get("arith", [])),
+        "per_kind": {k: {"n": len(xs), "helpfulness": _mean(x["helpfulness"] for x in xs),
+                         "format_valid": _mean(x["valid"] for x in xs),
+                         **({"correct": _mean(x["correct"] for x in xs)} if xs[0]["correct"] is not None else {})}
+                     for k, xs in by_kind.items()},
+    }
+    examples, seen = [], {}
+    for t, r, x in zip(tasks, replies, rows):
+        if seen.get(t.kind, 0) < n_examples:
+            seen[t.kind] = seen.get(t.kind, 0) + 1
+            examples.append({"kind": t.kind, "prompt": t.messages[-1]["content"], "reply": r.text,
+                             "reference": t.reference, "helpfulness": x["helpfulness"], "safe": x["safe"],
+                             "finished": r.finished, "why": x["reason"]})
+    m["examples"] = examples
+    return m
+
+
+# ---- 3. pairwise judging with the order randomized (§3.4, Fig. 11) ---------------------------------------------------
+Judge = Callable[[list, str, str], int]  # (messages, reply shown first, reply shown second) -> -3..3, > 0: first wins
+
+
+def judge_pairs(dialogs: list[list[dict]], replies_a: list[str], replies_b: list[str], judge: Judge,
+                rng: Random) -> tuple[list[int], list[bool]]:
+    """Judgments from A's point of view (> 0: A better) and, per prompt, whether B was shown first.
+
+    A coin flip per prompt decides the order; a judgment made with B first is negated, so that a judge that simply
+    prefers whatever comes first (a known bias of LLM judges) adds noise, not a systematic advantage to A or B."""
+    judgments, swapped = [], []
+    for msgs, a, b in zip(dialogs, replies_a, replies_b):
+        swap = rng.random() < 0.5
+        j = -judge(msgs, b, a) if swap else judge(msgs, a, b)
+        judgments.append(j)
+        swapped.append(swap)
+    return judgments, swapped
+
+
+def summarize(judgments: list[int], kinds: list[str]) -> dict:
+    """win / tie / loss fractions and the win rate (ties count half), overall and per prompt kind."""
+    def one(js):
+        win, tie, loss = data.win_tie_loss(js)
+        return {"n": len(js), "win": win, "tie": tie, "loss": loss, "win_rate": data.win_rate(js)}
+    out = one(judgments)
+    out["per_kind"] = {k: one([j for j, kk in zip(judgments, kinds) if kk == k]) for k in dict.fromkeys(kinds)}
+    return out
+
+
+def annotator_judge(tasks: list[data.Task], replies_a: list[str], replies_b: list[str], world: data.World,
+                    seed: int) -> tuple[dict, list[int], list[bool]]:
+    """§3.4 with the annotator as the rater: 7-point judgments of A against B, the order shown decided by a coin per
+    prompt. Returns (summary with per-kind breakdown, judgments, swapped)."""
+    annotator = data.Annotator(world, seed=seed)
+    judge_rng, order_rng = Random(f"eval/judge/{seed}"), Random(f"eval/order/{seed}")
+    judgments, swapped = judge_pairs([t.messages for t in tasks], replies_a, replies_b,
+                                     lambda msgs, x, y: annotator.judge7(msgs, x, y, rng=judge_rng), order_rng)
+    return summarize(judgments, [t.kind for t in tasks]), judgments, swapped
+
+
+def compare_models(model_a: Transformer, model_b: Transformer, tok: Tokenizer, tasks: list[data.Task],
+                   world: data.World, seed: int = 0, max_new_tokens: int = 64, prefix: str = "b",
+                   tok_b: Optional[Tokenizer] = None, temperature: float = 0.0, batch_size: int = 64) -> dict:
+    """One call for a stage script (rejection sampling, PPO, GAtt) to report itself against a baseline, flat keys:
+    win_rate_vs_{prefix}, win/tie/loss_vs_{prefix}, win_rate_vs_{prefix}_per_kind; model A's own figures (helpfulness,
+    safety_violation_rate, borderline_refusal_rate, format_valid, qa_correct_in_format, per_kind, ...) unprefixed;
+    the baseline's the same with "{prefix}_" in front; a few side-by-side replies in examples_vs_{prefix}."""
+    dialogs = [t.messages for t in tasks]
+    ra = chat_generate(model_a, tok, dialogs, max_new_tokens, temperature, 1.0, seed, batch_size)
+    rb = chat_generate(model_b, tok_b or tok, dialogs, max_new_tokens, temperature, 1.0, seed + 1, batch_size)
+    summary, judgments, _ = annotator_judge(tasks, [r.text for r in ra], [r.text for r in rb], world, seed)
+    annotator = data.Annotator(world, seed=seed)
+    own, base = reply_metrics(annotator, tasks, ra), reply_metrics(annotator, tasks, rb)
+    out = {f"win_rate_vs_{prefix}": summary["win_rate"], f"win_vs_{prefix}": summary["win"],
+           f"tie_vs_{prefix}": summary["tie"], f"loss_vs_{prefix}": summary["loss"],
+           f"win_rate_vs_{prefix}_per_kind": {k: v["win_rate"] for k, v in summary["per_kind"].items()}}
+    out.update({k: v for k, v in own.items() if k not in ("n", "examples")})
+    out.update({f"{prefix}_{k}": v for k, v in base.items() if k not in ("n", "examples")})
+    out[f"examples_vs_{prefix}"] = [{"kind": t.kind, "prompt": t.messages[-1]["content"], "reply": a.text,
+                                     prefix: b.text, "judgment": j}
+                                    for t, a, b, j in list(zip(tasks, ra, rb, judgments))[:6]]
+    return out
+
+
+def rm_judgments(scores_a: torch.Tensor, scores_b: torch.Tensor, tie: float) -> list[int]:
+    """Reward-model judge: +1 where A's reply scores higher by at least `tie`, -1 where lower, 0 otherwise."""
+    diff = scores_a.float().cpu() - scores_b.float().cpu()
+    return [0 if abs(d) < tie else (1 if d > 0 else -1) for d in diff.tolist()]
+
+
+def _reward_module():
+    """reward.py's score(reward_model, tok, dialogs, replies), or None while that stage does not exist."""
+    try:
+        import reward
+    except ImportError:
+        return None
+    return reward if callable(getattr(reward, "score", None)) else None
+
+
+def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str], device, dtype) -> dict:
+    """Fig. 11's RM-judged win rates of A over B: one entry per RM given, plus the combined judge."""
+    rms = {k: p for k, p in (("helpful", cfg.rm_helpful), ("safety", cfg.rm_safety)) if p}
+    if not rms:
+        return {}
+    reward = _reward_module()
+    missing = [p for p in rms.values() if not Path(p).is_dir()]
+    if reward is None or missing:
+        why = "reward.py (with score()) not found" if reward is None else f"not found: {', '.join(missing)}"
+        print(f"[evaluate] skipping the reward-model judge: {why}", flush=True)
+        return {"rm_skipped": why}
+    dialogs = [t.messages for t in tasks]
+    kinds = [t.kind for t in tasks]
+    out, per_rm = {}, {}
+    for name, path in rms.items():
+        try:
+            rm, rm_tok = load_model_and_tokenizer(path, device, dtype)
+        except (CheckpointError, OSError, ValueError) as e:
+            common.die(f"--rm-{name}: {e}")
+        with torch.no_grad():
+            sa, sb = reward.score(rm, rm_tok, dialogs, replies_a), reward.score(rm, rm_tok, dialogs, replies_b)
+        per_rm[name] = rm_judgments(torch.as_tensor(sa), torch.as_tensor(sb), cfg.rm_tie)
+        out[f"rm_{name}"] = summarize(per_rm[name], kinds)
+        del rm
+    if len(per_rm) == 2:  # §3.2.3: the safety RM speaks for safety prompts, the helpfulness RM for the rest
+        combined = [per_rm["safety" if t.is_safety else "helpful"][i] for i, t in enumerate(tasks)]
+        out["rm_combined"] = summarize(combined, kinds)
+    return out
+
+
+# ---- 4. the command line ---------------------------------------------------------------------------------------------
+def load_tasks(cfg: EvalConfig, world: data.World) -> list[data.Task]:
+    if cfg.prompts:
+        try:
+            return data.read_rl_prompts_jsonl(cfg.prompts)[:cfg.n_prompts]
+        except data.DataError as e:
+            common.die(str(e))
+    return world.tasks("test", cfg.n_prompts, seed=cfg.prompt_seed)
+
+
+def answer_with(path: str, which: str, cfg: EvalConfig, tasks, device, dtype, seed: int) -> list[Reply]:
+    try:
+        model, tok = load_model_and_tokenizer(path, device, dtype)
+    except (CheckpointError, OSError, ValueError) as e:
+        common.die(f"--{which}: {e}")
+    t0 = time.perf_counter()
+    try:
+        replies = chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens, cfg.temperature,
+                                cfg.top_p, seed, cfg.batch_size)
+    except ValueError as e:  # a prompt longer than the model's context
+        common.die(f"--{which} {path}: {e}")
+    print(f"[evaluate] {which} = {path}: {len(tasks)} replies in {time.perf_counter() - t0:.1f}s", flush=True)
+    return replies
+
+
+def print_table(m: dict):
+    pa, pb = m["model_a"], m["model_b"]
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"\n{'':<26}{'A':>10}{'B':>10}")
+    for key, label in (("helpfulness", "helpfulness (annotator)"), ("format_valid", "format valid"),
+                       ("qa_correct_in_format", "fact+arith correct"),
+                       ("safety_violation_rate", "harmful: violation rate"),
+                       ("borderline_refusal_rate", "borderline: refusal rate")):
+        print(f"{label:<26}{f(pa[key]):>10}{f(pb[key]):>10}")
+    print("\nA vs B, judged by the annotator (7-point scale, order randomized):")
+    print(f"{'kind':<12}{'n':>5}{'win':>8}{'tie':>8}{'loss':>8}{'win rate':>10}")
+    rows = [("all", m["annotator"])] + list(m["annotator"]["per_kind"].items())
+    for k in ("rm_helpful", "rm_safety", "rm_combined"):
+        if k in m:
+            rows.append((k, m[k]))
+    for k, s in rows:
+        print(f"{k:<12}{s['n']:>5}{s['win']:>8.1%}{s['tie']:>8.1%}{s['loss']:>8.1%}{s['win_rate']:>10.1%}")
+
+
+def main(cfg: EvalConfig) -> dict:
+    t_start = time.perf_counter()
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, n_prompts=min(cfg.n_prompts, 100))
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(cfg.dtype, device)
+    world = data.World(seed=cfg.world_seed)
+    tasks = load_tasks(cfg, world)
+    (Path(cfg.out_dir) / "metrics.json").unlink(missing_ok=True)  # write_metrics merges: start from a clean file
+    # different sampling seeds for A and B: with temperature > 0, a model against itself compares two samples
+    replies_a = answer_with(cfg.a, "a", cfg, tasks, device, dtype, cfg.seed)
+    replies_b = answer_with(cfg.b, "b", cfg, tasks, device, dtype, cfg.seed + 1)
+
+    text_a, text_b = [r.text for r in replies_a], [r.text for r in replies_b]
+    summary, judgments, swapped = annotator_judge(tasks, text_a, text_b, world, cfg.seed)
+    annotator = data.Annotator(world, seed=cfg.seed)
+    m = {"a": cfg.a, "b": cfg.b, "n_prompts": len(tasks), "seed": cfg.seed, "temperature": cfg.temperature,
+         "annotator": summary,
+         "b_shown_first": sum(swapped) / max(1, len(swapped)),
+         "judgment_counts": {str(v): judgments.count(v) for v in range(-3, 4)}}
+    m["win_rate"], m["win"], m["tie"], m["loss"] = (m["annotator"][k] for k in ("win_rate", "win", "tie", "loss"))
+    m.update(rm_compare(cfg, tasks, text_a, text_b, device, dtype))
+    m["model_a"] = reply_metrics(annotator, tasks, replies_a, cfg.n_examples)
+    m["model_b"] = reply_metrics(annotator, tasks, replies_b, cfg.n_examples)
+    m["examples"] = [{"kind": t.kind, "prompt": t.messages[-1]["content"], "a": ra, "b": rb, "judgment": j}
+                     for t, ra, rb, j in list(zip(tasks, text_a, text_b, judgments))[:6]]
+    m["wall_seconds"] = time.perf_counter() - t_start
+    m["complete"] = True
+    common.write_metrics(cfg.out_dir, m)
+    print_table(m)
+    print(f"\n[evaluate] win rate of A over B: {m['win_rate']:.1%}; wrote {Path(cfg.out_dir) / 'metrics.json'} "
+          f"({common.fmt_time(m['wall_seconds'])})", flush=True)
+    return m
+
+
+if __name__ == "__main__":
+    main(common.parse_config(EvalConfig, description=__doc__))
