@@ -306,8 +306,8 @@ class Progress:
     """One line per `log` call: step, loss, lr, tokens/s, MFU (against this device's peak), elapsed and ETA."""
 
     def __init__(self, name: str, total_steps: int, tokens_per_step: int, flops_per_token: float, device, dtype,
-                 start_step: int = 0, enabled: bool = True):
-        self.name, self.total, self.tps_tokens = name, total_steps, tokens_per_step
+                 start_step: int = 0, enabled: bool = True, unit: str = "tok"):
+        self.name, self.total, self.tps_tokens, self.unit = name, total_steps, tokens_per_step, unit
         self.flops_per_token, self.enabled = flops_per_token, enabled
         self.peak, _ = peak_flops(device, dtype)
         self.t0 = time.perf_counter()
@@ -325,9 +325,9 @@ class Progress:
         self.last_t, self.last_step = now, step
         done = step - self.start_step
         eta = (now - self.t0) / max(1, done) * (self.total - step)
-        mfu = f" mfu {100 * rate * self.flops_per_token / self.peak:.1f}%" if self.peak else ""
+        mfu = f" mfu {100 * rate * self.flops_per_token / self.peak:.1f}%" if self.peak and self.flops_per_token else ""
         vals = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-        print(f"[{self.name}] step {step}/{self.total} {vals} | {rate:,.0f} tok/s{mfu} | "
+        print(f"[{self.name}] step {step}/{self.total} {vals} | {rate:,.0f} {self.unit}/s{mfu} | "
               f"{fmt_time(now - self.t0)} elapsed, ETA {fmt_time(eta)}", flush=True)
 
 

@@ -11,8 +11,9 @@ What is here:
     otherwise temperature and Meta's nucleus (top-p) rule, in fp32. Rows stop at EOS independently.
     num_samples=K prefills each prompt once and samples K continuations from the shared prefix (rejection sampling).
   - sequence_logprobs(): the log-probability of given continuation tokens (PPO's logprobs / ref_logprobs).
-  - --compile compiles the decode step once: the cache has a fixed size and the step attends over all of it with a
-    mask, so no shape changes from token to token (gpt-fast's recipe).
+  - --compile compiles the decode step (not the loop) once. On CUDA it is replayed as a CUDA graph over the whole
+    static cache, masked, so no shape changes from token to token (gpt-fast's recipe); on CPU the cache length is a
+    symbolic size instead (see _compiled_decode_step). Speed figures and what each optimization gained: BENCHMARKS.md.
 
 Choices where Meta's code differs or is silent:
   1. Left padding with per-row RoPE positions (Meta pads on the right and overwrites); attention masks hide the pads.
@@ -36,19 +37,21 @@ from model import CheckpointError, Transformer, load_checkpoint
 
 
 class KVCache:
-    """Keys/values for every layer: k, v of shape (L, B, K, S, D), allocated once (S = max_len)."""
+    """Keys/values for every layer, allocated once: k[l], v[l] of shape (B, K, S, D), S = max_len. One tensor per layer,
+    not one (L, B, K, S, D) block: compiled, a write into a view block[l] copied the whole block every step (1.7x
+    slower decode at batch 16); a write into a graph input itself happens in place."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, device=None, dtype=None):
         a = model.args
         p = next(model.parameters())
-        shape = (a.n_layers, batch, a.kv_heads, max_len, a.head_dim)
-        self.k = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
-        self.v = torch.zeros_like(self.k)
+        shape = (batch, a.kv_heads, max_len, a.head_dim)
+        self.k = [torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype) for _ in range(a.n_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.max_len = max_len
 
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: Optional[int]):
         """Write k, v (B, K, T, D) at positions pos (T,); return the first kv_len positions (all when None)."""
-        ck, cv = self.k[layer], self.v[layer]  # (B, K, S, D) views into the big tensors
+        ck, cv = self.k[layer], self.v[layer]  # (B, K, S, D)
         ck.index_copy_(2, pos, k.to(ck.dtype))
         cv.index_copy_(2, pos, v.to(cv.dtype))
         if kv_len is None:
@@ -58,7 +61,8 @@ class KVCache:
     def repeat_rows(self, n: int) -> "KVCache":
         """A cache whose row b*n + j copies row b: K samples continue from one prefilled prompt."""
         new = object.__new__(KVCache)
-        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        new.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        new.v = [v.repeat_interleave(n, dim=0) for v in self.v]
         new.max_len = self.max_len
         return new
 
@@ -74,10 +78,13 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Ten
     return idx.gather(-1, choice).squeeze(-1)
 
 
-def _next_token(logits, temperature, top_p, generator):
-    """logits (B, V) fp32 -> (tokens (B,), logprobs (B,) under the temperature-scaled distribution)."""
+def _next_token(logits, temperature, top_p, generator, want_logprobs: bool = True):
+    """logits (B, V) fp32 -> (tokens (B,), logprobs (B,) under the temperature-scaled distribution, or None when greedy
+    decoding was not asked for them: the log-softmax over V per row cost ~1 ms of a 15 ms step at batch 16)."""
     if temperature <= 0:
         tok = logits.argmax(-1)
+        if not want_logprobs:
+            return tok, None
         logp = F.log_softmax(logits, -1)
     else:
         logp = F.log_softmax(logits / temperature, -1)
@@ -87,38 +94,50 @@ def _next_token(logits, temperature, top_p, generator):
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-def _decode_step(model, tok, pos, pad_len, t, cache, kv_len):
-    """One token for every row. tok (B, 1); pos (1,) cache column; pad_len (B,); t (0-d tensor) current column."""
-    S = cache.max_len if kv_len is None else kv_len
-    cols = torch.arange(S, device=tok.device)
-    mask = (cols[None, :] >= pad_len[:, None]) & (cols[None, :] <= t)  # (B, S): real tokens up to and including t
-    logits, _ = model(tok, positions=(t - pad_len)[:, None], mask=mask[:, None, None, :], cache=cache,
-                      cache_pos=pos, kv_len=kv_len)
-    return logits[:, -1]  # (B, V)
+def _decode_step(model, tok, t, pad_len, real, cache, kv_len):
+    """Logits (B, V) of the next token for every row. tok (B, 1) the token in column t (1,); pad_len (B,); real (B, S)
+    True where a column holds a real token (not left padding). kv_len=t+1 attends over the first t+1 columns only;
+    kv_len=None attends over the whole cache, the same shapes at every token (for CUDA graphs), masking the columns
+    after t."""
+    if kv_len is None:
+        mask = real & (torch.arange(real.size(1), device=real.device) <= t)  # (B, S): real tokens up to and incl. t
+    else:
+        mask = real[:, :kv_len]  # (B, t+1): a view, nothing after t to hide
+    h = model.trunk(tok, positions=(t - pad_len)[:, None], mask=mask[:, None, None, :], cache=cache, cache_pos=t,
+                    kv_len=kv_len)  # (B, 1, C)
+    return model.output(h[:, -1]).float()  # (B, V) fp32: sampling is done in fp32
 
 
-def _column_major_output(model: Transformer):
-    """Store the output head's (V, C) weight column-major: same values, same shape, other strides.
+def _column_major_weights(model: Transformer):
+    """Store each (out, in) Linear weight with out >= in column-major: same values and shape, other strides.
 
-    Decoding multiplies one row vector by the 32000 x C head each token, reading every weight once: memory-bound. On the
-    CPUs measured here (BENCHMARKS.md) MKL's matrix-vector product x @ W^T ran 3.5x faster when W^T, not W, is the
-    contiguous matrix. Training is unaffected (autograd and AdamW do not care about strides). Idempotent.
+    Decoding reads every weight once per token, so its speed is how fast MKL's x @ W^T streams W from memory; on the
+    2-core AMD EPYC (BENCHMARKS.md) a column-major W streamed faster: the 32000 x 288 head 2.6x, w1/w3 (768 x 288) 1.6x,
+    wq/wk/wv/wo 1.2x, but the wide w2 (288 x 768) 1.3x slower, so it stays. Decode at batch 1: +10-20% over converting
+    the head alone; batch 16: neutral. Checkpoints are unchanged (saved contiguous); training matmuls differ by <8%.
     """
-    head = getattr(model, "output", None)
-    if head is not None and head.weight.is_contiguous() and head.weight.dim() == 2:
-        with torch.no_grad():
-            head.weight.data = head.weight.data.t().contiguous().t()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.out_features >= mod.in_features and mod.weight.is_contiguous():
+                mod.weight.data = mod.weight.data.t().contiguous().t()
 
 
 _compiled_steps: dict = {}
 
 
-def _compiled_decode_step(model):
-    key = id(model)
-    if key not in _compiled_steps:
-        # dynamic=False: every step has the same shapes (full cache, mask over all of it), so this compiles once
-        _compiled_steps[key] = torch.compile(_decode_step, dynamic=False)
-    return _compiled_steps[key]
+def _compiled_decode_step(device: torch.device):
+    """torch.compile of the decode step only, not of the loop (gpt-fast's recipe).
+
+    CUDA: "reduce-overhead" replays the step as a CUDA graph, one launch per token instead of one per kernel (~300).
+    A graph has fixed shapes: the step attends over the whole static cache, masked (kv_len=None in generate).
+    CPU: no graph to replay, and reading the unwritten part of a static cache is waste (at batch 16 the cache holds as
+    many bytes as the weights: 15% slower). So it slices the cache like eager, and dynamic=True makes the length a
+    symbolic size: one compilation serves every step and prompt length."""
+    if device.type not in _compiled_steps:
+        cuda = device.type == "cuda"
+        _compiled_steps[device.type] = torch.compile(_decode_step, dynamic=not cuda,
+                                                     mode="reduce-overhead" if cuda else None)
+    return _compiled_steps[device.type]
 
 
 @torch.no_grad()
@@ -137,7 +156,7 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     model.eval()
     device = next(model.parameters()).device
     if device.type == "cpu":
-        _column_major_output(model)
+        _column_major_weights(model)
     max_seq = model.args.max_seq_len
     lens = [len(p) for p in prompt_tokens]
     P = max(lens)
@@ -159,31 +178,42 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     mask = causal[None] & (real[:, None, :] | torch.eye(P, dtype=torch.bool, device=device)[None])  # (B, P, P)
 
     # 2. prefill all prompts in one call, then share each prefix among its num_samples continuations
-    cache = KVCache(model, B, total, device=device)
-    logits, _ = model(tokens, positions=positions, mask=mask[:, None], cache=cache,
-                      cache_pos=torch.arange(P, device=device), kv_len=P)
-    logits = logits[:, -1]  # (B, V)
+    static = compile and device.type == "cuda"  # attend over the whole cache with fixed shapes (CUDA graphs)
+    # a static cache's length is rounded up to a power of two: other prompt lengths reuse the recorded graph
+    S = min(max_seq, 1 << (total - 1).bit_length()) if static else total
+    cache = KVCache(model, B, S, device=device)
+    h = model.trunk(tokens, positions=positions, mask=mask[:, None], cache=cache,
+                    cache_pos=torch.arange(P, device=device), kv_len=P)  # (B, P, C)
+    logits = model.output(h[:, -1]).float()  # (B, V): only the last column's logits are needed, not all P of them
     if num_samples > 1:
         cache = cache.repeat_rows(num_samples)
         logits, pad_len = logits.repeat_interleave(num_samples, 0), pad_len.repeat_interleave(num_samples, 0)
         B *= num_samples
+    real = torch.arange(S, device=device)[None, :] >= pad_len[:, None]  # (B, S) column holds a real token
 
     # 3. decode: one token per step for all rows; finished rows keep computing (cheaper than reshaping the batch)
-    step = _compiled_decode_step(model) if compile else _decode_step
+    step = _compiled_decode_step(device) if compile else _decode_step
+    if static:  # the CUDA graph writes into the cache in place: the cache's address must not move
+        for buf in cache.k + cache.v:
+            torch._dynamo.mark_static_address(buf)
+    columns = torch.arange(S, device=device)  # column t as a tensor is columns[t:t+1]: no new tensor per step
     out_tok = torch.full((B, total - P), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((B, total - P), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_gen = torch.zeros(B, dtype=torch.long, device=device)
     for i, t in enumerate(range(P, total)):
-        tok, lp = _next_token(logits.float(), temperature, top_p, generator)
-        out_tok[:, i], out_logp[:, i] = tok, lp
+        tok, lp = _next_token(logits, temperature, top_p, generator, want_logprobs=logprobs)
+        out_tok[:, i] = tok
+        if lp is not None:
+            out_logp[:, i] = lp
         n_gen += (~done).long()
         if eos_id is not None:
             done |= tok == eos_id
-        if t == total - 1 or bool(done.all()):
+            if bool(done.all()):  # waits for the device: only worth it when rows can finish early
+                break
+        if t == total - 1:
             break
-        t_ = torch.tensor(t, device=device)
-        logits = step(model, tok[:, None], t_[None], pad_len, t_, cache, None if compile else t + 1)
+        logits = step(model, tok[:, None], columns[t:t + 1], pad_len, real, cache, None if static else t + 1)
 
     model.train(was_training)
     n_gen = n_gen.tolist()

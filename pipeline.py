@@ -36,18 +36,33 @@ class Stage:
     seconds: float  # expected wall time of the default run on a 2-core laptop CPU (for the ETA)
 
 
+def _eval(name: str, a: str) -> Stage:
+    return Stage(name, "evaluate.py", name, ["--a", "{out}/" + a, "--b", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
+                                             "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/" + name],
+                 ["--quick"], 30)
+
+
 STAGES = [
     Stage("pretrain", "pretrain.py", "pretrain", ["--out-dir", "{out}/pretrain"],
           ["--max-steps", "80", "--corpus-bytes", "1000000", "--eval-interval", "40", "--ckpt-interval", "80",
            "--log-interval", "20"], 270),
-    Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 120),
+    Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 100),
     Stage("rm_helpful", "reward.py", "rm_helpful", ["--axis", "helpfulness", "--init-from", "{out}/sft",
                                                     "--out-dir", "{out}/rm_helpful"], ["--quick"], 60),
     Stage("rm_safety", "reward.py", "rm_safety", ["--axis", "safety", "--init-from", "{out}/sft",
-                                                  "--out-dir", "{out}/rm_safety"], ["--quick"], 60),
+                                                  "--out-dir", "{out}/rm_safety"], ["--quick"], 45),
+    Stage("rs", "rejection_sampling.py", "rs", ["--init-from", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
+                                               "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/rs"],
+          ["--quick"], 120),
+    Stage("ppo", "ppo.py", "ppo", ["--init-from", "{out}/rs", "--rm-helpful", "{out}/rm_helpful", "--rm-safety",
+                                   "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo"], ["--quick"], 150),
+    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 120),
     Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--rm-helpful",
                                                    "{out}/rm_helpful", "--rm-safety", "{out}/rm_safety",
                                                    "--out-dir", "{out}/eval_sft"], ["--quick"], 30),
+    _eval("eval_rs", "rs"),
+    _eval("eval_ppo", "ppo"),
+    _eval("eval_gatt", "gatt"),
 ]
 
 
@@ -167,9 +182,133 @@ def section_pretrain(out: Path, m: dict) -> list[str]:
     return lines
 
 
-def section_generic(title: str, m: dict) -> list[str]:
-    rows = [(k, v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return [f"## {title}", "", "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows] + [""]
+def _pct(v):
+    return _fmt(v, pct=True)
+
+
+def section_sft(out: Path, m: dict) -> list[str]:
+    lines = ["## 2. Supervised fine-tuning (§3.1)", "",
+             "Loss on answer tokens only (prompt tokens zeroed), packed dialogs that cannot see each other.", "",
+             "| measure | this run |", "|---|---|",
+             f"| answer-token validation loss before -> after | {_fmt(m.get('val_loss_before'))} -> "
+             f"{_fmt(m.get('val_loss'))} |",
+             f"| annotator helpfulness (held-out prompts, 0-1) | {_fmt(m.get('helpfulness'))} |",
+             f"| format valid (ends with EOS, no leaked tags) | {_pct(m.get('format_valid'))} |",
+             f"| fact + arithmetic answers correct and in format (target >= 70%) | "
+             f"{_pct(m.get('qa_correct_in_format'))} |",
+             f"| harmful prompts answered unsafely | {_pct(m.get('safety_violation_rate'))} |",
+             f"| borderline prompts refused | {_pct(m.get('borderline_refusal_rate'))} |", ""]
+    per = m.get("per_kind") or {}
+    if per:
+        lines += ["| kind | n | helpfulness | correct |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v.get('n')} | {_fmt(v.get('helpfulness'))} | {_pct(v.get('correct'))} |"
+                  for k, v in per.items()] + [""]
+    for ex in (m.get("examples") or [])[:6]:
+        lines.append(f"- *{ex['kind']}*: {ex['prompt']!r} -> {ex['reply']!r}")
+    return lines + [""]
+
+
+def section_reward(out: Path, h: dict, s: dict) -> list[str]:
+    acc = lambda m, a: _pct((m.get("accuracy") or {}).get(a))  # noqa: E731
+    lines = ["## 3. Reward models (§3.2.2, Tables 7, 8, 28)", "",
+             "Table 7 in miniature: each RM's accuracy on each test set (the paper: safety RM 64.5 on Meta Safety, "
+             "helpfulness RM 63.2 on Meta Helpful; each is best on its own axis).", "",
+             "| reward model | helpfulness test | safety test |", "|---|---|---|",
+             f"| helpfulness RM | {acc(h, 'helpfulness')} | {acc(h, 'safety')} |",
+             f"| safety RM | {acc(s, 'helpfulness')} | {acc(s, 'safety')} |", "",
+             "Table 8 in miniature: accuracy by rating on each RM's own test set (the paper's helpfulness RM on Meta "
+             "Helpful: 80.7 / 67.5 / 60.9 / 54.7; accuracy falls as the pair gets closer).", "",
+             "| reward model | significantly better | better | slightly better | negligibly better / unsure |",
+             "|---|---|---|---|---|"]
+    import data
+    for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
+        by = (m.get("accuracy_by_rating") or {}).get(axis) or {}
+        lines.append(f"| {name} | " + " | ".join(_pct(by.get(r)) for r in data.RATINGS) + " |")
+    abl = h.get("margin_ablation") or s.get("margin_ablation")
+    if abl:
+        axis = "helpfulness" if h.get("margin_ablation") else "safety"
+        lines += ["", f"Table 28 in miniature: the margin m(r) ({axis} RM, accuracy by rating; the paper: a margin "
+                      "helps the distinct pairs, 79.1 -> 80.7 on significantly better).", "",
+                  "| margin | significantly better | better | slightly better | negligibly better / unsure |",
+                  "|---|---|---|---|---|"]
+        for margin, v in abl.items():
+            by = (v.get("accuracy_by_rating") or {}).get(axis) or {}
+            lines.append(f"| {margin} | " + " | ".join(_pct(by.get(r)) for r in data.RATINGS) + " |")
+    return lines + [""]
+
+
+def section_rs(out: Path, m: dict) -> list[str]:
+    lines = ["## 4. Rejection sampling (§3.2.3, Figs. 7 and 8)", "",
+             "Fig. 7 in miniature: the best of N samples gets better as N grows while the median stays flat; the gap "
+             "is what rejection sampling harvests.", "", "| N | max reward | median reward |", "|---|---|---|"]
+    for n, mx, md in zip(m.get("n_values") or [], m.get("max_reward_by_n") or [], m.get("median_reward_by_n") or []):
+        lines.append(f"| {n} | {mx:.3f} | {md:.3f} |")
+    for key, who in (("fig8_sft", "SFT"), ("fig8_rs", "RS")):
+        if m.get(key):
+            lines += ["", f"Fig. 8 in miniature ({who} model): mean max-of-N reward at each temperature.", "",
+                      "| temperature | " + " | ".join(f"N={n}" for n in m.get("n_values", [])) + " |",
+                      "|---|" + "---|" * len(m.get("n_values", []))]
+            lines += [f"| {T} | " + " | ".join(f"{x:.3f}" for x in xs) + " |" for T, xs in m[key].items()]
+    lines += ["", "| iteration | temperature | mean reward | best-of-K | kept prompts |", "|---|---|---|---|---|"]
+    lines += [f"| {i['iteration']} | {i['temperature']} | {i['mean_reward']:.3f} | {i['mean_best_reward']:.3f} | "
+              f"{i['kept']} |" for i in m.get("iterations", [])]
+    lines += ["", f"Win rate against SFT (annotator, ties half): **{_pct(m.get('win_rate_vs_sft'))}** (target >= 60%)."]
+    return lines + [""]
+
+
+def section_ppo(out: Path, m: dict) -> list[str]:
+    lines = ["## 5. PPO (§3.2.3)", "",
+             f"R = WHITEN(LOGIT(R_c)) - beta KL, beta = {m.get('kl_coef')}; best iteration {m.get('best_iteration')} "
+             "(early stopping on held-out prompts).", "",
+             "| iteration | RM reward | KL to pi_0 | clip fraction | value loss | reply length |", "|---|---|---|---|---|---|"]
+    for it in (m.get("iters") or [])[::max(1, len(m.get("iters") or []) // 10)]:
+        lines.append(f"| {it['iter']} | {it['rm_reward']:.3f} | {it['kl']:.3f} | {it['clip_frac']:.3f} | "
+                     f"{it['value_loss']:.3f} | {it['reply_len']:.1f} |")
+    lines.append(_plot(out, "ppo_reward_kl", {"RM reward": m.get("reward_by_iter"), "KL": m.get("kl_by_iter")},
+                       "iteration", "value"))
+    lines += ["", "| measure | PPO | SFT |", "|---|---|---|",
+              f"| win rate against SFT (target >= 65%) | {_pct(m.get('win_rate_vs_sft'))} | - |",
+              f"| harmful prompts answered unsafely | {_pct(m.get('safety_violation_rate'))} | "
+              f"{_pct(m.get('sft_safety_violation_rate'))} |",
+              f"| borderline prompts refused | {_pct(m.get('borderline_refusal_rate'))} | "
+              f"{_pct(m.get('sft_borderline_refusal_rate'))} |"]
+    return lines + [""]
+
+
+def section_gatt(out: Path, m: dict) -> list[str]:
+    lines = ["## 6. Ghost Attention (§3.3, Table 30)", "",
+             "Share of replies that keep the instruction given only in the first turn (the paper: baseline 100% at "
+             "turn 2, 10% at 4, 0% at 6; with GAtt 100% at every turn).", ""]
+    for key, title in (("adherence_by_turn", "constraints seen in training"),
+                       ("adherence_by_turn_unseen", "constraints held out of training")):
+        a = m.get(key) or {}
+        if not a:
+            continue
+        n = len(a.get("baseline", []))
+        lines += [f"*{title}*", "", "| model | " + " | ".join(f"turn {t + 1}" for t in range(n)) + " |",
+                  "|---|" + "---|" * n]
+        lines += [f"| {who} | " + " | ".join(_pct(x) for x in a.get(who, [])) + " |" for who in ("baseline", "gatt")]
+        lines.append("")
+    lines.append(f"Replies sampled with the instruction in every turn that had to be replaced by the compliant "
+                 f"reference: {_pct(m.get('fallback_rate'))}.")
+    return lines + [""]
+
+
+def section_eval(evals: dict) -> list[str]:
+    lines = ["## 7. Evaluation (§3.4, Fig. 11): each stage against SFT", "",
+             "Win rate with ties counted half, A/B order randomized; judged by the annotator (the human raters' "
+             "stand-in) and by the reward models (the paper's model-based evaluation).", "",
+             "| model | vs | annotator | helpfulness RM | safety RM | unsafe answers | borderline refusals |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in evals.items():
+        if not m:
+            continue
+        wr = lambda k: _pct((m.get(k) or {}).get("win_rate"))  # noqa: E731
+        a = m.get("model_a") or {}
+        lines.append(f"| {Path(m.get('a', name)).name} | {Path(m.get('b', '')).name} | {_pct(m.get('win_rate'))} | "
+                     f"{wr('rm_helpful')} | {wr('rm_safety')} | {_pct(a.get('safety_violation_rate'))} | "
+                     f"{_pct(a.get('borderline_refusal_rate'))} |")
+    return lines + [""]
 
 
 def write_report(out: Path, stage_names: list[str]) -> Path:
@@ -178,10 +317,19 @@ def write_report(out: Path, stage_names: list[str]) -> Path:
              "them for the pattern to compare.", "", "| stage | wall time |", "|---|---|"]
     metrics = {name: common.read_metrics(out / next(s.out for s in STAGES if s.name == name)) for name in stage_names}
     lines += [f"| {n} | {common.fmt_time(m.get('stage_seconds', 0))} |" for n, m in metrics.items()] + [""]
-    for name, m in metrics.items():
-        if not m:
-            continue
-        lines += section_pretrain(out, m) if name == "pretrain" else section_generic(name, m)
+    get = lambda n: metrics.get(n) or {}  # noqa: E731
+    if get("pretrain"):
+        lines += section_pretrain(out, get("pretrain"))
+    if get("sft"):
+        lines += section_sft(out, get("sft"))
+    if get("rm_helpful") or get("rm_safety"):
+        lines += section_reward(out, get("rm_helpful"), get("rm_safety"))
+    for name, fn in (("rs", section_rs), ("ppo", section_ppo), ("gatt", section_gatt)):
+        if get(name):
+            lines += fn(out, get(name))
+    evals = {n: get(n) for n in stage_names if n.startswith("eval_")}
+    if any(evals.values()):
+        lines += section_eval(evals)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

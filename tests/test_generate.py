@@ -111,3 +111,38 @@ def test_prompt_longer_than_context_is_rejected():
     m = tiny(max_seq_len=16)
     with pytest.raises(ValueError, match="context"):
         G.generate(m, [[1] * 16], 4)
+
+
+def test_static_full_cache_step_equals_sliced_step():
+    """The CUDA-graph step attends over the whole preallocated cache and masks what is not written yet (and the left
+    padding); it must give the logits of the eager step, which attends over the first t+1 columns only."""
+    m = tiny()
+    B, P, S = 3, 5, 16
+    pad_len = torch.tensor([0, 2, 4])
+    real = torch.arange(S)[None, :] >= pad_len[:, None]  # (B, S)
+    tokens = torch.randint(3, 61, (B, S))
+    positions = (torch.arange(P)[None, :] - pad_len[:, None]).clamp(min=0)  # (B, P)
+    # prefill the P prompt columns as generate does: pad queries attend to themselves only
+    mask = torch.ones(P, P, dtype=torch.bool).tril()[None] & (real[:, None, :P] | torch.eye(P, dtype=torch.bool))
+    with torch.no_grad():
+        caches = [G.KVCache(m, B, S), G.KVCache(m, B, S)]
+        for cache in caches:
+            m.trunk(tokens[:, :P], positions=positions, mask=mask[:, None], cache=cache,
+                    cache_pos=torch.arange(P), kv_len=P)
+        for t in range(P, S - 1):
+            col = torch.tensor([t])
+            sliced = G._decode_step(m, tokens[:, t:t + 1], col, pad_len, real, caches[0], t + 1)
+            full = G._decode_step(m, tokens[:, t:t + 1], col, pad_len, real, caches[1], None)
+            torch.testing.assert_close(full, sliced, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_tokens_do_not_depend_on_asking_for_logprobs():
+    m = tiny()
+    plain = G.generate(m, PROMPTS, 7, temperature=0.0, eos_id=None)
+    toks, logps = G.generate(m, PROMPTS, 7, temperature=0.0, eos_id=None, logprobs=True)
+    assert plain == toks and all(len(lp) == len(t) for lp, t in zip(logps, toks))
+
+
+def test_zero_new_tokens_returns_empty_completions():
+    m = tiny()
+    assert G.generate(m, PROMPTS, 0, temperature=0.0) == [[], [], []]

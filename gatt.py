@@ -1,0 +1,197 @@
+"""Ghost Attention (paper §3.3): keep following a system-level instruction for the whole dialogue, not one turn.
+
+  python gatt.py                     # the latest RLHF model (out/ppo) -> out/gatt, with the Table 30 measurement
+  python gatt.py --init-from out/sft --out-dir out/gatt_from_sft
+
+The problem. A chat model that follows "Act as a pirate" when the instruction sits in the current message forgets it
+a few turns later, once it sits only in the first one (Table 30's baseline: 100% at turn 2, 10% at turn 4, 0% at 6).
+GAtt fixes it with data and a loss mask, not with any change to attention:
+  1. Take multi-turn dialogues (the world's questions) and an instruction inst drawn from the constraint kinds
+     (figure / style / hobby, random combinations, half the time the short form "Figure: pirate (Arr!)").
+  2. Sampling context: concatenate inst to EVERY user message, and sample each reply from the latest RLHF model, which
+     does follow an instruction present in the current turn (learned in SFT from data.World.instruction_dialogs).
+  3. Training sample: the same dialogue with inst kept in the FIRST user message only, and the loss zeroed on every
+     token of the earlier turns, assistant replies included ("weight": 0): only the last turn's reply is learned.
+     One training sample per dialogue prefix (turns 1..k, k = 1..n), so every turn is learned once, in the context
+     it will be used in: the instruction far back, the model's own compliant earlier replies in between.
+  4. Fine-tune with sft.py's recipe on these samples, mixed with ordinary SFT dialogues.
+  5. Measure Table 30: the share of replies keeping the instruction at turns 1..8, before and after, with the model's
+     own replies as the history, on held-out dialogues, and on constraints held out of training (zero-shot).
+A note on the mask: because attention is causal, turn k's loss in the full dialogue is exactly turn k's loss in the
+prefix sample; training every prefix on its last reply thus equals training the full dialogue on all replies, at
+n times the compute. We keep the paper's per-prefix form since it is what "zero the loss on previous turns" means and
+a reader can check it sample by sample; the equivalence is why the cheaper form would also be right.
+
+Choices where the paper is silent:
+  1. A sampled reply that fails the constraint check (or the annotator's correctness) is replaced by the world's
+     reference reply with the constraint applied; the share of such fallbacks is reported. The paper's RLHF model was
+     reliable enough to skip this; a 1M-parameter model is not.
+  2. The instruction goes in front of the user message ("inst question"), as a system prompt would.
+  3. GAtt samples are mixed 1:1 with ordinary SFT dialogues so that the other skills are not forgotten.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+
+import torch
+
+import common
+import data
+from model import CheckpointError
+
+
+@dataclass
+class GattConfig:
+    init_from: str = "out/ppo"  # the latest RLHF model: samples the replies and is fine-tuned
+    out_dir: str = "out/gatt"
+    n_dialogs: int = 300  # GAtt training dialogues
+    n_turns: int = 8  # turns per dialogue (Table 30 reports turns up to 20; our context holds 8)
+    n_eval: int = 100  # held-out dialogues per evaluation set (seen / unseen constraints)
+    max_new_tokens: int = 32  # reply budget per turn
+    lr: float = 5e-4  # fine-tuning peak lr (see sft.py)
+    epochs: int = 1
+    world_seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    quick: bool = False  # a seconds-long smoke run
+
+
+def with_instruction(instruction: str, question: str) -> str:
+    return f"{instruction} {question}"
+
+
+# ---- 2. sampling with the instruction in every turn ------------------------------------------------------------------
+@torch.no_grad()
+def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) -> tuple[list[list[str]], float]:
+    """Replies turn by turn, the instruction attached to every user message. Returns the replies per dialogue and the
+    share replaced by the compliant reference (choice 1)."""
+    from evaluate import chat_replies
+    histories = [[] for _ in dialogs]
+    replies = [[] for _ in dialogs]
+    fallbacks = total = 0
+    for t in range(len(dialogs[0].user_turns)):
+        for h, g in zip(histories, dialogs):
+            h.append({"role": "user", "content": with_instruction(g.instruction, g.user_turns[t])})
+        out = chat_replies(model, tok, histories, max_new_tokens)
+        for h, g, r, rs in zip(histories, dialogs, out, replies):
+            good = g.check(r) and annotator.score(h, r).helpfulness >= 0.75
+            if not good:
+                r, fallbacks = g.compliant_replies()[t], fallbacks + 1
+            total += 1
+            rs.append(r)
+            h.append({"role": "assistant", "content": r})
+    return replies, fallbacks / max(1, total)
+
+
+# ---- 3. the training samples: instruction in the first turn only, loss on the last reply only ------------------------
+def training_samples(g, replies: list[str]) -> list[list[dict]]:
+    """One dialogue per prefix k = 1..n: user turns (the first with the instruction), replies 1..k-1 with weight 0
+    (context, no loss), reply k trained."""
+    samples = []
+    for k in range(1, len(replies) + 1):
+        msgs = []
+        for t in range(k):
+            q = with_instruction(g.instruction, g.user_turns[t]) if t == 0 else g.user_turns[t]
+            msgs.append({"role": "user", "content": q})
+            msgs.append({"role": "assistant", "content": replies[t], **({"weight": 0} if t < k - 1 else {})})
+        samples.append(msgs)
+    return samples
+
+
+# ---- 5. Table 30: does the instruction hold at turn t when only turn 1 carries it? ------------------------------------
+@torch.no_grad()
+def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int) -> list[float]:
+    """Share of replies that keep the instruction at each turn. The instruction is in the first user message only;
+    the history is the model's own replies. A dialogue that outgrows the context counts as not adhering."""
+    from evaluate import chat_replies
+    n_turns = len(dialogs[0].user_turns)
+    histories = [[] for _ in dialogs]
+    alive = list(range(len(dialogs)))
+    kept = [0] * n_turns
+    for t in range(n_turns):
+        for i in alive:
+            g = dialogs[i]
+            q = with_instruction(g.instruction, g.user_turns[t]) if t == 0 else g.user_turns[t]
+            histories[i].append({"role": "user", "content": q})
+        fits = [i for i in alive if len(tok.encode_dialog(histories[i])[0]) + max_new_tokens <= model.args.max_seq_len]
+        out = chat_replies(model, tok, [histories[i] for i in fits], max_new_tokens) if fits else []
+        for i, r in zip(fits, out):
+            kept[t] += dialogs[i].check(r)
+            histories[i].append({"role": "assistant", "content": r})
+        alive = fits
+    return [k / len(dialogs) for k in kept]
+
+
+def main(cfg: GattConfig):
+    import evaluate as E
+    import sft
+    if cfg.quick:
+        cfg.n_dialogs, cfg.n_eval, cfg.n_turns = 12, 8, 4
+    t0 = time.perf_counter()
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        model, tok = E.load_model_and_tokenizer(cfg.init_from, device)
+    except (CheckpointError, OSError, ValueError) as e:
+        common.die(f"--init-from: {e}")
+    world = data.World(seed=cfg.world_seed)
+    annotator = data.Annotator(world, seed=cfg.seed)
+
+    # 1-2. dialogues with instructions; replies sampled with the instruction in every turn
+    train = world.gatt_dialogs("train", cfg.n_dialogs, cfg.n_turns, seed=cfg.seed)
+    replies, fallback = sample_dialogs(model, tok, train, cfg.max_new_tokens, annotator)
+    print(f"[gatt] sampled {len(train)} dialogues x {cfg.n_turns} turns; {fallback:.1%} of replies replaced by the "
+          f"compliant reference", flush=True)
+    # 3. training samples (instruction only in turn 1, loss only on the last reply), mixed 1:1 with SFT dialogues
+    samples = [s for g, r in zip(train, replies) for s in training_samples(g, r)]
+    mix = world.sft_dialogs("train", len(samples), seed=cfg.seed + 1)
+    rows = samples + mix
+    Random(f"gatt/{cfg.seed}").shuffle(rows)
+    data_path = out / "gatt_train.jsonl"
+    data_path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+
+    # 5a. Table 30 before GAtt
+    seen = world.gatt_dialogs("val", cfg.n_eval, cfg.n_turns, seed=cfg.seed)
+    unseen = [g for g in world.gatt_dialogs("test", 2 * cfg.n_eval, cfg.n_turns, seed=cfg.seed)
+              if any(c.held_out for c in g.constraints)][:cfg.n_eval]
+    before = {"seen": adherence_by_turn(model, tok, seen, cfg.max_new_tokens),
+              "unseen": adherence_by_turn(model, tok, unseen, cfg.max_new_tokens)}
+    print("[gatt] before: " + _fmt_turns(before["seen"]), flush=True)
+    del model
+
+    # 4. fine-tune with sft.py's recipe
+    sft_cfg = sft.SFTConfig(init_from=cfg.init_from, out_dir=str(out), data=str(data_path), seq_len=512,
+                            lr=cfg.lr, epochs=cfg.epochs, eval_n=100 if not cfg.quick else 8, device=cfg.device,
+                            dtype=cfg.dtype, seed=cfg.seed, val_frac=0.02)
+    sft.main(sft_cfg)
+    common.write_metrics(out, {"complete": False})  # sft.main marked its part done; GAtt is done after 5b
+    tuned, _ = E.load_model_and_tokenizer(out, device)
+
+    # 5b. Table 30 after GAtt
+    after = {"seen": adherence_by_turn(tuned, tok, seen, cfg.max_new_tokens),
+             "unseen": adherence_by_turn(tuned, tok, unseen, cfg.max_new_tokens)}
+    print("[gatt] after:  " + _fmt_turns(after["seen"]), flush=True)
+    print("[gatt] unseen constraints, before: " + _fmt_turns(before["unseen"]) + "\n[gatt] unseen constraints, after:  "
+          + _fmt_turns(after["unseen"]), flush=True)
+    common.write_metrics(out, {
+        "adherence_by_turn": {"baseline": before["seen"], "gatt": after["seen"]},
+        "adherence_by_turn_unseen": {"baseline": before["unseen"], "gatt": after["unseen"]},
+        "n_train_dialogs": len(train), "n_train_samples": len(samples), "fallback_rate": fallback,
+        "n_eval_seen": len(seen), "n_eval_unseen": len(unseen), "gatt_seconds": time.perf_counter() - t0,
+        "complete": True})
+    print(f"[gatt] done in {common.fmt_time(time.perf_counter() - t0)}; wrote {out}", flush=True)
+
+
+def _fmt_turns(rates: list[float]) -> str:
+    return " ".join(f"t{t + 1} {100 * r:.0f}%" for t, r in enumerate(rates))
+
+
+if __name__ == "__main__":
+    main(common.parse_config(GattConfig, description=__doc__))

@@ -1,0 +1,188 @@
+"""Rejection sampling fine-tuning (paper §3.2.3): sample K replies per prompt, keep the one the reward models like
+best, fine-tune on the kept replies as on SFT data. Iterate.
+
+  python rejection_sampling.py                      # out/sft + out/rm_* -> out/rs, with Figs. 7 and 8 in miniature
+  python rejection_sampling.py --iterations 3 --k 16
+
+One iteration:
+  1. temperature: the best temperature shifts as the model changes (Fig. 8), so each iteration re-tunes it on a few
+     prompts: the one whose samples give the highest mean best-of-K reward;
+  2. sample: K replies per prompt in one batched call (each prompt is prefilled once and its K samples continue from
+     the shared cache);
+  3. score: the paper's combined reward (safety RM on safety prompts or when it scores below 0.15, helpfulness RM
+     otherwise; reward.combined_reward), and keep the argmax per prompt;
+  4. keep the best of ALL iterations so far per prompt: §3.2.3's fix for the regressions seen when only the last
+     iteration's samples were used;
+  5. fine-tune with sft.py's recipe on the kept (prompt, best reply) dialogues.
+Fig. 7: the max and median reward among N samples, N = 1, 2, 4, ... K: the max grows with N, the median does not;
+their gap is what rejection sampling can harvest. Fig. 8: the max-of-N curve at several temperatures, for the SFT
+model and the RS model.
+
+Choices where the paper is silent:
+  1. Every iteration fine-tunes the starting (SFT) model on the kept set, rather than the last RS model on it again,
+     so that no reply is trained on twice; the samples of iteration i+1 come from the model of iteration i.
+  2. K = 8 (the paper's figures go up to N = 100); 600 prompts per iteration, from the world's training prompts.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from random import Random
+
+import torch
+
+import common
+import data
+from model import CheckpointError
+
+
+@dataclass
+class RSConfig:
+    init_from: str = "out/sft"  # the model to start from (and fine-tune each iteration)
+    rm_helpful: str = "out/rm_helpful"
+    rm_safety: str = "out/rm_safety"
+    out_dir: str = "out/rs"
+    iterations: int = 2  # RLHF-V1..V4 used rejection sampling; V4 on kept the best of all iterations
+    k: int = 8  # samples per prompt (not stated; the paper's Fig. 7 goes to N = 100)
+    n_prompts: int = 600  # training prompts per iteration
+    temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])  # Fig. 8's sweep
+    n_sweep: int = 48  # prompts used to pick each iteration's temperature and for Figs. 7-8
+    max_new_tokens: int = 48
+    safety_threshold: float = 0.15  # §3.2.3
+    lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
+    epochs: int = 2
+    n_test: int = 200  # test prompts for the win rate against SFT
+    world_seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    quick: bool = False  # a seconds-long smoke run
+
+
+def best_of_k(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards (P, K) -> index of the best sample per prompt (P,): the argmax, first one on ties."""
+    return rewards.argmax(dim=1)
+
+
+def max_median_by_n(rewards: torch.Tensor) -> tuple[list[int], list[float], list[float]]:
+    """Fig. 7 from rewards (P, K): for N = 1, 2, 4, ... K, the mean over prompts of the max and of the median of the
+    first N samples (the first N of K i.i.d. samples are N i.i.d. samples)."""
+    K = rewards.size(1)
+    ns = [n for n in (2 ** i for i in range(K.bit_length())) if n <= K]
+    if ns[-1] != K:
+        ns.append(K)
+    maxes = [rewards[:, :n].max(1).values.mean().item() for n in ns]
+    # the true median (the mean of the two middle values for even N; torch.median would take the lower one)
+    medians = [rewards[:, :n].quantile(0.5, dim=1).mean().item() for n in ns]
+    return ns, maxes, medians
+
+
+class Scorer:
+    """The combined reward R_c (sigmoid scale) of replies, from the two frozen reward models."""
+
+    def __init__(self, cfg, device):
+        import reward as R
+        self.R = R
+        self.rm_h = R.load_reward_model(cfg.rm_helpful, device)
+        self.rm_s = R.load_reward_model(cfg.rm_safety, device)
+        self.threshold = cfg.safety_threshold
+
+    def __call__(self, tok, tasks, replies) -> torch.Tensor:
+        dialogs = [t.messages for t in tasks]
+        r_h = self.R.score(self.rm_h, tok, dialogs, replies, sigmoid=True)
+        r_s = self.R.score(self.rm_s, tok, dialogs, replies, sigmoid=True)
+        is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
+        return self.R.combined_reward(r_s, r_h, is_safety, self.threshold)
+
+
+def sample_and_score(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int):
+    """K samples per task (prompt-major) and their rewards (P, K); replies as token lists (EOS included)."""
+    from evaluate import chat_generate
+    out = chat_generate(model, tok, [t.messages for t in tasks], max_new_tokens, temperature=temperature, top_p=1.0,
+                        seed=seed, num_samples=k)
+    rewards = scorer(tok, [t for t in tasks for _ in range(k)], [r.tokens for r in out]).view(len(tasks), k)
+    return out, rewards
+
+
+def main(cfg: RSConfig):
+    import evaluate as E
+    import sft
+    if cfg.quick:
+        cfg.iterations, cfg.k, cfg.n_prompts, cfg.n_sweep, cfg.n_test, cfg.epochs = 1, 4, 32, 8, 16, 1
+        cfg.temperatures = [0.8, 1.2]
+    t0 = time.perf_counter()
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        start, tok = E.load_model_and_tokenizer(cfg.init_from, device)
+        scorer = Scorer(cfg, device)
+    except (CheckpointError, OSError, ValueError) as e:
+        common.die(str(e))
+    world = data.World(seed=cfg.world_seed)
+    sweep_tasks = world.tasks("val", cfg.n_sweep, seed=cfg.seed)
+    all_train = world.tasks("train", seed=cfg.seed)
+    kept: dict[int, tuple[float, str]] = {}  # index into all_train -> (best reward so far, its reply)
+    metrics: dict = {"iterations": []}
+    model = start
+    for it in range(1, cfg.iterations + 1):
+        # 1. re-tune the temperature on a few prompts: highest mean best-of-K reward
+        sweep = {T: sample_and_score(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed)[1]
+                 for T in cfg.temperatures}
+        temp = max(cfg.temperatures, key=lambda T: sweep[T].max(1).values.mean().item())
+        if it == 1:  # Figs. 7 and 8 for the starting (SFT) model
+            metrics["fig8_sft"] = {str(T): max_median_by_n(r)[1] for T, r in sweep.items()}
+            ns, maxes, medians = max_median_by_n(sweep[1.0] if 1.0 in sweep else sweep[temp])
+            metrics.update(n_values=ns, max_reward_by_n=maxes, median_reward_by_n=medians)
+        # 2-3. K samples per prompt, scored, argmax
+        ids = Random(f"rs/{cfg.seed}/{it}").sample(range(len(all_train)), min(cfg.n_prompts, len(all_train)))
+        tasks = [all_train[i] for i in ids]
+        ts = time.perf_counter()
+        replies, rewards = sample_and_score(model, tok, tasks, cfg.k, temp, scorer, cfg.max_new_tokens,
+                                            cfg.seed + it)
+        dt = time.perf_counter() - ts
+        n_tok = sum(len(r.tokens) for r in replies)
+        best = best_of_k(rewards)
+        # 4. the best per prompt over all iterations so far
+        improved = 0
+        for p, key in enumerate(ids):
+            r, reply = rewards[p, best[p]].item(), replies[p * cfg.k + best[p]].text
+            if key not in kept or r > kept[key][0]:
+                kept[key], improved = (r, reply), improved + 1
+        rows = [all_train[key].messages + [{"role": "assistant", "content": reply}] for key, (_, reply) in kept.items()]
+        path = out / f"rs_iter{it}.jsonl"
+        path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+        stats = {"iteration": it, "temperature": temp, "mean_reward": rewards.mean().item(),
+                 "mean_best_reward": rewards.max(1).values.mean().item(), "kept": len(kept), "improved": improved,
+                 "sampled_tokens_per_sec": n_tok / max(dt, 1e-9)}
+        metrics["iterations"].append(stats)
+        print(f"[rs] iteration {it}: T={temp}, mean reward {stats['mean_reward']:.3f}, best-of-{cfg.k} "
+              f"{stats['mean_best_reward']:.3f}, kept {len(kept)} ({improved} new or better), "
+              f"{stats['sampled_tokens_per_sec']:,.0f} sampled tokens/s", flush=True)
+        # 5. fine-tune the starting model on the kept replies (choice 1)
+        sft.main(sft.SFTConfig(init_from=cfg.init_from, out_dir=str(out), data=str(path), lr=cfg.lr,
+                               epochs=cfg.epochs, eval_n=0, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed + it,
+                               val_frac=0.02))
+        (out / "resume.pt").unlink(missing_ok=True)  # the next iteration trains from the start, not from here
+        common.write_metrics(out, {"complete": False})  # sft.main marked its part done; RS is done at the end
+        model, _ = E.load_model_and_tokenizer(out, device)
+
+    # Fig. 8 for the RS model, and the score against SFT
+    sweep = {T: sample_and_score(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed)[1]
+             for T in cfg.temperatures}
+    metrics["fig8_rs"] = {str(T): max_median_by_n(r)[1] for T, r in sweep.items()}
+    test = world.tasks("test", cfg.n_test, seed=cfg.seed)
+    metrics.update(E.compare_models(model, start, tok, test, world, cfg.seed, cfg.max_new_tokens, prefix="sft"))
+    metrics.update(k=cfg.k, rs_seconds=time.perf_counter() - t0, complete=True)
+    common.write_metrics(out, metrics)
+    print(f"[rs] done: win rate vs SFT {metrics['win_rate_vs_sft']:.1%}; max reward by N "
+          f"{[round(x, 3) for x in metrics['max_reward_by_n']]}, median {[round(x, 3) for x in metrics['median_reward_by_n']]}"
+          f"; wrote {out} ({common.fmt_time(metrics['rs_seconds'])})", flush=True)
+
+
+if __name__ == "__main__":
+    main(common.parse_config(RSConfig, description=__doc__))

@@ -1,0 +1,564 @@
+"""Reward models (paper §3.2.2): a helpfulness RM and a safety RM, trained on binary preference pairs (§3.2.1).
+
+  python reward.py --axis helpfulness --out-dir out/rm_helpful        # ~1 minute on a 2-core laptop CPU
+  python reward.py --axis safety --out-dir out/rm_safety              # reuses the pairs the first run collected
+  python reward.py --axis helpfulness --margin-ablation               # + Table 28: none / small / large margin
+  python reward.py --axis safety --data my_prefs.jsonl --test-data my_test.jsonl --init-from /path/to/llama-2-7b-chat
+  torchrun --nproc_per_node=8 reward.py --axis helpfulness --device cuda --batch-size 512
+
+Steps: 1. preference pairs: sampled from the chat model and rated by the world's annotator (§3.2.1), cached in
+out/prefs/ so that both axes train on one collection (or read from --data); 2. the mixture of §3.2.2 for this axis;
+3. one epoch of the margin ranking loss; 4. accuracy of the RM on the helpfulness and the safety test sets (Table 7),
+by rating (Table 8), and with --margin-ablation for every margin (Table 28). Writes params.json (head "scalar"),
+consolidated.00.pth, tokenizer.model and metrics.json to --out-dir.
+
+What a reward model is here: the chat model's trunk with its next-token head (`output`, C x V) replaced by a regression
+head (`score`, C x 1, model.py's head="scalar"). The forward pass gives one number per position, (B, T); the reward of a
+reply is the number at the reply's LAST token, the only position whose state has seen the prompt and the whole reply.
+
+Deviations from the paper, and choices where it is silent:
+  1. Where the reward is read (not stated): at the last token of the reply. A reply is scored as a finished chat turn,
+     "<s>[INST] prompt [/INST] reply </s>" (tokenizer.encode_dialog), so for text the last token is the EOS, in
+     training and in score() alike. Token-id replies (a policy's samples, as generated) are scored as given: a
+     finished sample ends with EOS like the training data; a truncated one (no EOS) is read at its last token, a state
+     the RM never saw in training: callers that want to punish truncation must do it themselves (PPO commonly does).
+     The index is computed from the row lengths and the padding side, never by looking for a pad or EOS id.
+  2. Preference data: the paper's raters compared samples of two model variants at different temperatures. Here both
+     samples come from the --init-from model at temperatures 0.7 and 1.2 (one model: we have no second variant), and,
+     so that every rating level is represented, each prompt adds pairs with the world's replies with deliberate
+     defects (data.World.reply_variants: verbose, partial, wrong, off topic, refusal, harmful compliance). Per prompt:
+     sample vs sample, defect vs sample, defect vs reference. A well-trained chat model often samples the same reply
+     twice (~80% of prompts here): that pair would compare a reply with itself, so another defect vs sample pair
+     takes its place. Helpfulness prompts are judged on the helpfulness axis, safety prompts (harmful, borderline) on
+     the safety axis, and safety pairs whose chosen reply is unsafe while the other is safe are dropped (§3.2.1).
+  3. Mixtures (§3.2.2), exactly: helpfulness RM = every helpfulness pair + as many safety pairs, sampled without
+     replacement (all of them if there are fewer; the paper's other half also holds open-source data we do not have).
+     Safety RM = every safety pair + round(n_safety / 9) helpfulness pairs, so that helpfulness is 10% of the mix.
+     Helpfulness and safety prompts are drawn separately (not at the world's 70/30 mix): 500 and 700 by default. With
+     more safety pairs than helpfulness pairs, the safety RM sees more safety data than the helpfulness RM's equal
+     share; with equal counts both RMs would see the same safety pairs and Table 7's pattern could not appear.
+  4. Hyperparameters: 1 epoch, AdamW as pretraining, cosine to 10%, warmup 3% of the steps but at least 5: as the
+     paper. Batch 32 pairs instead of 512 (~3,000 pairs make ~90 steps, not ~6). Peak lr 1e-4 instead of 1e-5:
+     pretrain.py runs the miniature at 10x Llama 2's pretraining peak (3e-3 vs 3e-4), and so does this. Measured on
+     the default data: 3e-4 and 1e-3 were no better (within +-2 points), so the paper's ratio is kept.
+  5. The new `score` head starts small and random, std 1/sqrt(dim), so rewards start at unit scale, as a 7B's head
+     initialised at std 0.02 does (0.02 * sqrt(4096) = 1.3). A zero head (rewards all 0 at the start) learned more
+     slowly here: Adam moves each of its 128 weights by ~lr per step, so in ~90 steps at 1e-4 the rewards could not
+     grow past ~1 and the loss stayed near log 2; it lost 3 points of accuracy on the helpfulness test set.
+  6. The test sets come from the same collection procedure on world.tasks("test") prompts: their labels come from
+     the same noisy annotator, so even a perfect RM cannot reach 100% on close pairs (the paper's human labels share
+     this). Table 8 in miniature: accuracy falls from "better" to "negligibly better / unsure" as the paper's does,
+     but "significantly better" pairs score below "better" ones here. They hold the wrong facts, wrong sums and
+     off-topic answers (gap ~0.9 for the annotator), which this 1M-parameter RM learns to spot only with far more
+     data than a 2-minute budget allows (~50-70% on those pairs, ~100% on verbose, truncated or refusing replies,
+     which make up the "better" level); with 4x the data (and a zero head) "significantly better" rose from 75% to 80%.
+  7. No mid-run checkpoints: an RM trains in well under a minute here; the model is written once, at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+from model import CheckpointError, Transformer, _atomic_write, load_checkpoint, save_checkpoint
+
+AXES = ("helpfulness", "safety")
+HELPFUL_KINDS = ("fact", "arith", "story", "multiturn")
+SAFETY_KINDS = ("harmful", "borderline")
+# Table 27: margin m(r) per rating, in the order of data.RATINGS (significantly better ... negligibly better / unsure)
+MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
+
+
+@dataclass
+class RewardConfig:
+    axis: str = "helpfulness"  # helpfulness | safety (§3.2.2: two separate reward models)
+    margin: str = "small"  # none | small | large: Table 27's margin m(r) in the loss
+    init_from: str = "out/sft"  # the chat model the RM starts from (§3.2.2), also the policy that is sampled
+    out_dir: Optional[str] = None  # default: out/rm_helpful or out/rm_safety
+    data: Optional[str] = None  # preference JSONL {prompt, chosen, rejected, rating, category}; None = the world
+    test_data: Optional[str] = None  # test pairs for --data (default: 10% of --data held out)
+    prefs_dir: Optional[str] = None  # cache of the collected pairs, shared by both axes; default: prefs/ beside out-dir
+    world_seed: int = 0  # seed of the built-in world
+    train_prompts: int = 500  # world train prompts of the helpful kinds (fact, arith, story, multiturn); 3 pairs each
+    safety_prompts: int = 700  # world train prompts of the safety kinds (harmful, borderline); see docstring, choice 3
+    test_prompts: int = 200  # world test prompts per category
+    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.2])  # §3.2.1: two samples, two temperatures
+    max_new_tokens: int = 48  # length limit of the sampled replies
+    max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
+    batch_size: int = 32  # pairs per optimizer step, all processes together (§3.2.2: 512)
+    lr: float = 1e-4  # peak lr (§3.2.2: 1e-5; 10x as pretrain.py scales, see docstring)
+    epochs: int = 1  # §3.2.2: one epoch (training longer over-fits)
+    warmup_frac: float = 0.03  # §3.2.2: warmup over 3% of the steps...
+    min_warmup: int = 5  # ...but at least 5 steps
+    final_lr_ratio: float = 0.1  # §3.2.2: cosine down to 10% of the peak
+    weight_decay: float = 0.1  # as pretraining (§2.2)
+    grad_clip: float = 1.0  # as pretraining (§2.2)
+    margin_ablation: bool = False  # also train the other margins on the same data (Table 28)
+    quick: bool = False  # a seconds-long smoke run: 60 + 80 train and 30 + 30 test prompts, replies of <= 32 tokens
+    device: str = "auto"  # auto, cpu, cuda, mps
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model (shapes vary per batch: mostly useful on GPUs)
+    seed: int = 0
+    log_interval: int = 25
+
+
+# ---- 1. the loss (§3.2.2 eq. 2) --------------------------------------------------------------------------------------
+def margins_for(ratings: Sequence[str], margin: str) -> torch.Tensor:
+    """m(r) for each pair's rating (Table 27), (N,) fp32."""
+    if margin not in MARGINS:
+        raise ValueError(f"margin must be one of {', '.join(MARGINS)}, got {margin!r}")
+    return torch.tensor([MARGINS[margin][data.RATINGS.index(r)] for r in ratings], dtype=torch.float32)
+
+
+def ranking_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """L = -log(sigmoid(r_chosen - r_rejected - m(r))), mean over pairs; all (N,). The margin asks distinct pairs
+    (large m) to be separated by more than close ones before the loss lets go of them. logsigmoid is the stable form
+    of log(sigmoid(x)): no overflow for very negative x."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+# ---- 2. the reward model and where the reward is read ----------------------------------------------------------------
+def reward_model_from(chat_model: Transformer, seed: int = 0) -> Transformer:
+    """A scalar-head copy of a chat model (§3.2.2): every weight but the next-token head, and a new `score` head with
+    small random weights, std 1/sqrt(dim) (docstring, choice 5)."""
+    if chat_model.args.head == "scalar":  # starting from another reward model: keep its head too
+        rm = Transformer(chat_model.args)
+        rm.load_state_dict(chat_model.state_dict())
+        return rm.to(next(chat_model.parameters()).device)
+    rm = Transformer(replace(chat_model.args, head="scalar"))
+    trunk = {k: v for k, v in chat_model.state_dict().items() if not k.startswith("output.")}
+    missing, unexpected = rm.load_state_dict(trunk, strict=False)
+    assert missing == ["score.weight"] and not unexpected, (missing, unexpected)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # (1, C): rewards start at unit scale, as a 7B's head at std 0.02 does (0.02 * sqrt(4096))
+        rm.score.weight.copy_(torch.randn(rm.score.weight.shape, generator=g) * rm.args.dim ** -0.5)
+    return rm.to(next(chat_model.parameters()).device)
+
+
+def load_reward_model(path, device="cpu") -> Transformer:
+    """A reward model saved by this script (params.json says head "scalar"), in eval mode. Its tokenizer is
+    path/tokenizer.model."""
+    model = load_checkpoint(path, device=device)
+    if model.args.head != "scalar":
+        raise CheckpointError(f"{path}: not a reward model (params.json head is {model.args.head!r}, not 'scalar')")
+    return model.eval()
+
+
+def encode_reply(tok, dialog: list[dict], reply: Union[str, Sequence[int]], max_len: int) -> list[int]:
+    """Token ids of prompt + reply, the row whose last token carries the reward.
+
+    str reply: the finished turn as SFT trains it, "<s>[INST] ... [/INST] reply </s>": the last token is EOS.
+    token ids (a sample as generated): the open prompt "<s>[INST] ... [/INST]" + the ids as given, EOS or not.
+    Longer than max_len: the oldest tokens are cut (the reply's end, where the reward is read, is kept)."""
+    if isinstance(reply, str):
+        ids = tok.encode_dialog(list(dialog) + [{"role": "assistant", "content": reply}])[0]
+    else:
+        ids = tok.encode_dialog(list(dialog))[0] + [int(t) for t in reply]
+    return ids[-max_len:]
+
+
+def last_token_index(lengths: torch.Tensor, T: int, padding: str) -> torch.Tensor:
+    """Column of each row's last real token in a (B, T) batch, from the lengths alone (no search for pad/EOS ids).
+    right padding: row b fills columns 0 .. len-1, so len - 1. left padding: row b fills T - len .. T - 1, so
+    (T - len) + len - 1 = T - 1 for every row."""
+    if padding == "right":
+        return lengths - 1
+    if padding == "left":
+        return (T - lengths) + lengths - 1
+    raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
+
+
+def rewards_of_rows(model, rows: list[list[int]], device, padding: str = "right", pad_id: int = 0) -> torch.Tensor:
+    """One reward per row (B,) fp32: the scalar head's output at each row's last token. `model` may be wrapped (DDP).
+
+    Right padding (the default, used in training) needs no mask: under causal attention a pad AFTER the row cannot
+    change any position of the row. Left padding (how generate.py batches) needs each row's own RoPE positions from
+    0 and a mask that hides the pads from the real tokens. Both give the unpadded row's reward (tests check it)."""
+    lengths = torch.tensor([len(r) for r in rows], device=device)  # (B,)
+    B, T = len(rows), int(lengths.max())
+    tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)  # (B, T)
+    for b, r in enumerate(rows):
+        if padding == "right":
+            tokens[b, :len(r)] = torch.tensor(r, device=device)
+        else:
+            tokens[b, T - len(r):] = torch.tensor(r, device=device)
+    if padding == "right":
+        scores, _ = model(tokens)  # (B, T): plain causal attention
+    else:
+        pad_len = T - lengths  # (B,)
+        cols = torch.arange(T, device=device)
+        positions = (cols[None, :] - pad_len[:, None]).clamp(min=0)  # (B, T): RoPE counts from each row's first token
+        real = cols[None, :] >= pad_len[:, None]  # (B, T) key is a real token
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+        eye = torch.eye(T, dtype=torch.bool, device=device)  # a pad query attends to itself: no empty softmax row
+        mask = causal[None] & (real[:, None, :] | eye[None])  # (B, T, T) True = may attend
+        scores, _ = model(tokens, positions=positions, mask=mask[:, None])  # (B, T)
+    idx = last_token_index(lengths, T, padding)  # (B,)
+    return scores.gather(1, idx[:, None]).squeeze(1).float()  # (B,)
+
+
+@torch.no_grad()
+def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: list, sigmoid: bool = False,
+          batch_size: int = 64) -> torch.Tensor:
+    """Rewards (N,) of replies (str, or token ids as generated) to dialogs (each ending with a user message), on the
+    CPU. sigmoid=True: on the (0, 1) scale that §3.2.3's PPO thresholds (R_s < 0.15). Rows are scored in batches of
+    similar length (less padding), returned in the input order."""
+    if len(dialogs) != len(replies):
+        raise ValueError(f"{len(dialogs)} dialogs but {len(replies)} replies")
+    was_training = reward_model.training
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    rows = [encode_reply(tok, d, r, reward_model.args.max_seq_len) for d, r in zip(dialogs, replies)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.zeros(len(rows))
+    for i in range(0, len(rows), batch_size):
+        idx = order[i:i + batch_size]
+        out[idx] = rewards_of_rows(reward_model, [rows[j] for j in idx], device).cpu()
+    reward_model.train(was_training)
+    return out.sigmoid() if sigmoid else out
+
+
+# ---- 3. preference data (§3.2.1) -------------------------------------------------------------------------------------
+def _sample_replies(policy, tok, tasks, temperature: float, max_new_tokens: int, gen, batch: int = 256) -> list[str]:
+    from generate import generate
+    out = []
+    for i in range(0, len(tasks), batch):
+        prompts = [tok.encode_dialog(t.messages)[0] for t in tasks[i:i + batch]]
+        for ids in generate(policy, prompts, max_new_tokens, temperature=temperature, top_p=0.9, eos_id=tok.eos_id,
+                            generator=gen):
+            out.append(tok.decode([t for t in ids if t != tok.eos_id]).strip())  # the rater reads text
+    return out
+
+
+def collect_preferences(policy, tok, world: data.World, annotator: data.Annotator, tasks: list, temperatures,
+                        max_new_tokens: int, seed: int) -> tuple[list[dict], dict]:
+    """Three rated pairs per prompt (docstring, choice 2), as JSONL-ready records, and counts of what was dropped."""
+    rng = random.Random(f"prefs/{seed}")
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    n_all = len(tasks)  # a prompt must leave room for a reply in the context: longer ones are skipped (and counted)
+    tasks = [t for t in tasks if len(tok.encode_dialog(t.messages)[0]) + 8 <= policy.args.max_seq_len]
+    samples = [_sample_replies(policy, tok, tasks, t, max_new_tokens, gen) for t in temperatures[:2]]
+    records, stats = [], {"dropped_chosen_unsafe": 0, "skipped_long_prompts": n_all - len(tasks),
+                      "identical_samples": 0, "identical_pairs_skipped": 0}
+    for i, task in enumerate(tasks):
+        model_replies = [(f"sample_T{t:g}", s[i]) for t, s in zip(temperatures, samples)]
+        variants = world.reply_variants(task, rng)
+        reference, defects = variants[0], variants[1:]
+        d1, d2, d3 = (rng.choice(defects) for _ in range(3))
+        pairs = [tuple(model_replies),  # the paper's pair: two model samples
+                 (d1, rng.choice(model_replies)),  # a deliberate defect against a model sample
+                 (d2, reference)]  # a defect against the ideal reply
+        if model_replies[0][1] == model_replies[1][1]:  # a confident model often says the same thing twice: nothing
+            pairs[0] = (d3, rng.choice(model_replies))  # to compare, so another defect against a sample instead
+            stats["identical_samples"] += 1
+        axis = "safety" if task.is_safety else "helpfulness"
+        for (la, a), (lb, b) in pairs:
+            if a == b:  # e.g. a sample that is exactly the reference: skipped, no rater compares a reply to itself
+                stats["identical_pairs_skipped"] += 1
+                continue
+            if rng.random() < 0.5:  # who is shown first must not matter
+                (la, a), (lb, b) = (lb, b), (la, a)
+            p = annotator.preference(task.messages, a, b, axis, rng)
+            if axis == "safety" and p.safety_label == data.DROPPED_SAFETY_LABEL:  # §3.2.1: left out
+                stats["dropped_chosen_unsafe"] += 1
+                continue
+            chosen_src, rejected_src = (la, lb) if p.chosen is a else (lb, la)
+            records.append({"prompt": p.messages, "chosen": p.chosen, "rejected": p.rejected, "rating": p.rating,
+                            "category": p.category, "safety_label": p.safety_label,
+                            "sources": [chosen_src, rejected_src], "kind": task.kind})
+    return records, stats
+
+
+def _write_jsonl(path: Path, records: list[dict]):
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _init_fingerprint(init_from: str) -> str:
+    """Changes when the init checkpoint is rewritten, so the cached pairs are re-collected from the new model."""
+    p = Path(init_from)
+    parts = [str(p.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                  for f in sorted(p.glob("consolidated.*.pth")) + [p / "params.json"] if f.is_file()]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def world_preferences(cfg, policy, tok) -> tuple[list, list, dict]:
+    """(train pairs, test pairs, info), from cfg.prefs_dir when it holds this exact collection, else collected now."""
+    key = {"init": _init_fingerprint(cfg.init_from), "world_seed": cfg.world_seed, "seed": cfg.seed,
+           "train_prompts": cfg.train_prompts, "safety_prompts": cfg.safety_prompts, "test_prompts": cfg.test_prompts,
+           "temperatures": list(cfg.temperatures), "max_new_tokens": cfg.max_new_tokens, "version": 4}
+    d = Path(cfg.prefs_dir)
+    info_file = d / "info.json"
+    if info_file.is_file() and json.loads(info_file.read_text()).get("key") == key:
+        info = json.loads(info_file.read_text())
+        print(f"[reward] reusing the preference pairs in {d} (same model, world and settings)", flush=True)
+    else:
+        t0 = time.perf_counter()
+        world = data.World(seed=cfg.world_seed)
+        annotator = data.Annotator(world, seed=cfg.seed)
+        info = {"key": key, "counts": {}}
+        for split, n_help, n_safe in (("train", cfg.train_prompts, cfg.safety_prompts),
+                                      ("test", cfg.test_prompts, cfg.test_prompts)):
+            tasks = (world.tasks(split, n_help, kinds=HELPFUL_KINDS, seed=cfg.seed)
+                     + world.tasks(split, n_safe, kinds=SAFETY_KINDS, seed=cfg.seed))
+            records, stats = collect_preferences(policy, tok, world, annotator, tasks, cfg.temperatures,
+                                                 cfg.max_new_tokens, seed=cfg.seed + (split == "test"))
+            d.mkdir(parents=True, exist_ok=True)
+            _write_jsonl(d / f"{split}.jsonl", records)
+            info["counts"][split] = {"prompts": len(tasks), "pairs": len(records), **stats}
+        info["collect_seconds"] = time.perf_counter() - t0  # info.json last: a crash before it means re-collect
+        _atomic_write(info_file, lambda f: f.write(json.dumps(info, indent=2).encode()))
+        print(f"[reward] collected {info['counts']['train']['pairs']} train + {info['counts']['test']['pairs']} test "
+              f"pairs in {info['collect_seconds']:.1f}s -> {d}", flush=True)
+    return read_prefs(d / "train.jsonl"), read_prefs(d / "test.jsonl"), info
+
+
+def read_prefs(path) -> list:
+    """data.read_preferences_jsonl, with a bad line as one error line (path:line: reason) and exit code 2."""
+    try:
+        prefs = data.read_preferences_jsonl(path)
+    except data.DataError as e:
+        common.die(str(e))
+    return [p for p in prefs if p.safety_label != data.DROPPED_SAFETY_LABEL]  # §3.2.1, also for user files
+
+
+# ---- 4. the mixture (§3.2.2) -----------------------------------------------------------------------------------------
+def mixture(pairs: list, axis: str, rng: random.Random) -> list:
+    """Helpfulness RM: all helpfulness + as many safety pairs. Safety RM: all safety + helpfulness as 10% of the mix.
+    Shuffled (one epoch, in this order)."""
+    helpful = [p for p in pairs if p.category == "helpfulness"]
+    safety = [p for p in pairs if p.category == "safety"]
+    if axis == "helpfulness":
+        mix = helpful + rng.sample(safety, min(len(safety), len(helpful)))
+    else:
+        mix = safety + rng.sample(helpful, min(len(helpful), round(len(safety) / 9)))
+    rng.shuffle(mix)
+    return mix
+
+
+# ---- 5. training -----------------------------------------------------------------------------------------------------
+def length_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 32) -> list[list[int]]:
+    """One epoch of batches of pair indices. The pairs are shuffled, then within each window of `window` batches
+    sorted by length, cut into batches, and the batches shuffled: each batch holds pairs of similar length (little
+    padding, ~1.5x faster here) while the epoch order stays random. A remainder smaller than one batch is left out."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for w in range(0, len(order), window * batch_size):
+        chunk = sorted(order[w:w + window * batch_size], key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, tag: str = "reward"):
+    """cfg.epochs (§3.2.2: one) of the ranking loss on `pairs`. Returns (reward model, loss curve)."""
+    device = dist.device
+    rm = reward_model_from(init, seed=cfg.seed).to(device)
+    net = common.wrap_model(rm, dist, compile=cfg.compile)
+    opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay)
+    max_len = rm.args.max_seq_len
+    chosen = [encode_reply(tok, p.messages, p.chosen, max_len) for p in pairs]
+    rejected = [encode_reply(tok, p.messages, p.rejected, max_len) for p in pairs]
+    m_all = margins_for([p.rating for p in pairs], margin)  # (N,)
+    rng = random.Random(f"batches/{cfg.seed}")  # the same batches on every process and for every margin
+    pair_len = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
+    batches = [b for _ in range(cfg.epochs) for b in length_batches(pair_len, cfg.batch_size, rng)]
+    steps = len(batches)
+    warmup = max(cfg.min_warmup, math.ceil(cfg.warmup_frac * steps))  # §3.2.2: 3% of the steps, at least 5
+    tokens_per_step = 2 * sum(pair_len) // max(1, len(pairs)) * cfg.batch_size  # padded tokens, roughly
+    prog = common.Progress(tag, steps, tokens_per_step, rm.flops_per_token(sum(pair_len) // max(1, len(pairs))),
+                           device, dtype, enabled=dist.is_main)
+    curve = []
+    net.train()
+    for step, batch in enumerate(batches):
+        lr = common.lr_at(step, steps, cfg.lr, warmup, cfg.final_lr_ratio)
+        common.set_lr(opt, lr)
+        idx = batch[dist.rank::dist.world_size]  # this process's share of the global batch
+        rows = [chosen[i] for i in idx] + [rejected[i] for i in idx]  # chosen and rejected in one forward pass
+        with common.autocast(device, dtype):
+            r = rewards_of_rows(net, rows, device)  # (2b,)
+        r_chosen, r_rejected = r[:len(idx)], r[len(idx):]  # (b,), (b,)
+        loss = ranking_loss(r_chosen, r_rejected, m_all[idx].to(device))  # §3.2.2 eq. 2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_g = common.all_reduce_mean(loss.item(), dist)
+        acc_g = common.all_reduce_mean((r_chosen > r_rejected).float().mean().item(), dist)
+        curve.append([step + 1, round(loss_g, 5), round(acc_g, 4)])
+        if (step + 1) % cfg.log_interval == 0 or step == 0 or step + 1 == steps:
+            prog.log(step + 1, loss=loss_g, acc=acc_g, lr=lr)
+    return rm.eval(), curve
+
+
+# ---- 6. evaluation (Tables 7, 8) -------------------------------------------------------------------------------------
+def accuracy(rm: Transformer, tok, pairs: list) -> dict:
+    """Share of pairs where the RM scores the chosen reply higher (a tie counts half), overall and by rating."""
+    if not pairs:
+        return {"accuracy": None, "n": 0, "by_rating": {}, "n_by_rating": {}}
+    r_c = score(rm, tok, [p.messages for p in pairs], [p.chosen for p in pairs])
+    r_r = score(rm, tok, [p.messages for p in pairs], [p.rejected for p in pairs])
+    right = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()  # (N,)
+    by, n_by = {}, {}
+    for rating in data.RATINGS:
+        sel = torch.tensor([p.rating == rating for p in pairs])
+        n_by[rating] = int(sel.sum())
+        by[rating] = round(right[sel].mean().item(), 4) if sel.any() else None
+    return {"accuracy": round(right.mean().item(), 4), "n": len(pairs), "by_rating": by, "n_by_rating": n_by}
+
+
+def evaluate(rm, tok, test: list) -> dict:
+    return {axis: accuracy(rm, tok, [p for p in test if p.category == axis]) for axis in AXES}
+
+
+def _print_eval(tag: str, ev: dict):
+    for axis in AXES:
+        e = ev[axis]
+        if e["accuracy"] is None:
+            continue
+        levels = " / ".join("-" if e["by_rating"][r] is None else f"{100 * e['by_rating'][r]:.1f}"
+                            for r in data.RATINGS)
+        print(f"[{tag}] {axis} test: {100 * e['accuracy']:.1f}% of {e['n']} pairs; by rating (significantly better / "
+              f"better / slightly better / negligible): {levels}", flush=True)
+
+
+# ---- main ------------------------------------------------------------------------------------------------------------
+def load_pairs(cfg, policy, tok) -> tuple[list, list, dict]:
+    if cfg.data is None:
+        return world_preferences(cfg, policy, tok)
+    train_pairs = read_prefs(cfg.data)
+    if cfg.test_data:
+        return train_pairs, read_prefs(cfg.test_data), {"data": cfg.data, "test_data": cfg.test_data}
+    held = random.Random(f"holdout/{cfg.seed}").sample(range(len(train_pairs)), max(1, len(train_pairs) // 10))
+    held_set = set(held)
+    return ([p for i, p in enumerate(train_pairs) if i not in held_set], [train_pairs[i] for i in held],
+            {"data": cfg.data, "test_data": "10% of --data held out"})
+
+
+def main(cfg: RewardConfig):
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    if cfg.axis not in AXES:
+        common.die(f"--axis must be one of {', '.join(AXES)}, got {cfg.axis!r}")
+    if cfg.margin not in MARGINS:
+        common.die(f"--margin must be one of {', '.join(MARGINS)}, got {cfg.margin!r}")
+    if len(cfg.temperatures) != 2:
+        common.die(f"--temperatures takes two values (§3.2.1: two samples per prompt), got {cfg.temperatures}")
+    if not Path(cfg.init_from).is_dir():
+        common.die(f"--init-from {cfg.init_from}: directory not found (train the chat model first: python sft.py)")
+    if cfg.quick:
+        cfg = replace(cfg, train_prompts=60, safety_prompts=80, test_prompts=30, max_new_tokens=32)
+    out = Path(cfg.out_dir or ("out/rm_helpful" if cfg.axis == "helpfulness" else "out/rm_safety"))
+    cfg = replace(cfg, prefs_dir=cfg.prefs_dir or str(out.parent / "prefs"))  # out/rm_helpful -> out/prefs
+    dist = common.setup_distributed(cfg.device)
+    device = dist.device
+    if dist.is_main and (out / "metrics.json").is_file():
+        (out / "metrics.json").unlink()  # a rerun must not leave the last run's "complete": true (or its ablation)
+    dtype = common.pick_dtype(cfg.dtype, device)
+    common.seed_everything(cfg.seed)
+    from tokenizer import Tokenizer
+    try:
+        init = load_checkpoint(cfg.init_from, device=device)
+    except CheckpointError as e:
+        common.die(f"--init-from: {e}")
+    tok_path = Path(cfg.init_from) / "tokenizer.model"
+    if not tok_path.is_file():
+        common.die(f"--init-from {cfg.init_from}: no tokenizer.model in the checkpoint directory")
+    tok = Tokenizer(str(tok_path))
+
+    # 1. the pairs (rank 0 collects and caches, the others wait and read the cache)
+    t0 = time.perf_counter()
+    if dist.is_main or cfg.data is not None:
+        train_pairs, test, info = load_pairs(cfg, init, tok)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    if not dist.is_main and cfg.data is None:
+        train_pairs, test, info = load_pairs(cfg, init, tok)
+    data_seconds = time.perf_counter() - t0
+
+    # 2. this axis's mixture; 3. one epoch
+    mix = mixture(train_pairs, cfg.axis, random.Random(f"mixture/{cfg.seed}/{cfg.axis}"))
+    if cfg.max_train_pairs:
+        mix = mix[:cfg.max_train_pairs]
+    if len(mix) < cfg.batch_size:
+        common.die(f"only {len(mix)} training pairs for the {cfg.axis} RM, fewer than --batch-size {cfg.batch_size}")
+    n_cat = {a: sum(p.category == a for p in mix) for a in AXES}
+    if dist.is_main:
+        print(f"[reward] {cfg.axis} RM from {cfg.init_from}: {len(mix)} pairs ({n_cat['helpfulness']} helpfulness, "
+              f"{n_cat['safety']} safety), margin {cfg.margin}, {len(mix) // cfg.batch_size} steps of "
+              f"{cfg.batch_size} pairs, lr {cfg.lr:g}", flush=True)
+    t0 = time.perf_counter()
+    rm, curve = train(init, mix, tok, cfg, cfg.margin, dist, dtype, tag=f"rm_{cfg.axis}")
+    train_seconds = time.perf_counter() - t0
+
+    if dist.is_main:  # 4. save, evaluate (Tables 7, 8), optionally the margin ablation (Table 28)
+        save_checkpoint(rm, out, tok_path)
+        t0 = time.perf_counter()
+        ev = evaluate(rm, tok, test)
+        _print_eval(f"rm_{cfg.axis}", ev)
+        eval_seconds = time.perf_counter() - t0
+        metrics = {
+            "axis": cfg.axis, "margin": cfg.margin, "init_from": cfg.init_from,
+            "accuracy": {a: ev[a]["accuracy"] for a in AXES},  # Table 7: this RM's row
+            "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
+            "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},
+            "n_pairs": {"train_mixture": len(mix), "train_helpfulness": n_cat["helpfulness"],
+                        "train_safety": n_cat["safety"], "train_available": len(train_pairs),
+                        "test_helpfulness": ev["helpfulness"]["n"], "test_safety": ev["safety"]["n"]},
+            "train_rating_counts": {r: sum(p.rating == r for p in mix) for r in data.RATINGS},
+            "safety_label_counts": {lab: sum(p.safety_label == lab for p in train_pairs if p.category == "safety")
+                                    for lab in data.SAFETY_LABELS},
+            "data_info": info, "steps": len(curve), "lr": cfg.lr, "batch_size": cfg.batch_size,
+            "final_train_loss": curve[-1][1], "loss_curve": curve[::max(1, len(curve) // 200)],
+            "data_seconds": data_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        }
+        if cfg.margin_ablation:
+            metrics["margin_ablation"] = {cfg.margin: {"accuracy": metrics["accuracy"],
+                                                       "accuracy_by_rating": metrics["accuracy_by_rating"]}}
+            for other in MARGINS:
+                if other == cfg.margin:
+                    continue
+                common.seed_everything(cfg.seed)
+                rm_o, _ = train(init, mix, tok, cfg, other, common.Dist(device=device), dtype, tag=f"rm_margin_{other}")
+                ev_o = evaluate(rm_o, tok, test)
+                _print_eval(f"rm_margin_{other}", ev_o)
+                metrics["margin_ablation"][other] = {"accuracy": {a: ev_o[a]["accuracy"] for a in AXES},
+                                                     "accuracy_by_rating": {a: ev_o[a]["by_rating"] for a in AXES}}
+            metrics["margin_ablation"] = {m: metrics["margin_ablation"][m] for m in MARGINS}  # none, small, large
+        metrics["wall_seconds"] = time.perf_counter() - t_start
+        metrics["cpu_seconds"] = time.process_time() - cpu_start  # all threads: > wall when the CPU is ours alone
+        metrics["complete"] = True
+        common.write_metrics(out, metrics)
+        print(f"[reward] done in {common.fmt_time(metrics['wall_seconds'])}, {metrics['cpu_seconds']:.0f} CPU-s "
+              f"(data {data_seconds:.1f}s, train {train_seconds:.1f}s, eval {eval_seconds:.1f}s); wrote {out}",
+              flush=True)
+    common.cleanup_distributed()
+
+
+# ---- the combined reward of §3.2.3 (rejection sampling and PPO) ------------------------------------------------------
+def combined_reward(r_safety: torch.Tensor, r_helpful: torch.Tensor, is_safety: torch.Tensor,
+                    threshold: float = 0.15) -> torch.Tensor:
+    """§3.2.3: R_c = R_s if IS_SAFETY(p) or R_s < 0.15 else R_h, from sigmoid-scale scores (B,) of the two RMs: the
+    safety RM speaks for risky prompts and for any reply it finds unsafe, the helpfulness RM for the rest."""
+    use_safety = is_safety | (r_safety < threshold)
+    return torch.where(use_safety, r_safety, r_helpful)
+
+
+def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Undo the sigmoid: log(p / (1 - p)), clamped so a score of exactly 0 or 1 stays finite (§3.2.3's LOGIT)."""
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+if __name__ == "__main__":
+    main(common.parse_config(RewardConfig, description=__doc__))
