@@ -52,16 +52,20 @@ class BenchConfig:
     seed: int = 0
 
 
-def _median_time(fn, repeats: int, device) -> float:
-    fn()  # warm-up: allocations, compilation, CUDA graph recording
-    times = []
+def _median_times(fns: dict, repeats: int, device) -> dict:
+    """Median seconds of each fn. The variants take turns (A B C, A B C, ...) rather than running one after the other,
+    so a slow minute of a shared machine slows them all alike instead of whichever ran during it."""
+    for fn in fns.values():
+        fn()  # warm-up: allocations, compilation, CUDA graph recording
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        common.synchronize(device)  # CUDA runs asynchronously: time what the GPU did, not what was queued
-        t0 = time.perf_counter()
-        fn()
-        common.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            common.synchronize(device)  # CUDA runs asynchronously: time what the GPU did, not what was queued
+            t0 = time.perf_counter()
+            fn()
+            common.synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _machine(device) -> str:
@@ -98,21 +102,17 @@ def bench_decode(cfg, args, device, dtype):
     rows = []
     for bs in cfg.batches:
         prompts = [[1]] * bs  # BOS only: the figure is pure decode speed
-        variants = [("nanollama2 eager", False)] + ([("nanollama2 compiled", True)] if cfg.compile else [])
-        for name, comp in variants:
-            def ours(comp=comp):
-                G.generate(model, prompts, cfg.new_tokens, temperature=0.0, eos_id=None, compile=comp)
-            tps = bs * cfg.new_tokens / _median_time(ours, cfg.repeats, device)
-            rows.append({"impl": name, "batch": bs, "tokens_per_s": tps})
+        ids = torch.ones((bs, 1), dtype=torch.long, device=device)
+        fns = {"nanollama2 eager": lambda: G.generate(model, prompts, cfg.new_tokens, temperature=0.0, eos_id=None)}
+        if cfg.compile:
+            fns["nanollama2 compiled"] = lambda: G.generate(model, prompts, cfg.new_tokens, temperature=0.0,
+                                                            eos_id=None, compile=True)
         if hf is not None:
-            ids = torch.ones((bs, 1), dtype=torch.long, device=device)
-
-            def theirs():
-                with torch.no_grad():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.new_tokens,
-                                min_new_tokens=cfg.new_tokens, do_sample=False, pad_token_id=0)
-            rows.append({"impl": "HF generate", "batch": bs,
-                         "tokens_per_s": bs * cfg.new_tokens / _median_time(theirs, cfg.repeats, device)})
+            fns["HF generate"] = torch.no_grad()(lambda: hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.new_tokens,
+                min_new_tokens=cfg.new_tokens, do_sample=False, pad_token_id=0))
+        for name, sec in _median_times(fns, cfg.repeats, device).items():
+            rows.append({"impl": name, "batch": bs, "tokens_per_s": bs * cfg.new_tokens / sec})
     for r in rows:
         hf_same = next((x["tokens_per_s"] for x in rows if x["impl"] == "HF generate" and x["batch"] == r["batch"]),
                        None)
@@ -135,7 +135,7 @@ def bench_train(cfg, args, device, dtype):
         variants.append(("nanollama2 compiled", True, False))
     if cfg.hf:
         variants.append(("HF LlamaForCausalLM", False, True))
-    rows = []
+    steps, losses = {}, {}
     for name, comp, is_hf in variants:
         if is_hf:
             net = _hf_model(base, device, torch.float32)
@@ -147,9 +147,8 @@ def bench_train(cfg, args, device, dtype):
         net.train()
         opt = common.make_optimizer(net, lr=1e-4)  # pretrain.py's AdamW (fused on CUDA), for every variant
         run = torch.compile(net) if comp else net
-        first_loss = []
 
-        def step():
+        def step(run=run, opt=opt, is_hf=is_hf, name=name):
             with common.autocast(device, dtype):
                 if is_hf:  # shift_labels: the same 256 targets per row as ours (HF's own shift would use 255)
                     loss = run(input_ids=inputs, labels=targets, shift_labels=targets).loss
@@ -158,19 +157,15 @@ def bench_train(cfg, args, device, dtype):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if not first_loss:
-                first_loss.append(loss.item())
+            if name not in losses:
+                losses[name] = loss.item()
 
-        def steps():
-            for _ in range(cfg.train_steps):
-                step()
-        dt = _median_time(steps, cfg.repeats, device) / cfg.train_steps
-        tps = ntok / dt
+        steps[name] = lambda step=step: [step() for _ in range(cfg.train_steps)]
+    rows = []
+    for name, sec in _median_times(steps, cfg.repeats, device).items():
+        tps = ntok * cfg.train_steps / sec
         rows.append({"impl": name, "tokens_per_s": tps, "mfu": tps * flops_tok / peak if peak else None,
-                     "first_loss": first_loss[0]})
-        del net, opt, run
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                     "first_loss": losses[name]})
     hf_tps = next((r["tokens_per_s"] for r in rows if r["impl"].startswith("HF")), None)
     for r in rows:
         r["vs_hf"] = r["tokens_per_s"] / hf_tps if hf_tps else None

@@ -1,8 +1,9 @@
 """Reward models (paper §3.2.2): a helpfulness RM and a safety RM, trained on binary preference pairs (§3.2.1).
 
-  python reward.py --axis helpfulness --out-dir out/rm_helpful        # ~1 minute on a 2-core laptop CPU
-  python reward.py --axis safety --out-dir out/rm_safety              # reuses the pairs the first run collected
-  python reward.py --axis helpfulness --margin-ablation               # + Table 28: none / small / large margin
+  python reward.py --axis helpfulness --out-dir out/rm_helpful     # collects out/prefs, trains: ~90 CPU-seconds
+  python reward.py --axis safety --out-dir out/rm_safety           # reuses out/prefs: ~50 CPU-seconds
+  python reward.py --axis helpfulness --margin-ablation            # + Table 28: none / small / large margin
+  python reward.py --axis helpfulness --quick --out-dir /tmp/rm    # a smoke run in seconds
   python reward.py --axis safety --data my_prefs.jsonl --test-data my_test.jsonl --init-from /path/to/llama-2-7b-chat
   torchrun --nproc_per_node=8 reward.py --axis helpfulness --device cuda --batch-size 512
 
@@ -52,7 +53,7 @@ Deviations from the paper, and choices where it is silent:
      off-topic answers (gap ~0.9 for the annotator), which this 1M-parameter RM learns to spot only with far more
      data than a 2-minute budget allows (~50-70% on those pairs, ~100% on verbose, truncated or refusing replies,
      which make up the "better" level); with 4x the data (and a zero head) "significantly better" rose from 75% to 80%.
-  7. No mid-run checkpoints: an RM trains in well under a minute here; the model is written once, at the end.
+  7. No mid-run checkpoints: an RM trains in about a minute here; the model is written once, at the end.
 """
 from __future__ import annotations
 
@@ -210,9 +211,12 @@ def rewards_of_rows(model, rows: list[list[int]], device, padding: str = "right"
 @torch.no_grad()
 def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: list, sigmoid: bool = False,
           batch_size: int = 64) -> torch.Tensor:
-    """Rewards (N,) of replies (str, or token ids as generated) to dialogs (each ending with a user message), on the
-    CPU. sigmoid=True: on the (0, 1) scale that §3.2.3's PPO thresholds (R_s < 0.15). Rows are scored in batches of
-    similar length (less padding), returned in the input order."""
+    """Rewards (N,) of replies to dialogs (each ending with a user message), as a CPU tensor in the input order.
+
+    replies: text (scored as a finished turn, EOS appended, exactly as in training) or token ids as generated (scored
+    as given: EOS when the sample finished; see the docstring, choice 1). For the chat model's finished samples both
+    give the same row, token for token (checked on 88 of 88 samples). sigmoid=True: on the (0, 1) scale that §3.2.3
+    thresholds (R_s < 0.15). Rows are scored in batches of similar length, so little is spent on padding."""
     if len(dialogs) != len(replies):
         raise ValueError(f"{len(dialogs)} dialogs but {len(replies)} replies")
     was_training = reward_model.training
