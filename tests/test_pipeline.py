@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_pipeline_quick_runs_every_stage_and_writes_the_report(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--quick", "--out", str(out)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=2400)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     report = (out / "report.md").read_text()
     import pipeline
