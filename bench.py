@@ -50,6 +50,13 @@ class BenchConfig:
     hf: bool = True  # also measure Hugging Face's LlamaForCausalLM on the same weights (when installed)
     json: Optional[str] = None  # also write the rows, machine and config to this JSON file
     seed: int = 0
+    plan: bool = False  # print a memory plan instead of measuring (meta device: no memory is allocated)
+    stage: str = "ppo"  # --plan: pretrain, sft, reward, rs or ppo (which models the stage holds)
+    world_size: int = 8  # --plan: GPUs that FSDP shards over
+    gpu_gib: float = 80.0  # --plan: memory of one GPU
+    plan_micro_batch: int = 1  # --plan: sequences per GPU per forward
+    plan_seq: int = 4096  # --plan: tokens per sequence (§2.2: 4096)
+    rollout_batch: int = 8  # --plan: sequences sampled at once per GPU (KV cache) in rs / ppo
 
 
 def _median_times(fns: dict, repeats: int, device) -> dict:
@@ -176,7 +183,82 @@ def _x(v):
     return f"{v:.2f}x" if v is not None else "-"
 
 
+# ---- memory plan (python bench.py --plan --model 7B --stage ppo --world-size 8) -------------------------------------
+# Bytes per parameter. Trainable under mixed precision: fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32
+# moments (8) = 16; autocast makes bf16 copies of each layer's weights on the fly (transient, not counted). Frozen
+# models (reference policy, reward models) are held in bf16 without gradients: 2.
+TRAINABLE_BYTES = {"params": 4, "grads": 4, "optimizer": 8}
+FROZEN_BYTES = 2
+# Which models each stage holds at once: (role, trainable). RS samples with the policy and scores with both RMs, then
+# fine-tunes: the larger of its two phases is the sampling one only when K samples' KV cache dominates.
+STAGE_MODELS = {
+    "pretrain": [("policy", True)], "sft": [("policy", True)], "reward": [("reward model", True)],
+    "rs": [("policy", True), ("rm_helpful", False), ("rm_safety", False)],
+    "ppo": [("policy", True), ("value model", True), ("ref policy", False), ("rm_helpful", False),
+            ("rm_safety", False)],
+}
+
+
+def activation_bytes(args, micro_batch: int, seq: int, grad_checkpoint: bool) -> int:
+    """Activations kept for backward, bf16 (2 bytes) except the fp32 residual stream and norm inputs. Per token and
+    layer: two norm inputs (fp32, 4C each), q/k/v/attention output/wo input (2 bytes x (4C + 2 C_kv)), SwiGLU's w1,
+    w3, silu and product outputs (2 bytes x 4F); flash attention keeps no T x T matrix. With checkpointing only each
+    block's input (fp32, 4C) is kept, plus one block's activations while it is recomputed. Logits (fp32) and their
+    gradient add 8 V per token."""
+    C, Ckv, F, L = args.dim, args.kv_heads * args.head_dim, args.ffn_hidden, args.n_layers
+    per_layer = 8 * C + 2 * (4 * C + 2 * Ckv) + 8 * F
+    tokens = micro_batch * seq
+    layers = (4 * C * L + per_layer) if grad_checkpoint else per_layer * L
+    return tokens * (layers + 8 * args.vocab_size)
+
+
+def kv_cache_bytes(args, batch: int, seq: int) -> int:
+    return 2 * args.n_layers * batch * seq * args.kv_heads * args.head_dim * 2  # k and v, bf16
+
+
+def memory_plan(model_name: str, stage: str, world_size: int, micro_batch: int, seq: int, rollout_batch: int,
+                gpu_gib: float) -> list[str]:
+    import model as M
+    args = M.preset(model_name)
+    with torch.device("meta"):
+        n = M.Transformer(args).num_params()
+    gib = 1024 ** 3
+    lines = [f"# memory plan: {model_name} ({n / 1e9:.2f}B parameters), stage {stage}, {world_size} GPUs, "
+             f"micro-batch {micro_batch} x {seq} tokens, GPU {gpu_gib:g} GiB", "",
+             "| model | trainable | params | grads | optimizer | total (DDP) | total (FSDP) |", "|---|---|---|---|---|---|---|"]
+    totals = {"ddp": 0.0, "fsdp": 0.0}
+    for role, trainable in STAGE_MODELS[stage]:
+        if trainable:
+            p, g, o = (n * TRAINABLE_BYTES[k] for k in ("params", "grads", "optimizer"))
+        else:
+            p, g, o = n * FROZEN_BYTES, 0, 0
+        t = p + g + o
+        totals["ddp"] += t
+        totals["fsdp"] += t / world_size
+        lines.append(f"| {role} | {'yes' if trainable else 'no (bf16)'} | {p / gib:.1f} GiB | {g / gib:.1f} GiB | "
+                     f"{o / gib:.1f} GiB | {t / gib:.1f} GiB | {t / world_size / gib:.1f} GiB |")
+    n_train = sum(1 for _, t in STAGE_MODELS[stage] if t)
+    act = {gc: n_train * activation_bytes(args, micro_batch, seq, gc) for gc in (False, True)}
+    kv = kv_cache_bytes(args, rollout_batch, seq) if stage in ("rs", "ppo") else 0
+    lines += ["", f"activations per GPU ({n_train} trained model(s)): {act[False] / gib:.1f} GiB, with "
+                  f"--grad-checkpoint {act[True] / gib:.1f} GiB; KV cache for {rollout_batch} rollouts of {seq} "
+                  f"tokens: {kv / gib:.1f} GiB", "",
+              "| setup | per-GPU bytes | fits |", "|---|---|---|"]
+    for shard in ("ddp", "fsdp"):
+        for gc in (False, True):
+            tot = totals[shard] + act[gc] + kv
+            lines.append(f"| {shard.upper()}{' + checkpointing' if gc else ''} | {tot / gib:.1f} GiB | "
+                         f"{'yes' if tot < 0.9 * gpu_gib * gib else 'no'} |")
+    return lines
+
+
 def main(cfg: BenchConfig):
+    if cfg.plan:
+        if cfg.stage not in STAGE_MODELS:
+            common.die(f"--stage {cfg.stage}: choose one of {', '.join(STAGE_MODELS)}")
+        print("\n".join(memory_plan(cfg.model, cfg.stage, cfg.world_size, cfg.plan_micro_batch, cfg.plan_seq,
+                                     cfg.rollout_batch, cfg.gpu_gib)))
+        return
     torch.manual_seed(cfg.seed)
     device = common.pick_device(cfg.device)
     dtype = common.pick_dtype(cfg.dtype, device)

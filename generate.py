@@ -80,7 +80,7 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Ten
 
 def _next_token(logits, temperature, top_p, generator, want_logprobs: bool = True):
     """logits (B, V) fp32 -> (tokens (B,), logprobs (B,) under the temperature-scaled distribution, or None when greedy
-    decoding was not asked for them: the log-softmax over V per row cost ~1 ms of a 15 ms step at batch 16)."""
+    decoding was not asked for them: a log-softmax over V per row, 0.3 ms of a ~17 ms CPU step at batch 16)."""
     if temperature <= 0:
         tok = logits.argmax(-1)
         if not want_logprobs:
