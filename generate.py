@@ -5,7 +5,7 @@
   python generate.py --checkpoint /path/to/llama-2-7b-chat --chat --device cuda --compile
 
 What is here:
-  - KVCache: a preallocated (n_layers, B, K, S, D) key/value store that the model writes into; Attention keeps no state.
+  - KVCache: preallocated (B, K, S, D) keys and values per layer that the model writes into; Attention keeps no state.
   - generate(): a batch of prompts of different lengths, left-padded so every row's next token sits in the same
     column: one prefill call, then one decode step per token over the static cache. Greedy at temperature 0;
     otherwise temperature and Meta's nucleus (top-p) rule, in fp32. Rows stop at EOS independently.
@@ -113,7 +113,7 @@ def _column_major_weights(model: Transformer):
 
     Decoding reads every weight once per token, so its speed is how fast MKL's x @ W^T streams W from memory; on the
     2-core AMD EPYC (BENCHMARKS.md) a column-major W streamed faster: the 32000 x 288 head 2.6x, w1/w3 (768 x 288) 1.6x,
-    wq/wk/wv/wo 1.2x, but the wide w2 (288 x 768) 1.3x slower, so it stays. Decode at batch 1: +10-20% over converting
+    wq/wk/wv/wo 1.2x, but the wide w2 (288 x 768) 1.3x slower, so it stays. Decode at batch 1: +9-19% over converting
     the head alone; batch 16: neutral. Checkpoints are unchanged (saved contiguous); training matmuls differ by <8%.
     """
     with torch.no_grad():
