@@ -262,16 +262,21 @@ class Transformer(nn.Module):
         """Returns (out, loss). out: logits (B, T, V) in fp32 for head="lm", scores (B, T) for head="scalar".
 
         loss: mean next-token cross-entropy over targets (B, T) that are not ignore_index (the caller shifts: targets[t]
-        is the token after tokens[t]); None when targets is None. Logits are fp32 so the softmax is exact under bf16.
+        is the token after tokens[t]); None when targets is None. The softmax is always taken in fp32, exact under bf16.
+        With targets, the logits come back as a by-product: detached and in the compute dtype (bf16 under autocast).
+        Training only needs the loss, and at 32000 words the logits are the largest tensor of the step (8 x 256 x 32000
+        fp32 = 262 MB): an fp32 copy that requires grad would cost torch.compile a write of that copy in the forward and
+        a zero gradient for it in the backward (measured in BENCHMARKS.md). Callers that differentiate through the
+        logits (PPO's log-probs) call without targets and get fp32 logits with their graph.
         """
         h = self.trunk(tokens, positions, mask, cache, cache_pos, kv_len)  # (B, T, C)
         if self.args.head == "scalar":
             return self.score(h).squeeze(-1).float(), None  # (B, T)
-        logits = self.output(h).float()  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
-        return logits, loss
+        logits = self.output(h)  # (B, T, V) in the compute dtype
+        if targets is None:
+            return logits.float(), None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        return logits.detach(), loss
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -103,6 +103,21 @@ def test_loss_ignores_masked_targets():
     torch.testing.assert_close(loss, ref)
 
 
+def test_loss_path_under_bf16_autocast():
+    """With targets the logits come back detached in the compute dtype; the loss is still taken over fp32 logits and
+    equals the cross-entropy of the no-targets call's fp32 logits, and its gradient reaches the weights."""
+    m = tiny()
+    tok, tgt = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = m(tok, tgt)
+        full, none = m(tok)
+    assert none is None and full.dtype == torch.float32 and full.requires_grad
+    assert logits.dtype == torch.bfloat16 and not logits.requires_grad
+    torch.testing.assert_close(loss, F.cross_entropy(full.reshape(-1, 97), tgt.reshape(-1)))
+    loss.backward()
+    assert m.output.weight.grad is not None and m.output.weight.grad.abs().sum() > 0
+
+
 def test_scalar_head_shapes():
     m = tiny(head="scalar")
     out, loss = m(torch.randint(0, 97, (3, 5)))
