@@ -144,6 +144,17 @@ REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot answer that ques
 FILLER_BEFORE = ("Great question!", "Let me think about that for a moment.", "Thanks for asking, here is what I know.")
 FILLER_AFTER = ("I hope this helps you.", "Let me know if you have any other questions.",
                 "That is all I can say about it for now.")
+# How the demonstration writers write (§3.1's SFT annotations). §5.1 ("Beyond Human Supervision") names the gap that
+# RLHF closes: "each individual writes with significant variation", a model fine-tuned on demonstrations learns that
+# variation, and people judge two replies better than they write one. The miniature has one such habit: most (80%)
+# demonstrations of helpful answers end with a pleasantry, which the same raters, comparing two replies side by side,
+# mark down as padding (rule 4 below). SFT imitates the habit; the reward models learn the raters' preference; rejection
+# sampling and PPO can then do better than the demonstrations. DEMO_HABIT = 0 makes the demonstrations ideal and takes
+# most of that headroom away: an experiment for the course (sft.py --demo-habit 0).
+DEMO_CLOSERS = ("I hope this helps.", "I hope this helps you.", "I hope that answers your question.")
+DEMO_HABIT = 0.8  # share of helpful-task demonstrations (not refusals) that end with one of DEMO_CLOSERS
+# What a sampled policy's reply turns into when RL pushes it off the data: a good reply with stray words after it.
+GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "colour", "pet", "so", "then")
 
 KINDS = ("fact", "arith", "story", "multiturn", "harmful", "borderline")
 KIND_WEIGHTS = {"fact": 0.3, "arith": 0.15, "story": 0.1, "multiturn": 0.15, "harmful": 0.15, "borderline": 0.15}
@@ -371,16 +382,31 @@ class World:
         request, answer = self._borderline_text(key)
         return Task("borderline", [user(request)], answer, True, {"person": key[1], "request": key[0]})
 
-    def sft_dialogs(self, split: str, n: int | None = None, seed: int = 0,
-                    instruction_share: float = 0.15) -> list[list[dict]]:
-        """Complete dialogs for SFT (§3.1): every task's messages + its ideal reply (refusals for harmful prompts),
-        plus instruction_share as many instruction-following dialogs (instruction_dialogs) mixed in at random."""
-        out = [t.messages + [assistant(t.reference)] for t in self.tasks(split, n, seed=seed)]
+    def sft_dialogs(self, split: str, n: int | None = None, seed: int = 0, instruction_share: float = 0.15,
+                    habit: float = DEMO_HABIT) -> list[list[dict]]:
+        """Complete dialogs for SFT (§3.1): every task's messages + a demonstration of the reply, as its writers write
+        it: the ideal reply (a refusal for harmful prompts), and for a share `habit` of the helpful ones the ideal
+        reply followed by a pleasantry (DEMO_CLOSERS), plus instruction_share as many instruction-following dialogs
+        (instruction_dialogs) mixed in at random."""
+        rng = Random(f"demo/{self.seed}/{split}/{seed}")
+        out = []
+        for t in self.tasks(split, n, seed=seed):
+            # the writer of a multi-turn demonstration writes its earlier answers too, with the same habit
+            history = [m if m["role"] != "assistant" or rng.random() >= habit
+                       else assistant(f"{m['content']} {rng.choice(DEMO_CLOSERS)}") for m in t.messages]
+            out.append(history + [assistant(self.demonstration(t, rng, habit))])
         k = round(instruction_share * len(out))
         if k:
             out += self.instruction_dialogs(split, k, seed=seed)
             Random(f"sft-mix/{self.seed}/{split}/{seed}").shuffle(out)
         return out
+
+    @staticmethod
+    def demonstration(task: Task, rng: Random, habit: float = DEMO_HABIT) -> str:
+        """One writer's reply to `task`: the reference, with a closing pleasantry at rate `habit` (not on refusals)."""
+        if task.kind == "harmful" or rng.random() >= habit:
+            return task.reference
+        return f"{task.reference} {rng.choice(DEMO_CLOSERS)}"
 
     def instruction_dialogs(self, split: str, n: int, seed: int = 0, max_turns: int = 3) -> list[list[dict]]:
         """Dialogs of 1..max_turns short questions with a persistent instruction attached to EVERY user message and
@@ -399,14 +425,19 @@ class World:
 
     # -- candidate replies of graded quality (preference data, §3.2.1) -----------------------------------------------
     def reply_variants(self, task: Task, rng: Random) -> list[tuple[str, str]]:
-        """(label, reply) pairs: reference, verbose, partial, wrong, off_topic, refusal, harmful (harmful prompts only).
+        """(label, reply) pairs: reference, verbose, closer, garbled, partial, wrong, off_topic, refusal, harmful.
 
-        Labels a kind cannot have are left out: harmful prompts have no "wrong"/"off_topic" (the rater would treat
-        anything but a refusal as compliance), borderline prompts no "wrong", benign prompts no "harmful"."""
+        verbose: filler before and after; closer: the demonstration writers' pleasantry (DEMO_CLOSERS); garbled: stray
+        words after the reply, what an over-optimized policy emits. Labels a kind cannot have are left out: harmful
+        prompts have no "wrong" (anything but a refusal is compliance to the rater: their "off_topic", a fact about
+        the person, is unsafe too), borderline prompts no "wrong", benign prompts no "harmful"."""
         ref = task.reference
         words = ref.split()
+        junk = " ".join(rng.choice(GARBLE_WORDS) for _ in range(rng.randint(3, 5)))
         out = [("reference", ref),
                ("verbose", f"{rng.choice(FILLER_BEFORE)} {ref} {rng.choice(FILLER_AFTER)}"),
+               ("closer", f"{ref} {rng.choice(DEMO_CLOSERS)}"),
+               ("garbled", f"{ref} {junk}{rng.choice(['', '.'])}"),
                ("partial", " ".join(words[:max(1, len(words) // 2 if task.kind in ("story", "borderline", "harmful")
                                                 else len(words) - 1)]).rstrip(string.punctuation + " "))]
         out += getattr(self, f"_variants_{'fact' if task.kind == 'multiturn' else task.kind}")(task, rng)
@@ -440,7 +471,9 @@ class World:
 
     def _variants_harmful(self, task: Task, rng: Random) -> list[tuple[str, str]]:
         _, _, compliance = self.harmful_texts(task.meta["request"], task.meta["person"])
-        return [("refusal", rng.choice(REFUSALS[:3])), ("harmful", compliance)]
+        person = self.person(task.meta["person"])
+        return [("refusal", rng.choice(REFUSALS[:3])), ("harmful", compliance),
+                ("off_topic", self.fact_reply(person, rng.choice(ATTRIBUTES)))]
 
     def _variants_borderline(self, task: Task, rng: Random) -> list[tuple[str, str]]:
         same = (task.meta["request"], task.meta["person"] is None)  # another request, not the same one about another

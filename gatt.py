@@ -77,7 +77,8 @@ def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) ->
     for t in range(len(dialogs[0].user_turns)):
         for h, g in zip(histories, dialogs):
             h.append({"role": "user", "content": with_instruction(g.instruction, g.user_turns[t])})
-        out = chat_replies(model, tok, histories, max_new_tokens)
+        out = chat_replies(model, tok, [fit_context(tok, h, model.args.max_seq_len - max_new_tokens)
+                                        for h in histories], max_new_tokens)
         for h, g, r, rs in zip(histories, dialogs, out, replies):
             good = g.check(r) and annotator.score(h, r).helpfulness >= 0.75
             if not good:
@@ -86,6 +87,16 @@ def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) ->
             rs.append(r)
             h.append({"role": "assistant", "content": r})
     return replies, fallbacks / max(1, total)
+
+
+def fit_context(tok, history: list[dict], budget: int) -> list[dict]:
+    """The latest turns of `history` whose prompt fits in `budget` tokens: whole (user, assistant) pairs are dropped
+    from the front. Sampling only: every user message carries the instruction here, so the reply still sees it (eight
+    turns with the instruction repeated outgrow a 512-token context; the training samples, which carry it once, fit)."""
+    start = 0
+    while len(tok.encode_dialog(history[start:])[0]) > budget and start + 2 < len(history):
+        start += 2
+    return history[start:]
 
 
 # ---- 3. the training samples: instruction in the first turn only, loss on the last reply only ------------------------

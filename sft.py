@@ -53,6 +53,7 @@ import torch
 
 import common
 import data
+from data import DEMO_HABIT
 from model import CheckpointError, Transformer, load_checkpoint
 
 IGNORE = -100  # targets equal to this are not trained on (model.forward's ignore_index)
@@ -67,6 +68,7 @@ class SFTConfig:
     world_seed: int = 0  # seed of the built-in world
     n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + 15% instruction dialogs) (§3.1: 27,540)
     n_val_dialogs: Optional[int] = None  # world val tasks for val_loss (None: the world's 400)
+    demo_habit: float = DEMO_HABIT  # world demonstrations ending with a pleasantry (data.DEMO_HABIT; 0 = ideal)
     val_frac: float = 0.05  # with --data: share of the file held out for val_loss
     seq_len: int = 512  # tokens per packed row (§3.1: 4096)
     batch_size: int = 8  # packed rows per optimizer step, all processes together (§3.1: 64)
@@ -105,7 +107,8 @@ def load_dialogs(cfg) -> tuple[list, list]:
         n_val = int(len(dialogs) * cfg.val_frac) if len(dialogs) >= 20 else 0
         return dialogs[n_val:], dialogs[:n_val]
     world = data.World(seed=cfg.world_seed)
-    return world.sft_dialogs("train", cfg.n_dialogs, seed=cfg.seed), world.sft_dialogs("val", cfg.n_val_dialogs)
+    return (world.sft_dialogs("train", cfg.n_dialogs, seed=cfg.seed, habit=cfg.demo_habit),
+            world.sft_dialogs("val", cfg.n_val_dialogs, habit=cfg.demo_habit))
 
 
 def shift_targets(tokens: list[int], loss_mask: list[int]) -> list[int]:

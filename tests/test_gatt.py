@@ -1,4 +1,6 @@
 """gatt.py: the Ghost Attention data and loss mask, checked token by token, and the sampling context."""
+from types import SimpleNamespace
+
 import pytest
 
 import data
@@ -38,13 +40,29 @@ def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
         seen.append([h[-1]["content"] for h in histories])
         return ["plain reply."] * len(histories)  # never compliant: every reply falls back to the reference
     monkeypatch.setattr(evaluate, "chat_replies", fake_chat_replies)
-    replies, fallback = gatt.sample_dialogs(None, tok, dialogs, 8, data.Annotator(w))
+    model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))  # only its context length is read
+    replies, fallback = gatt.sample_dialogs(model, tok, dialogs, 8, data.Annotator(w))
     assert fallback == 1.0
     for t, turn in enumerate(seen):
         for g, content in zip(dialogs, turn):
             assert content == gatt.with_instruction(g.instruction, g.user_turns[t])
     for g, r in zip(dialogs, replies):
         assert r == g.compliant_replies() and all(g.check(x) for x in r)
+
+
+def test_sampling_context_keeps_the_latest_turns_that_fit(tok):
+    g = data.World(seed=0).gatt_dialogs("train", 1, n_turns=8)[0]
+    history = []
+    for q, r in zip(g.user_turns, g.compliant_replies()):
+        history += [{"role": "user", "content": gatt.with_instruction(g.instruction, q)},
+                    {"role": "assistant", "content": r}]
+    history = history[:-1]  # ends with the 8th user message, as when sampling its reply
+    full = len(tok.encode_dialog(history)[0])
+    assert gatt.fit_context(tok, history, full) == history  # fits: unchanged
+    cut = gatt.fit_context(tok, history, full - 1)
+    assert len(tok.encode_dialog(cut)[0]) <= full - 1 and cut == history[len(history) - len(cut):]
+    assert cut[0]["role"] == "user" and g.instruction in cut[0]["content"] and len(cut) % 2 == 1
+    assert gatt.fit_context(tok, history, 1) == history[-1:]  # never less than the current user message
 
 
 def test_constraint_checkers_accept_compliant_and_reject_plain_replies():
