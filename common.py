@@ -162,6 +162,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = True  # False when a caller had already started the process group (rejection_sampling.py runs
+    #                          sft.main inside its own torchrun processes): then only that caller may end it
 
     @property
     def is_main(self) -> bool:
@@ -179,16 +181,40 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if not tdist.is_initialized():
+    owns = not tdist.is_initialized()
+    if owns:
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local, device)
+    return Dist(rank, world, local, device, owns_group=owns)
 
 
-def cleanup_distributed():
+def cleanup_distributed(dist: Optional[Dist] = None):
+    """Wait for every rank, then end the process group, unless `dist` says another caller started it."""
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
-        tdist.destroy_process_group()
+        if dist is None or dist.owns_group:
+            tdist.destroy_process_group()
+
+
+def rank_shard(items: list, dist: Dist) -> list:
+    """This rank's share of `items`: every world_size-th item from index rank (disjoint, together all of them, sizes
+    differ by at most one). Data-parallel sampling (rejection sampling) splits its prompts this way."""
+    return items[dist.rank::dist.world_size]
+
+
+def all_gather_shards(local: list, dist: Dist) -> list:
+    """The inverse of rank_shard, on every rank: each rank's list of picklable results for its shard in, the full list
+    in the original order out (identical on every rank). Python objects travel through all_gather_object (a pickle
+    per rank): right for kept records and per-prompt rewards, not for weights."""
+    if dist.world_size == 1:
+        return list(local)
+    import torch.distributed as tdist
+    parts: list = [None] * dist.world_size
+    tdist.all_gather_object(parts, local)
+    out: list = [None] * sum(len(p) for p in parts)
+    for r, part in enumerate(parts):
+        out[r::dist.world_size] = part  # item j of rank r was item r + j * world_size
+    return out
 
 
 def all_reduce_mean(x: float, dist: Dist) -> float:
@@ -224,6 +250,48 @@ def wrap_model(model: torch.nn.Module, dist: Dist, fsdp: bool = False, compile: 
     else:
         wrapped = model
     return torch.compile(wrapped) if compile else wrapped
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when wrap_model(fsdp=True) split this module's weights across ranks (FSDP2 fully_shard)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def consolidated_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """The model to GENERATE with: a plain (unwrapped, unsharded) Transformer holding all of `model`'s weights, on every
+    rank, in eval mode, without gradients; `dtype` casts the floating-point weights (the compute dtype). Collective when
+    `model` is FSDP-sharded: every rank calls it, each weight is all-gathered once, and that is all the communication
+    of the generation phase. A model that is not sharded (one process, DDP's raw module) is returned as it is.
+    Call it in a small function that generates and returns, so the copy is freed when the phase ends.
+
+    Why (§3.2.3, PPO training details): the paper saw generation run ~20x slower under FSDP and fixed it by
+    consolidating the weights on each node once before generation and freeing them after. FSDP2 all-gathers a block's
+    weights in its forward and frees them after: cheap for a training forward over thousands of tokens, ruinous in
+    decoding, which runs every block once per generated TOKEN. Worse, generate() stops when all of its own rows reached
+    EOS, so ranks decode different numbers of tokens, and per-token collectives would pair up wrongly and hang.
+    Why a copy rather than FSDP2's unshard() on the root and every block (with resharding after forward switched off):
+    both hold one full set of weights per rank while generating, but with unshard() the FSDP hooks still run at every
+    token, generate() would act on FSDP's internal buffers (on the CPU it re-lays weights in memory), and a block's
+    hook would make that block the FSDP root if generation came before the first training forward. The copy needs
+    none of FSDP's internals."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.tensor import DTensor
+    from model import Transformer
+    inner = getattr(model, "_orig_mod", model)
+    sd = {}
+    with torch.no_grad():
+        for k, v in inner.state_dict().items():  # FSDP2 reshards first: every weight is this rank's DTensor shard
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)  # cast the shard, then gather: half the bytes sent for bf16, no fp32 full copy
+            sd[k] = v.full_tensor() if isinstance(v, DTensor) else v  # one all-gather, every rank gets it all
+    with torch.device("meta"):  # no memory, no random init: load_state_dict(assign=True) puts the gathered tensors in
+        full = Transformer(inner.args)
+    full.load_state_dict(sd, assign=True, strict=True)
+    for name, buf in inner.named_buffers():  # the RoPE tables: not weights, never sharded, shared with the original
+        full.register_buffer(name, buf, persistent=False)
+    return full.eval().requires_grad_(False)
 
 
 # ---- optimizer and schedule ----------------------------------------------------------------------------------------

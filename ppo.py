@@ -3,6 +3,12 @@
   python ppo.py                       # policy from out/rs (or --init-from), reward models from out/rm_*
   python ppo.py --kl-coef 0           # no penalty: watch the policy drift and game the reward models
   torchrun --nproc_per_node=2 ppo.py  # data parallel: each rank rolls out its share of the prompts
+  torchrun --nproc_per_node=8 ppo.py --device cuda --fsdp   # policy and value model sharded (FSDP2)
+
+Under torchrun the policy and the value model train data-parallel (DDP, or FSDP2 with --fsdp); the frozen reference
+policy and both reward models are held whole on every rank (bf16 on CUDA, eval mode, no gradients): they only run
+forward passes. Under FSDP each rollout phase first gathers the policy's full weights once (common.consolidated_copy),
+generates on them with no communication, then frees them: never an all-gather per generated token (§3.2.3).
 
 The objective (§3.2.3): maximize E_{p ~ D, g ~ pi_theta}[R(g | p)] with
     R(g | p) = R~c(g | p) - beta * KL(pi_theta(g | p) || pi_0(g | p))
@@ -81,6 +87,7 @@ class PPOConfig:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    fsdp: bool = False  # under torchrun: FSDP2 for the policy and the value model instead of DDP
     quick: bool = False  # a seconds-long smoke run
 
 
@@ -183,15 +190,24 @@ def value_forward(value_model, tokens, index):
 RewardFn = Callable[[list, list], torch.Tensor]  # (tasks, reply token lists) -> (B,) R~c, before the KL term
 
 
+def rollout(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int, gen: torch.Generator,
+            gen_dtype: Optional[torch.dtype] = None) -> list[list[int]]:
+    """Step 1: one reply per prompt, plain temperature sampling. Under FSDP the policy's full weights are gathered once
+    for the whole phase (common.consolidated_copy) and freed on return: no all-gather per token (§3.2.3's 20x)."""
+    full = common.consolidated_copy(policy, gen_dtype)  # the policy itself when it is not sharded
+    replies, _ = generate(full, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, eos_id=eos_id,
+                          logprobs=True, generator=gen)
+    return replies
+
+
 def ppo_iteration(policy, ref_policy, value_model, pol_opt, val_opt, tasks: list, prompts: list[list[int]],
                   reward_fn: RewardFn, cfg: PPOConfig, eos_id: int, gen: torch.Generator, dist=None,
-                  policy_net=None, value_net=None) -> dict:
+                  policy_net=None, value_net=None, gen_dtype: Optional[torch.dtype] = None) -> dict:
     device = next(policy.parameters()).device
     policy_net, value_net = policy_net or policy, value_net or value_model
     # 1. rollout: plain temperature sampling; the recorded log-probs are the behaviour policy's
     t0 = time.perf_counter()
-    replies, _ = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
-                          eos_id=eos_id, logprobs=True, generator=gen)
+    replies = rollout(policy, prompts, cfg, eos_id, gen, gen_dtype)
     replies = [r if r else [eos_id] for r in replies]  # an empty reply still gets one token to carry its reward
     t_roll = time.perf_counter() - t0
     tokens, index, mask = pad_rollouts(prompts, replies, device)
@@ -274,6 +290,7 @@ def main(cfg: PPOConfig):
         cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, 24, 2
     dist = common.setup_distributed(cfg.device)
     device = dist.device
+    dtype = common.pick_dtype(cfg.dtype, device)
     common.seed_everything(cfg.seed + dist.rank)
     try:
         policy, tok = E.load_model_and_tokenizer(cfg.init_from, device)
@@ -281,13 +298,20 @@ def main(cfg: PPOConfig):
         rm_safety = R.load_reward_model(cfg.rm_safety, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(str(e))
-    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_0: frozen
-    rm_helpful.requires_grad_(False)
-    rm_safety.requires_grad_(False)
-    value_model = copy.deepcopy(rm_helpful).requires_grad_(True).train()  # choice 2
+    value_model = copy.deepcopy(rm_helpful).requires_grad_(True).train()  # choice 2 (fp32, before the cast below)
+    ref_policy = copy.deepcopy(policy)  # pi_0
+    # bf16 where the GPU has it (fp16 would need a GradScaler, which PPO does not use): for the frozen models' weights,
+    # and for FSDP's compute copy of the trained ones and for the rollouts' gathered weights.
+    half = device.type == "cuda" and dtype == torch.bfloat16
+    param_dtype = torch.bfloat16 if half else None
+    # The frozen models only run forward passes: whole on every rank (never sharded), eval mode, no gradients, bf16 on
+    # CUDA (half the memory; their logits and scores come back in fp32).
+    for frozen in (ref_policy, rm_helpful, rm_safety):
+        frozen.to(param_dtype or torch.float32).eval().requires_grad_(False)
     policy.train()
-    pol_net = common.wrap_model(policy, dist)
-    val_net = common.wrap_model(value_model, dist)
+    # the trained pair: DDP, or FSDP2 (--fsdp); the optimizers are made after wrapping, over the (sharded) parameters
+    pol_net = common.wrap_model(policy, dist, cfg.fsdp, param_dtype=param_dtype)
+    val_net = common.wrap_model(value_model, dist, cfg.fsdp, param_dtype=param_dtype)
     pol_opt = common.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     val_opt = common.make_optimizer(value_model, cfg.value_lr, cfg.weight_decay)
 
@@ -309,7 +333,7 @@ def main(cfg: PPOConfig):
         rstats: dict = {}
         s = ppo_iteration(policy, ref_policy, value_model, pol_opt, val_opt, batch, prompts,
                           rm_reward_fn(rm_helpful, rm_safety, tok, cfg.safety_threshold, rstats), cfg, tok.eos_id,
-                          gen, dist, pol_net, val_net)
+                          gen, dist, pol_net, val_net, gen_dtype=param_dtype)
         s.update(rstats)
         s = {k: common.all_reduce_mean(v, dist) for k, v in s.items()}
         log["iters"].append({"iter": it, **s})
@@ -318,8 +342,8 @@ def main(cfg: PPOConfig):
         prog.log(it, rm_reward=s["rm_reward"], kl=s["kl"], clip=s["clip_frac"], vloss=s["value_loss"],
                  entropy=s["entropy"], len=s["reply_len"])
         if it % cfg.eval_interval == 0 or it == cfg.iterations:
-            h = heldout_reward(policy, tok, eval_tasks, rm_helpful, rm_safety, cfg.safety_threshold,
-                               cfg.max_new_tokens)
+            h = heldout_reward(common.consolidated_copy(policy, param_dtype), tok, eval_tasks, rm_helpful, rm_safety,
+                               cfg.safety_threshold, cfg.max_new_tokens)  # FSDP: full weights once, freed after
             h = common.all_reduce_mean(h, dist)
             log["heldout_by_iter"].append([it, h])
             if dist.is_main:
@@ -343,7 +367,7 @@ def main(cfg: PPOConfig):
         print(f"[ppo] done: best iteration {best_it}, win rate vs SFT {metrics['win_rate_vs_sft']:.1%}, safety "
               f"violations {metrics['safety_violation_rate']} (SFT {metrics['sft_safety_violation_rate']}); "
               f"wrote {out}", flush=True)
-    common.cleanup_distributed()
+    common.cleanup_distributed(dist)
 
 
 def final_report(model, tok, cfg, world, device) -> dict:

@@ -292,7 +292,7 @@ def main(cfg: PretrainConfig):
         if stopping:
             if dist.is_main:
                 print(f"[pretrain] stopped at step {step + 1} (--stop-at); rerun to resume", flush=True)
-            common.cleanup_distributed()
+            common.cleanup_distributed(dist)
             return
     train_time = time.perf_counter() - t_start
     tps = prog.tokens_per_sec(cfg.max_steps)
@@ -325,7 +325,7 @@ def main(cfg: PretrainConfig):
         common.write_metrics(out, metrics)
         print(f"[pretrain] done: val_loss {metrics['val_loss']:.4f}, {tps:,.0f} tokens/s, "
               f"{common.fmt_time(train_time)}; wrote {out}", flush=True)
-    common.cleanup_distributed()
+    common.cleanup_distributed(dist)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@ best, fine-tune on the kept replies as on SFT data. Iterate.
 
   python rejection_sampling.py                      # out/sft + out/rm_* -> out/rs, with Figs. 7 and 8 in miniature
   python rejection_sampling.py --iterations 3 --k 16
+  torchrun --nproc_per_node=8 rejection_sampling.py --device cuda [--fsdp]   # data parallel; --fsdp for the fine-tuning
+
+Under torchrun every rank holds the whole model and both reward models and samples and scores its own share of the
+prompts (common.rank_shard: disjoint, together all of them); the kept (prompt, best reply, reward) records are gathered
+to every rank, so the best-of-all-iterations bookkeeping is the same everywhere; the fine-tuning (sft.main, in the same
+processes) is data-parallel, DDP or FSDP2 with --fsdp; only rank 0 writes files and evaluates against SFT at the end.
 
 One iteration:
   1. temperature: the best temperature shifts as the model changes (Fig. 8), so each iteration re-tunes it on a few
@@ -59,6 +65,7 @@ class RSConfig:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    fsdp: bool = False  # under torchrun: fine-tune with FSDP2 instead of DDP (sampling always uses whole models)
     quick: bool = False  # a seconds-long smoke run
 
 
@@ -107,6 +114,28 @@ def sample_and_score(model, tok, tasks, k: int, temperature: float, scorer, max_
     return out, rewards
 
 
+def sample_shard(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int, dist) -> list:
+    """This rank's share of `tasks` (common.rank_shard), K samples each, scored: one record per task, (rewards of its
+    K samples, the best sample's text, tokens sampled). Each rank draws from its own seed (rank 0 from `seed` itself,
+    so one process samples exactly as before torchrun existed here)."""
+    mine = common.rank_shard(tasks, dist)
+    if not mine:
+        return []
+    replies, rewards = sample_and_score(model, tok, mine, k, temperature, scorer, max_new_tokens,
+                                        seed + 7919 * dist.rank)
+    best = best_of_k(rewards)
+    return [(rewards[p].tolist(), replies[p * k + best[p]].text, sum(len(r.tokens) for r in replies[p * k:(p + 1) * k]))
+            for p in range(len(mine))]
+
+
+def sample_all(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int, dist):
+    """sample_shard on every rank, gathered: (rewards (P, K), best reply text per task, tokens sampled), the same on
+    every rank and in the order of `tasks`."""
+    records = common.all_gather_shards(sample_shard(model, tok, tasks, k, temperature, scorer, max_new_tokens, seed,
+                                                    dist), dist)
+    return torch.tensor([r[0] for r in records]), [r[1] for r in records], sum(r[2] for r in records)
+
+
 def main(cfg: RSConfig):
     import evaluate as E
     import sft
@@ -114,10 +143,12 @@ def main(cfg: RSConfig):
         cfg.iterations, cfg.k, cfg.n_prompts, cfg.n_sweep, cfg.n_test, cfg.epochs = 1, 4, 32, 8, 16, 1
         cfg.temperatures = [0.8, 1.2]
     t0 = time.perf_counter()
-    device = common.pick_device(cfg.device)
+    dist = common.setup_distributed(cfg.device)
+    device = dist.device
     common.seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     try:
         start, tok = E.load_model_and_tokenizer(cfg.init_from, device)
         scorer = Scorer(cfg, device)
@@ -131,57 +162,69 @@ def main(cfg: RSConfig):
     model = start
     for it in range(1, cfg.iterations + 1):
         # 1. re-tune the temperature on a few prompts: highest mean best-of-K reward
-        sweep = {T: sample_and_score(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed)[1]
+        sweep = {T: sample_all(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed, dist)[0]
                  for T in cfg.temperatures}
         temp = max(cfg.temperatures, key=lambda T: sweep[T].max(1).values.mean().item())
         if it == 1:  # Figs. 7 and 8 for the starting (SFT) model
             metrics["fig8_sft"] = {str(T): max_median_by_n(r)[1] for T, r in sweep.items()}
             ns, maxes, medians = max_median_by_n(sweep[1.0] if 1.0 in sweep else sweep[temp])
             metrics.update(n_values=ns, max_reward_by_n=maxes, median_reward_by_n=medians)
-        # 2-3. K samples per prompt, scored, argmax
+        # 2-3. K samples per prompt, scored, argmax: each rank its share, the records gathered to every rank
         ids = Random(f"rs/{cfg.seed}/{it}").sample(range(len(all_train)), min(cfg.n_prompts, len(all_train)))
         tasks = [all_train[i] for i in ids]
         ts = time.perf_counter()
-        replies, rewards = sample_and_score(model, tok, tasks, cfg.k, temp, scorer, cfg.max_new_tokens,
-                                            cfg.seed + it)
+        rewards, best_replies, n_tok = sample_all(model, tok, tasks, cfg.k, temp, scorer, cfg.max_new_tokens,
+                                                  cfg.seed + it, dist)
         dt = time.perf_counter() - ts
-        n_tok = sum(len(r.tokens) for r in replies)
         best = best_of_k(rewards)
-        # 4. the best per prompt over all iterations so far
+        # 4. the best per prompt over all iterations so far (the same records, hence the same dict, on every rank)
         improved = 0
         for p, key in enumerate(ids):
-            r, reply = rewards[p, best[p]].item(), replies[p * cfg.k + best[p]].text
+            r, reply = rewards[p, best[p]].item(), best_replies[p]
             if key not in kept or r > kept[key][0]:
                 kept[key], improved = (r, reply), improved + 1
         rows = [all_train[key].messages + [{"role": "assistant", "content": reply}] for key, (_, reply) in kept.items()]
         path = out / f"rs_iter{it}.jsonl"
-        path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+        if dist.is_main:
+            path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
         stats = {"iteration": it, "temperature": temp, "mean_reward": rewards.mean().item(),
                  "mean_best_reward": rewards.max(1).values.mean().item(), "kept": len(kept), "improved": improved,
-                 "sampled_tokens_per_sec": n_tok / max(dt, 1e-9)}
+                 "sampled_tokens_per_sec": n_tok / max(dt, 1e-9),
+                 "prompts_by_rank": [len(common.rank_shard(ids, common.Dist(rank=r, world_size=dist.world_size)))
+                                     for r in range(dist.world_size)]}
         metrics["iterations"].append(stats)
-        print(f"[rs] iteration {it}: T={temp}, mean reward {stats['mean_reward']:.3f}, best-of-{cfg.k} "
-              f"{stats['mean_best_reward']:.3f}, kept {len(kept)} ({improved} new or better), "
-              f"{stats['sampled_tokens_per_sec']:,.0f} sampled tokens/s", flush=True)
-        # 5. fine-tune the starting model on the kept replies (choice 1)
+        if dist.is_main:
+            print(f"[rs] iteration {it}: T={temp}, mean reward {stats['mean_reward']:.3f}, best-of-{cfg.k} "
+                  f"{stats['mean_best_reward']:.3f}, kept {len(kept)} ({improved} new or better), "
+                  f"{stats['sampled_tokens_per_sec']:,.0f} sampled tokens/s", flush=True)
+        # 5. fine-tune the starting model on the kept replies (choice 1); under torchrun sft.main runs in these same
+        # processes, data-parallel, in the process group started here (it leaves the group open for us)
+        if dist.world_size > 1:
+            torch.distributed.barrier()  # rank 0 has written the kept set that every rank's sft.main reads
         sft.main(sft.SFTConfig(init_from=cfg.init_from, out_dir=str(out), data=str(path), lr=cfg.lr,
                                epochs=cfg.epochs, eval_n=0, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed + it,
-                               val_frac=0.02))
-        (out / "resume.pt").unlink(missing_ok=True)  # the next iteration trains from the start, not from here
-        common.write_metrics(out, {"complete": False})  # sft.main marked its part done; RS is done at the end
+                               val_frac=0.02, fsdp=cfg.fsdp))
+        if dist.is_main:
+            (out / "resume.pt").unlink(missing_ok=True)  # the next iteration trains from the start, not from here
+            common.write_metrics(out, {"complete": False})  # sft.main marked its part done; RS is done at the end
+        if dist.world_size > 1:
+            torch.distributed.barrier()
         model, _ = E.load_model_and_tokenizer(out, device)
 
-    # Fig. 8 for the RS model, and the score against SFT
-    sweep = {T: sample_and_score(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed)[1]
+    # Fig. 8 for the RS model, and the score against SFT (rank 0 alone)
+    sweep = {T: sample_all(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed, dist)[0]
              for T in cfg.temperatures}
     metrics["fig8_rs"] = {str(T): max_median_by_n(r)[1] for T, r in sweep.items()}
-    test = world.tasks("test", cfg.n_test, seed=cfg.seed)
-    metrics.update(E.compare_models(model, start, tok, test, world, cfg.seed, cfg.max_new_tokens, prefix="sft"))
-    metrics.update(k=cfg.k, rs_seconds=time.perf_counter() - t0, complete=True)
-    common.write_metrics(out, metrics)
-    print(f"[rs] done: win rate vs SFT {metrics['win_rate_vs_sft']:.1%}; max reward by N "
-          f"{[round(x, 3) for x in metrics['max_reward_by_n']]}, median {[round(x, 3) for x in metrics['median_reward_by_n']]}"
-          f"; wrote {out} ({common.fmt_time(metrics['rs_seconds'])})", flush=True)
+    if dist.is_main:
+        test = world.tasks("test", cfg.n_test, seed=cfg.seed)
+        metrics.update(E.compare_models(model, start, tok, test, world, cfg.seed, cfg.max_new_tokens, prefix="sft"))
+        metrics.update(k=cfg.k, world_size=dist.world_size, rs_seconds=time.perf_counter() - t0, complete=True)
+        common.write_metrics(out, metrics)
+        print(f"[rs] done: win rate vs SFT {metrics['win_rate_vs_sft']:.1%}; max reward by N "
+              f"{[round(x, 3) for x in metrics['max_reward_by_n']]}, median "
+              f"{[round(x, 3) for x in metrics['median_reward_by_n']]}; wrote {out} "
+              f"({common.fmt_time(metrics['rs_seconds'])})", flush=True)
+    common.cleanup_distributed(dist)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
   python reward.py --axis helpfulness --quick --out-dir /tmp/rm    # a smoke run in seconds
   python reward.py --axis safety --data my_prefs.jsonl --test-data my_test.jsonl --init-from /path/to/llama-2-7b-chat
   torchrun --nproc_per_node=8 reward.py --axis helpfulness --device cuda --batch-size 512
+  torchrun --nproc_per_node=8 reward.py --axis safety --init-from /path/to/llama-2-7b-chat --device cuda --fsdp
 
 Steps: 1. preference pairs: sampled from the chat model and rated by the world's annotator (§3.2.1), cached in
 out/prefs/ so that both axes train on one collection (or read from --data); 2. the mixture of §3.2.2 for this axis;
@@ -109,6 +110,7 @@ class RewardConfig:
     device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model (shapes vary per batch: mostly useful on GPUs)
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     seed: int = 0
     log_interval: int = 25
 
@@ -366,10 +368,11 @@ def length_batches(lengths: list[int], batch_size: int, rng: random.Random, wind
 
 
 def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, tag: str = "reward"):
-    """cfg.epochs (§3.2.2: one) of the ranking loss on `pairs`. Returns (reward model, loss curve)."""
+    """cfg.epochs (§3.2.2: one) of the ranking loss on `pairs`. Returns (reward model, loss curve); the model is whole
+    on every rank (under FSDP a consolidated copy), so that rank 0 alone can save and evaluate it."""
     device = dist.device
     rm = reward_model_from(init, seed=cfg.seed).to(device)
-    net = common.wrap_model(rm, dist, compile=cfg.compile)
+    net = common.wrap_model(rm, dist, cfg.fsdp, cfg.compile, param_dtype=dtype if device.type == "cuda" else None)
     opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay)
     max_len = rm.args.max_seq_len
     chosen = [encode_reply(tok, p.messages, p.chosen, max_len) for p in pairs]
@@ -403,7 +406,7 @@ def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, ta
         curve.append([step + 1, round(loss_g, 5), round(acc_g, 4)])
         if (step + 1) % cfg.log_interval == 0 or step == 0 or step + 1 == steps:
             prog.log(step + 1, loss=loss_g, acc=acc_g, lr=lr)
-    return rm.eval(), curve
+    return common.consolidated_copy(rm).eval(), curve  # FSDP: all ranks gather the shards (collective); else rm
 
 
 # ---- 6. evaluation (Tables 7, 8) -------------------------------------------------------------------------------------
@@ -546,7 +549,7 @@ def main(cfg: RewardConfig):
         print(f"[reward] done in {common.fmt_time(metrics['wall_seconds'])}, {metrics['cpu_seconds']:.0f} CPU-s "
               f"(data {data_seconds:.1f}s, train {train_seconds:.1f}s, eval {eval_seconds:.1f}s); wrote {out}",
               flush=True)
-    common.cleanup_distributed()
+    common.cleanup_distributed(dist)
 
 
 # ---- the combined reward of §3.2.3 (rejection sampling and PPO) ------------------------------------------------------

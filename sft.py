@@ -37,6 +37,10 @@ Paper defaults and how the miniature scales them (§3.1):
   6. A dialog longer than --seq-len is cut at --seq-len (the number is printed); one with nothing left to train is
      dropped. A batch that runs past the end of an epoch's rows wraps around to its first rows, so every step has a
      full batch (every process of torchrun gets rows).
+  7. The loss of a step is the mean over the answer tokens of its whole global batch (the paper does not say how it
+     averages). Each micro-batch's own mean is weighted by its share of those tokens, so torchrun (DDP or FSDP) and
+     --grad-accum take exactly the step that one process takes on the whole batch; an unweighted mean of per-process
+     means would give rows with few answer tokens more weight in a split batch than in a whole one.
 Time: ~1 minute on 2 CPU cores (196 steps at ~14k tokens/s in 55 s, then 10 s of evaluation); ~20 s on one GPU.
 """
 from __future__ import annotations
@@ -200,6 +204,13 @@ def get_batch(p: Packed, i: int, batch_size: int, rows: slice, device):
     return to(p.tokens), to(p.targets), to(p.positions), block_causal_mask(to(p.segments))
 
 
+def answer_tokens(p: Packed, i: int, batch_size: int) -> int:
+    """Trained (answer) targets in batch i of an epoch, all rows: every process holds the packing, so each counts the
+    global batch without communication."""
+    idx = (i * batch_size + torch.arange(batch_size)) % p.tokens.size(0)
+    return int((p.targets[idx] != IGNORE).sum())
+
+
 # ---- 3. loss on answer tokens ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def answer_loss(net, p: Packed, batch_size: int, device, dtype) -> Optional[float]:
@@ -330,11 +341,16 @@ def main(cfg: SFTConfig):
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.warmup, cfg.final_lr_ratio)
         common.set_lr(opt, lr)
         loss_sum = 0.0
+        n_answer = answer_tokens(packs[epoch], i, cfg.batch_size)  # the whole global batch's, all processes together
         for m in range(cfg.grad_accum):  # this process's micro-batches: contiguous slices of the global batch
             lo = (dist.rank * cfg.grad_accum + m) * n_micro
             x, y, pos, mask = get_batch(packs[epoch], i, cfg.batch_size, slice(lo, lo + n_micro), device)
+            # choice 7: this micro-batch's mean, weighted by its share of the global batch's answer tokens, x the number
+            # of processes (DDP and FSDP average gradients over processes): summed over every process and micro-batch,
+            # the mean over all the global batch's answer tokens, as one process computes it
+            share = int((y != IGNORE).sum()) / n_answer * dist.world_size
             with common.autocast(device, dtype):
-                loss = net(x, y, positions=pos, mask=mask)[1] / cfg.grad_accum  # mean over this micro-batch's answers
+                loss = net(x, y, positions=pos, mask=mask)[1] * share
             scaler.scale(loss).backward()
             loss_sum += loss.item()
         scaler.unscale_(opt)
@@ -356,7 +372,7 @@ def main(cfg: SFTConfig):
         if stopping and not last:
             if dist.is_main:
                 print(f"[sft] stopped at step {step + 1} (--stop-at); rerun to resume", flush=True)
-            common.cleanup_distributed()
+            common.cleanup_distributed(dist)
             return
     ran = total_steps - start
     run = {"steps": total_steps, "epochs": cfg.epochs, **stats,
@@ -366,7 +382,7 @@ def main(cfg: SFTConfig):
         if ran == 0:
             print(f"[sft] {out} is already trained to {total_steps} steps; evaluating it", flush=True)
         finish(cfg, out, tok, history, run, device, t_start)
-    common.cleanup_distributed()
+    common.cleanup_distributed(dist)
 
 
 def finish(cfg, out: Path, tok, history: dict, run: dict, device, t_start: float):

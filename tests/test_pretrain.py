@@ -2,7 +2,6 @@
 schedules, and one-line errors."""
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 import common
 import model as M
 import pretrain
+from dist_util import torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--corpus-bytes", "200000", "--batch-size", "8", "--seq-len", "64", "--long-seq-len", "0",
@@ -86,19 +86,13 @@ def test_checkpoint_interrupted_mid_write_keeps_the_previous_one(tmp_path, monke
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def _torchrun(args, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                           str(29500 + os.getpid() % 1000), str(REPO / "pretrain.py"), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(tmp_path, mode):
     flags = ["--max-steps", "6", "--eval-interval", "100", "--ckpt-interval", "100", "--warmup", "2", *SMALL]
     run_main(tmp_path / "one", *flags)
-    r = _torchrun(["--out-dir", str(tmp_path / "two"), *flags, *(["--fsdp"] if mode == "fsdp" else [])], tmp_path)
+    r = torchrun(REPO / "pretrain.py", "--out-dir", tmp_path / "two", *flags, *(["--fsdp"] if mode == "fsdp" else []),
+                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = history(tmp_path / "one"), history(tmp_path / "two")
     assert len(one) == len(two) == 6
