@@ -311,6 +311,17 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, scaler, model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    """The end of every training step: unscale the fp16 loss scale (a no-op in bf16/fp32), clip the global gradient
+    norm (§2.2: 1.0), step, clear the gradients. Returns the gradient norm before clipping."""
+    scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
 def lr_at(step: int, max_steps: int, peak: float, warmup: int, final_ratio: float = 0.1) -> float:
     """Linear warmup to peak over `warmup` steps, then cosine decay to final_ratio * peak at max_steps (§2.2: 2000
     warmup steps, decay to 10% of the peak)."""

@@ -48,6 +48,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096  # §2.2: Llama 2 doubled the context to 4096
     head: str = "lm"  # ours: "lm" = next-token logits, "scalar" = one number per position (reward / value models)
+    score_offset: float = 0.0  # ours, head "scalar": added to every score (a reward model's zero point, reward.py)
 
     @property
     def kv_heads(self) -> int:
@@ -271,7 +272,7 @@ class Transformer(nn.Module):
         """
         h = self.trunk(tokens, positions, mask, cache, cache_pos, kv_len)  # (B, T, C)
         if self.args.head == "scalar":
-            return self.score(h).squeeze(-1).float(), None  # (B, T)
+            return self.score(h).squeeze(-1).float() + self.args.score_offset, None  # (B, T)
         logits = self.output(h)  # (B, T, V) in the compute dtype
         if targets is None:
             return logits.float(), None

@@ -30,11 +30,19 @@ Choices where the paper is silent (numbered for the README):
   2. Value model: a separate scalar-head model initialized from the helpfulness reward model: its trunk already
      reads replies for quality, so value estimates start in the reward's units (InstructGPT did the same).
   3. Whitening of R~c: subtract the batch mean and divide by its std, per iteration; advantages are whitened too.
-  4. Early stopping: every --eval-interval iterations, the mean combined reward of greedy replies to held-out prompts
-     (the paper's model-based evaluation); the best iterate is kept, and training stops after --patience evaluations
-     without improvement.
-  5. Miniature scale: batch 64 prompts (paper 512), minibatch 16 (64), lr 1e-4 constant (1e-6), replies up to 48
-     tokens; beta 0.01 as the paper's 7B/13B.
+  4. Early stopping and model selection: every --eval-interval iterations (and once before the first), greedy replies
+     to held-out prompts are scored, the best iterate is kept (the starting policy included: PPO must beat it to
+     replace it), and training stops after --patience evaluations without improvement. --select-by annotator (the
+     default) scores them by the raters (§3.4's human evaluation, which the paper ran between RLHF versions);
+     --select-by rm by the mean combined reward of the RMs (§3.4's model-based evaluation). Both are logged. The RMs
+     alone cannot catch their own blind spots: here a run selected by them drifted into polite refusals of arithmetic
+     questions, which the helpfulness RM scores like answers.
+  5. Miniature scale: batch 64 prompts (paper 512), minibatch 16 (64), lr 5e-5 constant (1e-6), replies up to 64
+     tokens; beta 0.01 as the paper's 7B/13B. At lr 1e-4 the KL reached 8 nats per reply within 40 iterations and
+     the policy learned to refuse arithmetic questions politely (the helpfulness RM cannot check a sum).
+  6. A reply that reaches the length limit without EOS is scored by the RMs at its last token, a state they never saw
+     in training, and its score there is arbitrary: PPO would learn to ramble if that score happened to be high. Such a
+     reply loses a fixed 1.0 (one standard deviation of the whitened score), as TRL's missing_eos_penalty does.
 """
 from __future__ import annotations
 
@@ -67,7 +75,7 @@ class PPOConfig:
     batch_size: int = 64  # prompts per iteration (§3.2.3: 512)
     minibatch_size: int = 16  # one gradient step per minibatch (§3.2.3: 64)
     ppo_epochs: int = 1  # passes over each iteration's rollouts
-    lr: float = 1e-4  # constant (§3.2.3: 1e-6 for the 7B-70B models)
+    lr: float = 5e-5  # constant (§3.2.3: 1e-6 for the 7B-70B models)
     value_lr: float = 1e-4  # the value model's learning rate
     kl_coef: float = 0.01  # beta (§3.2.3: 0.01 for 7B/13B, 0.005 for 34B/70B)
     clip: float = 0.2  # §3.2.3: PPO clip threshold
@@ -76,11 +84,13 @@ class PPOConfig:
     lam: float = 0.95  # GAE lambda
     safety_threshold: float = 0.15  # §3.2.3: use R_s when it is below this
     temperature: float = 1.0  # rollout sampling temperature (plain sampling, no top-p)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
+    missing_eos_penalty: float = 1.0  # subtracted from the whitened score of a reply without EOS (choice 6)
     weight_decay: float = 0.1  # §3.2.3: AdamW as pretraining
     grad_clip: float = 1.0  # §3.2.3
     eval_interval: int = 5  # iterations between held-out evaluations (early stopping)
     patience: int = 4  # evaluations without improvement before stopping
+    select_by: str = "annotator"  # held-out judge of the iterates (choice 4): "annotator" or "rm"
     n_eval: int = 96  # held-out prompts for early stopping
     n_test: int = 200  # test prompts for the final win rate against SFT
     world_seed: int = 0
@@ -215,8 +225,11 @@ def ppo_iteration(policy, ref_policy, value_model, pol_opt, val_opt, tasks: list
         old_logprobs, _ = policy_forward(policy, tokens, index, cfg.temperature)
         ref_logprobs, _ = policy_forward(ref_policy, tokens, index, cfg.temperature)
         old_values = value_forward(value_model, tokens, index) * mask
-        # 2. score: the reward models' combined, logit-ed and whitened score R~c (B,)
+        # 2. score: the reward models' combined, logit-ed and whitened score R~c (B,); a reply cut off at the length
+        #    limit (no EOS) loses missing_eos_penalty: the RMs were trained on finished replies only (reward.py choice 1)
         scores = reward_fn(tasks, replies).to(device)
+        unfinished = torch.tensor([r[-1] != eos_id for r in replies], device=device)
+        scores = scores - cfg.missing_eos_penalty * unfinished.float()
         # 3. shape: -beta * KL per token, score at the last token
         kl = kl_penalty(old_logprobs, ref_logprobs, mask)
         rewards = shape_rewards(scores, kl, mask, cfg.kl_coef)
@@ -271,16 +284,23 @@ def rm_reward_fn(rm_helpful, rm_safety, tok, threshold: float, stats: dict) -> R
 
 
 @torch.no_grad()
-def heldout_reward(policy, tok, tasks, rm_helpful, rm_safety, threshold: float, max_new_tokens: int) -> float:
-    """Mean R_c (sigmoid scale) of greedy replies to held-out prompts: the model-based evaluation for early stopping."""
+def heldout_scores(policy, tok, tasks, rm_helpful, rm_safety, threshold: float, max_new_tokens: int,
+                   annotator=None) -> dict:
+    """Greedy replies to held-out prompts, scored two ways: "rm", the mean combined reward R_c (sigmoid scale) of the
+    two RMs (§3.4's model-based evaluation), and, with an annotator, "annotator", the raters' mean overall utility
+    (helpfulness, minus 1 for an unsafe reply: the §3.4 human evaluation in miniature)."""
     import reward as R
     from evaluate import chat_generate
-    replies = [r.tokens for r in chat_generate(policy, tok, [t.messages for t in tasks], max_new_tokens)]
+    out = chat_generate(policy, tok, [t.messages for t in tasks], max_new_tokens)
     dialogs = [t.messages for t in tasks]
-    r_h = R.score(rm_helpful, tok, dialogs, replies, sigmoid=True)
-    r_s = R.score(rm_safety, tok, dialogs, replies, sigmoid=True)
+    r_h = R.score(rm_helpful, tok, dialogs, [r.tokens for r in out], sigmoid=True)
+    r_s = R.score(rm_safety, tok, dialogs, [r.tokens for r in out], sigmoid=True)
     is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-    return combined_reward(r_s, r_h, is_safety, threshold).mean().item()
+    scores = {"rm": combined_reward(r_s, r_h, is_safety, threshold).mean().item()}
+    if annotator is not None:
+        judged = [annotator.score(t.messages, r.text) for t, r in zip(tasks, out)]
+        scores["annotator"] = sum(j.helpfulness - (0.0 if j.safe else 1.0) for j in judged) / len(judged)
+    return scores
 
 
 def main(cfg: PPOConfig):
@@ -320,13 +340,40 @@ def main(cfg: PPOConfig):
     eval_tasks = world.tasks("val", cfg.n_eval, seed=cfg.seed)
     rng = random.Random(f"ppo/{cfg.seed}/{dist.rank}")
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dist.rank)
-    log: dict = {"reward_by_iter": [], "kl_by_iter": [], "heldout_by_iter": [], "iters": []}
+    log: dict = {"reward_by_iter": [], "kl_by_iter": [], "heldout_by_iter": [], "heldout_scores": [], "iters": []}
     best, best_it, bad = -math.inf, 0, 0
     out = Path(cfg.out_dir)
     per_rank = max(1, cfg.batch_size // dist.world_size)
     t_start = time.perf_counter()
     prog = common.Progress("ppo", cfg.iterations, per_rank * dist.world_size, 0.0, device, torch.float32,
                            enabled=dist.is_main, unit="prompts")
+    if cfg.select_by not in ("annotator", "rm"):
+        common.die(f"--select-by must be 'annotator' or 'rm', got {cfg.select_by!r}")
+    annotator = data.Annotator(world, seed=cfg.seed) if cfg.select_by == "annotator" else None
+
+    def evaluate_and_keep(it: int) -> bool:
+        """Held-out scores of the current policy; the best iterate so far is saved. Returns True to stop early."""
+        nonlocal best, best_it, bad
+        sc = heldout_scores(common.consolidated_copy(policy, param_dtype), tok, eval_tasks, rm_helpful, rm_safety,
+                            cfg.safety_threshold, cfg.max_new_tokens, annotator)  # FSDP: full weights once
+        sc = {k: common.all_reduce_mean(v, dist) for k, v in sc.items()}
+        h = sc[cfg.select_by]
+        log["heldout_by_iter"].append([it, h])
+        log["heldout_scores"].append({"iter": it, **sc})
+        if dist.is_main:
+            print(f"[ppo] iteration {it}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in sc.items())
+                  + f" (best {cfg.select_by} {max(best, h):.4f})", flush=True)
+        if h > best:
+            best, best_it, bad = h, it, 0
+            common.save_training_checkpoint(out, pol_net, policy, None, it, dist, Path(cfg.init_from) /
+                                            "tokenizer.model")
+            return False
+        bad += 1
+        if bad >= cfg.patience and dist.is_main:
+            print(f"[ppo] early stop: no held-out improvement in {bad} evaluations", flush=True)
+        return bad >= cfg.patience
+
+    evaluate_and_keep(0)  # the starting policy is a candidate too: PPO must beat it to replace it
     for it in range(1, cfg.iterations + 1):
         batch = rng.sample(train_tasks, per_rank)  # each rank its own share of prompts
         prompts = [tok.encode_dialog(t.messages)[0] for t in batch]
@@ -341,23 +388,8 @@ def main(cfg: PPOConfig):
         log["kl_by_iter"].append([it, s["kl"]])
         prog.log(it, rm_reward=s["rm_reward"], kl=s["kl"], clip=s["clip_frac"], vloss=s["value_loss"],
                  entropy=s["entropy"], len=s["reply_len"])
-        if it % cfg.eval_interval == 0 or it == cfg.iterations:
-            h = heldout_reward(common.consolidated_copy(policy, param_dtype), tok, eval_tasks, rm_helpful, rm_safety,
-                               cfg.safety_threshold, cfg.max_new_tokens)  # FSDP: full weights once, freed after
-            h = common.all_reduce_mean(h, dist)
-            log["heldout_by_iter"].append([it, h])
-            if dist.is_main:
-                print(f"[ppo] iteration {it}: held-out reward {h:.4f} (best {max(best, h):.4f})", flush=True)
-            if h > best:
-                best, best_it, bad = h, it, 0
-                common.save_training_checkpoint(out, pol_net, policy, None, it, dist, Path(cfg.init_from) /
-                                                "tokenizer.model")
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    if dist.is_main:
-                        print(f"[ppo] early stop: no held-out improvement in {bad} evaluations", flush=True)
-                    break
+        if (it % cfg.eval_interval == 0 or it == cfg.iterations) and evaluate_and_keep(it):
+            break
     if dist.is_main:
         final = load_checkpoint(out, device=device).eval()
         metrics = final_report(final, tok, cfg, world, device)

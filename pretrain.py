@@ -271,11 +271,7 @@ def main(cfg: PretrainConfig):
                 loss = net(x.to(device), y.to(device))[1] / cfg.grad_accum
             scaler.scale(loss).backward()
             loss_sum += loss.item()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        common.optimizer_step(opt, scaler, net, cfg.grad_clip)
         loss_g = common.all_reduce_mean(loss_sum, dist)
         history["train"].append([step + 1, loss_g])
         if (step + 1) % cfg.log_interval == 0 or step == start:

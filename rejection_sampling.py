@@ -56,7 +56,7 @@ class RSConfig:
     n_prompts: int = 600  # training prompts per iteration
     temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])  # Fig. 8's sweep
     n_sweep: int = 48  # prompts used to pick each iteration's temperature and for Figs. 7-8
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64  # stories with the demonstrations' closer need ~55 tokens
     safety_threshold: float = 0.15  # §3.2.3
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2

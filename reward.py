@@ -55,6 +55,13 @@ Deviations from the paper, and choices where it is silent:
      data than a 2-minute budget allows (~50-70% on those pairs, ~100% on verbose, truncated or refusing replies,
      which make up the "better" level); with 4x the data (and a zero head) "significantly better" rose from 75% to 80%.
   7. No mid-run checkpoints: an RM trains in about a minute here; the model is written once, at the end.
+  8. The safety RM's zero point (calibrate_safety). §3.2.3 switches to the safety RM whenever R_s < 0.15, which
+     presumes that a low sigmoid score means "unsafe". The ranking loss fixes only differences of scores, so without
+     a calibration the level is an accident of the initialization: here an uncalibrated safety RM put 60-77% of the
+     replies to harmless questions below 0.15, so PPO optimized its helpfulness replies against the safety RM, which
+     cannot tell a right answer from a wrong one. After training, the offset that puts 0.15 at the 5th percentile of
+     the safe replies' scores in its training pairs is stored in params.json (score_offset); every user of the RM
+     (RS, PPO, evaluation) then reads calibrated scores. Accuracies are unchanged (they compare differences).
 """
 from __future__ import annotations
 
@@ -95,7 +102,8 @@ class RewardConfig:
     safety_prompts: int = 700  # world train prompts of the safety kinds (harmful, borderline); see docstring, choice 3
     test_prompts: int = 200  # world test prompts per category
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.2])  # §3.2.1: two samples, two temperatures
-    max_new_tokens: int = 48  # length limit of the sampled replies
+    max_new_tokens: int = 64  # length limit of the sampled replies
+    safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
     batch_size: int = 32  # pairs per optimizer step, all processes together (§3.2.2: 512)
     lr: float = 1e-4  # peak lr (§3.2.2: 1e-5; 10x as pretrain.py scales, see docstring)
@@ -508,6 +516,13 @@ def main(cfg: RewardConfig):
     rm, curve = train(init, mix, tok, cfg, cfg.margin, dist, dtype, tag=f"rm_{cfg.axis}")
     train_seconds = time.perf_counter() - t0
 
+    calibration = None
+    if dist.is_main and cfg.axis == "safety":  # the zero point that §3.2.3's R_s < 0.15 rule needs (choice 8)
+        calibration = calibrate_safety(rm, tok, mix, cfg.safety_threshold)
+        print(f"[reward] safety RM calibrated: score offset {calibration['offset']:+.3f}; on its training replies "
+              f"R_s < {cfg.safety_threshold} holds for {calibration['safe_flagged']:.1%} of the safe ones and "
+              f"{calibration['unsafe_flagged']:.1%} of the unsafe ones (replies to safety prompts, which R_s scores "
+              f"anyway)", flush=True)
     if dist.is_main:  # 4. save, evaluate (Tables 7, 8), optionally the margin ablation (Table 28)
         save_checkpoint(rm, out, tok_path)
         t0 = time.perf_counter()
@@ -525,7 +540,7 @@ def main(cfg: RewardConfig):
             "train_rating_counts": {r: sum(p.rating == r for p in mix) for r in data.RATINGS},
             "safety_label_counts": {lab: sum(p.safety_label == lab for p in train_pairs if p.category == "safety")
                                     for lab in data.SAFETY_LABELS},
-            "data_info": info, "steps": len(curve), "lr": cfg.lr, "batch_size": cfg.batch_size,
+            "calibration": calibration, "data_info": info, "steps": len(curve), "lr": cfg.lr, "batch_size": cfg.batch_size,
             "final_train_loss": curve[-1][1], "loss_curve": curve[::max(1, len(curve) // 200)],
             "data_seconds": data_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         }
@@ -553,6 +568,45 @@ def main(cfg: RewardConfig):
 
 
 # ---- the combined reward of §3.2.3 (rejection sampling and PPO) ------------------------------------------------------
+def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool]]:
+    """Every reply of the pairs with the rater's verdict on it: (dialogs, replies, is_safe). A safety pair's label says
+    which of its replies are safe (§3.2.1); in this world every reply to a helpfulness prompt is safe."""
+    dialogs, replies, safe = [], [], []
+    for p in pairs:
+        lab = p.safety_label if p.category == "safety" else data.SAFETY_LABELS[1]
+        chosen_safe, rejected_safe = {data.SAFETY_LABELS[0]: (True, False), data.SAFETY_LABELS[1]: (True, True),
+                                      data.SAFETY_LABELS[2]: (False, False)}.get(lab, (None, None))
+        for reply, ok in ((p.chosen, chosen_safe), (p.rejected, rejected_safe)):
+            if ok is not None:
+                dialogs.append(p.messages)
+                replies.append(reply)
+                safe.append(ok)
+    return dialogs, replies, safe
+
+
+@torch.no_grad()
+def calibrate_safety(rm: Transformer, tok, pairs: list, threshold: float = 0.15, false_alarms: float = 0.05) -> dict:
+    """Choice 8: set the safety RM's zero point so that §3.2.3's rule "R_s < 0.15 means unsafe" holds on its own
+    training replies. The ranking loss only sees score differences, so the level of the scores is arbitrary (any
+    constant can be added); the paper's fixed threshold presumes a level. We take the raw score t below which only
+    `false_alarms` (5%) of the safe replies fall, and add logit(0.15) - t to every score (model.args.score_offset), so
+    that sigmoid(score) < 0.15 exactly below t. The rule then sends 1 in 20 harmless replies to the safety RM, and
+    catches the unsafe replies the RM can tell apart (reported as unsafe_flagged)."""
+    dialogs, replies, safe = reply_safety_labels(pairs)
+    rm.args.score_offset = 0.0
+    raw = score(rm, tok, dialogs, replies)  # (N,) raw scores, no offset
+    is_safe = torch.tensor(safe)
+    if not is_safe.any():
+        return {"offset": 0.0, "unsafe_flagged": float("nan"), "safe_flagged": float("nan"), "n": len(safe)}
+    t = torch.quantile(raw[is_safe], false_alarms).item()
+    offset = math.log(threshold / (1 - threshold)) - t
+    rm.args.score_offset = offset
+    flagged = raw < t
+    return {"offset": offset, "raw_threshold": t, "n": len(safe), "n_unsafe": int((~is_safe).sum()),
+            "unsafe_flagged": flagged[~is_safe].float().mean().item() if (~is_safe).any() else float("nan"),
+            "safe_flagged": flagged[is_safe].float().mean().item()}
+
+
 def combined_reward(r_safety: torch.Tensor, r_helpful: torch.Tensor, is_safety: torch.Tensor,
                     threshold: float = 0.15) -> torch.Tensor:
     """§3.2.3: R_c = R_s if IS_SAFETY(p) or R_s < 0.15 else R_h, from sigmoid-scale scores (B,) of the two RMs: the

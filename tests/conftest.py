@@ -22,3 +22,14 @@ def meta_tokenizer_path() -> Path:
     if not META_TOKENIZER.is_file():
         pytest.skip(f"Meta's tokenizer.model not found at {META_TOKENIZER} (set NANOLLAMA2_SHARED to the shared/ folder)")
     return META_TOKENIZER
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny test models (dim 64) run faster on one thread than on several, above all on a shared CPU; torchrun
+    processes use one each. Test files that want it say `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,13 +19,7 @@ import model as M
 from dist_util import REPO, check, tiny_stack, torchrun
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process runs use one thread, as each torchrun process does (and as test_sft.py's tiny models prefer)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ from tokenizer import B_INST, E_INST, UNSAFE_ERROR, train_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test models are tiny (dim 64): one thread is faster than several, above all on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

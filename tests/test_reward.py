@@ -159,6 +159,30 @@ def test_reward_model_from_chat_model_and_round_trip(tmp_path, tok):
         reward.load_reward_model(tmp_path / "chat")
 
 
+def test_safety_calibration_puts_the_threshold_at_the_safe_replies_5th_percentile(tok, monkeypatch):
+    """calibrate_safety (choice 8) with hand-made raw scores: 100 safe replies scoring 0..99 and 10 unsafe ones
+    scoring -5..4. The offset must make sigmoid(raw + offset) < 0.15 exactly for raws below the 5% quantile of the
+    safe scores (4.95), keep it in the model's args (saved to params.json), and report both rates."""
+    safe = [data.Preference([data.user(f"q{i}")], f"s{2 * i}", f"s{2 * i + 1}", data.RATINGS[0], "helpfulness")
+            for i in range(50)]  # helpfulness pairs: both replies count as safe
+    unsafe = [data.Preference([data.user(f"h{i}")], f"r{i}", f"u{i}", data.RATINGS[0], "safety",
+                              data.SAFETY_LABELS[2]) for i in range(5)]  # both_unsafe: both replies unsafe
+    raw = {f"s{i}": float(i) for i in range(100)} | {f"r{i}": float(i - 5) for i in range(5)} | \
+        {f"u{i}": float(i) for i in range(5)}
+    monkeypatch.setattr(reward, "score", lambda rm, tok, dialogs, replies, **kw: torch.tensor([raw[r] for r in replies]))
+    rm = reward.reward_model_from(tiny_chat_model(tok.n_words))
+    cal = reward.calibrate_safety(rm, tok, safe + unsafe, threshold=0.15)
+    t = torch.quantile(torch.arange(100.0), 0.05).item()  # 4.95
+    assert cal["raw_threshold"] == pytest.approx(t) and rm.args.score_offset == pytest.approx(cal["offset"])
+    assert cal["offset"] == pytest.approx(math.log(0.15 / 0.85) - t)
+    for value in raw.values():
+        assert (torch.sigmoid(torch.tensor(value + cal["offset"])) < 0.15).item() == (value < t)
+    assert cal["safe_flagged"] == pytest.approx(0.05) and cal["unsafe_flagged"] == pytest.approx(1.0)
+    labels = reward.reply_safety_labels(safe[:1] + unsafe[:1] + [data.Preference(
+        [data.user("x")], "c", "d", data.RATINGS[0], "safety", data.SAFETY_LABELS[0])])[2]
+    assert labels == [True, True, False, False, True, False]  # chosen_safe_other_unsafe: chosen safe only
+
+
 # ---- data: mixtures, collection --------------------------------------------------------------------------------------
 def _pairs(n_help: int, n_safe: int):
     p = lambda c, i: data.Preference([data.user(f"q{i}")], "a", "b", data.RATINGS[i % 4], c)

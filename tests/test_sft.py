@@ -19,13 +19,7 @@ SYSTEM_DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "c
                  {"role": "assistant", "content": "4 + 5 = 9."}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test models are tiny (dim 64): one thread is faster than several, above all on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
