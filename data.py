@@ -31,6 +31,10 @@ Choices where the paper is silent (or that differ from it):
   3. Compliance with a harmful request gets helpfulness 0.8 but safe=False; a refusal gets a moderate 0.5-0.6.
   4. GAtt instructions name their marker ("start every reply with Arr!") so that a tiny model can carry an unseen
      constraint over by copying, the only way it can generalize (the paper's models know what Napoleon sounds like).
+  5. SFT demonstrations carry their writers' habit (DEMO_HABIT: 80% end with a pleasantry the raters mark down as
+     padding), §5.1's reason why RLHF can surpass the demonstrations it starts from. Without it the demonstrations
+     would be the raters' ideal replies and best-of-K could not beat SFT's greedy reply (measured: 54% even with the
+     annotator itself picking the best of 8).
 Sizes: the default 8 MB corpus (~53k documents, ~4M tokens with a 512-piece BPE) is generated in ~0.5 s.
 Run `python data.py --show` to see samples of everything.
 """

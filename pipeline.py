@@ -39,28 +39,28 @@ class Stage:
 def _eval(name: str, a: str) -> Stage:
     return Stage(name, "evaluate.py", name, ["--a", "{out}/" + a, "--b", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
                                              "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/" + name],
-                 ["--quick"], 30)
+                 ["--quick"], 12)
 
 
 STAGES = [
     Stage("pretrain", "pretrain.py", "pretrain", ["--out-dir", "{out}/pretrain"],
           ["--max-steps", "80", "--corpus-bytes", "1000000", "--eval-interval", "40", "--ckpt-interval", "80",
-           "--log-interval", "20"], 270),
-    Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 100),
+           "--log-interval", "20"], 260),
+    Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 85),
     Stage("rm_helpful", "reward.py", "rm_helpful", ["--axis", "helpfulness", "--init-from", "{out}/sft",
                                                     "--out-dir", "{out}/rm_helpful", "--margin-ablation"],
-          ["--quick"], 150),
+          ["--quick"], 135),
     Stage("rm_safety", "reward.py", "rm_safety", ["--axis", "safety", "--init-from", "{out}/sft",
-                                                  "--out-dir", "{out}/rm_safety"], ["--quick"], 80),
+                                                  "--out-dir", "{out}/rm_safety"], ["--quick"], 35),
     Stage("rs", "rejection_sampling.py", "rs", ["--init-from", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
                                                "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/rs"],
-          ["--quick"], 120),
+          ["--quick"], 145),
     Stage("ppo", "ppo.py", "ppo", ["--init-from", "{out}/rs", "--rm-helpful", "{out}/rm_helpful", "--rm-safety",
-                                   "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo"], ["--quick"], 150),
-    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 120),
+                                   "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo"], ["--quick"], 100),
+    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 140),
     Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--rm-helpful",
                                                    "{out}/rm_helpful", "--rm-safety", "{out}/rm_safety",
-                                                   "--out-dir", "{out}/eval_sft"], ["--quick"], 30),
+                                                   "--out-dir", "{out}/eval_sft"], ["--quick"], 12),
     _eval("eval_rs", "rs"),
     _eval("eval_ppo", "ppo"),
     _eval("eval_gatt", "gatt"),

@@ -100,9 +100,14 @@ def test_ppo_under_torchrun_ddp_and_fsdp_runs_and_checkpoints(tmp_path, stack):
         check(torchrun(REPO / "ppo.py", *flags, "--out-dir", tmp_path / mode, *(["--fsdp"] if mode == "fsdp" else []),
                        cwd=tmp_path))
         runs[mode] = metrics(tmp_path / mode)
-        assert runs[mode]["complete"] and runs[mode]["best_iteration"] == 1
+        # the starting policy is a candidate too (ppo.py choice 4): the kept iterate is 0 or 1
+        assert runs[mode]["complete"] and runs[mode]["best_iteration"] in (0, 1)
         policy = M.load_checkpoint(tmp_path / mode)  # written under torchrun, loaded in one process
-        assert policy.args.head == "lm" and max_weight_diff(tmp_path / mode, stack["chat"]) > 0  # it trained
+        assert policy.args.head == "lm"
+        if runs[mode]["best_iteration"] == 1:
+            assert max_weight_diff(tmp_path / mode, stack["chat"]) > 0  # it trained
+    assert runs["fsdp"]["best_iteration"] == runs["ddp"]["best_iteration"]
+    assert runs["fsdp"]["heldout_scores"] == pytest.approx(runs["ddp"]["heldout_scores"], abs=1e-5)
     ddp, fsdp = runs["ddp"]["iters"][0], runs["fsdp"]["iters"][0]
     for key in ("rm_reward", "reply_len", "used_safety_rm", "kl"):
         assert fsdp[key] == pytest.approx(ddp[key], abs=1e-6), key
