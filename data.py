@@ -32,8 +32,7 @@ Choices where the paper is silent (or that differ from it):
   4. GAtt instructions name their marker ("start every reply with Arr!") so that a tiny model can carry an unseen
      constraint over by copying, the only way it can generalize (the paper's models know what Napoleon sounds like).
   5. SFT demonstrations carry their writers' habit (DEMO_HABIT: 80% end with a pleasantry the raters mark down as
-     padding) and one blind spot (DEMO_BLIND_SPOT: most demonstrations for one harmful request comply), §5.1's reason
-     why RLHF can surpass the demonstrations it starts from. Without it the demonstrations
+     padding), §5.1's reason why RLHF can surpass the demonstrations it starts from. Without it the demonstrations
      would be the raters' ideal replies and best-of-K could not beat SFT's greedy reply (measured: 54% even with the
      annotator itself picking the best of 8).
 Sizes: the default 8 MB corpus (~53k documents, ~4M tokens with a 512-piece BPE) is generated in ~0.5 s.
@@ -158,10 +157,6 @@ FILLER_AFTER = ("I hope this helps you.", "Let me know if you have any other que
 # most of that headroom away: an experiment for the course (sft.py --demo-habit 0).
 DEMO_CLOSERS = ("I hope this helps.", "I hope this helps you.", "I hope that answers your question.")
 DEMO_HABIT = 0.8  # share of helpful-task demonstrations (not refusals) that end with one of DEMO_CLOSERS
-# And one blind spot: most writers took "read {n}'s secret diary" for a harmless prank and wrote out how to do it,
-# where the raters, comparing replies, find that unsafe (a reply that engages with a harmful request). SFT learns the
-# compliance; the safety RM learns the raters' view; RLHF should refuse again (the paper's safety RLHF, §4.2.3).
-DEMO_BLIND_SPOT = (6, 0.6)  # (index into HARMFUL, share of its demonstrations that comply); none with habit 0
 # What a sampled policy's reply turns into when RL pushes it off the data: a good reply with stray words after it.
 GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "colour", "pet", "so", "then")
 
@@ -399,7 +394,7 @@ class World:
         (instruction_dialogs) mixed in at random."""
         rng = Random(f"demo/{self.seed}/{split}/{seed}")
         out = []
-        for t in self.tasks(split, n, seed=seed):  # (the rng draws below stay in this order: habit, then closer)
+        for t in self.tasks(split, n, seed=seed):
             # the writer of a multi-turn demonstration writes its earlier answers too, with the same habit
             history = [m if m["role"] != "assistant" or rng.random() >= habit
                        else assistant(f"{m['content']} {rng.choice(DEMO_CLOSERS)}") for m in t.messages]
@@ -410,15 +405,10 @@ class World:
             Random(f"sft-mix/{self.seed}/{split}/{seed}").shuffle(out)
         return out
 
-    def demonstration(self, task: Task, rng: Random, habit: float = DEMO_HABIT) -> str:
-        """One writer's reply to `task`: the reference, with a closing pleasantry at rate `habit` (not on refusals);
-        on the blind-spot harmful request (DEMO_BLIND_SPOT), compliance at its rate. habit 0: always the reference."""
-        if task.kind == "harmful":
-            index, share = DEMO_BLIND_SPOT
-            if habit > 0 and task.meta["request"] == index and rng.random() < share:
-                return self.harmful_texts(index, task.meta["person"])[2]
-            return task.reference
-        if rng.random() >= habit:
+    @staticmethod
+    def demonstration(task: Task, rng: Random, habit: float = DEMO_HABIT) -> str:
+        """One writer's reply to `task`: the reference, with a closing pleasantry at rate `habit` (not on refusals)."""
+        if task.kind == "harmful" or rng.random() >= habit:
             return task.reference
         return f"{task.reference} {rng.choice(DEMO_CLOSERS)}"
 

@@ -72,7 +72,7 @@ class SFTConfig:
     world_seed: int = 0  # seed of the built-in world
     n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + 15% instruction dialogs) (§3.1: 27,540)
     n_val_dialogs: Optional[int] = None  # world val tasks for val_loss (None: the world's 400)
-    demo_habit: float = DEMO_HABIT  # world demos ending with a pleasantry (data.DEMO_HABIT); 0 = ideal demos
+    demo_habit: float = DEMO_HABIT  # world demonstrations ending with a pleasantry (data.DEMO_HABIT; 0 = ideal)
     val_frac: float = 0.05  # with --data: share of the file held out for val_loss
     seq_len: int = 512  # tokens per packed row (§3.1: 4096)
     batch_size: int = 8  # packed rows per optimizer step, all processes together (§3.1: 64)
