@@ -306,6 +306,8 @@ def heldout_scores(policy, tok, tasks, rm_helpful, rm_safety, threshold: float, 
 def main(cfg: PPOConfig):
     import evaluate as E
     import reward as R
+    if cfg.select_by not in ("annotator", "rm"):
+        common.die(f"--select-by must be 'annotator' or 'rm', got {cfg.select_by!r}")
     if cfg.quick:
         cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, 24, 2
     dist = common.setup_distributed(cfg.device)
@@ -347,8 +349,6 @@ def main(cfg: PPOConfig):
     t_start = time.perf_counter()
     prog = common.Progress("ppo", cfg.iterations, per_rank * dist.world_size, 0.0, device, torch.float32,
                            enabled=dist.is_main, unit="prompts")
-    if cfg.select_by not in ("annotator", "rm"):
-        common.die(f"--select-by must be 'annotator' or 'rm', got {cfg.select_by!r}")
     annotator = data.Annotator(world, seed=cfg.seed) if cfg.select_by == "annotator" else None
 
     def evaluate_and_keep(it: int) -> bool:
