@@ -312,12 +312,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
 
 
 def optimizer_step(opt: torch.optim.Optimizer, scaler, model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
-    """The end of every training step: unscale the fp16 loss scale (a no-op in bf16/fp32), clip the global gradient
-    norm (§2.2: 1.0), step, clear the gradients. Returns the gradient norm before clipping."""
-    scaler.unscale_(opt)
+    """The end of every training step: unscale the fp16 loss scale (a no-op in bf16/fp32; scaler None: no scaler),
+    clip the global gradient norm (§2.2: 1.0), step, clear the gradients. Returns the gradient norm before clipping."""
+    if scaler is not None:
+        scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(opt)
-    scaler.update()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
 

@@ -406,9 +406,7 @@ def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, ta
         r_chosen, r_rejected = r[:len(idx)], r[len(idx):]  # (b,), (b,)
         loss = ranking_loss(r_chosen, r_rejected, m_all[idx].to(device))  # §3.2.2 eq. 2
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        common.optimizer_step(opt, None, net, cfg.grad_clip)
         loss_g = common.all_reduce_mean(loss.item(), dist)
         acc_g = common.all_reduce_mean((r_chosen > r_rejected).float().mean().item(), dist)
         curve.append([step + 1, round(loss_g, 5), round(acc_g, 4)])
