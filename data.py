@@ -4,7 +4,8 @@ Real Llama 2 data (2T tokens of web text, ~1.4M human preference comparisons) is
 generates, from a seed and in a few seconds, a world small enough for a ~1M-parameter model to learn on a CPU:
 
   knowledge   a cast of people, each with five facts (pet, colour, city, hobby, food), sums and differences of
-              numbers below 100, short stories: the pretraining corpus (pretrain.py, §2).
+              numbers below 100, short stories, role-play transcripts (an instruction, then answers that keep it):
+              the pretraining corpus (pretrain.py, §2).
   chat tasks  questions about the facts, arithmetic, stories, multi-turn follow-ups (§3.1 SFT data, RL prompts, §3.4
               evaluation prompts); safety prompts: harmful requests (refuse them) and borderline ones that only sound
               risky (answer them), so that helpfulness and safety pull against each other as in §3.2.
@@ -31,6 +32,11 @@ Choices where the paper is silent (or that differ from it):
   3. Compliance with a harmful request gets helpfulness 0.8 but safe=False; a refusal gets a moderate 0.5-0.6.
   4. GAtt instructions name their marker ("start every reply with Arr!") so that a tiny model can carry an unseen
      constraint over by copying, the only way it can generalize (the paper's models know what Napoleon sounds like).
+     The pretraining corpus teaches the copying: 8% of its documents are role-play transcripts whose figures and
+     markers are paired at random (RP_* pools), as the web teaches a real model to act as someone. Without them the
+     SFT model followed an instruction in the current turn only 43% of the time (measured): it learned a table of
+     the 9 training constraints instead (asked to mention golf, it wrote "I love tennis"). The held-out constraints'
+     names and markers occur in no training text, pretraining included.
   5. SFT demonstrations carry their writers' habit (DEMO_HABIT: 80% end with a pleasantry the raters mark down as
      padding), §5.1's reason why RLHF can surpass the demonstrations it starts from. Without it the demonstrations
      would be the raters' ideal replies and best-of-K could not beat SFT's greedy reply (measured: 54% even with the
@@ -246,8 +252,8 @@ class World:
     # -- pretraining corpus (§2): many short documents, every fact stated many times in several phrasings ------------
     def pretrain_documents(self, n_bytes: int = 8_000_000, seed: int = 0) -> list[str]:
         rng = Random(f"pretrain/{self.seed}/{seed}")
-        makers = (self._doc_bio, self._doc_story, self._doc_qa, self._doc_arith, self._doc_advice)
-        weights = (0.35, 0.2, 0.2, 0.2, 0.05)
+        makers = (self._doc_bio, self._doc_story, self._doc_qa, self._doc_arith, self._doc_advice, self._doc_roleplay)
+        weights = (0.35, 0.2, 0.2, 0.2, 0.05, 0.08)
         docs, total = [], 0
         while total < n_bytes:
             doc = rng.choices(makers, weights)[0](rng)
@@ -279,6 +285,23 @@ class World:
 
     def _doc_arith(self, rng: Random) -> str:
         return "\n".join(arith_reply(*self._random_sum(rng))[:-1] for _ in range(rng.randint(4, 8)))
+
+    def _doc_roleplay(self, rng: Random) -> str:
+        """A role-play transcript: an instruction (long or short form, 1-2 kinds), then answers that all keep it. The
+        web text from which a pretrained model knows how to act as someone (§3.3's GAtt needs a model that already
+        follows an instruction in the current turn); no chat tags, no held-out constraint (RP_* pools)."""
+        constraints = [_roleplay_constraint(k, rng) for k in rng.sample(CONSTRAINT_KINDS, rng.choice([1, 2]))]
+        instruction, _ = combine(constraints, short=rng.random() < 0.5)
+        lines = [instruction]
+        for _ in range(rng.randint(2, 4)):
+            if rng.random() < 0.75:
+                person, attr = rng.choice(self.people), rng.choice(ATTRIBUTES)
+                q, a = self.fact_question(person, attr, rng), self.fact_reply(person, attr)
+            else:
+                x, op, y = self._random_sum(rng)
+                q, a = f"What is {x} {op} {y}?", arith_reply(x, op, y)
+            lines.append(f"Q: {q} A: {apply_all(constraints, a)}")
+        return "\n".join(lines)
 
     def _doc_advice(self, rng: Random) -> str:
         lines = []
@@ -586,11 +609,36 @@ CONSTRAINTS = (
     Constraint("capitals", "style", "Answer only in capital letters.", "Style: capitals", "upper"),
     Constraint("lowercase", "style", "Answer only in lowercase letters.", "Style: lowercase", "lower"),
     Constraint("radio", "style", "End every reply with the word Over.", "Style: radio (Over.)", "suffix", "Over."),
-    Constraint("excited", "style", "End every reply with an exclamation mark.", "Style: excited (!)", "exclaim",
-               held_out=True),
+    Constraint("excited", "style", "End every reply with an exclamation mark.", "Style: excited (!)", "exclaim"),
+    Constraint("signoff", "style", "End every reply with the word Cheers.", "Style: sign-off (Cheers.)", "suffix",
+               "Cheers.", held_out=True),
     _hobby("tennis"), _hobby("golf"), _hobby("football"), _hobby("knitting", held_out=True),
 )
 CONSTRAINT_KINDS = ("figure", "hobby", "style")  # also the order in which apply_all applies them
+
+# Role-play transcripts in the pretraining corpus (World._doc_roleplay): the same three kinds of instruction, with a
+# figure and a marker paired at random, so that what generalizes is copying the marker the instruction names, not a
+# memorized figure -> marker table. The held-out constraints' names and markers are in none of these pools, and so in
+# no training text at all: Table 30's unseen column measures that copying.
+RP_FIGURES = ("wizard", "knight", "sailor", "chef", "queen", "king", "dragon", "clown", "farmer", "baker", "poet", "spy",
+              "monk", "witch", "giant", "fairy", "owl", "pirate", "cowboy", "robot", "teacher", "doctor")
+RP_MARKERS = ("Ahoy!", "Hey!", "Hello!", "Yo!", "Aha!", "Wow!", "Hooray!", "Greetings!", "Ding!", "Meow!", "Hoot!",
+              "Huzzah!", "Oh my!", "Hmm.", "Zap!", "Bang!", "Arr!", "Howdy!", "Beep boop.", "Yes sir!")
+RP_HOBBIES = ("tennis", "golf", "football", "rugby", "skiing", "rowing", "karate", "juggling", "archery", "sailing",
+              "bowling", "boxing", "surfing", "yoga", "pottery", "origami")
+RP_SIGNOFFS = ("Over.", "Thanks.", "Done.", "Bye.", "Amen.", "Peace.", "Ciao.", "Later.", "Roger.", "Salute.")
+
+
+def _roleplay_constraint(kind: str, rng: Random) -> Constraint:
+    if kind == "figure":
+        return _figure(rng.choice(RP_FIGURES), rng.choice(RP_MARKERS))
+    if kind == "hobby":
+        return _hobby(rng.choice(RP_HOBBIES))
+    i = rng.randrange(4)
+    if i < 3:  # capitals, lowercase, excited: the rule-based styles
+        return [c for c in CONSTRAINTS if c.rule in ("upper", "lower", "exclaim")][i]
+    w = rng.choice(RP_SIGNOFFS)
+    return Constraint(w, "style", f"End every reply with the word {w}", f"Style: sign-off ({w})", "suffix", w)
 
 
 def combine(constraints, short: bool = False) -> tuple[str, Callable[[str], bool]]:

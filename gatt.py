@@ -12,22 +12,26 @@ GAtt fixes it with data and a loss mask, not with any change to attention:
      does follow an instruction present in the current turn (learned in SFT from data.World.instruction_dialogs).
   3. Training sample: the same dialogue with inst kept in the FIRST user message only, and the loss zeroed on every
      token of the earlier turns, assistant replies included ("weight": 0): only the last turn's reply is learned.
-     One training sample per dialogue prefix (turns 1..k, k = 1..n), so every turn is learned once, in the context
-     it will be used in: the instruction far back, the model's own compliant earlier replies in between.
+     The paper's form is one training sample per dialogue prefix (turns 1..k, k = 1..n), so every turn is learned
+     once, in the context it will be used in: the instruction far back, the model's own compliant earlier replies in
+     between (`training_samples(..., per_prefix=True)`, `--per-prefix`).
   4. Fine-tune with sft.py's recipe on these samples, mixed with ordinary SFT dialogues.
   5. Measure Table 30: the share of replies keeping the instruction at turns 1..8, before and after, with the model's
      own replies as the history, on held-out dialogues, and on constraints held out of training (zero-shot).
-A note on the mask: because attention is causal, turn k's loss in the full dialogue is exactly turn k's loss in the
-prefix sample; training every prefix on its last reply thus equals training the full dialogue on all replies, at
-n times the compute. We keep the paper's per-prefix form since it is what "zero the loss on previous turns" means and
-a reader can check it sample by sample; the equivalence is why the cheaper form would also be right.
+A note on the mask, and why the default trains one sample per dialogue: attention is causal, so the tokens of reply k
+see exactly the same context in the full dialogue as in prefix sample k (nothing after them is visible). The loss of
+reply k is therefore the same number in both, and training the full dialogue once with every reply's loss on equals
+training the n prefix samples on their last replies, at about 2/(n+1) of the tokens (8 turns: 4.5x fewer).
+tests/test_gatt.py checks this on a model: the summed token losses of the two forms agree to float precision. The
+per-prefix form stays (--per-prefix) because it is what "zero the loss on previous turns" means, sample by sample.
 
 Choices where the paper is silent:
   1. A sampled reply that fails the constraint check (or the annotator's correctness) is replaced by the world's
      reference reply with the constraint applied; the share of such fallbacks is reported. The paper's RLHF model was
      reliable enough to skip this; a 1M-parameter model is not.
   2. The instruction goes in front of the user message ("inst question"), as a system prompt would.
-  3. GAtt samples are mixed 1:1 with ordinary SFT dialogues so that the other skills are not forgotten.
+  3. GAtt samples are mixed 1:1 with ordinary SFT dialogues (one SFT dialogue per trained GAtt reply) so that the
+     other skills are not forgotten.
 """
 from __future__ import annotations
 
@@ -53,7 +57,8 @@ class GattConfig:
     n_eval: int = 100  # held-out dialogues per evaluation set (seen / unseen constraints)
     max_new_tokens: int = 32  # reply budget per turn
     lr: float = 5e-4  # fine-tuning peak lr (see sft.py)
-    epochs: int = 1
+    epochs: int = 2  # full dialogues (step 3): 2 epochs take the steps 1 epoch of per-prefix samples took
+    per_prefix: bool = False  # the paper's one sample per dialogue prefix (same gradient, ~4.5x the tokens: step 3)
     world_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -100,18 +105,23 @@ def fit_context(tok, history: list[dict], budget: int) -> list[dict]:
 
 
 # ---- 3. the training samples: instruction in the first turn only, loss on the last reply only ------------------------
-def training_samples(g, replies: list[str]) -> list[list[dict]]:
-    """One dialogue per prefix k = 1..n: user turns (the first with the instruction), replies 1..k-1 with weight 0
-    (context, no loss), reply k trained."""
-    samples = []
-    for k in range(1, len(replies) + 1):
+def training_samples(g, replies: list[str], per_prefix: bool = False) -> list[list[dict]]:
+    """The GAtt training dialogue(s) of one sampled dialogue: user turns with the instruction in the first only.
+
+    per_prefix=True: the paper's form, one dialogue per prefix k = 1..n, replies 1..k-1 with weight 0 (context, no
+    loss), reply k trained. per_prefix=False: one dialogue with every reply trained, the same losses (module
+    docstring, step 3)."""
+    def dialog(k: int, context_weight: int) -> list[dict]:
         msgs = []
         for t in range(k):
             q = with_instruction(g.instruction, g.user_turns[t]) if t == 0 else g.user_turns[t]
             msgs.append({"role": "user", "content": q})
-            msgs.append({"role": "assistant", "content": replies[t], **({"weight": 0} if t < k - 1 else {})})
-        samples.append(msgs)
-    return samples
+            msgs.append({"role": "assistant", "content": replies[t],
+                         **({"weight": context_weight} if t < k - 1 and context_weight != 1 else {})})
+        return msgs
+    if not per_prefix:
+        return [dialog(len(replies), 1)]
+    return [dialog(k, 0) for k in range(1, len(replies) + 1)]
 
 
 # ---- 5. Table 30: does the instruction hold at turn t when only turn 1 carries it? ------------------------------------
@@ -160,9 +170,9 @@ def main(cfg: GattConfig):
     replies, fallback = sample_dialogs(model, tok, train, cfg.max_new_tokens, annotator)
     print(f"[gatt] sampled {len(train)} dialogues x {cfg.n_turns} turns; {fallback:.1%} of replies replaced by the "
           f"compliant reference", flush=True)
-    # 3. training samples (instruction only in turn 1, loss only on the last reply), mixed 1:1 with SFT dialogues
-    samples = [s for g, r in zip(train, replies) for s in training_samples(g, r)]
-    mix = world.sft_dialogs("train", len(samples), seed=cfg.seed + 1)
+    # 3. training samples (instruction only in turn 1), mixed 1:1 with SFT dialogues by trained replies (choice 3)
+    samples = [s for g, r in zip(train, replies) for s in training_samples(g, r, cfg.per_prefix)]
+    mix = world.sft_dialogs("train", sum(len(r) for r in replies), seed=cfg.seed + 1)
     rows = samples + mix
     Random(f"gatt/{cfg.seed}").shuffle(rows)
     data_path = out / "gatt_train.jsonl"

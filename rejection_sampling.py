@@ -28,6 +28,12 @@ Choices where the paper is silent:
   1. Every iteration fine-tunes the starting (SFT) model on the kept set, rather than the last RS model on it again,
      so that no reply is trained on twice; the samples of iteration i+1 come from the model of iteration i.
   2. K = 8 (the paper's figures go up to N = 100); 600 prompts per iteration, from the world's training prompts.
+  3. The fine-tuning set also holds the SFT data's share (15%) of instruction-following dialogues
+     (data.World.instruction_dialogs), unchanged: the world's RL prompts carry no persistent instruction and the reward
+     models never judged one, so a fine-tune on kept replies alone erodes a skill no RLHF step asks for. Measured
+     before this mix: an SFT model that kept an instruction in the current turn 43% of the time kept it 35% after RS
+     (and 28% after PPO), and Ghost Attention, which samples from the RLHF model (§3.3), had to replace 82% of its
+     samples by the reference. The paper's RLHF prompts included system-prompted ones; ours are not rated by the RMs.
 """
 from __future__ import annotations
 
@@ -60,6 +66,7 @@ class RSConfig:
     safety_threshold: float = 0.15  # §3.2.3
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2
+    instruction_share: float = 0.15  # instruction-following dialogues mixed into each fine-tune set (choice 3)
     n_test: int = 200  # test prompts for the win rate against SFT
     world_seed: int = 0
     device: str = "auto"
@@ -184,11 +191,17 @@ def main(cfg: RSConfig):
             if key not in kept or r > kept[key][0]:
                 kept[key], improved = (r, reply), improved + 1
         rows = [all_train[key].messages + [{"role": "assistant", "content": reply}] for key, (_, reply) in kept.items()]
-        path = out / f"rs_iter{it}.jsonl"
+        # the fine-tuning set: the kept set (rs_iter<i>.jsonl) + instruction dialogues (choice 3), shuffled
+        mix = world.instruction_dialogs("train", round(cfg.instruction_share * len(rows)), seed=cfg.seed + it)
+        train_rows = rows + mix
+        Random(f"rs-mix/{cfg.seed}/{it}").shuffle(train_rows)
+        path = out / f"rs_train{it}.jsonl"
         if dist.is_main:
-            path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+            (out / f"rs_iter{it}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+            path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in train_rows))
         stats = {"iteration": it, "temperature": temp, "mean_reward": rewards.mean().item(),
                  "mean_best_reward": rewards.max(1).values.mean().item(), "kept": len(kept), "improved": improved,
+                 "instruction_dialogs": len(mix),
                  "sampled_tokens_per_sec": n_tok / max(dt, 1e-9),
                  "prompts_by_rank": [len(common.rank_shard(ids, common.Dist(rank=r, world_size=dist.world_size)))
                                      for r in range(dist.world_size)]}

@@ -1,6 +1,7 @@
 """Tests of the miniature world (data.py): determinism, splits, corpus coverage, the annotator's judgments and noise,
 GAtt constraints, and the readers' error messages. All fast (a few seconds in total)."""
 import json
+import re
 import random
 
 import pytest
@@ -87,6 +88,26 @@ def test_every_fact_appears_many_times(world, corpus):
     for person in world.people:
         for attr in data.ATTRIBUTES:
             assert corpus.count(world.fact_reply(person, attr)) >= 5, (person.name, attr)
+
+
+def test_corpus_role_play_teaches_copying_and_never_shows_held_out_constraints(world, corpus):
+    """Role-play transcripts (§3.3's in-turn instruction following, learned in pretraining) pair figures and markers at
+    random; the held-out constraints, which Table 30's unseen column tests, occur in no document at all."""
+    pairs = re.findall(r"Act as an? (\w+) and start every reply with (.+?)(?= You enjoy| Answer only| End every|$)",
+                       corpus, re.M)
+    assert len(pairs) > 100
+    by_figure = {}
+    for fig, marker in pairs:
+        by_figure.setdefault(fig, set()).add(marker)
+    counts = {fig: sum(f == fig for f, _ in pairs) for fig in by_figure}
+    # each figure seen 3+ times came with 2+ markers: no figure -> marker table to memorize (the corpus is seeded, so
+    # this is deterministic; under random pairing of 20 markers it fails for a figure with odds 1 in 400 or less)
+    assert all(len(by_figure[f]) >= 2 for f, n in counts.items() if n >= 3) and len(by_figure) >= 15
+    lower = corpus.lower()
+    for c in data.CONSTRAINTS:
+        if c.held_out:
+            words = [c.name] + ([c.marker] if c.marker else [])
+            assert not any(w.lower() in lower for w in words), c.name
 
 
 def test_recall_prompts_use_corpus_phrasing(world, corpus):

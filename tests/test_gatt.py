@@ -2,6 +2,8 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import data
 import gatt
@@ -18,7 +20,7 @@ def tok(tmp_path_factory):
 def test_training_sample_trains_only_the_last_reply_and_keeps_instruction_in_turn_one(tok):
     g = data.World(seed=0).gatt_dialogs("train", 1, n_turns=4)[0]
     replies = g.compliant_replies()
-    samples = gatt.training_samples(g, replies)
+    samples = gatt.training_samples(g, replies, per_prefix=True)  # the paper's form: one sample per prefix
     assert len(samples) == 4
     for k, msgs in enumerate(samples, 1):
         users = [m["content"] for m in msgs if m["role"] == "user"]
@@ -28,6 +30,38 @@ def test_training_sample_trains_only_the_last_reply_and_keeps_instruction_in_tur
         trained = tok.decode([t for t, m in zip(ids, mask) if m and t != tok.eos_id]).strip()
         assert trained == replies[k - 1]  # exactly the last reply, no earlier reply, no user word
         assert sum(t == tok.eos_id for t, m in zip(ids, mask) if m) == 1
+
+
+def _summed_answer_loss(model, tok, msgs) -> torch.Tensor:
+    """Sum of the cross-entropies of every trained token (mask 1) of one dialogue, each predicted from the tokens
+    before it: what sft.py's loss adds up for this dialogue."""
+    ids, mask = tok.encode_dialog(msgs)
+    x = torch.tensor(ids[:-1])[None]
+    targets = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])[None]
+    logits, _ = model(x)
+    return F.cross_entropy(logits[0], targets[0], ignore_index=-100, reduction="sum")
+
+
+def test_one_dialogue_with_every_reply_trained_equals_the_per_prefix_samples(tok):
+    """The default GAtt sample (one dialogue, all replies trained) learns the same tokens with the same losses as the
+    paper's per-prefix samples: causal attention shows reply k the same context in both."""
+    import model as M
+    g = data.World(seed=0).gatt_dialogs("train", 1, n_turns=4)[0]
+    replies = g.compliant_replies()
+    full, = gatt.training_samples(g, replies)
+    prefixes = gatt.training_samples(g, replies, per_prefix=True)
+    assert full == [{k: v for k, v in m.items() if k != "weight"} for m in prefixes[-1]]  # the last prefix, all on
+    ids, mask = tok.encode_dialog(full)
+    trained = [t for t, m in zip(ids, mask) if m]
+    assert trained == [t for p in prefixes for t, m in zip(*tok.encode_dialog(p)) if m]  # the same tokens, once each
+    torch.manual_seed(0)
+    model = M.Transformer(M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
+                                      multiple_of=16, max_seq_len=512)).init_weights(seed=0)
+    with torch.no_grad():
+        one = _summed_answer_loss(model, tok, full)
+        per_prefix = sum(_summed_answer_loss(model, tok, p) for p in prefixes)
+    assert one.item() == pytest.approx(per_prefix.item(), rel=1e-5)  # fp32 sums in another order
+    assert one.item() > 100  # a random model: the sum is large, so rel=1e-5 is a tight check
 
 
 def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
