@@ -226,6 +226,19 @@ def all_reduce_mean(x: float, dist: Dist) -> float:
     return t.item() / dist.world_size
 
 
+def all_reduce_sum(t: torch.Tensor, dist: Optional[Dist]) -> torch.Tensor:
+    """The elementwise sum of `t` over all ranks, on every rank (a new tensor; `t` itself in one process or with dist
+    None). For statistics that must be those of the global batch, not of this rank's share: all-reduce the partial
+    SUMS and COUNTS, then divide (an average of per-rank means is wrong when the ranks' counts differ, as reply tokens
+    do)."""
+    if dist is None or dist.world_size == 1:
+        return t
+    import torch.distributed as tdist
+    out = t.detach().to(dist.device, copy=True)  # nccl reduces CUDA tensors only (the reward models score on the CPU)
+    tdist.all_reduce(out)  # SUM by default
+    return out.to(t.device)
+
+
 def wrap_model(model: torch.nn.Module, dist: Dist, fsdp: bool = False, compile: bool = False,
                grad_checkpoint: bool = False, param_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """The module the training loop calls. The raw model (the argument) keeps the weights' plain names: save that one,

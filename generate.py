@@ -20,6 +20,8 @@ Choices where Meta's code differs or is silent:
   2. Returned completions include the EOS token when one was sampled (RL needs to know the reply ended).
   3. The log-probs returned with samples are those of the temperature-scaled distribution before top-p truncation;
      for PPO sample with top_p=1.0 so they are exactly the sampling distribution's.
+  4. Seeding: one generator for the batch (Meta's way, one draw for all rows per step), or one generator per row, so
+     that a row's sample does not depend on its batch-mates (PPO's rollouts: N processes sample what one would).
 """
 from __future__ import annotations
 
@@ -78,6 +80,21 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Ten
     return idx.gather(-1, choice).squeeze(-1)
 
 
+def _sample(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """probs (B, V) fp32 -> (B,) token ids, by the nucleus rule (top_p < 1) or from the whole distribution.
+
+    generator: one torch.Generator (or None: torch's global one) for the whole batch, the fast path: one multinomial
+    call for all rows. Its draws are laid out by row position, so a row's tokens depend on which rows share its batch.
+    Or a list with one generator per row: row b then draws from generator[b] alone, one (1, V) call per row, and its
+    tokens depend only on its own generator and logits, whatever else is in the batch (PPO under torchrun: a reply must
+    not depend on which process samples it). B small calls per step instead of one: fine for rollouts."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_sample(probs[b:b + 1], top_p, g) for b, g in enumerate(generator)])  # (B,)
+    if top_p < 1.0:
+        return sample_top_p(probs, top_p, generator)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def _next_token(logits, temperature, top_p, generator, want_logprobs: bool = True):
     """logits (B, V) fp32 -> (tokens (B,), logprobs (B,) under the temperature-scaled distribution, or None when greedy
     decoding was not asked for them: a log-softmax over V per row, 0.3 ms of a ~17 ms CPU step at batch 16)."""
@@ -88,9 +105,7 @@ def _next_token(logits, temperature, top_p, generator, want_logprobs: bool = Tru
         logp = F.log_softmax(logits, -1)
     else:
         logp = F.log_softmax(logits / temperature, -1)
-        probs = logp.exp()
-        tok = sample_top_p(probs, top_p, generator) if top_p < 1.0 else torch.multinomial(
-            probs, 1, generator=generator).squeeze(-1)
+        tok = _sample(logp.exp(), top_p, generator)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -143,15 +158,21 @@ def _compiled_decode_step(device: torch.device):
 @torch.no_grad()
 def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, eos_id: Optional[int] = 2, num_samples: int = 1, logprobs: bool = False,
-             generator: Optional[torch.Generator] = None, compile: bool = False, pad_id: int = 0):
+             generator=None, compile: bool = False, pad_id: int = 0):
     """Sample continuations for a batch of prompts (lists of token ids, different lengths allowed).
 
     Returns completions: list (len(prompts) * num_samples, prompt-major) of token lists, each ending at its first EOS
     (included) or after max_new_tokens; with logprobs=True also the per-token log-probs, as (tokens, logprobs).
     Defaults are Meta's chat sampling (temperature 0.6, top_p 0.9); temperature 0 is greedy.
+    generator: a torch.Generator for the whole batch (None: torch's global one), or a list of len(prompts) *
+    num_samples generators, one per completion, in the output's order: then a completion's tokens depend only on its
+    prompt and its own generator, not on the other rows in the batch (see _sample; PPO's rollouts under torchrun).
     """
     if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token (e.g. BOS)")
+    if isinstance(generator, (list, tuple)) and len(generator) != len(prompt_tokens) * num_samples:
+        raise ValueError(f"{len(generator)} generators for {len(prompt_tokens) * num_samples} completions: "
+                         f"give one per completion (len(prompts) * num_samples)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -2,13 +2,26 @@
 
   python ppo.py                       # policy from out/rs (or --init-from), reward models from out/rm_*
   python ppo.py --kl-coef 0           # no penalty: watch the policy drift and game the reward models
-  torchrun --nproc_per_node=2 ppo.py  # data parallel: each rank rolls out its share of the prompts
+  torchrun --nproc_per_node=2 ppo.py  # data parallel: the same run as one process, the batch split in two
   torchrun --nproc_per_node=8 ppo.py --device cuda --fsdp   # policy and value model sharded (FSDP2)
 
 Under torchrun the policy and the value model train data-parallel (DDP, or FSDP2 with --fsdp); the frozen reference
 policy and both reward models are held whole on every rank (bf16 on CUDA, eval mode, no gradients): they only run
 forward passes. Under FSDP each rollout phase first gathers the policy's full weights once (common.consolidated_copy),
 generates on them with no communication, then frees them: never an all-gather per generated token (§3.2.3).
+
+N processes run the same PPO as one process with the same global batch (up to the order of float sums; checked by
+tests/test_distributed.py), so --batch-size means the same thing on any number of GPUs and a result does not depend on
+how many there were:
+  - every rank draws the same global batch of --batch-size prompts (an RNG not seeded by the rank); its random order
+    is the minibatch split, and rank r of W takes the rows at positions r, r+W, r+2W, ...: M/W rows of every
+    minibatch of M (--minibatch-size; both flags must be multiples of W);
+  - a reply's sampling generator is seeded by (seed, iteration, its prompt's index in the global batch), one generator
+    per row (generate.py), so a reply does not depend on which rank samples it or beside which other prompts;
+  - R~c and the advantages are whitened with the global batch's mean and variance (all-reduced sums and counts);
+  - each rank's loss is its reply tokens' sum over the global minibatch's token count, times W, because DDP and FSDP
+    average gradients over ranks: the step is one process's step on the global minibatch's token mean;
+  - the logged statistics are the global batch's (the ranks' partial sums added, then divided).
 
 The objective (§3.2.3): maximize E_{p ~ D, g ~ pi_theta}[R(g | p)] with
     R(g | p) = R~c(g | p) - beta * KL(pi_theta(g | p) || pi_0(g | p))
@@ -30,11 +43,13 @@ Choices where the paper is silent (numbered for the README):
   2. Value model: a separate scalar-head model initialized from the helpfulness reward model: its trunk already
      reads replies for quality, so value estimates start in the reward's units (InstructGPT did the same).
   3. Whitening of R~c: subtract the batch mean and divide by its std, per iteration; advantages are whitened too.
+     "The batch" is the global one under torchrun: all ranks' replies (advantages: all ranks' reply tokens).
   4. Early stopping and model selection: every --eval-interval iterations (and once before the first), greedy replies
      to held-out prompts are scored, the best iterate is kept (the starting policy included: PPO must beat it to
-     replace it), and training stops after --patience evaluations without improvement. --select-by annotator (the
-     default) scores them by the raters (§3.4's human evaluation, which the paper ran between RLHF versions);
-     --select-by rm by the mean combined reward of the RMs (§3.4's model-based evaluation). Both are logged. The RMs
+     replace it; --no-eval-start leaves it out, so a trained iterate is kept), and training stops after --patience
+     evaluations without improvement. --select-by annotator (the default) scores them by the raters (§3.4's human
+     evaluation, which the paper ran between RLHF versions); --select-by rm by the mean combined reward of the RMs
+     (§3.4's model-based evaluation). Both are logged. The RMs
      alone cannot catch their own blind spots: here a run selected by them drifted into polite refusals of arithmetic
      questions, which the helpfulness RM scores like answers.
   5. Miniature scale: batch 64 prompts (paper 512), minibatch 16 (64), lr 5e-5 constant (1e-6), replies up to 64
@@ -43,6 +58,10 @@ Choices where the paper is silent (numbered for the README):
   6. A reply that reaches the length limit without EOS is scored by the RMs at its last token, a state they never saw
      in training, and its score there is arbitrary: PPO would learn to ramble if that score happened to be high. Such a
      reply loses a fixed 1.0 (one standard deviation of the whitened score), as TRL's missing_eos_penalty does.
+  7. Minibatches: the batch is split once per iteration (its random order); with --ppo-epochs > 1, later epochs visit
+     the same minibatches in a new random order, where PPO implementations usually reshuffle the rows. Reshuffled
+     rows would land on other ranks than the ones holding them, or make each minibatch's per-rank share depend on the
+     number of processes; the fixed split keeps N processes equal to one. (The default is one epoch.)
 """
 from __future__ import annotations
 
@@ -91,6 +110,7 @@ class PPOConfig:
     eval_interval: int = 5  # iterations between held-out evaluations (early stopping)
     patience: int = 4  # evaluations without improvement before stopping
     select_by: str = "annotator"  # held-out judge of the iterates (choice 4): "annotator" or "rm"
+    eval_start: bool = True  # choice 4: the starting policy is a candidate; --no-eval-start keeps a trained iterate
     n_eval: int = 96  # held-out prompts for early stopping
     n_test: int = 200  # test prompts for the final win rate against SFT
     world_seed: int = 0
@@ -102,13 +122,17 @@ class PPOConfig:
 
 
 # ---- the pieces of the objective, each a small function the tests check by hand ---------------------------------------
-def whiten(x: torch.Tensor, mask: Optional[torch.Tensor] = None, shift_mean: bool = True, eps: float = 1e-8):
-    """(x - mean) / std over the entries where mask is 1 (all entries without a mask)."""
+def whiten(x: torch.Tensor, mask: Optional[torch.Tensor] = None, shift_mean: bool = True, eps: float = 1e-8,
+           dist: Optional[common.Dist] = None):
+    """(x - mean) / std over the entries where mask is 1 (all entries without a mask).
+    dist (under torchrun): the mean and the variance are those of EVERY rank's entries together (all-reduced sums and
+    counts), so N processes whiten exactly as one process holding the whole batch would (choice 3); per-rank statistics
+    would give each rank's rows their own zero and scale."""
     if mask is None:
         mask = torch.ones_like(x)
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
+    n, total = common.all_reduce_sum(torch.stack([mask.sum(), (x * mask).sum()]), dist)  # global count and sum
+    mean = total / n
+    var = common.all_reduce_sum((((x - mean) * mask) ** 2).sum(), dist) / n  # two passes, as one process computes it
     out = (x - mean) * torch.rsqrt(var + eps)
     return (out if shift_mean else out + mean) * mask
 
@@ -143,23 +167,26 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor
     return adv, (adv + values) * response_mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float):
-    """PPO's clipped surrogate: -min(ratio A, clip(ratio, 1-eps, 1+eps) A), mean over reply tokens.
-    Returns (loss, fraction of tokens where the clip was active)."""
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, n_tokens=None):
+    """PPO's clipped surrogate: -min(ratio A, clip(ratio, 1-eps, 1+eps) A), summed over reply tokens and divided by
+    n_tokens: by default mask.sum(), the mean over these tokens; under torchrun the token count of the GLOBAL minibatch,
+    so that the ranks' losses add up to its mean (ppo_iteration, step 5). All (B, Tr).
+    Returns (loss, fraction of tokens where the clip was active, over the same n_tokens)."""
+    n = mask.sum() if n_tokens is None else n_tokens
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
-    loss = -(torch.minimum(unclipped, clipped) * mask).sum() / mask.sum()
-    clip_frac = (((ratio - 1).abs() > clip).float() * mask).sum() / mask.sum()
+    loss = -(torch.minimum(unclipped, clipped) * mask).sum() / n
+    clip_frac = (((ratio - 1).abs() > clip).float() * mask).sum() / n
     return loss, clip_frac
 
 
-def value_loss(values, old_values, returns, mask, clip: float):
+def value_loss(values, old_values, returns, mask, clip: float, n_tokens=None):
     """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = old V + clip(V - old V, -eps, eps): the value may move
-    at most eps per iteration from what produced the advantages."""
+    at most eps per iteration from what produced the advantages. Summed over reply tokens / n_tokens, as policy_loss."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
-    return 0.5 * (loss * mask).sum() / mask.sum()
+    return 0.5 * (loss * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
 # ---- batching rollouts ----------------------------------------------------------------------------------------------
@@ -200,7 +227,16 @@ def value_forward(value_model, tokens, index):
 RewardFn = Callable[[list, list], torch.Tensor]  # (tasks, reply token lists) -> (B,) R~c, before the KL term
 
 
-def rollout(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int, gen: torch.Generator,
+def rollout_generators(seed: int, iteration: int, rows: list[int], device) -> list[torch.Generator]:
+    """One sampling generator per prompt, seeded by (seed, iteration, the prompt's index in the GLOBAL batch): with
+    generate()'s per-row generators a reply then depends on its prompt and this seed only, not on which process samples
+    it nor on what shares its batch, so N processes roll out exactly the replies of one. (Python's random.Random seeds
+    from a string through SHA-512: the same in every process, unlike hash(), which is salted per process.)"""
+    return [torch.Generator(device=device).manual_seed(random.Random(f"ppo-rollout/{seed}/{iteration}/{g}")
+                                                       .getrandbits(63)) for g in rows]
+
+
+def rollout(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int, gen,
             gen_dtype: Optional[torch.dtype] = None) -> list[list[int]]:
     """Step 1: one reply per prompt, plain temperature sampling. Under FSDP the policy's full weights are gathered once
     for the whole phase (common.consolidated_copy) and freed on return: no all-gather per token (§3.2.3's 20x)."""
@@ -211,16 +247,24 @@ def rollout(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int, gen: 
 
 
 def ppo_iteration(policy, ref_policy, value_model, pol_opt, val_opt, tasks: list, prompts: list[list[int]],
-                  reward_fn: RewardFn, cfg: PPOConfig, eos_id: int, gen: torch.Generator, dist=None,
-                  policy_net=None, value_net=None, gen_dtype: Optional[torch.dtype] = None) -> dict:
+                  reward_fn: RewardFn, cfg: PPOConfig, eos_id: int, gen, dist: Optional[common.Dist] = None,
+                  policy_net=None, value_net=None, gen_dtype: Optional[torch.dtype] = None,
+                  shuffle: Optional[random.Random] = None) -> dict:
+    """One iteration on this rank's rows (tasks, prompts), which arrive in minibatch order: this rank's part of global
+    minibatch k is its rows k*m .. k*m+m-1, m = minibatch_size / world_size (main's layout; in one process, simply
+    consecutive rows, so the caller's random order is the minibatch split). gen: a torch.Generator for the whole
+    rollout, or one per row (main: then the replies do not depend on the number of processes). shuffle: a
+    random.Random, the same on every rank, that reorders the minibatches in epochs after the first (None: Python's
+    global one). Every statistic returned is the GLOBAL batch's, the same on every rank."""
     device = next(policy.parameters()).device
     policy_net, value_net = policy_net or policy, value_net or value_model
+    world = dist.world_size if dist is not None else 1
     # 1. rollout: plain temperature sampling; the recorded log-probs are the behaviour policy's
     t0 = time.perf_counter()
     replies = rollout(policy, prompts, cfg, eos_id, gen, gen_dtype)
     replies = [r if r else [eos_id] for r in replies]  # an empty reply still gets one token to carry its reward
     t_roll = time.perf_counter() - t0
-    tokens, index, mask = pad_rollouts(prompts, replies, device)
+    tokens, index, mask = pad_rollouts(prompts, replies, device)  # (B, L), (B, Tr), (B, Tr); B = this rank's rows
     with torch.no_grad():
         old_logprobs, _ = policy_forward(policy, tokens, index, cfg.temperature)
         ref_logprobs, _ = policy_forward(ref_policy, tokens, index, cfg.temperature)
@@ -233,49 +277,63 @@ def ppo_iteration(policy, ref_policy, value_model, pol_opt, val_opt, tasks: list
         # 3. shape: -beta * KL per token, score at the last token
         kl = kl_penalty(old_logprobs, ref_logprobs, mask)
         rewards = shape_rewards(scores, kl, mask, cfg.kl_coef)
-        # 4. GAE, advantages whitened over all reply tokens of the batch
+        # 4. GAE, advantages whitened over all reply tokens of the GLOBAL batch (every rank's)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask)
-    # 5. PPO epochs: shuffled minibatches, one gradient step each, for the policy and the value model
-    stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
-    B = len(prompts)
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B)  # the global RNG, seeded per rank by common.seed_everything
-        for s in range(0, B, cfg.minibatch_size):
-            mb = perm[s:s + cfg.minibatch_size].to(device)
-            logp, entropy = policy_forward(policy_net, tokens[mb], index[mb], cfg.temperature)
-            pl, cf = policy_loss(logp, old_logprobs[mb], advantages[mb], mask[mb], cfg.clip)
-            pl.backward()
+        advantages = whiten(advantages, mask, dist=dist)
+    # 5. PPO epochs: minibatches, one gradient step each, for the policy and the value model. A rank's loss is its
+    #    reply tokens' SUM over the token count N_k of the whole global minibatch k, times world: DDP and FSDP average
+    #    the ranks' gradients (divide by world), so the step follows the gradient of the global minibatch's token mean,
+    #    as one process would. (Each rank's own mean instead would weigh a token by 1 / its rank's count.)
+    m = cfg.minibatch_size // world  # this rank's rows per minibatch
+    starts = list(range(0, len(prompts), m))
+    n_tok_mb = common.all_reduce_sum(torch.stack([mask[s:s + m].sum() for s in starts]), dist)  # (n_mb,) N_k
+    parts = []  # per step, this rank's share (sum / N_k) of: policy loss, value loss, clip fraction, entropy
+    for epoch in range(cfg.ppo_epochs):
+        order = list(range(len(starts)))
+        if epoch > 0:
+            (shuffle or random).shuffle(order)  # choice 7: the same minibatches in a new order, the same on every rank
+        for k in order:
+            mb, n = slice(starts[k], starts[k] + m), n_tok_mb[k]
+            logp, entropy = policy_forward(policy_net, tokens[mb], index[mb], cfg.temperature)  # (m, Tr) each
+            pl, cf = policy_loss(logp, old_logprobs[mb], advantages[mb], mask[mb], cfg.clip, n)
+            (pl * world).backward()  # DDP / FSDP divide the summed gradients by world
             common.optimizer_step(pol_opt, None, policy, cfg.grad_clip)  # clip 1.0, step, clear
-            v = value_forward(value_net, tokens[mb], index[mb])
-            vl = value_loss(v, old_values[mb], returns[mb], mask[mb], cfg.value_clip)
-            vl.backward()
+            v = value_forward(value_net, tokens[mb], index[mb])  # (m, Tr)
+            vl = value_loss(v, old_values[mb], returns[mb], mask[mb], cfg.value_clip, n)
+            (vl * world).backward()
             common.optimizer_step(val_opt, None, value_model, cfg.grad_clip)
-            stats["policy_loss"].append(pl.item())
-            stats["value_loss"].append(vl.item())
-            stats["clip_frac"].append(cf.item())
-            stats["entropy"].append(((entropy * mask[mb]).sum() / mask[mb].sum()).item())
-    # 6. what to log
-    n_tok = mask.sum().item()
-    out = {k: sum(v) / len(v) for k, v in stats.items()}
-    out.update(score=scores.mean().item(), kl=(kl.sum(1)).mean().item(), kl_per_token=kl.sum().item() / n_tok,
-               reply_len=n_tok / B, rollout_tokens_per_sec=n_tok / max(t_roll, 1e-9))
+            parts.append(torch.stack([pl.detach(), vl.detach(), cf, (entropy.detach() * mask[mb]).sum() / n]).float())
+    # 6. what to log: the global batch's values, from the ranks' partial sums (one all-reduce for the lot)
+    per_step = common.all_reduce_sum(torch.stack(parts), dist).mean(0).tolist()  # (4,) mean over the steps
+    n_tok = mask.sum()
+    totals = common.all_reduce_sum(torch.stack([torch.tensor(float(len(prompts)), device=device), n_tok,
+                                                scores.sum(), kl.sum(), n_tok / max(t_roll, 1e-9)]), dist)
+    rows, n_tok, score_sum, kl_sum, tok_per_sec = totals.tolist()
+    out = dict(zip(("policy_loss", "value_loss", "clip_frac", "entropy"), per_step))
+    out.update(score=score_sum / rows, kl=kl_sum / rows, kl_per_token=kl_sum / n_tok, reply_len=n_tok / rows,
+               rollout_tokens_per_sec=tok_per_sec)  # the ranks' throughputs added
     return out
 
 
 # ---- the reward models as the reward function ---------------------------------------------------------------------------
-def rm_reward_fn(rm_helpful, rm_safety, tok, threshold: float, stats: dict) -> RewardFn:
+def rm_reward_fn(rm_helpful, rm_safety, tok, threshold: float, stats: dict,
+                 dist: Optional[common.Dist] = None) -> RewardFn:
+    """R~c of this rank's replies, whitened with the statistics of the global batch (all ranks'); `stats` receives the
+    global batch's mean R_c and the share of replies judged by the safety RM."""
     import reward as R
 
     def fn(tasks, replies):
         dialogs = [t.messages for t in tasks]
-        r_h = R.score(rm_helpful, tok, dialogs, replies, sigmoid=True)
+        r_h = R.score(rm_helpful, tok, dialogs, replies, sigmoid=True)  # (B,) on the CPU
         r_s = R.score(rm_safety, tok, dialogs, replies, sigmoid=True)
         is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
         r_c = combined_reward(r_s, r_h, is_safety, threshold)
-        stats["rm_reward"] = r_c.mean().item()  # the sigmoid-scale reward, comparable across iterations
-        stats["used_safety_rm"] = (is_safety | (r_s < threshold)).float().mean().item()
-        return whiten(logit(r_c))  # R~c = WHITEN(LOGIT(R_c))
+        used_safety = (is_safety | (r_s < threshold)).float()
+        n, r_sum, used_sum = common.all_reduce_sum(torch.stack([torch.tensor(float(len(r_c))), r_c.sum(),
+                                                                used_safety.sum()]), dist).tolist()
+        stats["rm_reward"] = r_sum / n  # the sigmoid-scale reward, comparable across iterations
+        stats["used_safety_rm"] = used_sum / n
+        return whiten(logit(r_c), dist=dist)  # R~c = WHITEN(LOGIT(R_c)), over the global batch
     return fn
 
 
@@ -306,10 +364,13 @@ def main(cfg: PPOConfig):
         common.die(f"--select-by must be 'annotator' or 'rm', got {cfg.select_by!r}")
     if cfg.quick:
         cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, 24, 2
+    if not cfg.eval_start and cfg.iterations < 1:
+        common.die("--no-eval-start needs --iterations >= 1: otherwise no iterate is kept")
     dist = common.setup_distributed(cfg.device)
+    check_batch_layout(cfg, dist.world_size)
     device = dist.device
     dtype = common.pick_dtype(cfg.dtype, device)
-    common.seed_everything(cfg.seed + dist.rank)
+    common.seed_everything(cfg.seed)  # the same on every rank: nothing in a PPO step may depend on the rank
     try:
         policy, tok = E.load_model_and_tokenizer(cfg.init_from, device)
         rm_helpful = R.load_reward_model(cfg.rm_helpful, device)
@@ -327,6 +388,14 @@ def main(cfg: PPOConfig):
     for frozen in (ref_policy, rm_helpful, rm_safety):
         frozen.to(param_dtype or torch.float32).eval().requires_grad_(False)
     policy.train()
+    if device.type == "cpu" and not cfg.fsdp:
+        # generate() stores a CPU model's Linear weights column-major (a faster decode; generate.py) and rollouts run
+        # on the trained policy itself: do it now, before DDP is built. DDP lays out its gradient buckets by the
+        # parameters' strides at construction; re-laid later (at the first rollout), its reduced gradients came back
+        # wrong (torch 2.13, CPU/gloo: 0.09 off on a tiny model) and a 2-process run stepped elsewhere than one
+        # process. One process does it here too, so both run the same matmul layouts. FSDP rolls out on a copy.
+        from generate import _column_major_weights
+        _column_major_weights(policy)
     # the trained pair: DDP, or FSDP2 (--fsdp); the optimizers are made after wrapping, over the (sharded) parameters
     pol_net = common.wrap_model(policy, dist, cfg.fsdp, param_dtype=param_dtype)
     val_net = common.wrap_model(value_model, dist, cfg.fsdp, param_dtype=param_dtype)
@@ -336,14 +405,12 @@ def main(cfg: PPOConfig):
     world = data.World(seed=cfg.world_seed)
     train_tasks = world.tasks("train", seed=cfg.seed)
     eval_tasks = world.tasks("val", cfg.n_eval, seed=cfg.seed)
-    rng = random.Random(f"ppo/{cfg.seed}/{dist.rank}")
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dist.rank)
+    rng = random.Random(f"ppo/{cfg.seed}")  # not seeded by the rank: every rank draws the same global batches
     log: dict = {"reward_by_iter": [], "kl_by_iter": [], "heldout_by_iter": [], "heldout_scores": [], "iters": []}
     best, best_it, bad = -math.inf, 0, 0
     out = Path(cfg.out_dir)
-    per_rank = max(1, cfg.batch_size // dist.world_size)
     t_start = time.perf_counter()
-    prog = common.Progress("ppo", cfg.iterations, per_rank * dist.world_size, 0.0, device, torch.float32,
+    prog = common.Progress("ppo", cfg.iterations, cfg.batch_size, 0.0, device, torch.float32,
                            enabled=dist.is_main, unit="prompts")
     annotator = data.Annotator(world, seed=cfg.seed) if cfg.select_by == "annotator" else None
 
@@ -369,16 +436,24 @@ def main(cfg: PPOConfig):
             print(f"[ppo] early stop: no held-out improvement in {bad} evaluations", flush=True)
         return bad >= cfg.patience
 
-    evaluate_and_keep(0)  # the starting policy is a candidate too: PPO must beat it to replace it
+    if cfg.eval_start:
+        evaluate_and_keep(0)  # the starting policy is a candidate too: PPO must beat it to replace it
     for it in range(1, cfg.iterations + 1):
-        batch = rng.sample(train_tasks, per_rank)  # each rank its own share of prompts
-        prompts = [tok.encode_dialog(t.messages)[0] for t in batch]
+        # The global batch, the same on every rank, in random order: global minibatch k is batch[k*M : (k+1)*M]
+        # (M = minibatch_size). This rank takes the rows at positions rank, rank + W, ... (W processes), i.e. M/W rows
+        # of each minibatch, in minibatch order (what ppo_iteration expects); each row's sampling generator is seeded
+        # by its position in the global batch. So the rollouts, the minibatches and (with global whitening and loss
+        # normalization inside ppo_iteration) the updates are those of one process with the same batch.
+        batch = rng.sample(train_tasks, cfg.batch_size)
+        rows = common.rank_shard(list(range(cfg.batch_size)), dist)  # global indices of this rank's rows
+        tasks = [batch[g] for g in rows]
+        prompts = [tok.encode_dialog(t.messages)[0] for t in tasks]
         rstats: dict = {}
-        s = ppo_iteration(policy, ref_policy, value_model, pol_opt, val_opt, batch, prompts,
-                          rm_reward_fn(rm_helpful, rm_safety, tok, cfg.safety_threshold, rstats), cfg, tok.eos_id,
-                          gen, dist, pol_net, val_net, gen_dtype=param_dtype)
-        s.update(rstats)
-        s = {k: common.all_reduce_mean(v, dist) for k, v in s.items()}
+        s = ppo_iteration(policy, ref_policy, value_model, pol_opt, val_opt, tasks, prompts,
+                          rm_reward_fn(rm_helpful, rm_safety, tok, cfg.safety_threshold, rstats, dist), cfg,
+                          tok.eos_id, rollout_generators(cfg.seed, it, rows, device), dist, pol_net, val_net,
+                          gen_dtype=param_dtype, shuffle=rng)
+        s.update(rstats)  # all global values already: equal on every rank
         log["iters"].append({"iter": it, **s})
         log["reward_by_iter"].append([it, s["rm_reward"]])
         log["kl_by_iter"].append([it, s["kl"]])
@@ -396,6 +471,17 @@ def main(cfg: PPOConfig):
               f"violations {metrics['safety_violation_rate']} (SFT {metrics['sft_safety_violation_rate']}); "
               f"wrote {out}", flush=True)
     common.cleanup_distributed(dist)
+
+
+def check_batch_layout(cfg: PPOConfig, world_size: int):
+    """Every minibatch must split evenly over the processes (M/W rows each), so the batch must too; then the last,
+    possibly shorter, minibatch (B mod M rows) splits evenly as well. One clear error naming the flags otherwise."""
+    if cfg.batch_size < 1 or cfg.minibatch_size < 1:
+        common.die(f"--batch-size ({cfg.batch_size}) and --minibatch-size ({cfg.minibatch_size}) must be positive")
+    for flag, n in (("--minibatch-size", cfg.minibatch_size), ("--batch-size", cfg.batch_size)):
+        if n % world_size:
+            common.die(f"{flag} ({n}) must be a multiple of the number of processes ({world_size}): each process "
+                       f"takes the same number of rows of every minibatch")
 
 
 def final_report(model, tok, cfg, world, device) -> dict:

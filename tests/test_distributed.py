@@ -1,12 +1,15 @@
-"""The stages under torchrun (2 processes, gloo, CPU) against one process: SFT and reward models with FSDP2 take the
-same steps as one process on the same global batch; PPO (DDP and FSDP) and rejection sampling run to the end and write
-checkpoints that load in one process; generation under FSDP runs on gathered full weights, with no per-token
-communication. pretrain.py's equivalent is in test_pretrain.py.
+"""The stages under torchrun (2 processes, gloo, CPU) against one process: SFT and reward models with FSDP2, and PPO
+with DDP and with FSDP2, take the same steps as one process on the same global batch; rejection sampling runs to the
+end; the checkpoints written under torchrun load in one process; generation under FSDP runs on gathered full weights,
+with no per-token communication. pretrain.py's equivalent is in test_pretrain.py.
 
 Tolerances: on the CPU in fp32 the two runs differ only in the order of float sums (a batch split in two, gradients
 reduced across processes). Measured: SFT losses within 1.2e-6 and weights within 6e-8 after 5 steps, reward-model loss
-curves identical to the 5 rounded decimals they are stored with. The bounds below (1e-5) leave room for other CPUs and
-thread counts and are still far below any real difference (a wrongly weighted loss moved SFT's first loss by 5e-4)."""
+curves identical to the 5 rounded decimals they are stored with; PPO's logged statistics within 5e-7 and weights within
+1e-8 after one iteration (4 steps that moved them by 2e-4). The bounds below (1e-5) leave room for other CPUs and
+thread counts and are still far below any real difference (a wrongly weighted loss moved SFT's first loss by 5e-4;
+in PPO with one epoch, per-rank loss means or per-rank whitening of the advantages moved the weights by 2e-4, the
+latter its policy loss by 4e-3; weights re-laid in memory after DDP was built made its gradients wrong: ppo.main)."""
 import json
 from random import Random
 
@@ -88,30 +91,53 @@ def test_reward_fsdp_two_processes_match_one(tmp_path, stack):
     assert max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
-def test_ppo_under_torchrun_ddp_and_fsdp_runs_and_checkpoints(tmp_path, stack):
-    """One iteration under each wrapper. Rollouts come from per-rank seeds and full weights either way, so FSDP's
-    iteration sees exactly DDP's replies and rewards; its losses differ only by float summation order."""
-    flags = list(map(str, ["--init-from", stack["chat"], "--sft", stack["chat"], "--rm-helpful", stack["rm_helpful"],
+def policy_that_stops(stack, out):
+    """The stack's chat model, changed to end its replies after a random number of tokens: EOS gets a logit of about 4
+    at every position (p ~ 0.13 per token; replies of 1 to 8 tokens, a third of them cut off at 8). The random model
+    almost never samples EOS (1 in 400 tokens), and with every reply 8 tokens long each rank holds the same number of
+    reply tokens: then a per-rank token mean would equal the global one, and the test could not tell them apart."""
+    m = M.load_checkpoint(stack["chat"])
+    eos = stack["tok"].eos_id
+    with torch.no_grad():
+        m.tok_embeddings.weight[:, 0] = 0.1  # one component every token shares: the final hidden states share it too
+        h = m.trunk(torch.randint(3, m.args.vocab_size, (16, 20), generator=torch.Generator().manual_seed(0)))
+        mean = h.mean((0, 1))  # (C,) the direction they share
+        m.output.weight[eos] = 4.0 * mean / mean.square().sum()  # logit_eos = h . w ~ 4
+    M.save_checkpoint(m, out, stack["tok"].model_path)
+    return out
+
+
+def test_ppo_two_processes_match_one_under_ddp_and_fsdp(tmp_path, stack):
+    """One PPO iteration in one process, and under torchrun with 2 processes (DDP, then FSDP2): the same global batch,
+    so the same replies, rewards, whitening, losses and update (ppo.py's docstring: N processes == 1 process).
+    --no-eval-start keeps the trained iterate, so the saved weights are those after the update, not the start.
+    Replies of different lengths (policy_that_stops) make the ranks' reply-token counts differ."""
+    import ppo
+    policy = policy_that_stops(stack, tmp_path / "policy")
+    flags = list(map(str, ["--init-from", policy, "--sft", stack["chat"], "--rm-helpful", stack["rm_helpful"],
                            "--rm-safety", stack["rm_safety"], "--iterations", "1", "--batch-size", "8",
                            "--minibatch-size", "4", "--n-eval", "8", "--n-test", "8", "--max-new-tokens", "8",
-                           "--eval-interval", "1"]))
-    runs = {}
+                           "--eval-interval", "1", "--no-eval-start", "--ppo-epochs", "2"]))  # 4 steps, 2 orders
+    ppo.main(common.parse_config(ppo.PPOConfig, flags + ["--out-dir", str(tmp_path / "one")]))
+    runs = {"one": metrics(tmp_path / "one")}
     for mode in ("ddp", "fsdp"):
         check(torchrun(REPO / "ppo.py", *flags, "--out-dir", tmp_path / mode, *(["--fsdp"] if mode == "fsdp" else []),
                        cwd=tmp_path))
         runs[mode] = metrics(tmp_path / mode)
-        # the starting policy is a candidate too (ppo.py choice 4): the kept iterate is 0 or 1
-        assert runs[mode]["complete"] and runs[mode]["best_iteration"] in (0, 1)
-        policy = M.load_checkpoint(tmp_path / mode)  # written under torchrun, loaded in one process
-        assert policy.args.head == "lm"
-        if runs[mode]["best_iteration"] == 1:
-            assert max_weight_diff(tmp_path / mode, stack["chat"]) > 0  # it trained
-    assert runs["fsdp"]["best_iteration"] == runs["ddp"]["best_iteration"]
-    assert runs["fsdp"]["heldout_scores"] == pytest.approx(runs["ddp"]["heldout_scores"], abs=1e-5)
-    ddp, fsdp = runs["ddp"]["iters"][0], runs["fsdp"]["iters"][0]
-    for key in ("rm_reward", "reply_len", "used_safety_rm", "kl"):
-        assert fsdp[key] == pytest.approx(ddp[key], abs=1e-6), key
-    assert fsdp["value_loss"] == pytest.approx(ddp["value_loss"], abs=1e-5)
+    for mode, m in runs.items():
+        assert m["complete"] and m["best_iteration"] == 1, mode  # the trained iterate was kept and saved
+        assert M.load_checkpoint(tmp_path / mode).args.head == "lm"  # written under torchrun, loads in one process
+    assert max_weight_diff(tmp_path / "one", policy) > 1e-5  # it trained: the comparisons below mean something
+    one = runs["one"]["iters"][0]
+    assert 1 < one["reply_len"] < 8  # some replies ended before the budget: the ranks held different token counts
+    for mode in ("ddp", "fsdp"):
+        two = runs[mode]["iters"][0]
+        for key in ("rm_reward", "used_safety_rm", "score", "reply_len", "kl", "kl_per_token", "policy_loss",
+                    "value_loss", "clip_frac", "entropy"):
+            assert two[key] == pytest.approx(one[key], abs=1e-5), (mode, key)
+        for h1, h2 in zip(runs["one"]["heldout_scores"], runs[mode]["heldout_scores"]):
+            assert h2 == pytest.approx(h1, abs=1e-5), mode  # greedy replies of the trained policy, scored
+        assert max_weight_diff(tmp_path / "one", tmp_path / mode) < 1e-5, mode
 
 
 def test_rejection_sampling_under_torchrun_keeps_the_union_of_the_ranks(tmp_path, stack):

@@ -146,3 +146,33 @@ def test_greedy_tokens_do_not_depend_on_asking_for_logprobs():
 def test_zero_new_tokens_returns_empty_completions():
     m = tiny()
     assert G.generate(m, PROMPTS, 0, temperature=0.0) == [[], [], []]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_per_row_generators_make_a_row_independent_of_its_batch(top_p):
+    """With one generator per row, a row samples the same tokens alone as in a batch of prompts of other lengths (other
+    left padding, other rows drawing beside it) and in any position: PPO's rollouts under torchrun depend on this. The
+    logits of a row alone and in a batch differ by float rounding only (~1e-6), which could flip a sampled token with a
+    probability of that order per token; on these seeds none flips. One generator shared by the batch does not have
+    this property (its draws are laid out by row position): with it, the same seed samples other tokens for a prompt
+    alone than in the batch (every row here differs)."""
+    m = tiny()
+    seeds = [11, 12, 13]
+
+    def gens(ss):  # fresh generators with these seeds, one per row
+        return [torch.Generator().manual_seed(s) for s in ss]
+    batch, logps = G.generate(m, PROMPTS, 10, temperature=1.0, top_p=top_p, eos_id=None, logprobs=True,
+                              generator=gens(seeds))
+    for b, p in enumerate(PROMPTS):
+        alone, lp_alone = G.generate(m, [p], 10, temperature=1.0, top_p=top_p, eos_id=None, logprobs=True,
+                                     generator=gens([seeds[b]]))
+        assert alone[0] == batch[b]
+        torch.testing.assert_close(torch.tensor(lp_alone[0]), torch.tensor(logps[b]), atol=1e-5, rtol=1e-5)
+    rev = G.generate(m, PROMPTS[::-1], 10, temperature=1.0, top_p=top_p, eos_id=None, generator=gens(seeds[::-1]))
+    assert rev == batch[::-1]  # the batch reordered: each row follows its own generator
+    shared = G.generate(m, PROMPTS, 10, temperature=1.0, top_p=top_p, eos_id=None,
+                        generator=torch.Generator().manual_seed(11))
+    assert any(shared[b] != G.generate(m, [p], 10, temperature=1.0, top_p=top_p, eos_id=None,
+                                       generator=torch.Generator().manual_seed(11))[0] for b, p in enumerate(PROMPTS))
+    with pytest.raises(ValueError, match="one per completion"):
+        G.generate(m, PROMPTS, 4, temperature=1.0, generator=gens(seeds[:2]))

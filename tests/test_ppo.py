@@ -97,6 +97,18 @@ def test_whiten_over_mask():
     assert (w[0, :3] ** 2).mean().item() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_batch_layout_must_split_evenly_over_the_processes(capsys):
+    """Each of W processes takes M/W rows of every minibatch: --minibatch-size and --batch-size must be multiples of W
+    (a last, shorter minibatch is fine then). The error names the flag."""
+    ppo.check_batch_layout(ppo.PPOConfig(batch_size=24, minibatch_size=16), 2)  # minibatches of 16 and 8: 8 + 4 each
+    ppo.check_batch_layout(ppo.PPOConfig(batch_size=10, minibatch_size=4), 1)  # one process: anything goes
+    for cfg, flag in ((ppo.PPOConfig(batch_size=24, minibatch_size=6), "--minibatch-size (6)"),
+                      (ppo.PPOConfig(batch_size=18, minibatch_size=8), "--batch-size (18)")):
+        with pytest.raises(SystemExit):
+            ppo.check_batch_layout(cfg, 4)
+        assert flag in capsys.readouterr().err
+
+
 def test_policy_forward_matches_the_sampling_logprobs():
     """The rollout's recorded log-probs equal the training forward's before any update (the PPO invariant)."""
     from generate import generate
