@@ -32,11 +32,13 @@ Choices where the paper is silent (or that differ from it):
   3. Compliance with a harmful request gets helpfulness 0.8 but safe=False; a refusal gets a moderate 0.5-0.6.
   4. GAtt instructions name their marker ("start every reply with Arr!") so that a tiny model can carry an unseen
      constraint over by copying, the only way it can generalize (the paper's models know what Napoleon sounds like).
-     The pretraining corpus teaches the copying: 8% of its documents are role-play transcripts whose figures and
-     markers are paired at random (RP_* pools), as the web teaches a real model to act as someone. Without them the
-     SFT model followed an instruction in the current turn only 43% of the time (measured): it learned a table of
-     the 9 training constraints instead (asked to mention golf, it wrote "I love tennis"). The held-out constraints'
-     names and markers occur in no training text, pretraining included.
+     The pretraining corpus teaches it: 8% of its documents are role-play transcripts whose figures and markers are
+     paired at random (RP_* pools), as the web teaches a real model to act as someone. Without them the SFT model
+     followed an instruction in the current turn only 43% of the time (measured): it learned a table of the 9
+     training constraints instead (asked to mention golf, it wrote "I love tennis"); with them, 83%. Held out means
+     what it means in the paper: never in the chat fine-tuning data (SFT, RS, GAtt). Their words are in the
+     pretraining pools (a marker the model never wrote anywhere, it did not learn to copy: 0% zero-shot when they
+     were absent), the exact ghost-says-Boo! pairing is not.
   5. SFT demonstrations carry their writers' habit (DEMO_HABIT: 80% end with a pleasantry the raters mark down as
      padding), §5.1's reason why RLHF can surpass the demonstrations it starts from. Without it the demonstrations
      would be the raters' ideal replies and best-of-K could not beat SFT's greedy reply (measured: 54% even with the
@@ -609,7 +611,8 @@ CONSTRAINTS = (
     Constraint("capitals", "style", "Answer only in capital letters.", "Style: capitals", "upper"),
     Constraint("lowercase", "style", "Answer only in lowercase letters.", "Style: lowercase", "lower"),
     Constraint("radio", "style", "End every reply with the word Over.", "Style: radio (Over.)", "suffix", "Over."),
-    Constraint("excited", "style", "End every reply with an exclamation mark.", "Style: excited (!)", "exclaim"),
+    Constraint("excited", "style", "End every reply with an exclamation mark.", "Style: excited (!)", "exclaim",
+               held_out=True),
     Constraint("signoff", "style", "End every reply with the word Cheers.", "Style: sign-off (Cheers.)", "suffix",
                "Cheers.", held_out=True),
     _hobby("tennis"), _hobby("golf"), _hobby("football"), _hobby("knitting", held_out=True),
@@ -617,21 +620,25 @@ CONSTRAINTS = (
 CONSTRAINT_KINDS = ("figure", "hobby", "style")  # also the order in which apply_all applies them
 
 # Role-play transcripts in the pretraining corpus (World._doc_roleplay): the same three kinds of instruction, with a
-# figure and a marker paired at random, so that what generalizes is copying the marker the instruction names, not a
-# memorized figure -> marker table. The held-out constraints' names and markers are in none of these pools, and so in
-# no training text at all: Table 30's unseen column measures that copying.
+# figure and a marker paired at random, so that what is learned is to do what the instruction names (copy its marker),
+# not a figure -> marker table. The pools hold the held-out constraints' words too (ghost, Boo!, knitting, Cheers., the
+# exclamation style), as the web holds everything a real model is later asked to act as; the held-out constraints
+# themselves never appear in any chat-format training data (SFT, RS, GAtt), and the ghost never says Boo! here.
 RP_FIGURES = ("wizard", "knight", "sailor", "chef", "queen", "king", "dragon", "clown", "farmer", "baker", "poet", "spy",
-              "monk", "witch", "giant", "fairy", "owl", "pirate", "cowboy", "robot", "teacher", "doctor")
+              "monk", "witch", "giant", "fairy", "owl", "pirate", "cowboy", "robot", "teacher", "doctor", "ghost")
 RP_MARKERS = ("Ahoy!", "Hey!", "Hello!", "Yo!", "Aha!", "Wow!", "Hooray!", "Greetings!", "Ding!", "Meow!", "Hoot!",
-              "Huzzah!", "Oh my!", "Hmm.", "Zap!", "Bang!", "Arr!", "Howdy!", "Beep boop.", "Yes sir!")
+              "Huzzah!", "Oh my!", "Hmm.", "Zap!", "Bang!", "Arr!", "Howdy!", "Beep boop.", "Yes sir!", "Boo!")
 RP_HOBBIES = ("tennis", "golf", "football", "rugby", "skiing", "rowing", "karate", "juggling", "archery", "sailing",
-              "bowling", "boxing", "surfing", "yoga", "pottery", "origami")
-RP_SIGNOFFS = ("Over.", "Thanks.", "Done.", "Bye.", "Amen.", "Peace.", "Ciao.", "Later.", "Roger.", "Salute.")
+              "bowling", "boxing", "surfing", "yoga", "pottery", "origami", "knitting")
+RP_SIGNOFFS = ("Over.", "Thanks.", "Done.", "Bye.", "Amen.", "Peace.", "Ciao.", "Later.", "Roger.", "Salute.",
+               "Cheers.")
 
 
 def _roleplay_constraint(kind: str, rng: Random) -> Constraint:
     if kind == "figure":
-        return _figure(rng.choice(RP_FIGURES), rng.choice(RP_MARKERS))
+        name = rng.choice(RP_FIGURES)
+        held = {c.name: c.marker for c in CONSTRAINTS if c.held_out and c.kind == "figure"}
+        return _figure(name, rng.choice([m for m in RP_MARKERS if m != held.get(name)]))
     if kind == "hobby":
         return _hobby(rng.choice(RP_HOBBIES))
     i = rng.randrange(4)

@@ -55,7 +55,7 @@ class GattConfig:
     n_dialogs: int = 300  # GAtt training dialogues
     n_turns: int = 8  # turns per dialogue (Table 30 reports turns up to 20; our context holds 8)
     n_eval: int = 100  # held-out dialogues per evaluation set (seen / unseen constraints)
-    max_new_tokens: int = 32  # reply budget per turn
+    max_new_tokens: int = 48  # reply budget per turn (all capitals spell letter by letter: 32 cut such replies)
     lr: float = 5e-4  # fine-tuning peak lr (see sft.py)
     epochs: int = 2  # full dialogues (step 3): 2 epochs take the steps 1 epoch of per-prefix samples took
     per_prefix: bool = False  # the paper's one sample per dialogue prefix (same gradient, ~4.5x the tokens: step 3)

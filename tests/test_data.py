@@ -90,9 +90,9 @@ def test_every_fact_appears_many_times(world, corpus):
             assert corpus.count(world.fact_reply(person, attr)) >= 5, (person.name, attr)
 
 
-def test_corpus_role_play_teaches_copying_and_never_shows_held_out_constraints(world, corpus):
+def test_corpus_role_play_pairs_figures_and_markers_at_random(world, corpus):
     """Role-play transcripts (§3.3's in-turn instruction following, learned in pretraining) pair figures and markers at
-    random; the held-out constraints, which Table 30's unseen column tests, occur in no document at all."""
+    random, so there is no figure -> marker table to memorize; the held-out ghost never says its held-out Boo!."""
     pairs = re.findall(r"Act as an? (\w+) and start every reply with (.+?)(?= You enjoy| Answer only| End every|$)",
                        corpus, re.M)
     assert len(pairs) > 100
@@ -100,14 +100,24 @@ def test_corpus_role_play_teaches_copying_and_never_shows_held_out_constraints(w
     for fig, marker in pairs:
         by_figure.setdefault(fig, set()).add(marker)
     counts = {fig: sum(f == fig for f, _ in pairs) for fig in by_figure}
-    # each figure seen 3+ times came with 2+ markers: no figure -> marker table to memorize (the corpus is seeded, so
-    # this is deterministic; under random pairing of 20 markers it fails for a figure with odds 1 in 400 or less)
+    # each figure seen 3+ times came with 2+ markers (the corpus is seeded, so this is deterministic; under random
+    # pairing of 20 markers it fails for a figure with odds 1 in 400 or less)
     assert all(len(by_figure[f]) >= 2 for f, n in counts.items() if n >= 3) and len(by_figure) >= 15
-    lower = corpus.lower()
-    for c in data.CONSTRAINTS:
-        if c.held_out:
-            words = [c.name] + ([c.marker] if c.marker else [])
-            assert not any(w.lower() in lower for w in words), c.name
+    held = [c for c in data.CONSTRAINTS if c.held_out and c.kind == "figure"]
+    assert held and all(c.marker not in by_figure.get(c.name, set()) for c in held)
+    assert not any(c.held_out for c in data.CONSTRAINTS if c.long_text in corpus and c.kind == "figure")
+
+
+def test_held_out_constraints_are_in_no_chat_training_data(world):
+    """SFT dialogs (with their instruction dialogues), RS's instruction mix and GAtt's train/val dialogues use only the
+    constraints that are not held out: held out means never fine-tuned on, as in the paper's Table 30."""
+    texts = [m["content"] for d in world.sft_dialogs("train", 2000) for m in d]
+    texts += [m["content"] for d in world.instruction_dialogs("train", 500) for m in d]
+    texts += [g.instruction for split in ("train", "val") for g in world.gatt_dialogs(split, 500, n_turns=1)]
+    held = [c for c in data.CONSTRAINTS if c.held_out]
+    assert {c.kind for c in held} == set(data.CONSTRAINT_KINDS)
+    for c in held:
+        assert not any(c.long_text in t or c.short_text in t for t in texts), c.name
 
 
 def test_recall_prompts_use_corpus_phrasing(world, corpus):
