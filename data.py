@@ -32,13 +32,12 @@ Choices where the paper is silent (or that differ from it):
   3. Compliance with a harmful request gets helpfulness 0.8 but safe=False; a refusal gets a moderate 0.5-0.6.
   4. GAtt instructions name their marker ("start every reply with Arr!") so that a tiny model can carry an unseen
      constraint over by copying, the only way it can generalize (the paper's models know what Napoleon sounds like).
-     The pretraining corpus teaches it: 8% of its documents are role-play transcripts whose figures and markers are
-     paired at random (RP_* pools), as the web teaches a real model to act as someone. Without them the SFT model
-     followed an instruction in the current turn only 43% of the time (measured): it learned a table of the 9
-     training constraints instead (asked to mention golf, it wrote "I love tennis"); with them, 83%. Held out means
-     what it means in the paper: never in the chat fine-tuning data (SFT, RS, GAtt). Their words are in the
-     pretraining pools (a marker the model never wrote anywhere, it did not learn to copy: 0% zero-shot when they
-     were absent), the exact ghost-says-Boo! pairing is not.
+     The constraint lists are long (23 figures x 21 markers paired freely, 17 hobbies, 14 styles) for the same reason:
+     with three of each, the SFT model learned a table (asked to mention golf, it wrote "I love tennis") and followed
+     an instruction in the current turn 43% of the time. Pretraining teaches it as the web does: 8% of the documents
+     are role-play transcripts (an instruction, then answers that keep it), drawn from all constraints. Held out means
+     what it means in the paper: never in the chat fine-tuning data (SFT, RS, GAtt); a marker the model had never
+     written anywhere it did not learn to copy (0% zero-shot when the held-out words were absent from pretraining).
   5. SFT demonstrations carry their writers' habit (DEMO_HABIT: 80% end with a pleasantry the raters mark down as
      padding), §5.1's reason why RLHF can surpass the demonstrations it starts from. Without it the demonstrations
      would be the raters' ideal replies and best-of-K could not beat SFT's greedy reply (measured: 54% even with the
@@ -56,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
-from typing import Callable
+from typing import Callable, Optional
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The cast and its facts. All value words are distinct from each other, from the names and from every template word,
@@ -291,8 +290,8 @@ class World:
     def _doc_roleplay(self, rng: Random) -> str:
         """A role-play transcript: an instruction (long or short form, 1-2 kinds), then answers that all keep it. The
         web text from which a pretrained model knows how to act as someone (§3.3's GAtt needs a model that already
-        follows an instruction in the current turn); no chat tags, no held-out constraint (RP_* pools)."""
-        constraints = [_roleplay_constraint(k, rng) for k in rng.sample(CONSTRAINT_KINDS, rng.choice([1, 2]))]
+        follows an instruction in the current turn); no chat tags; any constraint, held-out ones included."""
+        constraints = [_draw(k, rng, None) for k in rng.sample(CONSTRAINT_KINDS, rng.choice([1, 2]))]
         instruction, _ = combine(constraints, short=rng.random() < 0.5)
         lines = [instruction]
         for _ in range(rng.randint(2, 4)):
@@ -605,47 +604,50 @@ def _hobby(name: str, held_out: bool = False) -> Constraint:
                       name, held_out)
 
 
-CONSTRAINTS = (
-    _figure("pirate", "Arr!"), _figure("cowboy", "Howdy!"), _figure("robot", "Beep boop."),
-    _figure("ghost", "Boo!", held_out=True),
-    Constraint("capitals", "style", "Answer only in capital letters.", "Style: capitals", "upper"),
-    Constraint("lowercase", "style", "Answer only in lowercase letters.", "Style: lowercase", "lower"),
-    Constraint("radio", "style", "End every reply with the word Over.", "Style: radio (Over.)", "suffix", "Over."),
-    Constraint("excited", "style", "End every reply with an exclamation mark.", "Style: excited (!)", "exclaim",
-               held_out=True),
-    Constraint("signoff", "style", "End every reply with the word Cheers.", "Style: sign-off (Cheers.)", "suffix",
-               "Cheers.", held_out=True),
-    _hobby("tennis"), _hobby("golf"), _hobby("football"), _hobby("knitting", held_out=True),
-)
+# The constraint lists (§3.3: "we asked Llama 2-Chat to generate lists of hobbies and public figures"): a figure to
+# act as, with a marker to start every reply with (any figure with any marker: the instruction names it, so what a
+# model must learn is to do what it says, not a figure -> marker table); a hobby to mention; a style. Pretraining's
+# role-play transcripts (World._doc_roleplay) draw from all of them. The chat data (SFT's instruction dialogues, RS's
+# mix, GAtt) never uses a held-out one: any constraint with a held-out word, and the exclamation style. Those are
+# Table 30's unseen constraints: never fine-tuned on, known only from pretraining text, as a real model knows Napoleon.
+FIGURES = ("wizard", "knight", "sailor", "chef", "queen", "king", "dragon", "clown", "farmer", "baker", "poet", "spy",
+           "monk", "witch", "giant", "fairy", "owl", "pirate", "cowboy", "robot", "teacher", "doctor", "ghost")
+MARKERS = ("Ahoy!", "Hey!", "Hello!", "Yo!", "Aha!", "Wow!", "Hooray!", "Greetings!", "Ding!", "Meow!", "Hoot!",
+           "Huzzah!", "Oh my!", "Hmm.", "Zap!", "Bang!", "Arr!", "Howdy!", "Beep boop.", "Yes sir!", "Boo!")
+HOBBIES = ("tennis", "golf", "football", "rugby", "skiing", "rowing", "karate", "juggling", "archery", "sailing",
+           "bowling", "boxing", "surfing", "yoga", "pottery", "origami", "knitting")
+SIGNOFFS = ("Over.", "Thanks.", "Done.", "Bye.", "Amen.", "Peace.", "Ciao.", "Later.", "Roger.", "Salute.", "Cheers.")
+HELD_OUT_WORDS = ("ghost", "Boo!", "knitting", "Cheers.")  # + the exclamation style (Constraint "excited")
+
+
+def _signoff(word: str) -> Constraint:
+    return Constraint(f"sign-off {word}", "style", f"End every reply with the word {word}",
+                      f"Style: sign-off ({word})", "suffix", word, word in HELD_OUT_WORDS)
+
+
+CONSTRAINTS = tuple(
+    [_figure(f, m, held_out=f in HELD_OUT_WORDS or m in HELD_OUT_WORDS) for f in FIGURES for m in MARKERS]
+    + [_hobby(h, held_out=h in HELD_OUT_WORDS) for h in HOBBIES]
+    + [Constraint("capitals", "style", "Answer only in capital letters.", "Style: capitals", "upper"),
+       Constraint("lowercase", "style", "Answer only in lowercase letters.", "Style: lowercase", "lower"),
+       Constraint("excited", "style", "End every reply with an exclamation mark.", "Style: excited (!)", "exclaim",
+                  held_out=True)]
+    + [_signoff(w) for w in SIGNOFFS])
 CONSTRAINT_KINDS = ("figure", "hobby", "style")  # also the order in which apply_all applies them
-
-# Role-play transcripts in the pretraining corpus (World._doc_roleplay): the same three kinds of instruction, with a
-# figure and a marker paired at random, so that what is learned is to do what the instruction names (copy its marker),
-# not a figure -> marker table. The pools hold the held-out constraints' words too (ghost, Boo!, knitting, Cheers., the
-# exclamation style), as the web holds everything a real model is later asked to act as; the held-out constraints
-# themselves never appear in any chat-format training data (SFT, RS, GAtt), and the ghost never says Boo! here.
-RP_FIGURES = ("wizard", "knight", "sailor", "chef", "queen", "king", "dragon", "clown", "farmer", "baker", "poet", "spy",
-              "monk", "witch", "giant", "fairy", "owl", "pirate", "cowboy", "robot", "teacher", "doctor", "ghost")
-RP_MARKERS = ("Ahoy!", "Hey!", "Hello!", "Yo!", "Aha!", "Wow!", "Hooray!", "Greetings!", "Ding!", "Meow!", "Hoot!",
-              "Huzzah!", "Oh my!", "Hmm.", "Zap!", "Bang!", "Arr!", "Howdy!", "Beep boop.", "Yes sir!", "Boo!")
-RP_HOBBIES = ("tennis", "golf", "football", "rugby", "skiing", "rowing", "karate", "juggling", "archery", "sailing",
-              "bowling", "boxing", "surfing", "yoga", "pottery", "origami", "knitting")
-RP_SIGNOFFS = ("Over.", "Thanks.", "Done.", "Bye.", "Amen.", "Peace.", "Ciao.", "Later.", "Roger.", "Salute.",
-               "Cheers.")
+_BY_KIND = {(k, h): [c for c in CONSTRAINTS if c.kind == k and c.held_out == h] for k in CONSTRAINT_KINDS
+            for h in (False, True)}
 
 
-def _roleplay_constraint(kind: str, rng: Random) -> Constraint:
-    if kind == "figure":
-        name = rng.choice(RP_FIGURES)
-        held = {c.name: c.marker for c in CONSTRAINTS if c.held_out and c.kind == "figure"}
-        return _figure(name, rng.choice([m for m in RP_MARKERS if m != held.get(name)]))
-    if kind == "hobby":
-        return _hobby(rng.choice(RP_HOBBIES))
-    i = rng.randrange(4)
-    if i < 3:  # capitals, lowercase, excited: the rule-based styles
-        return [c for c in CONSTRAINTS if c.rule in ("upper", "lower", "exclaim")][i]
-    w = rng.choice(RP_SIGNOFFS)
-    return Constraint(w, "style", f"End every reply with the word {w}", f"Style: sign-off ({w})", "suffix", w)
+def _draw(kind: str, rng: Random, held_out: Optional[bool]) -> Constraint:
+    """A constraint of `kind`: a seen one (held_out False), a held-out one (True) or any (None). Styles are drawn
+    half the time from the three rule styles, else a sign-off word, so that 11 sign-offs do not crowd them out."""
+    pool = _BY_KIND[kind, False] + _BY_KIND[kind, True] if held_out is None else _BY_KIND[kind, held_out]
+    if kind == "style":
+        rules = [c for c in pool if c.rule != "suffix"]
+        if rules and rng.random() < 0.5:
+            return rng.choice(rules)
+        pool = [c for c in pool if c.rule == "suffix"] or pool
+    return rng.choice(pool)
 
 
 def combine(constraints, short: bool = False) -> tuple[str, Callable[[str], bool]]:
@@ -662,13 +664,10 @@ def apply_all(constraints, reply: str) -> str:
 
 
 def _pick_constraints(rng: Random, unseen: bool) -> list[Constraint]:
+    """1-2 constraints of different kinds; with unseen=True the first is held out (the rest may be anything)."""
     kinds = rng.sample(CONSTRAINT_KINDS, rng.choice([1, 2]))
-    picked = []
-    for j, kind in enumerate(kinds):  # with unseen=True the first one is held out, the rest may be anything
-        pool = [c for c in CONSTRAINTS if c.kind == kind and (c.held_out if unseen and j == 0 else
-                                                              (unseen or not c.held_out))]
-        picked.append(rng.choice(pool))
-    return picked
+    return [_draw(kind, rng, True if unseen and j == 0 else (None if unseen else False))
+            for j, kind in enumerate(kinds)]
 
 
 @dataclass
@@ -748,8 +747,10 @@ class Annotator:
         self._index = self._build_index()
         self._arith = [re.compile(re.escape(_norm(t)).replace(r"\{a\}", r"(\d+)").replace(r"\{op\}", "([+-])")
                                   .replace(r"\{b\}", r"(\d+)") + "$") for t in ARITH_QUESTIONS]
-        self._instructions = sorted({t.lower() for c in CONSTRAINTS for t in (c.long_text, c.short_text)},
-                                    key=len, reverse=True)
+        # every constraint's instruction text (both forms), longest first in one alternation: strip and detect at once
+        self._constraint_of = {t.lower(): c for c in CONSTRAINTS for t in (c.long_text, c.short_text)}
+        self._instructions = re.compile("|".join(re.escape(t) for t in sorted(self._constraint_of, key=len,
+                                                                                  reverse=True)))
 
     def _build_index(self) -> dict[str, dict]:
         """Every world prompt (normalized) -> what it asks. Arithmetic is parsed by regex instead (15k sums)."""
@@ -775,8 +776,8 @@ class Annotator:
     # -- what is being asked ----------------------------------------------------------------------------------------
     def _lookup(self, text: str) -> dict | None:
         t = text.lower()
-        for instruction in self._instructions:  # GAtt: a persistent instruction may be attached to the question
-            t = t.replace(instruction, " ")
+        if self._has_instruction(t):  # GAtt: a persistent instruction may be attached to the question
+            t = self._instructions.sub(" ", t)
         t = _norm(t)
         if t in self._index:
             return dict(self._index[t])
@@ -802,7 +803,16 @@ class Annotator:
 
     def _active_constraints(self, messages: list[dict]) -> list[Constraint]:
         text = " ".join(m.get("content", "") for m in messages if m.get("role") in ("user", "system")).lower()
-        return [c for c in CONSTRAINTS if c.long_text.lower() in text or c.short_text.lower() in text]
+        if not self._has_instruction(text):
+            return []
+        return list({id(c): c for c in (self._constraint_of[m.group(0)]
+                                        for m in self._instructions.finditer(text))}.values())
+
+    @staticmethod
+    def _has_instruction(text: str) -> bool:
+        """A cheap pre-check (lowercase text): every instruction starts with one of these; most messages have none."""
+        return any(s in text for s in ("act as", "figure:", "you enjoy", "hobby:", "answer only", "style:",
+                                       "end every"))
 
     # -- scoring ----------------------------------------------------------------------------------------------------
     def score(self, messages: list[dict], reply: str) -> Score:

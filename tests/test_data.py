@@ -92,7 +92,7 @@ def test_every_fact_appears_many_times(world, corpus):
 
 def test_corpus_role_play_pairs_figures_and_markers_at_random(world, corpus):
     """Role-play transcripts (§3.3's in-turn instruction following, learned in pretraining) pair figures and markers at
-    random, so there is no figure -> marker table to memorize; the held-out ghost never says its held-out Boo!."""
+    random, so there is no figure -> marker table to memorize."""
     pairs = re.findall(r"Act as an? (\w+) and start every reply with (.+?)(?= You enjoy| Answer only| End every|$)",
                        corpus, re.M)
     assert len(pairs) > 100
@@ -103,9 +103,7 @@ def test_corpus_role_play_pairs_figures_and_markers_at_random(world, corpus):
     # each figure seen 3+ times came with 2+ markers (the corpus is seeded, so this is deterministic; under random
     # pairing of 20 markers it fails for a figure with odds 1 in 400 or less)
     assert all(len(by_figure[f]) >= 2 for f, n in counts.items() if n >= 3) and len(by_figure) >= 15
-    held = [c for c in data.CONSTRAINTS if c.held_out and c.kind == "figure"]
-    assert held and all(c.marker not in by_figure.get(c.name, set()) for c in held)
-    assert not any(c.held_out for c in data.CONSTRAINTS if c.long_text in corpus and c.kind == "figure")
+    assert {c.kind for c in data.CONSTRAINTS if c.held_out and c.long_text in corpus} == set(data.CONSTRAINT_KINDS)
 
 
 def test_held_out_constraints_are_in_no_chat_training_data(world):
@@ -339,8 +337,11 @@ def test_each_constraint_check_accepts_apply_and_rejects_plain():
 
 
 def test_constraints_of_different_kinds_combine():
-    for c1 in data.CONSTRAINTS:
-        for c2 in data.CONSTRAINTS:
+    # every hobby and style, and a figure per marker (the figure's name does not change its rule): ~1,500 pairs
+    sample = [c for c in data.CONSTRAINTS if c.kind != "figure"]
+    sample += list({c.marker: c for c in data.CONSTRAINTS if c.kind == "figure"}.values())
+    for c1 in sample:
+        for c2 in sample:
             if c1.kind == c2.kind:
                 continue
             reply = data.apply_all([c1, c2], PLAIN)
