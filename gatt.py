@@ -111,17 +111,17 @@ def training_samples(g, replies: list[str], per_prefix: bool = False) -> list[li
     per_prefix=True: the paper's form, one dialogue per prefix k = 1..n, replies 1..k-1 with weight 0 (context, no
     loss), reply k trained. per_prefix=False: one dialogue with every reply trained, the same losses (module
     docstring, step 3)."""
-    def dialog(k: int, context_weight: int) -> list[dict]:
+    def dialog(k: int, last_only: bool) -> list[dict]:
         msgs = []
         for t in range(k):
             q = with_instruction(g.instruction, g.user_turns[t]) if t == 0 else g.user_turns[t]
             msgs.append({"role": "user", "content": q})
-            msgs.append({"role": "assistant", "content": replies[t],
-                         **({"weight": context_weight} if t < k - 1 and context_weight != 1 else {})})
+            context = last_only and t < k - 1  # an earlier reply of a prefix sample: context, no loss
+            msgs.append({"role": "assistant", "content": replies[t], **({"weight": 0} if context else {})})
         return msgs
     if not per_prefix:
-        return [dialog(len(replies), 1)]
-    return [dialog(k, 0) for k in range(1, len(replies) + 1)]
+        return [dialog(len(replies), last_only=False)]
+    return [dialog(k, last_only=True) for k in range(1, len(replies) + 1)]
 
 
 # ---- 5. Table 30: does the instruction hold at turn t when only turn 1 carries it? ------------------------------------
