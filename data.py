@@ -164,6 +164,10 @@ FILLER_AFTER = ("I hope this helps you.", "Let me know if you have any other que
 # most of that headroom away: an experiment for the course (sft.py --demo-habit 0).
 DEMO_CLOSERS = ("I hope this helps.", "I hope this helps you.", "I hope that answers your question.")
 DEMO_HABIT = 0.8  # share of helpful-task demonstrations (not refusals) that end with one of DEMO_CLOSERS
+# Instruction-following dialogues added to SFT (and to each rejection-sampling fine-tune set) per world task: the
+# in-turn skill Ghost Attention samples from (§3.3). Measured on the default run: 15% -> 30% raised the SFT model's
+# in-turn adherence from 57% to 73% and GAtt's from 58-71% to 70-78% over turns 1-8, for 13 s more SFT.
+INSTRUCTION_SHARE = 0.3
 # What a sampled policy's reply turns into when RL pushes it off the data: a good reply with stray words after it.
 GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "colour", "pet", "so", "then")
 
@@ -410,7 +414,7 @@ class World:
         request, answer = self._borderline_text(key)
         return Task("borderline", [user(request)], answer, True, {"person": key[1], "request": key[0]})
 
-    def sft_dialogs(self, split: str, n: int | None = None, seed: int = 0, instruction_share: float = 0.15,
+    def sft_dialogs(self, split: str, n: int | None = None, seed: int = 0, instruction_share: float = INSTRUCTION_SHARE,
                     habit: float = DEMO_HABIT) -> list[list[dict]]:
         """Complete dialogs for SFT (§3.1): every task's messages + a demonstration of the reply, as its writers write
         it: the ideal reply (a refusal for harmful prompts), and for a share `habit` of the helpful ones the ideal

@@ -28,7 +28,7 @@ Choices where the paper is silent:
   1. Every iteration fine-tunes the starting (SFT) model on the kept set, rather than the last RS model on it again,
      so that no reply is trained on twice; the samples of iteration i+1 come from the model of iteration i.
   2. K = 8 (the paper's figures go up to N = 100); 600 prompts per iteration, from the world's training prompts.
-  3. The fine-tuning set also holds the SFT data's share (15%) of instruction-following dialogues
+  3. The fine-tuning set also holds the SFT data's share (30%, data.INSTRUCTION_SHARE) of instruction-following dialogues
      (data.World.instruction_dialogs), unchanged: the world's RL prompts carry no persistent instruction and the reward
      models never judged one, so a fine-tune on kept replies alone erodes a skill no RLHF step asks for. Measured
      before this mix: an SFT model that kept an instruction in the current turn 43% of the time kept it 35% after RS
@@ -66,7 +66,7 @@ class RSConfig:
     safety_threshold: float = 0.15  # §3.2.3
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2
-    instruction_share: float = 0.15  # instruction-following dialogues mixed into each fine-tune set (choice 3)
+    instruction_share: float = data.INSTRUCTION_SHARE  # instruction dialogues per kept reply in each fine-tune (choice 3)
     n_test: int = 200  # test prompts for the win rate against SFT
     world_seed: int = 0
     device: str = "auto"

@@ -26,8 +26,8 @@ Paper defaults and how the miniature scales them (§3.1):
      arithmetic answers correct and in format, 400 held-out prompts): lr 3e-4 67%, 1e-3 72%, 2e-3 70%; the gap is
      almost all arithmetic (3% / 16% / 10% correct), facts are 100% at all three. More epochs help arithmetic a little
      (1e-3 for 4 epochs: 25% arithmetic, 75% overall) at twice the time. Warmup 10 steps (not stated); cosine to 10%.
-  3. Batch 8 rows x 512 tokens (~47 dialogs) instead of 64 x 4096: the world's 4,600 dialogs (4,000 tasks + 15%
-     instruction-following dialogs) make ~98 steps per epoch. Rows are 512 tokens, the pretrained context, because the
+  3. Batch 8 rows x 512 tokens (~47 dialogs) instead of 64 x 4096: the world's 5,200 dialogs (4,000 tasks + 30%
+     instruction-following dialogs) make ~122 steps per epoch. Rows are 512 tokens, the pretrained context, because the
      longest (3-turn instruction) dialogs take ~350 tokens.
   4. The paper's special token between prompt and answer is not named: here it is the chat format's "[/INST]", the
      token sequence the model must answer after at inference.
@@ -57,7 +57,7 @@ import torch
 
 import common
 import data
-from data import DEMO_HABIT
+from data import DEMO_HABIT, INSTRUCTION_SHARE
 from model import CheckpointError, Transformer, load_checkpoint
 
 IGNORE = -100  # targets equal to this are not trained on (model.forward's ignore_index)
@@ -70,9 +70,10 @@ class SFTConfig:
     data: Optional[str] = None  # JSONL of {"messages": [...]} ending with an assistant turn; None = the world's dialogs
     tokenizer: Optional[str] = None  # tokenizer.model; default: the one in --init-from
     world_seed: int = 0  # seed of the built-in world
-    n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + 15% instruction dialogs) (§3.1: 27,540)
+    n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + 30% instruction dialogs) (§3.1: 27,540)
     n_val_dialogs: Optional[int] = None  # world val tasks for val_loss (None: the world's 400)
     demo_habit: float = DEMO_HABIT  # world demonstrations ending with a pleasantry (data.DEMO_HABIT; 0 = ideal)
+    instruction_share: float = INSTRUCTION_SHARE  # instruction-following dialogs per world task (data.py; for GAtt)
     val_frac: float = 0.05  # with --data: share of the file held out for val_loss
     seq_len: int = 512  # tokens per packed row (§3.1: 4096)
     batch_size: int = 8  # packed rows per optimizer step, all processes together (§3.1: 64)
@@ -111,8 +112,9 @@ def load_dialogs(cfg) -> tuple[list, list]:
         n_val = int(len(dialogs) * cfg.val_frac) if len(dialogs) >= 20 else 0
         return dialogs[n_val:], dialogs[:n_val]
     world = data.World(seed=cfg.world_seed)
-    return (world.sft_dialogs("train", cfg.n_dialogs, seed=cfg.seed, habit=cfg.demo_habit),
-            world.sft_dialogs("val", cfg.n_val_dialogs, habit=cfg.demo_habit))
+    return (world.sft_dialogs("train", cfg.n_dialogs, seed=cfg.seed, habit=cfg.demo_habit,
+                              instruction_share=cfg.instruction_share),
+            world.sft_dialogs("val", cfg.n_val_dialogs, habit=cfg.demo_habit, instruction_share=cfg.instruction_share))
 
 
 def shift_targets(tokens: list[int], loss_mask: list[int]) -> list[int]:

@@ -170,8 +170,9 @@ def test_rejection_sampling_under_torchrun_keeps_the_union_of_the_ranks(tmp_path
     assert kept == union
     # what was fine-tuned on: the kept set plus the SFT mix's share of instruction dialogues (RS choice 3), shuffled
     train = [json.loads(line)["messages"] for line in (tmp_path / "rs" / "rs_train1.jsonl").read_text().splitlines()]
-    mix = data.World(seed=cfg.world_seed).instruction_dialogs("train", round(0.15 * len(rows)), seed=cfg.seed + 1)
-    assert sorted(map(json.dumps, train)) == sorted(map(json.dumps, rows + mix)) and len(mix) == 5
+    mix = data.World(seed=cfg.world_seed).instruction_dialogs("train", round(data.INSTRUCTION_SHARE * len(rows)),
+                                                              seed=cfg.seed + 1)
+    assert sorted(map(json.dumps, train)) == sorted(map(json.dumps, rows + mix)) and len(mix) == 10
     rewards = torch.tensor([rec[0] for part in per_rank for rec in part])  # (P, K); the mean ignores the order
     assert it["mean_reward"] == pytest.approx(rewards.mean().item(), abs=1e-5)
     # the fine-tuned result loads in one process
