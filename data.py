@@ -1076,6 +1076,11 @@ def read_dialogs_jsonl(path) -> list[list[dict]]:
     return _read_jsonl(path, lambda r, w: _messages(_field(r, "messages", list, w), w, "assistant"), "dialogs")
 
 
+def write_dialogs_jsonl(path, dialogs: list[list[dict]]) -> None:
+    """The format read_dialogs_jsonl reads, one {"messages": [...]} per line: what RS and GAtt hand to sft.py."""
+    Path(path).write_text("".join(json.dumps({"messages": m}) + "\n" for m in dialogs))
+
+
 def _parse_preference(r: dict, where: str) -> Preference:
     prompt = r.get("prompt")
     if isinstance(prompt, str):

@@ -35,7 +35,6 @@ Choices where the paper is silent:
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,7 +175,7 @@ def main(cfg: GattConfig):
     rows = samples + mix
     Random(f"gatt/{cfg.seed}").shuffle(rows)
     data_path = out / "gatt_train.jsonl"
-    data_path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    data.write_dialogs_jsonl(data_path, rows)
 
     # 5a. Table 30 before GAtt
     seen = world.gatt_dialogs("val", cfg.n_eval, cfg.n_turns, seed=cfg.seed)

@@ -37,7 +37,6 @@ Choices where the paper is silent:
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -197,8 +196,8 @@ def main(cfg: RSConfig):
         Random(f"rs-mix/{cfg.seed}/{it}").shuffle(train_rows)
         path = out / f"rs_train{it}.jsonl"
         if dist.is_main:
-            (out / f"rs_iter{it}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
-            path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in train_rows))
+            data.write_dialogs_jsonl(out / f"rs_iter{it}.jsonl", rows)
+            data.write_dialogs_jsonl(path, train_rows)
         stats = {"iteration": it, "temperature": temp, "mean_reward": rewards.mean().item(),
                  "mean_best_reward": rewards.max(1).values.mean().item(), "kept": len(kept), "improved": improved,
                  "instruction_dialogs": len(mix),
