@@ -175,7 +175,9 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     process paths are tested on a laptop)."""
     if "RANK" not in os.environ:
         return Dist(device=pick_device(device_name))
+    import faulthandler
     import torch.distributed as tdist
+    faulthandler.enable()  # a rank that dies in C++ (SIGABRT, SIGSEGV) prints its Python stack into torchrun's log
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_name)
     if device.type == "cuda":
