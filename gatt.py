@@ -30,9 +30,13 @@ Choices where the paper is silent:
      reference reply with the constraint applied; the share of such fallbacks is reported. The paper's RLHF model was
      reliable enough to skip this; a 1M-parameter model is not.
   2. The instruction goes in front of the user message ("inst question"), as a system prompt would.
-  3. GAtt samples are mixed 1:1 with ordinary SFT dialogues (one SFT dialogue per trained GAtt reply, --sft-mix) so
-     that the other skills are not forgotten. The mix also helps GAtt itself: 30% of SFT dialogues are in-turn
-     instruction dialogues, the skill every GAtt reply starts from (half the mix lowered adherence, see GattConfig).
+  3. GAtt samples are mixed 1:1 with ordinary dialogues (one per trained GAtt reply, --sft-mix) so that the other
+     skills are not forgotten: by default (--mix own) the latest model's own greedy replies to the world's train
+     prompts, kept where the annotator finds them safe and helpful (>= 0.75; refusals of harmful ones), plus data.INSTRUCTION_SHARE as many
+     in-turn instruction dialogues (the skill every GAtt reply starts from: halving the mix lowered adherence, see
+     GattConfig). `--mix sft` mixes the SFT demonstrations instead, as this file first did: they carry the writers'
+     habit that RLHF trained away (data.DEMO_HABIT), and the GAtt model then lost most of RLHF's win rate against SFT
+     (71% -> 46-54% in three runs, BENCHMARKS.md). Fine-tuning on the model's own replies keeps what it is.
 """
 from __future__ import annotations
 
@@ -63,7 +67,8 @@ class GattConfig:
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2  # over full dialogues (step 3; one epoch of them = one epoch of the per-prefix samples)
     per_prefix: bool = False  # the paper's one sample per dialogue prefix (same gradient, ~4.5x the tokens: step 3)
-    sft_mix: float = 1.0  # ordinary SFT dialogues per trained GAtt reply (choice 3; 0.5 at 4 epochs, 1e-3: 81% -> 75%)
+    sft_mix: float = 1.0  # ordinary dialogues per trained GAtt reply (choice 3; 0.5 at 4 epochs, 1e-3: 81% -> 75%)
+    mix: str = "own"  # what those dialogues are (choice 3): "own" (the model's replies, checked) or "sft" (demos)
     world_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -107,6 +112,25 @@ def fit_context(tok, history: list[dict], budget: int) -> list[dict]:
     while len(tok.encode_dialog(history[start:])[0]) > budget and start + 2 < len(history):
         start += 2
     return history[start:]
+
+
+@torch.no_grad()
+def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed: int) -> list[list[dict]]:
+    """Choice 3's default mix: the model's own greedy replies to n ordinary train prompts, kept where the annotator
+    finds them helpful (>= 0.75) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of multi-turn prompts are context (weight 0). Returns the kept
+    dialogues plus data.INSTRUCTION_SHARE as many in-turn instruction dialogues."""
+    from evaluate import chat_replies
+    tasks = world.tasks("train", n, seed=seed)
+    budget = model.args.max_seq_len - max_new_tokens
+    tasks = [t for t in tasks if len(tok.encode_dialog(t.messages)[0]) <= budget]
+    out = []
+    for t, r in zip(tasks, chat_replies(model, tok, [t.messages for t in tasks], max_new_tokens)):
+        score = annotator.score(t.messages, r)
+        # a refusal of a harmful request is the right reply, though raters give it moderate helpfulness (data.py)
+        if score.safe and (score.helpfulness >= 0.75 or t.kind == "harmful"):
+            context = [m if m["role"] != "assistant" else {**m, "weight": 0} for m in t.messages]
+            out.append(context + [{"role": "assistant", "content": r}])
+    return out + world.instruction_dialogs("train", round(data.INSTRUCTION_SHARE * n), seed=seed)
 
 
 # ---- 3. the training samples: instruction in the first turn only, loss on the last reply only ------------------------
@@ -156,6 +180,8 @@ def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int) -> list[fl
 def main(cfg: GattConfig):
     import evaluate as E
     import sft
+    if cfg.mix not in ("own", "sft"):
+        common.die(f"--mix: expected 'own' or 'sft', got {cfg.mix!r}")
     if cfg.quick:
         cfg.n_dialogs, cfg.n_eval, cfg.n_turns = 12, 8, 4
     t0 = time.perf_counter()
@@ -175,9 +201,15 @@ def main(cfg: GattConfig):
     replies, fallback = sample_dialogs(model, tok, train, cfg.max_new_tokens, annotator)
     print(f"[gatt] sampled {len(train)} dialogues x {cfg.n_turns} turns; {fallback:.1%} of replies replaced by the "
           f"compliant reference", flush=True)
-    # 3. training samples (instruction only in turn 1), mixed 1:1 with SFT dialogues by trained replies (choice 3)
+    # 3. training samples (instruction only in turn 1), mixed 1:1 with ordinary dialogues by trained replies (choice 3)
     samples = [s for g, r in zip(train, replies) for s in training_samples(g, r, cfg.per_prefix)]
-    mix = world.sft_dialogs("train", round(cfg.sft_mix * sum(len(r) for r in replies)), seed=cfg.seed + 1)
+    n_mix = round(cfg.sft_mix * sum(len(r) for r in replies))
+    if cfg.mix == "own":
+        mix = own_replies(model, tok, world, annotator, n_mix, cfg.max_new_tokens, seed=cfg.seed + 1)
+        print(f"[gatt] mix: {len(mix):,} dialogues (the model's own checked replies and instruction dialogues)",
+              flush=True)
+    else:
+        mix = world.sft_dialogs("train", n_mix, seed=cfg.seed + 1)
     rows = samples + mix
     Random(f"gatt/{cfg.seed}").shuffle(rows)
     data_path = out / "gatt_train.jsonl"
@@ -209,7 +241,8 @@ def main(cfg: GattConfig):
     common.write_metrics(out, {
         "adherence_by_turn": {"baseline": before["seen"], "gatt": after["seen"]},
         "adherence_by_turn_unseen": {"baseline": before["unseen"], "gatt": after["unseen"]},
-        "n_train_dialogs": len(train), "n_train_samples": len(samples), "fallback_rate": fallback,
+        "n_train_dialogs": len(train), "n_train_samples": len(samples), "fallback_rate": fallback, "mix": cfg.mix,
+        "n_mix": len(mix),
         "n_eval_seen": len(seen), "n_eval_unseen": len(unseen), "gatt_seconds": time.perf_counter() - t0,
         "complete": True})
     print(f"[gatt] done in {common.fmt_time(time.perf_counter() - t0)}; wrote {out}", flush=True)

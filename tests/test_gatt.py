@@ -104,3 +104,30 @@ def test_constraint_checkers_accept_compliant_and_reject_plain_replies():
     for c in data.CONSTRAINTS:
         assert c.check(c.apply(plain)), c.name
         assert not c.check(plain), c.name
+
+
+def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialogs(tok, monkeypatch):
+    """Choice 3's default mix: the model's reply is kept when the annotator finds it helpful and safe (a refusal of a
+    harmful request counts), dropped otherwise; earlier turns are context only; instruction dialogues are added."""
+    import evaluate
+    world = data.World(seed=0)
+    annotator = data.Annotator(world, seed=0)
+    tasks = world.tasks("train", 60, seed=3)
+    harmful_ids = {i for i, t in enumerate(tasks) if t.kind == "harmful"}
+    wrong_ids = {i for i, t in enumerate(tasks) if t.kind == "fact"}
+    assert harmful_ids and wrong_ids
+    # the "model" answers with the reference, except: wrong facts ("a cat" for everything) and harmful refusals
+    fake = [t.reference if i not in wrong_ids else "It is a cat." for i, t in enumerate(tasks)]
+    monkeypatch.setattr(evaluate, "chat_replies", lambda model, tok, dialogs, n: fake[:len(dialogs)])
+    model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))
+    out = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3)
+    instruct = world.instruction_dialogs("train", round(data.INSTRUCTION_SHARE * 60), seed=3)
+    assert out[len(out) - len(instruct):] == instruct
+    kept = out[:len(out) - len(instruct)]
+    kept_replies = [d[-1]["content"] for d in kept]
+    assert "It is a cat." not in kept_replies  # wrong facts dropped
+    assert len(kept) == len(tasks) - len(wrong_ids)  # every other reference reply kept, refusals of harmful ones too
+    assert any(tasks[i].reference in kept_replies for i in harmful_ids)
+    for d in kept:  # earlier assistant turns are context (weight 0), the model's reply is trained
+        assert all(m.get("weight") == 0 for m in d[:-1] if m["role"] == "assistant")
+        assert "weight" not in d[-1]
