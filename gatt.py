@@ -15,7 +15,7 @@ GAtt fixes it with data and a loss mask, not with any change to attention:
      The paper's form is one training sample per dialogue prefix (turns 1..k, k = 1..n), so every turn is learned
      once, in the context it will be used in: the instruction far back, the model's own compliant earlier replies in
      between (`training_samples(..., per_prefix=True)`, `--per-prefix`).
-  4. Fine-tune with sft.py's recipe on these samples, mixed with ordinary SFT dialogues.
+  4. Fine-tune with sft.py's recipe on these samples, mixed with ordinary dialogues (choice 3).
   5. Measure Table 30: the share of replies keeping the instruction at turns 1..8, before and after, with the model's
      own replies as the history, on held-out dialogues, and on constraints held out of training (zero-shot).
 A note on the mask, and why the default trains one sample per dialogue: attention is causal, so the tokens of reply k
