@@ -30,13 +30,14 @@ Choices where the paper is silent:
      reference reply with the constraint applied; the share of such fallbacks is reported. The paper's RLHF model was
      reliable enough to skip this; a 1M-parameter model is not.
   2. The instruction goes in front of the user message ("inst question"), as a system prompt would.
-  3. GAtt samples are mixed 1:1 with ordinary dialogues (one per trained GAtt reply, --sft-mix) so that the other
+  3. GAtt samples are mixed 1:1 with ordinary dialogues (one per trained GAtt reply, --mix-ratio) so that the other
      skills are not forgotten: by default (--mix own) the latest model's own greedy replies to the world's train
-     prompts, kept where the annotator finds them safe and helpful (>= 0.75; refusals of harmful ones), plus data.INSTRUCTION_SHARE as many
-     in-turn instruction dialogues (the skill every GAtt reply starts from: halving the mix lowered adherence, see
-     GattConfig). `--mix sft` mixes the SFT demonstrations instead, as this file first did: they carry the writers'
-     habit that RLHF trained away (data.DEMO_HABIT), and the GAtt model then lost most of RLHF's win rate against SFT
-     (71% -> 46-54% in three runs, BENCHMARKS.md). Fine-tuning on the model's own replies keeps what it is.
+     prompts, kept where the annotator finds them safe and helpful (>= 0.75; refusals of harmful ones), plus
+     data.INSTRUCTION_SHARE as many in-turn instruction dialogues (the skill every GAtt reply starts from: halving the
+     mix lowered adherence, see GattConfig). `--mix sft` mixes the SFT demonstrations instead, as this file first
+     did: they carry the writers' habit that RLHF trained away (data.DEMO_HABIT), and the GAtt model then lost most of
+     RLHF's win rate against SFT (71% -> 46-54% in three runs, BENCHMARKS.md). Fine-tuning on the model's own replies
+     keeps what it is.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class GattConfig:
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2  # over full dialogues (step 3; one epoch of them = one epoch of the per-prefix samples)
     per_prefix: bool = False  # the paper's one sample per dialogue prefix (same gradient, ~4.5x the tokens: step 3)
-    sft_mix: float = 1.0  # ordinary dialogues per trained GAtt reply (choice 3; 0.5 at 4 epochs, 1e-3: 81% -> 75%)
+    mix_ratio: float = 1.0  # ordinary dialogues per trained GAtt reply (choice 3; SFT mix at 0.5: 81% -> 75%)
     mix: str = "own"  # what those dialogues are (choice 3): "own" (the model's replies, checked) or "sft" (demos)
     world_seed: int = 0
     device: str = "auto"
@@ -117,8 +118,9 @@ def fit_context(tok, history: list[dict], budget: int) -> list[dict]:
 @torch.no_grad()
 def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed: int) -> list[list[dict]]:
     """Choice 3's default mix: the model's own greedy replies to n ordinary train prompts, kept where the annotator
-    finds them helpful (>= 0.75) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of multi-turn prompts are context (weight 0). Returns the kept
-    dialogues plus data.INSTRUCTION_SHARE as many in-turn instruction dialogues."""
+    finds them helpful (>= 0.75) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of multi-turn
+    prompts are context (weight 0). Returns the kept dialogues plus data.INSTRUCTION_SHARE as many in-turn
+    instruction dialogues."""
     from evaluate import chat_replies
     tasks = world.tasks("train", n, seed=seed)
     budget = model.args.max_seq_len - max_new_tokens
@@ -203,7 +205,7 @@ def main(cfg: GattConfig):
           f"compliant reference", flush=True)
     # 3. training samples (instruction only in turn 1), mixed 1:1 with ordinary dialogues by trained replies (choice 3)
     samples = [s for g, r in zip(train, replies) for s in training_samples(g, r, cfg.per_prefix)]
-    n_mix = round(cfg.sft_mix * sum(len(r) for r in replies))
+    n_mix = round(cfg.mix_ratio * sum(len(r) for r in replies))
     if cfg.mix == "own":
         mix = own_replies(model, tok, world, annotator, n_mix, cfg.max_new_tokens, seed=cfg.seed + 1)
         print(f"[gatt] mix: {len(mix):,} dialogues (the model's own checked replies and instruction dialogues)",
