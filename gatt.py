@@ -77,6 +77,9 @@ class GattConfig:
     quick: bool = False  # a seconds-long smoke run
 
 
+GOOD_REPLY = 0.75  # the annotator's helpfulness from which a sampled reply counts as good (choices 1 and 3)
+
+
 def with_instruction(instruction: str, question: str) -> str:
     return f"{instruction} {question}"
 
@@ -96,7 +99,7 @@ def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) ->
         out = chat_replies(model, tok, [fit_context(tok, h, model.args.max_seq_len - max_new_tokens)
                                         for h in histories], max_new_tokens)
         for h, g, r, rs in zip(histories, dialogs, out, replies):
-            good = g.check(r) and annotator.score(h, r).helpfulness >= 0.75
+            good = g.check(r) and annotator.score(h, r).helpfulness >= GOOD_REPLY
             if not good:
                 r, fallbacks = g.compliant_replies()[t], fallbacks + 1
             total += 1
@@ -118,8 +121,8 @@ def fit_context(tok, history: list[dict], budget: int) -> list[dict]:
 @torch.no_grad()
 def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed: int) -> list[list[dict]]:
     """Choice 3's default mix: the model's own greedy replies to n ordinary train prompts, kept where the annotator
-    finds them helpful (>= 0.75) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of multi-turn
-    prompts are context (weight 0). Returns the kept dialogues plus data.INSTRUCTION_SHARE as many in-turn
+    finds them helpful (GOOD_REPLY) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of
+    multi-turn prompts are context (weight 0). Returns the kept dialogues plus data.INSTRUCTION_SHARE as many in-turn
     instruction dialogues."""
     from evaluate import chat_replies
     tasks = world.tasks("train", n, seed=seed)
@@ -129,7 +132,7 @@ def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed:
     for t, r in zip(tasks, chat_replies(model, tok, [t.messages for t in tasks], max_new_tokens)):
         score = annotator.score(t.messages, r)
         # a refusal of a harmful request is the right reply, though raters give it moderate helpfulness (data.py)
-        if score.safe and (score.helpfulness >= 0.75 or t.kind == "harmful"):
+        if score.safe and (score.helpfulness >= GOOD_REPLY or t.kind == "harmful"):
             context = [m if m["role"] != "assistant" else {**m, "weight": 0} for m in t.messages]
             out.append(context + [{"role": "assistant", "content": r}])
     return out + world.instruction_dialogs("train", round(data.INSTRUCTION_SHARE * n), seed=seed)

@@ -116,7 +116,7 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
     harmful_ids = {i for i, t in enumerate(tasks) if t.kind == "harmful"}
     wrong_ids = {i for i, t in enumerate(tasks) if t.kind == "fact"}
     assert harmful_ids and wrong_ids
-    # the "model" answers with the reference, except: wrong facts ("a cat" for everything) and harmful refusals
+    # the "model" answers with the reference (a refusal for harmful prompts), except one wrong reply to every fact
     fake = [t.reference if i not in wrong_ids else "It is a cat." for i, t in enumerate(tasks)]
     monkeypatch.setattr(evaluate, "chat_replies", lambda model, tok, dialogs, n: fake[:len(dialogs)])
     model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))
