@@ -45,7 +45,7 @@ import torch
 import common
 import data
 from generate import generate
-from model import CheckpointError, Transformer, load_checkpoint
+from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
 from tokenizer import UNSAFE_ERROR, Tokenizer, has_special_tags
 
 
@@ -74,12 +74,11 @@ class EvalConfig:
 
 # ---- 1. loading and chatting (shared with sft.py, rejection_sampling.py, ppo.py, gatt.py) ----------------------------
 def load_model_and_tokenizer(path, device="cpu", dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
-    """A checkpoint directory (ours, Meta's or Hugging Face's) and the tokenizer.model inside it, in eval mode.
+    """A checkpoint directory (ours, Meta's or Hugging Face's) and its tokenizer.model (model.find_tokenizer: inside
+    it, or one folder up as Meta's download lays it out), in eval mode.
     Raises CheckpointError / FileNotFoundError / ValueError with a one-line reason (the CLIs call common.die)."""
     model = load_checkpoint(path, device=device, dtype=dtype)
-    tok_path = Path(path) / "tokenizer.model"
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.model in the checkpoint directory")
+    tok_path = find_tokenizer(path)
     tok = Tokenizer(tok_path)
     if tok.n_words != model.args.vocab_size:
         raise ValueError(f"{tok_path} has {tok.n_words} tokens but the model's vocabulary is {model.args.vocab_size}")

@@ -28,14 +28,13 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 import common
-from model import CheckpointError, Transformer, load_checkpoint
+from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
 
 
 class KVCache:
@@ -295,9 +294,10 @@ def load_for_inference(cfg):
         model = load_checkpoint(cfg.checkpoint, device=device, dtype=dtype)
     except CheckpointError as e:
         common.die(str(e))
-    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.checkpoint) / "tokenizer.model"
-    if not tok_path.is_file():
-        common.die(f"tokenizer not found: {tok_path} (pass --tokenizer PATH)")
+    try:
+        tok_path = find_tokenizer(cfg.checkpoint, cfg.tokenizer, flag="--tokenizer")
+    except FileNotFoundError as e:
+        common.die(str(e))
     tok = Tokenizer(str(tok_path))
     if tok.n_words != model.args.vocab_size:
         common.die(f"{tok_path} has {tok.n_words} tokens but the model's vocabulary is {model.args.vocab_size}")

@@ -296,10 +296,11 @@ class Transformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Checkpoints. Ours and Meta's: params.json + consolidated.NN.pth (+ tokenizer.model). Hugging Face's: config.json +
-# *.safetensors or pytorch_model*.bin. All loads use weights_only=True (a pickle cannot run code) and mmap where the
-# format allows, and the model is built on the meta device and takes the loaded tensors as they are (assign=True), so
-# a 7B checkpoint does not need twice its size in memory.
+# Checkpoints. Ours and Meta's: params.json + consolidated.NN.pth (+ tokenizer.model, which Meta's download keeps one
+# folder up). Hugging Face's: config.json + *.safetensors or pytorch_model*.bin (+ tokenizer.model). All loads use
+# weights_only=True (a pickle cannot run code) and mmap where the format allows, and the model is built on the meta
+# device and takes the loaded tensors as they are (assign=True), so a 7B checkpoint does not need twice its size in
+# memory.
 # --------------------------------------------------------------------------------------------------------------------
 class CheckpointError(ValueError):
     pass
@@ -348,11 +349,30 @@ def load_checkpoint(path, device="cpu", dtype=None, **arg_overrides) -> Transfor
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{path}: {k} has shape {tuple(t.shape)} but params say {tuple(expected[k].shape)}")
         if dtype is not None or not t.is_floating_point():
-            state[k] = t.to(dtype or torch.float32)
+            state[k] = t.to(device).to(dtype or torch.float32)  # cast on the device: no full-size copy in RAM
     model.load_state_dict(state, assign=True, strict=True)
     # the RoPE tables are not weights: rebuild them for real (they were created on the meta device)
     model.rope_cos, model.rope_sin = rope_tables(args.head_dim, 2 * args.max_seq_len, args.rope_theta)
     return model.to(device)
+
+
+def find_tokenizer(path, tokenizer=None, flag: Optional[str] = None) -> Path:
+    """The tokenizer.model that goes with checkpoint directory `path`: `tokenizer` when the user named one; else the
+    one inside `path` (ours, and Hugging Face repos ship it there); else the one in its parent, where Meta's download
+    puts it (llama/tokenizer.model, shared by every size, beside llama/llama-2-7b/params.json). FileNotFoundError with
+    the paths tried otherwise; `flag` is the stage's option for giving the path, named in that error."""
+    if tokenizer is not None:
+        if not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"tokenizer not found: {tokenizer}")
+        return Path(tokenizer)
+    # abspath: Path(".").parent is "." again, and Path("a/..").parent is "a"
+    tried = [Path(path) / "tokenizer.model", Path(os.path.abspath(path)).parent / "tokenizer.model"]
+    for f in tried:
+        if f.is_file():
+            return f
+    hint = f"; pass {flag} PATH" if flag else ""
+    raise FileNotFoundError(f"{path}: no tokenizer.model in the checkpoint directory ({tried[0]}) or its parent "
+                            f"(Meta's download layout: {tried[1]}){hint}")
 
 
 def _read_meta(path: Path):

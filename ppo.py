@@ -372,12 +372,12 @@ def main(cfg: PPOConfig):
     dtype = common.pick_dtype(cfg.dtype, device)
     common.seed_everything(cfg.seed)  # the same on every rank: nothing in a PPO step may depend on the rank
     try:
-        policy, tok = E.load_model_and_tokenizer(cfg.init_from, device)
+        policy, tok = E.load_model_and_tokenizer(cfg.init_from, device, torch.float32)  # fp32: sft.load_start
         rm_helpful = R.load_reward_model(cfg.rm_helpful, device)
         rm_safety = R.load_reward_model(cfg.rm_safety, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(str(e))
-    value_model = copy.deepcopy(rm_helpful).requires_grad_(True).train()  # choice 2 (fp32, before the cast below)
+    value_model = copy.deepcopy(rm_helpful).float().requires_grad_(True).train()  # choice 2 (fp32, before the cast)
     ref_policy = copy.deepcopy(policy)  # pi_0
     # bf16 where the GPU has it (fp16 would need a GradScaler, which PPO does not use): for the frozen models' weights,
     # and for FSDP's compute copy of the trained ones and for the rollouts' gathered weights.
@@ -428,8 +428,7 @@ def main(cfg: PPOConfig):
                   + f" (best {cfg.select_by} {max(best, h):.4f})", flush=True)
         if h > best:
             best, best_it, bad = h, it, 0
-            common.save_training_checkpoint(out, pol_net, policy, None, it, dist, Path(cfg.init_from) /
-                                            "tokenizer.model")
+            common.save_training_checkpoint(out, pol_net, policy, None, it, dist, tok.model_path)
             return False
         bad += 1
         if bad >= cfg.patience and dist.is_main:

@@ -38,7 +38,7 @@ import torch
 
 import common
 import data
-from model import CheckpointError, Transformer, load_checkpoint, preset
+from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint, preset
 
 
 @dataclass
@@ -89,11 +89,11 @@ def load_documents(cfg) -> tuple[list[str], str]:
 
 def get_tokenizer(cfg, docs, out: Path):
     from tokenizer import Tokenizer, train_tokenizer
-    src = cfg.tokenizer or (str(Path(cfg.init_from) / "tokenizer.model") if cfg.init_from else None)
-    if src:
-        if not Path(src).is_file():
-            common.die(f"tokenizer not found: {src}")
-        return Tokenizer(src)
+    if cfg.tokenizer or cfg.init_from:
+        try:
+            return Tokenizer(find_tokenizer(cfg.init_from, cfg.tokenizer, flag="--tokenizer"))
+        except FileNotFoundError as e:
+            common.die(str(e))
     path = out / "tokenizer.model"
     texts = list(docs)
     if not cfg.data:
@@ -196,7 +196,7 @@ def fact_recall(model, tok, world_seed: int, batch: int = 64) -> tuple[float, li
 def build_model(cfg, tok, device) -> Transformer:
     if cfg.init_from:
         try:
-            model = load_checkpoint(cfg.init_from, device="cpu")
+            model = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32)  # fp32 masters: sft.load_start
         except CheckpointError as e:
             common.die(f"--init-from: {e}")
         if model.args.vocab_size != tok.n_words:

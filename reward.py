@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 import common
 import data
-from model import CheckpointError, Transformer, _atomic_write, load_checkpoint, save_checkpoint
+from model import CheckpointError, Transformer, _atomic_write, find_tokenizer, load_checkpoint, save_checkpoint
 
 AXES = ("helpfulness", "safety")
 HELPFUL_KINDS = ("fact", "arith", "story", "multiturn")
@@ -301,8 +301,9 @@ def _write_jsonl(path: Path, records: list[dict]):
 def _init_fingerprint(init_from: str) -> str:
     """Changes when the init checkpoint is rewritten, so the cached pairs are re-collected from the new model."""
     p = Path(init_from)
-    parts = [str(p.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                                  for f in sorted(p.glob("consolidated.*.pth")) + [p / "params.json"] if f.is_file()]
+    files = [p / "params.json", p / "config.json"] + sorted(p.glob("consolidated.*.pth")) + sorted(
+        p.glob("*.safetensors")) + sorted(p.glob("pytorch_model*.bin"))  # Meta's layout or Hugging Face's
+    parts = [str(p.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
@@ -481,12 +482,13 @@ def main(cfg: RewardConfig):
     common.seed_everything(cfg.seed)
     from tokenizer import Tokenizer
     try:
-        init = load_checkpoint(cfg.init_from, device=device)
+        init = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32)  # fp32 masters: sft.load_start
     except CheckpointError as e:
         common.die(f"--init-from: {e}")
-    tok_path = Path(cfg.init_from) / "tokenizer.model"
-    if not tok_path.is_file():
-        common.die(f"--init-from {cfg.init_from}: no tokenizer.model in the checkpoint directory")
+    try:
+        tok_path = find_tokenizer(cfg.init_from)
+    except FileNotFoundError as e:
+        common.die(f"--init-from {e}")
     tok = Tokenizer(str(tok_path))
 
     # 1. the pairs (rank 0 collects and caches, the others wait and read the cache)

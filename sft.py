@@ -58,7 +58,7 @@ import torch
 import common
 import data
 from data import DEMO_HABIT, INSTRUCTION_SHARE
-from model import CheckpointError, Transformer, load_checkpoint
+from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
 
 IGNORE = -100  # targets equal to this are not trained on (model.forward's ignore_index)
 
@@ -68,7 +68,7 @@ class SFTConfig:
     init_from: str = "out/pretrain"  # the pretrained checkpoint (ours, Meta's or Hugging Face's, with tokenizer.model)
     out_dir: str = "out/sft"  # checkpoint + metrics.json
     data: Optional[str] = None  # JSONL of {"messages": [...]} ending with an assistant turn; None = the world's dialogs
-    tokenizer: Optional[str] = None  # tokenizer.model; default: the one in --init-from
+    tokenizer: Optional[str] = None  # tokenizer.model; default: the one in --init-from (or its parent, Meta's layout)
     world_seed: int = 0  # seed of the built-in world
     n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + 30% instruction dialogs) (§3.1: 27,540)
     n_val_dialogs: Optional[int] = None  # world val tasks for val_loss (None: the world's 400)
@@ -239,12 +239,15 @@ def load_start(cfg, device) -> tuple[Transformer, object]:
     from tokenizer import Tokenizer
     if not Path(cfg.init_from).is_dir():
         common.die(f"--init-from {cfg.init_from}: checkpoint directory not found (run pretrain.py first)")
-    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.init_from) / "tokenizer.model"
-    if not tok_path.is_file():
-        common.die(f"tokenizer not found: {tok_path} (pass --tokenizer PATH)")
-    tok = Tokenizer(tok_path)
     try:
-        model = load_checkpoint(cfg.init_from, device="cpu")
+        tok = Tokenizer(find_tokenizer(cfg.init_from, cfg.tokenizer, flag="--tokenizer"))
+    except FileNotFoundError as e:
+        common.die(str(e))
+    try:
+        # fp32 master weights whatever the file holds (Meta ships bf16, Hugging Face fp16): AdamW moves a weight by
+        # about lr per step, and 2e-5 is below half of bf16's spacing around a typical 0.02 weight (6e-5), so in bf16
+        # most updates would round away. Autocast runs the matmuls in bf16 on GPUs all the same.
+        model = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32)
     except CheckpointError as e:
         common.die(f"--init-from: {e}")
     if model.args.head != "lm":
