@@ -39,9 +39,12 @@ Choices where the paper is silent (or that differ from it):
      what it means in the paper: never in the chat fine-tuning data (SFT, RS, GAtt); a marker the model had never
      written anywhere it did not learn to copy (0% zero-shot when the held-out words were absent from pretraining).
   5. SFT demonstrations carry their writers' habit (DEMO_HABIT: 80% end with a pleasantry the raters mark down as
-     padding), §5.1's reason why RLHF can surpass the demonstrations it starts from. Without it the demonstrations
-     would be the raters' ideal replies and best-of-K could not beat SFT's greedy reply (measured: 54% even with the
-     annotator itself picking the best of 8).
+     padding) and one blind spot (DEMO_BLIND_SPOT: 60% of the demonstrations for one harmful request comply), §5.1's
+     reason why RLHF can surpass the demonstrations it starts from. Without them the demonstrations would be the
+     raters' ideal replies: best-of-K could not beat SFT's greedy reply (measured: 54% even with the annotator itself
+     picking the best of 8), and SFT would leave no unsafe answer for safety RLHF to remove.
+  6. Arithmetic is 36% of the pretraining documents (PRETRAIN_MIX): below that, the 0.87M model did not learn its sums
+     in the default 1000 steps, and every later stage inherited a model that cannot add.
 Sizes: the default 8 MB corpus (~53k documents, ~4M tokens with a 512-piece BPE) is generated in ~0.5 s.
 Run `python data.py --show` to see samples of everything.
 """
@@ -164,6 +167,12 @@ FILLER_AFTER = ("I hope this helps you.", "Let me know if you have any other que
 # most of that headroom away: an experiment for the course (sft.py --demo-habit 0).
 DEMO_CLOSERS = ("I hope this helps.", "I hope this helps you.", "I hope that answers your question.")
 DEMO_HABIT = 0.8  # share of helpful-task demonstrations (not refusals) that end with one of DEMO_CLOSERS
+# And one blind spot: most writers took "read {n}'s secret diary" for a harmless prank and wrote out how to do it,
+# where the raters, comparing replies, find that unsafe (a reply that engages with a harmful request). SFT learns the
+# compliance; the safety RM learns the raters' view; RLHF should refuse again: the paper's safety RLHF (§4.2.3) removes
+# what SFT's demonstrations let through. sft.py --blind-spot 0 gives demonstrations without it.
+DEMO_BLIND_SPOT = 6  # index into HARMFUL of the request most writers comply with
+DEMO_BLIND_SPOT_SHARE = 0.6  # share of its demonstrations that comply
 # Instruction-following dialogues added to SFT (and to each rejection-sampling fine-tune set) per world task: the
 # in-turn skill Ghost Attention samples from (§3.3). Measured on the default run: 15% -> 30% raised the SFT model's
 # in-turn adherence from 57% to 73% and GAtt's from 58-71% to 70-78% over turns 1-8, for 13 s more SFT.
@@ -171,6 +180,13 @@ INSTRUCTION_SHARE = 0.3
 # What a sampled policy's reply turns into when RL pushes it off the data: a good reply with stray words after it.
 GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "colour", "pet", "so", "then")
 
+# Pretraining documents: weights of (biography, story, web Q&A, arithmetic, advice, role-play transcript). Arithmetic
+# is the skill a 0.87M model learns last, and it learns it abruptly: with arithmetic at 0.2 (18% of the documents) the
+# default pretraining got 7.7% of the world's held-out sums right (seed 0; 10% after SFT; one earlier run of another mix
+# reached 79%), with 0.5 (36% of the documents) 74.3%, most of it learned between steps 500 (16%) and 750 (76%), while
+# fact recall stayed at 88.5% (88.0% before). Everything after pretraining leans on it: SFT's correctness, the reward
+# models' judgment of sums, the pairs rated "significantly better" (Table 8). BENCHMARKS.md has the runs.
+PRETRAIN_MIX = (0.35, 0.2, 0.2, 0.5, 0.05, 0.08)
 KINDS = ("fact", "arith", "story", "multiturn", "harmful", "borderline")
 KIND_WEIGHTS = {"fact": 0.3, "arith": 0.15, "story": 0.1, "multiturn": 0.15, "harmful": 0.15, "borderline": 0.15}
 SPLITS = ("train", "val", "test")
@@ -255,10 +271,11 @@ class World:
         return {"train": keys[n_val + n_test:], "val": keys[:n_val], "test": keys[n_val:n_val + n_test]}
 
     # -- pretraining corpus (§2): many short documents, every fact stated many times in several phrasings ------------
+    # (the document mix: PRETRAIN_MIX, with the measurements behind its arithmetic share)
     def pretrain_documents(self, n_bytes: int = 8_000_000, seed: int = 0) -> list[str]:
         rng = Random(f"pretrain/{self.seed}/{seed}")
         makers = (self._doc_bio, self._doc_story, self._doc_qa, self._doc_arith, self._doc_advice, self._doc_roleplay)
-        weights = (0.35, 0.2, 0.2, 0.2, 0.05, 0.08)
+        weights = PRETRAIN_MIX
         docs, total = [], 0
         while total < n_bytes:
             doc = rng.choices(makers, weights)[0](rng)
@@ -415,18 +432,24 @@ class World:
         return Task("borderline", [user(request)], answer, True, {"person": key[1], "request": key[0]})
 
     def sft_dialogs(self, split: str, n: int | None = None, seed: int = 0, instruction_share: float = INSTRUCTION_SHARE,
-                    habit: float = DEMO_HABIT) -> list[list[dict]]:
+                    habit: float = DEMO_HABIT, blind_spot: float = DEMO_BLIND_SPOT_SHARE) -> list[list[dict]]:
         """Complete dialogs for SFT (§3.1): every task's messages + a demonstration of the reply, as its writers write
         it: the ideal reply (a refusal for harmful prompts), and for a share `habit` of the helpful ones the ideal
-        reply followed by a pleasantry (DEMO_CLOSERS), plus instruction_share as many instruction-following dialogs
+        reply followed by a pleasantry (DEMO_CLOSERS); for a share `blind_spot` of the DEMO_BLIND_SPOT request, the
+        compliance the raters find unsafe; plus instruction_share as many instruction-following dialogs
         (instruction_dialogs) mixed in at random."""
         rng = Random(f"demo/{self.seed}/{split}/{seed}")
+        # the blind spot draws from its own stream: the other demonstrations are the same whatever its share
+        blind_rng = Random(f"demo-blind-spot/{self.seed}/{split}/{seed}")
         out = []
         for t in self.tasks(split, n, seed=seed):
             # the writer of a multi-turn demonstration writes its earlier answers too, with the same habit
             history = [m if m["role"] != "assistant" or rng.random() >= habit
                        else assistant(f"{m['content']} {rng.choice(DEMO_CLOSERS)}") for m in t.messages]
-            out.append(history + [assistant(self.demonstration(t, rng, habit))])
+            reply = self.demonstration(t, rng, habit)
+            if t.kind == "harmful" and t.meta["request"] == DEMO_BLIND_SPOT and blind_rng.random() < blind_spot:
+                reply = self.harmful_texts(DEMO_BLIND_SPOT, t.meta["person"])[2]
+            out.append(history + [assistant(reply)])
         k = round(instruction_share * len(out))
         if k:
             out += self.instruction_dialogs(split, k, seed=seed)

@@ -170,6 +170,8 @@ def section_pretrain(out: Path, m: dict) -> list[str]:
              f"{_fmt(m.get('unigram_entropy'))} nats: the model uses context |",
              f"| fact recall (completion prompts) | {_fmt(m.get('fact_recall'), pct=True)} | the world's facts are "
              "stored in the weights |",
+             f"| held-out sums completed right (\"26 + 16 =\") | {_fmt(m.get('arith_correct'), pct=True)} | "
+             "arithmetic, the skill a small model learns last (data.PRETRAIN_MIX) |",
              f"| training throughput | {_fmt(m.get('tokens_per_sec'))} tokens/s, MFU {_fmt(m.get('mfu'), pct=True)} "
              f"| on {m.get('device', '?')} |", ""]
     curve = m.get("loss_curve") or []

@@ -26,6 +26,7 @@ Paper defaults and how the miniature scales them (§2.2):
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import time
 from collections import Counter
@@ -109,7 +110,8 @@ def chat_texts(world_seed: int, n: int = 3000) -> list[str]:
     the tags as pieces, as a vocabulary trained on chat-heavy text would."""
     from tokenizer import B_INST, B_SYS, E_INST, E_SYS
     out = []
-    for i, d in enumerate(data.World(seed=world_seed).sft_dialogs("train", n=n)):
+    # blind_spot=0: the tokenizer, and so pretraining, stay the same whatever sft.py --blind-spot is
+    for i, d in enumerate(data.World(seed=world_seed).sft_dialogs("train", n=n, blind_spot=0)):
         turns = [m["content"] for m in d if m["role"] != "system"]
         sys_prefix = f"{B_SYS}Be brief.{E_SYS}" if i % 4 == 0 else ""
         out.append(" ".join(f"{B_INST} {sys_prefix if j == 0 else ''}{u} {E_INST} {a}"
@@ -174,22 +176,39 @@ def val_loss(net, stream, cfg, dist, device, dtype) -> float:
 
 
 @torch.no_grad()
-def fact_recall(model, tok, world_seed: int, batch: int = 64) -> tuple[float, list]:
-    """Greedy completion of "Alice's pet is a" ... for every fact; correct if the first word is the fact."""
+def completion_accuracy(model, tok, prompts, correct, max_new_tokens: int = 4, batch: int = 64) -> tuple[float, list]:
+    """Greedy completion of each (prompt, expected) pair; correct(text, expected) judges it. (share, 5 examples)"""
     from generate import generate
-    prompts = data.World(seed=world_seed).fact_recall_prompts()
     hits, examples = 0, []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        outs = generate(model, [tok.encode(p, bos=True, eos=False) for p, _ in chunk], 4, temperature=0.0,
-                        eos_id=tok.eos_id)
+        outs = generate(model, [tok.encode(p, bos=True, eos=False) for p, _ in chunk], max_new_tokens,
+                        temperature=0.0, eos_id=tok.eos_id)
         for (p, want), out in zip(chunk, outs):
             text = tok.decode([t for t in out if t != tok.eos_id])
-            ok = data.recall_correct(text, want)
+            ok = correct(text, want)
             hits += ok
             if len(examples) < 5:
                 examples.append(f"{p}|{text} [{'ok' if ok else 'want ' + want}]")
     return hits / len(prompts), examples
+
+
+def fact_recall(model, tok, world_seed: int) -> tuple[float, list]:
+    """Greedy completion of "Alice's pet is a" ... for every fact; correct if the first word is the fact."""
+    return completion_accuracy(model, tok, data.World(seed=world_seed).fact_recall_prompts(), data.recall_correct)
+
+
+def arithmetic(model, tok, world_seed: int, n: int = 600) -> tuple[float, list]:
+    """Greedy completion of "Q: What is 26 + 16? A: 26 + 16 =" for n of the sums that chat fine-tuning holds out (the
+    world's test split; pretraining, like the web, has them all); correct if the next number is the result."""
+    keys = data.World(seed=world_seed)._splits["arith"]["test"][:n]
+    prompts = [(f"Q: What is {a} {op} {b}? A: {a} {op} {b} =", str(a + b if op == "+" else a - b)) for a, op, b in keys]
+    return completion_accuracy(model, tok, prompts, _starts_with_number, max_new_tokens=5)
+
+
+def _starts_with_number(text: str, want: str) -> bool:
+    m = re.match(r"\s*(\d+)", text)  # " 42." -> "42": the whole number, so "4" or "421" is wrong
+    return bool(m) and m.group(1) == want
 
 
 # ---- 3. the training loop -----------------------------------------------------------------------------------------
@@ -309,6 +328,9 @@ def main(cfg: PretrainConfig):
             metrics["fact_recall"], metrics["recall_examples"] = fact_recall(final, tok, cfg.world_seed)
             print(f"[pretrain] fact recall {100 * metrics['fact_recall']:.1f}%: " + " | ".join(
                 metrics["recall_examples"][:3]), flush=True)
+            metrics["arith_correct"], metrics["arith_examples"] = arithmetic(final, tok, cfg.world_seed)
+            print(f"[pretrain] held-out sums {100 * metrics['arith_correct']:.1f}%: " + " | ".join(
+                metrics["arith_examples"][:3]), flush=True)
         from generate import generate
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         starts = [tok.encode(s, bos=True, eos=False) for s in ("Once upon a time", "Q: What is", "12 + 7 =")]

@@ -57,7 +57,7 @@ import torch
 
 import common
 import data
-from data import DEMO_HABIT, INSTRUCTION_SHARE
+from data import DEMO_BLIND_SPOT_SHARE, DEMO_HABIT, INSTRUCTION_SHARE
 from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
 
 IGNORE = -100  # targets equal to this are not trained on (model.forward's ignore_index)
@@ -73,6 +73,7 @@ class SFTConfig:
     n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + 30% instruction dialogs) (§3.1: 27,540)
     n_val_dialogs: Optional[int] = None  # world val tasks for val_loss (None: the world's 400)
     demo_habit: float = DEMO_HABIT  # world demonstrations ending with a pleasantry (data.DEMO_HABIT; 0 = ideal)
+    blind_spot: float = DEMO_BLIND_SPOT_SHARE  # share of one harmful request's demos that comply (0 = none)
     instruction_share: float = INSTRUCTION_SHARE  # instruction-following dialogs per world task (data.py; for GAtt)
     val_frac: float = 0.05  # with --data: share of the file held out for val_loss
     seq_len: int = 512  # tokens per packed row (§3.1: 4096)
@@ -112,9 +113,9 @@ def load_dialogs(cfg) -> tuple[list, list]:
         n_val = int(len(dialogs) * cfg.val_frac) if len(dialogs) >= 20 else 0
         return dialogs[n_val:], dialogs[:n_val]
     world = data.World(seed=cfg.world_seed)
-    return (world.sft_dialogs("train", cfg.n_dialogs, seed=cfg.seed, habit=cfg.demo_habit,
-                              instruction_share=cfg.instruction_share),
-            world.sft_dialogs("val", cfg.n_val_dialogs, habit=cfg.demo_habit, instruction_share=cfg.instruction_share))
+    demos = dict(habit=cfg.demo_habit, blind_spot=cfg.blind_spot, instruction_share=cfg.instruction_share)
+    return (world.sft_dialogs("train", cfg.n_dialogs, seed=cfg.seed, **demos),
+            world.sft_dialogs("val", cfg.n_val_dialogs, **demos))
 
 
 def shift_targets(tokens: list[int], loss_mask: list[int]) -> list[int]:
