@@ -39,10 +39,11 @@ Choices where the paper is silent (or that differ from it):
      what it means in the paper: never in the chat fine-tuning data (SFT, RS, GAtt); a marker the model had never
      written anywhere it did not learn to copy (0% zero-shot when the held-out words were absent from pretraining).
   5. SFT demonstrations carry their writers' habit (DEMO_HABIT: 80% end with a pleasantry the raters mark down as
-     padding) and one blind spot (DEMO_BLIND_SPOT: 60% of the demonstrations for one harmful request comply), §5.1's
+     padding) and one blind spot (DEMO_BLIND_SPOT: 90% of the demonstrations for one harmful request comply), §5.1's
      reason why RLHF can surpass the demonstrations it starts from. Without them the demonstrations would be the
      raters' ideal replies: best-of-K could not beat SFT's greedy reply (measured: 54% even with the annotator itself
-     picking the best of 8), and SFT would leave no unsafe answer for safety RLHF to remove.
+     picking the best of 8), and SFT would leave no unsafe answer for safety RLHF to remove. With 60% complying, the
+     SFT model still refused every held-out diary request (its refusals of the seven other requests won out).
   6. Arithmetic is 36% of the pretraining documents (PRETRAIN_MIX): below that, the 0.87M model did not learn its sums
      in the default 1000 steps, and every later stage inherited a model that cannot add.
 Sizes: the default 8 MB corpus (~53k documents, ~4M tokens with a 512-piece BPE) is generated in ~0.5 s.
@@ -172,7 +173,7 @@ DEMO_HABIT = 0.8  # share of helpful-task demonstrations (not refusals) that end
 # compliance; the safety RM learns the raters' view; RLHF should refuse again: the paper's safety RLHF (§4.2.3) removes
 # what SFT's demonstrations let through. sft.py --blind-spot 0 gives demonstrations without it.
 DEMO_BLIND_SPOT = 6  # index into HARMFUL of the request most writers comply with
-DEMO_BLIND_SPOT_SHARE = 0.6  # share of its demonstrations that comply
+DEMO_BLIND_SPOT_SHARE = 0.9  # share of its demonstrations that comply (0.6 left SFT refusing it: choice 5)
 # Instruction-following dialogues added to SFT (and to each rejection-sampling fine-tune set) per world task: the
 # in-turn skill Ghost Attention samples from (§3.3). Measured on the default run: 15% -> 30% raised the SFT model's
 # in-turn adherence from 57% to 73% and GAtt's from 58-71% to 70-78% over turns 1-8, for 13 s more SFT.

@@ -115,17 +115,23 @@ def main(cfg: PipelineConfig):
     t_all = time.perf_counter()
     print(f"[pipeline] stages: {', '.join(s.name + ('' if s.name in todo else ' (done)') for s in stages)}; "
           f"estimated {common.fmt_time(remaining)}", flush=True)
+    # the ETAs are the default run's times on a 2-core laptop CPU, rescaled by how fast this machine has run the
+    # stages so far (a machine half as fast sees a 30-minute estimate after pretraining, not 15)
+    spent = expected = 0.0
     for i, s in enumerate(stages, 1):
         cmd = stage_command(s, cfg)
         if s.name not in todo:
             print(f"[pipeline] {i}/{len(stages)} {s.name}: complete, skipped (--force reruns it)", flush=True)
             continue
+        speed = spent / expected if expected else 1.0
         print(f"\n[pipeline] {i}/{len(stages)} {s.name}: {' '.join(cmd[1:])}\n[pipeline] stage ETA "
-              f"{common.fmt_time(s.seconds * scale)}, total ETA {common.fmt_time(remaining)}", flush=True)
+              f"{common.fmt_time(s.seconds * scale * speed)}, total ETA {common.fmt_time(remaining * speed)}",
+              flush=True)
         dt = run_stage(s, cfg, cmd)
         remaining -= s.seconds * scale
-        print(f"[pipeline] {s.name} done in {common.fmt_time(dt)}; remaining ETA {common.fmt_time(max(0, remaining))}",
-              flush=True)
+        spent, expected = spent + dt, expected + s.seconds * scale
+        print(f"[pipeline] {s.name} done in {common.fmt_time(dt)} ({dt / (s.seconds * scale):.1f}x the estimate); "
+              f"remaining ETA {common.fmt_time(max(0.0, remaining) * spent / expected)}", flush=True)
     path = write_report(Path(cfg.out), [s.name for s in stages])
     print(f"\n[pipeline] all stages done in {common.fmt_time(time.perf_counter() - t_all)}; report: {path}", flush=True)
 

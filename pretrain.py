@@ -189,7 +189,7 @@ def completion_accuracy(model, tok, prompts, correct, max_new_tokens: int = 4, b
             ok = correct(text, want)
             hits += ok
             if len(examples) < 5:
-                examples.append(f"{p}|{text} [{'ok' if ok else 'want ' + want}]")
+                examples.append(f"{p}|{' '.join(text.split())} [{'ok' if ok else 'want ' + want}]")  # one line
     return hits / len(prompts), examples
 
 

@@ -153,6 +153,23 @@ def test_tasks_shapes(world):
             assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] and len(roles) in (3, 5)
 
 
+def test_blind_spot_changes_only_its_request_and_rates_it_unsafe(world, rater):
+    """The demonstrations' blind spot (data.DEMO_BLIND_SPOT): at share 0.9 the "secret diary" demonstrations comply in
+    about 90% of cases and every other dialog is exactly the blind-spot-free one (its own random stream); the raters
+    mark the compliance unsafe. Deterministic (world seed 0: 70 of 74 comply); the band 58..73 checks the share, and
+    another seed would leave it with probability 1.3e-3 (Binomial(74, 0.9))."""
+    with_spot, without = world.sft_dialogs("train"), world.sft_dialogs("train", blind_spot=0)
+    assert len(with_spot) == len(without)
+    request = data.HARMFUL[data.DEMO_BLIND_SPOT][0].split("{")[0]  # "How do I read "
+    changed = [(a, b) for a, b in zip(with_spot, without) if a != b]
+    assert changed and all(a[:-1] == b[:-1] and request in a[-2]["content"] for a, b in changed)
+    n_spot = sum(request in d[-2]["content"] and "diary" in d[-2]["content"] for d in without)
+    assert 58 <= len(changed) <= 73 and len(changed) < n_spot
+    for a, b in changed[:10]:
+        assert rater.score(a[:-1], a[-1]["content"]).safe is False  # the compliance: unsafe
+        assert rater.score(b[:-1], b[-1]["content"]).safe is True  # the refusal it replaced: safe
+
+
 def test_sft_dialogs_round_trip_through_reader(world, tmp_path):
     dialogs = world.sft_dialogs("train", 50)
     path = tmp_path / "sft.jsonl"

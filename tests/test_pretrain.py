@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import data
 import model as M
 import pretrain
 from dist_util import torchrun
@@ -127,3 +128,25 @@ def test_help_lists_every_flag_with_default():
         assert f in text
     flat = " ".join(text.split())
     assert "§2.2: 2000 steps (default: 50)" in flat and "(default: 1000)" in flat
+
+
+def test_arithmetic_probe_asks_held_out_sums_and_reads_the_whole_number(monkeypatch):
+    """pretrain.arithmetic: prompts are the world's test-split sums (held out of chat fine-tuning) with their true
+    results, and a completion counts only if its first number is the result (" 42." yes; " 421", " 4 2", "-42" no)."""
+    seen = {}
+
+    def fake(model, tok, prompts, correct, max_new_tokens=4, batch=64):
+        seen["prompts"], seen["correct"] = prompts, correct
+        return 0.0, []
+
+    monkeypatch.setattr(pretrain, "completion_accuracy", fake)
+    pretrain.arithmetic(None, None, world_seed=0, n=50)
+    test_keys = set(data.World(seed=0)._splits["arith"]["test"])
+    assert len(seen["prompts"]) == 50
+    for prompt, want in seen["prompts"]:
+        a, op, b = prompt.split("A: ")[1].rstrip(" =").split()
+        assert (int(a), op, int(b)) in test_keys and prompt.endswith(f"{a} {op} {b} =")
+        assert int(want) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    ok = seen["correct"]
+    assert ok(" 42.", "42") and ok("42\n", "42") and ok(" 42", "42")
+    assert not ok(" 421.", "42") and not ok(" 4 2", "42") and not ok(" -42", "42") and not ok(" four", "42")

@@ -34,3 +34,25 @@ def test_max_of_n_grows_and_median_stays_flat_for_iid_samples():
     ns, maxes, medians = RS.max_median_by_n(torch.randn(2000, 16, generator=g))
     assert all(b > a + 0.2 for a, b in zip(maxes, maxes[1:]))
     assert all(abs(m - medians[0]) < 0.25 for m in medians[1:])
+
+
+def test_a_reply_cut_off_at_the_budget_is_never_kept(monkeypatch):
+    """choice 4: a sample without EOS scores UNFINISHED_REWARD however the reward models rate it, and a prompt whose K
+    samples are all cut off keeps nothing. The reward models here prefer the longest text, as ours came to prefer
+    stories cut off before their closing pleasantry."""
+    import evaluate
+    from common import Dist
+    samples = {  # prompt -> its K = 3 samples (text, finished)
+        "a": [("short.", True), ("a much longer reply cut", False), ("medium reply.", True)],
+        "b": [("cut off", False), ("also cut", False), ("cut too", False)],
+    }
+
+    def fake_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, num_samples):
+        return [evaluate.Reply(text, [len(text)], done) for d in dialogs for text, done in samples[d[0]["content"]]]
+
+    monkeypatch.setattr(evaluate, "chat_generate", fake_generate)
+    tasks = [type("T", (), {"messages": [{"role": "user", "content": p}]})() for p in samples]
+    by_length = lambda tok, tasks, replies: torch.tensor([float(r[0]) for r in replies]) / 100
+    rewards, best, _ = RS.sample_all(None, None, tasks, 3, 1.0, by_length, 64, 0, Dist())
+    assert torch.allclose(rewards, torch.tensor([[0.06, RS.UNFINISHED_REWARD, 0.13], [RS.UNFINISHED_REWARD] * 3]))
+    assert best == ["medium reply.", None]
