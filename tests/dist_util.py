@@ -56,13 +56,29 @@ def train_small_tokenizer(path):
     return train_tokenizer(world.pretrain_documents(150_000) + chats, 400, path)
 
 
+def ends_its_replies(model, eos_id: int, p_eos: float = 0.3):
+    """Make a random model end its replies, as a chat model does: EOS with probability ~p_eos at every step, so most
+    8-token samples finish (rejection sampling keeps only finished replies). Every token embedding gets one constant
+    coordinate (4.0 in dim 0) that the residual stream carries to the final norm (the random layers add ~0.02 to it),
+    and only EOS's output row reads it: the EOS logit is ~the same at every position, the others stay ~0."""
+    import math
+    import torch
+    V, C = model.args.vocab_size, model.args.dim
+    with torch.no_grad():
+        model.tok_embeddings.weight[:, 0] = 4.0
+        model.output.weight[:, 0] = 0.0
+        # after the final RMSNorm the constant coordinate is ~sqrt(C); EOS logit L with e^L / (e^L + V - 1) = p_eos
+        model.output.weight[eos_id, 0] = math.log(p_eos * (V - 1) / (1 - p_eos)) / math.sqrt(C)
+    return model
+
+
 def tiny_stack(root: Path) -> dict:
     """root/{chat, rm_helpful, rm_safety}: random tiny models with the tokenizer beside each, as the stages write them.
     The chat model plays the SFT model (--init-from, --sft); the reward models are its trunk with a scalar head."""
     import model as M
     import reward
     tok = train_small_tokenizer(root / "tokenizer.model")
-    chat = M.Transformer(tiny_args(tok.n_words)).init_weights(seed=0)
+    chat = ends_its_replies(M.Transformer(tiny_args(tok.n_words)).init_weights(seed=0), tok.eos_id)
     paths = {"chat": root / "chat", "rm_helpful": root / "rm_helpful", "rm_safety": root / "rm_safety"}
     M.save_checkpoint(chat, paths["chat"], tok.model_path)
     for seed, name in ((1, "rm_helpful"), (2, "rm_safety")):

@@ -163,16 +163,18 @@ def test_rejection_sampling_under_torchrun_keeps_the_union_of_the_ranks(tmp_path
     assert [len(p) for p in per_rank] == it["prompts_by_rank"] == [16, 16]
     shards = [common.rank_shard(ids, common.Dist(rank=r, world_size=2)) for r in (0, 1)]
     assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(ids)  # disjoint, complete
-    union = {key: rec[1] for r in (0, 1) for key, rec in zip(shards[r], per_rank[r])}  # prompt -> best reply
+    # prompt -> best reply; a prompt none of whose samples finished keeps nothing (RS choice 4)
+    union = {key: rec[1] for r in (0, 1) for key, rec in zip(shards[r], per_rank[r]) if rec[1] is not None}
+    assert len(union) >= 24  # the tiny chat model ends most replies (dist_util.ends_its_replies)
     rows = [json.loads(line)["messages"] for line in (tmp_path / "rs" / "rs_iter1.jsonl").read_text().splitlines()]
-    kept = {ids[p]: row[-1]["content"] for p, row in enumerate(rows)}
-    assert all(row[:-1] == all_train[ids[p]].messages for p, row in enumerate(rows))  # in the prompts' order
-    assert kept == union
+    kept_ids = [i for i in ids if i in union]
+    assert all(row[:-1] == all_train[i].messages for i, row in zip(kept_ids, rows))  # in the prompts' order
+    assert {i: row[-1]["content"] for i, row in zip(kept_ids, rows)} == union and len(rows) == len(union)
     # what was fine-tuned on: the kept set plus the SFT mix's share of instruction dialogues (RS choice 3), shuffled
     train = [json.loads(line)["messages"] for line in (tmp_path / "rs" / "rs_train1.jsonl").read_text().splitlines()]
     mix = data.World(seed=cfg.world_seed).instruction_dialogs("train", round(data.INSTRUCTION_SHARE * len(rows)),
                                                               seed=cfg.seed + 1)
-    assert sorted(map(json.dumps, train)) == sorted(map(json.dumps, rows + mix)) and len(mix) == 10
+    assert sorted(map(json.dumps, train)) == sorted(map(json.dumps, rows + mix)) and len(mix) > 0
     rewards = torch.tensor([rec[0] for part in per_rank for rec in part])  # (P, K); the mean ignores the order
     assert it["mean_reward"] == pytest.approx(rewards.mean().item(), abs=1e-5)
     # the fine-tuned result loads in one process
