@@ -338,6 +338,10 @@ class World:
         a, b = rng.randrange(100), rng.randrange(100)  # single and two-digit operands
         return (a, "+", b) if rng.random() < 0.5 else (max(a, b), "-", min(a, b))
 
+    def sums(self, split: str) -> list[tuple[int, str, int]]:
+        """The (a, op, b) arithmetic questions of a split: chat fine-tuning uses "train", evaluation "test"."""
+        return list(self._splits["arith"][split])
+
     def fact_recall_prompts(self) -> list[tuple[str, str]]:
         """One completion prompt per fact: ("Alice's pet is a", "cat"). The prefix of the canonical phrasing."""
         out = []

@@ -201,7 +201,7 @@ def fact_recall(model, tok, world_seed: int) -> tuple[float, list]:
 def arithmetic(model, tok, world_seed: int, n: int = 600) -> tuple[float, list]:
     """Greedy completion of "Q: What is 26 + 16? A: 26 + 16 =" for n of the sums that chat fine-tuning holds out (the
     world's test split; pretraining, like the web, has them all); correct if the next number is the result."""
-    keys = data.World(seed=world_seed)._splits["arith"]["test"][:n]
+    keys = data.World(seed=world_seed).sums("test")[:n]
     prompts = [(f"Q: What is {a} {op} {b}? A: {a} {op} {b} =", str(a + b if op == "+" else a - b)) for a, op, b in keys]
     return completion_accuracy(model, tok, prompts, _starts_with_number, max_new_tokens=5)
 

@@ -141,7 +141,7 @@ def test_arithmetic_probe_asks_held_out_sums_and_reads_the_whole_number(monkeypa
 
     monkeypatch.setattr(pretrain, "completion_accuracy", fake)
     pretrain.arithmetic(None, None, world_seed=0, n=50)
-    test_keys = set(data.World(seed=0)._splits["arith"]["test"])
+    test_keys = set(data.World(seed=0).sums("test"))
     assert len(seen["prompts"]) == 50
     for prompt, want in seen["prompts"]:
         a, op, b = prompt.split("A: ")[1].rstrip(" =").split()
