@@ -176,3 +176,51 @@ def test_per_row_generators_make_a_row_independent_of_its_batch(top_p):
                                        generator=torch.Generator().manual_seed(11))[0] for b, p in enumerate(PROMPTS))
     with pytest.raises(ValueError, match="one per completion"):
         G.generate(m, PROMPTS, 4, temperature=1.0, generator=gens(seeds[:2]))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_cpu_packed_weights_decode_like_plain_linears_and_are_undone(monkeypatch):
+    """From PACK_MIN_ROWS rows on, a CPU decode multiplies by oneDNN's prepacked weights: the same greedy tokens as full
+    recomputation without any cache or packing, log-probs equal to fp32 rounding, and afterwards (also after an error
+    mid-decode) every Linear is a plain nn.Linear again."""
+    m = tiny()
+    prompts = PROMPTS * 2  # 6 rows >= PACK_MIN_ROWS
+    assert len(prompts) >= G.PACK_MIN_ROWS and G._packable(m)
+    seen = []
+    hook = m.output.register_forward_pre_hook(lambda mod, args: seen.append("forward" in mod.__dict__))
+    toks, logps = G.generate(m, prompts, 12, temperature=0.0, eos_id=None, logprobs=True)
+    hook.remove()
+    assert seen and all(seen)  # the head ran packed in the prefill and every decode step
+    assert not any("forward" in mod.__dict__ for mod in m.modules())
+    with torch.no_grad():
+        for p, t, lp in zip(prompts, toks, logps):
+            ref_t, ref_lp = naive_greedy(m, p, 12)
+            assert t == ref_t
+            torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(G, "PACK_MIN_ROWS", 10 ** 9)  # the plain column-major path, same rows
+    plain, plain_lp = G.generate(m, prompts, 12, temperature=0.0, eos_id=None, logprobs=True)
+    assert plain == toks
+    torch.testing.assert_close(torch.tensor(plain_lp), torch.tensor(logps), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(G, "PACK_MIN_ROWS", 4)
+    # the packed copies are kept between calls: a changed weight must be packed again, however it was changed
+    with torch.no_grad():
+        m.layers[0].feed_forward.w1.weight.add_(0.05)  # in place, seen by the version counter (an optimizer step)
+        m.output.weight.data.mul_(1.5)  # in place through .data, which the version counter does not see
+    toks, logps = G.generate(m, prompts, 12, temperature=0.0, eos_id=None, logprobs=True)
+    with torch.no_grad():
+        for p, t, lp in zip(prompts, toks, logps):
+            ref_t, ref_lp = naive_greedy(m, p, 12)
+            assert t == ref_t
+            torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(G, "PACK_MIN_ROWS", 4)
+
+    def fail(mod, args):
+        if len(seen) > 3:
+            raise RuntimeError("stop")
+        seen.append(1)
+    seen.clear()
+    hook = m.output.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="stop"):
+        G.generate(m, prompts, 12, temperature=0.0, eos_id=None)
+    hook.remove()
+    assert not any("forward" in mod.__dict__ for mod in m.modules())
