@@ -150,8 +150,9 @@ PACK_MAX_BYTES = 1 << 30  # packing copies every Linear weight: fine at 15M (61 
 
 
 def _packable(model: Transformer) -> bool:
-    """True where oneDNN can prepack this model's Linear weights: a CPU model of plain fp32 tensors (not FSDP's DTensors,
-    not bf16, whose oneDNN path on AVX2 converts every element) small enough that a second copy costs little."""
+    """True where oneDNN can prepack this model's Linear weights: a CPU model of plain fp32 tensors (not FSDP's
+    DTensors, not bf16, whose oneDNN path on AVX2 converts every element) small enough that a second copy costs
+    little."""
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and all(type(m.weight.data) is torch.Tensor and m.weight.dtype == torch.float32
@@ -179,7 +180,7 @@ def _packed_weight(mod: torch.nn.Linear, rows: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _cpu_packed_linears(model: Transformer, rows: int):
-    """For the duration of one generate() call, every Linear of a CPU model multiplies by a prepacked copy of its weight.
+    """For the duration of one generate() call, each Linear of a CPU model multiplies by a prepacked copy of its weight.
 
     Why: a decode step multiplies `rows` hidden vectors by each weight. MKL's x @ W^T for a few rows (M = 4..64) is
     slow on the 2-core EPYC: the 32000 x 288 head ran at ~25 GFLOP/s at 16 rows. oneDNN can reorder W once into the
