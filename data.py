@@ -762,6 +762,7 @@ class Preference:
     rating: str           # one of RATINGS
     category: str         # "helpfulness" | "safety"
     safety_label: str | None = None  # one of SAFETY_LABELS (or DROPPED_SAFETY_LABEL) when known
+    sources: tuple[str, str] | None = None  # where chosen and rejected came from ("sample_T0.7", "wrong", ...)
 
 
 class Annotator:
@@ -1124,7 +1125,12 @@ def _parse_preference(r: dict, where: str) -> Preference:
     category = _field(r, "category", str, where)
     if category not in ("helpfulness", "safety"):
         raise DataError(f"{where}: category must be 'helpfulness' or 'safety', got {category!r}")
-    return Preference(messages, chosen, rejected, rating, category, r.get("safety_label"))
+    sources = r.get("sources")  # optional: written by reward.collect_preferences, read for accuracy by source
+    if sources is not None and not (isinstance(sources, list) and len(sources) == 2
+                                    and all(isinstance(x, str) for x in sources)):
+        raise DataError(f"{where}: field 'sources' must be a list of two strings (chosen's, rejected's)")
+    return Preference(messages, chosen, rejected, rating, category, r.get("safety_label"),
+                      tuple(sources) if sources else None)
 
 
 def read_preferences_jsonl(path) -> list[Preference]:

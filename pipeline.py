@@ -233,6 +233,18 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
     for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
         by = (m.get("accuracy_by_rating") or {}).get(axis) or {}
         lines.append(f"| {name} | " + " | ".join(_pct(by.get(r)) for r in data.RATINGS) + " |")
+    srcs = [(name, axis, (m.get("accuracy_by_source") or {}).get(axis) or {})
+            for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety"))]
+    if any(g for _, _, g in srcs):
+        lines += ["", "Why Table 8 looks the way it does: accuracy on its own test set by where the chosen and the "
+                      "rejected reply came from (sample: the chat model's; reference: the world's ideal reply; the "
+                      "rest are deliberate defects: reward.py choice 2). Refusals and verbose replies are form; a "
+                      "wrong fact (`wrong`) or another person's fact (`off_topic`) is content, and most of the "
+                      "\"significantly better\" pairs (reward.py choice 6).", "",
+                  "| reward model | chosen > rejected | pairs | accuracy |", "|---|---|---|---|"]
+        for name, _, groups in srcs:
+            lines += [f"| {name} | {k.replace('>', ' > ')} | {v['n']} | {_pct(v['accuracy'])} |"
+                      for k, v in list(groups.items())[:12]]
     abl = h.get("margin_ablation") or s.get("margin_ablation")
     if abl:
         axis = "helpfulness" if h.get("margin_ablation") else "safety"

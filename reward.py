@@ -423,9 +423,10 @@ def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, ta
 
 # ---- 6. evaluation (Tables 7, 8) -------------------------------------------------------------------------------------
 def accuracy(rm: Transformer, tok, pairs: list) -> dict:
-    """Share of pairs where the RM scores the chosen reply higher (a tie counts half), overall and by rating."""
+    """Share of pairs where the RM scores the chosen reply higher (a tie counts half), overall, by rating and by the
+    sources of the two replies."""
     if not pairs:
-        return {"accuracy": None, "n": 0, "by_rating": {}, "n_by_rating": {}}
+        return {"accuracy": None, "n": 0, "by_rating": {}, "n_by_rating": {}, "by_source": {}}
     r_c = score(rm, tok, [p.messages for p in pairs], [p.chosen for p in pairs])
     r_r = score(rm, tok, [p.messages for p in pairs], [p.rejected for p in pairs])
     right = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()  # (N,)
@@ -434,7 +435,25 @@ def accuracy(rm: Transformer, tok, pairs: list) -> dict:
         sel = torch.tensor([p.rating == rating for p in pairs])
         n_by[rating] = int(sel.sum())
         by[rating] = round(right[sel].mean().item(), 4) if sel.any() else None
-    return {"accuracy": round(right.mean().item(), 4), "n": len(pairs), "by_rating": by, "n_by_rating": n_by}
+    return {"accuracy": round(right.mean().item(), 4), "n": len(pairs), "by_rating": by, "n_by_rating": n_by,
+            "by_source": accuracy_by_source(pairs, right.tolist())}
+
+
+def source_kind(source: str) -> str:
+    """'sample_T0.7' -> 'sample'; a defect or reference label stays as it is ('wrong', 'off_topic', 'reference')."""
+    return "sample" if source.startswith("sample") else source
+
+
+def accuracy_by_source(pairs: list, right: list[float], min_n: int = 5) -> dict:
+    """Accuracy by where the chosen and the rejected reply came from, "chosen>rejected" -> {"accuracy", "n"}, for
+    groups of at least min_n pairs: which defects the RM sees (refusals, verbose replies: form) and which it misses
+    (a wrong fact against a right one: content). Pairs without sources (user data) are left out."""
+    groups: dict[str, list[float]] = {}
+    for p, ok in zip(pairs, right):
+        if p.sources:
+            groups.setdefault(f"{source_kind(p.sources[0])}>{source_kind(p.sources[1])}", []).append(ok)
+    return {k: {"accuracy": round(sum(v) / len(v), 4), "n": len(v)}
+            for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1])) if len(v) >= min_n}
 
 
 def evaluate(rm, tok, test: list) -> dict:
@@ -539,6 +558,7 @@ def main(cfg: RewardConfig):
             "accuracy": {a: ev[a]["accuracy"] for a in AXES},  # Table 7: this RM's row
             "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
             "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},
+            "accuracy_by_source": {a: ev[a]["by_source"] for a in AXES},  # what it sees: form or content (choice 6)
             "n_pairs": {"train_mixture": len(mix), "train_helpfulness": n_cat["helpfulness"],
                         "train_safety": n_cat["safety"], "train_available": len(train_pairs),
                         "test_helpfulness": ev["helpfulness"]["n"], "test_safety": ev["safety"]["n"]},

@@ -413,6 +413,7 @@ GOOD_PREF = {"prompt": "What is 2 + 2?", "chosen": "2 + 2 = 4.", "rejected": "5.
     (data.read_preferences_jsonl, {k: v for k, v in GOOD_PREF.items() if k != "chosen"}, "missing field 'chosen'"),
     (data.read_preferences_jsonl, {**GOOD_PREF, "rating": "much better"}, "unknown rating"),
     (data.read_preferences_jsonl, {**GOOD_PREF, "category": "fun"}, "category"),
+    (data.read_preferences_jsonl, {**GOOD_PREF, "sources": ["sample"]}, "'sources' must be a list of two strings"),
     (data.read_dialogs_jsonl, {"messages": [{"role": 3, "content": "hi"}]}, "role"),
     (data.read_dialogs_jsonl, {"messages": [{"role": "user", "content": "hi"}]}, "last message must have role"),
     (data.read_dialogs_jsonl, {"messages": [{"role": "assistant", "content": "hi"}]}, "alternate"),

@@ -218,6 +218,21 @@ def test_collected_pairs_are_rated_dropped_and_round_trip(tmp_path, tok):
     back = data.read_preferences_jsonl(tmp_path / "p.jsonl")
     assert [(b.chosen, b.rejected, b.rating) for b in back] == [(r["chosen"], r["rejected"], r["rating"])
                                                                  for r in records]
+    assert [b.sources for b in back] == [tuple(r["sources"]) for r in records]
+
+
+def test_accuracy_by_source_groups_pairs_by_where_their_replies_came_from():
+    """Hand-made: 6 pairs sample_T0.7 > wrong (2 right), 5 reference > refusal (all right), 5 sample_T1.2 > sample_T0.7
+    (a tie and 3 right), 2 verbose > closer (fewer than min_n: left out), 1 without sources (user data: left out)."""
+    def pair(src):
+        return data.Preference([data.user("q")], "a", "b", data.RATINGS[0], "helpfulness", None, src)
+    pairs = ([pair(("sample_T0.7", "wrong"))] * 6 + [pair(("reference", "refusal"))] * 5
+             + [pair(("sample_T1.2", "sample_T0.7"))] * 5 + [pair(("verbose", "closer"))] * 2 + [pair(None)])
+    right = [1, 1, 0, 0, 0, 0] + [1] * 5 + [0.5, 1, 1, 1, 0] + [1, 1] + [1]
+    by = reward.accuracy_by_source(pairs, right)
+    assert by == {"sample>wrong": {"accuracy": round(2 / 6, 4), "n": 6}, "reference>refusal": {"accuracy": 1.0, "n": 5},
+                  "sample>sample": {"accuracy": 0.7, "n": 5}}
+    assert list(by)[0] == "sample>wrong"  # largest group first
 
 
 # ---- learning --------------------------------------------------------------------------------------------------------
@@ -259,6 +274,9 @@ def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt
     assert m["complete"] and m["axis"] == "helpfulness" and m["margin"] == "small"
     assert set(m["accuracy"]) == {"helpfulness", "safety"}
     assert set(m["accuracy_by_rating"]["safety"]) == set(data.RATINGS)
+    by_src = m["accuracy_by_source"]["helpfulness"]
+    assert by_src and all(0 <= g["accuracy"] <= 1 and g["n"] >= 5 for g in by_src.values())
+    assert sum(g["n"] for g in by_src.values()) <= m["n_pairs"]["test_helpfulness"]
     assert list(m["margin_ablation"]) == ["none", "small", "large"]
     assert m["n_pairs"]["train_helpfulness"] == m["n_pairs"]["train_safety"]  # §3.2.2: equal parts
     assert (tmp_path / "prefs" / "train.jsonl").is_file() and m["loss_curve"]
