@@ -149,11 +149,9 @@ PACK_MIN_ROWS = 4
 PACK_MAX_BYTES = 1 << 30  # packing copies every Linear weight: fine at 15M (61 MB), not at 7B (27 GB)
 
 
-def _packable(model: Transformer) -> bool:
-    """True where oneDNN can prepack this model's Linear weights: a CPU model of plain fp32 tensors (not FSDP's
-    DTensors, not bf16, whose oneDNN path on AVX2 converts every element) small enough that a second copy costs
-    little."""
-    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+def _packable(lins: list) -> bool:
+    """True where oneDNN can prepack these Linear weights: plain fp32 CPU tensors (not FSDP's DTensors, not bf16,
+    whose oneDNN path on AVX2 converts every element), few enough bytes that a second copy costs little."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and all(type(m.weight.data) is torch.Tensor and m.weight.dtype == torch.float32
                     and m.weight.device.type == "cpu" for m in lins)
@@ -192,8 +190,8 @@ def _cpu_packed_linears(model: Transformer, rows: int):
     are untouched, so DDP, the optimizer and the checkpoint never see a difference. Eager only: torch.compile cannot
     lower oneDNN's packed op without freezing the weights into the graph. Results agree with F.linear to fp32
     rounding (~1e-6 here)."""
-    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if rows < PACK_MIN_ROWS or not _packable(model):
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if rows >= PACK_MIN_ROWS else []
+    if not lins or not _packable(lins):
         yield
         return
     try:
