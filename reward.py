@@ -59,6 +59,7 @@ Deviations from the paper, and choices where it is silent:
      closer, the wrong replies do not); 2 epochs, lr 3e-4, batch 16, or 3 epochs at 3e-4 all left that level at
      67-71%. Telling a wrong fact needs the RM to recall the fact again at the reply's end, two steps of retrieval
      a 4-layer 0.87M model does not learn from ~300 such pairs; earlier runs with 4x the data reached 80% there.
+     Choice 9 adds such pairs; an annotator that knew every score without noise would get 90.7% of these test pairs.
   7. No mid-run checkpoints: an RM trains in about a minute here; the model is written once, at the end.
   8. The safety RM's zero point (calibrate_safety). §3.2.3 switches to the safety RM whenever R_s < 0.15, which
      presumes that a low sigmoid score means "unsafe". The ranking loss fixes only differences of scores, so without
@@ -67,6 +68,18 @@ Deviations from the paper, and choices where it is silent:
      cannot tell a right answer from a wrong one. After training, the offset that puts 0.15 at the 5th percentile of
      the safe replies' scores in its training pairs is stored in params.json (score_offset); every user of the RM
      (RS, PPO, evaluation) then reads calibrated scores. Accuracies are unchanged (they compare differences).
+  9. More content pairs (--content-pairs K, default 0): K extra train pairs per prompt of a content defect (a wrong
+     fact or sum, another person's fact) against the reference. They cost no sampling; the test pairs are the ones
+     collected without them, so accuracies stay comparable. Measured on the default run's SFT model (seed 0,
+     BENCHMARKS.md): K = 1 raised the helpfulness RM from 71.0% to 72.5% and the safety RM from 83.5% to 85.9% on
+     their own test sets; K = 2 gave 72.7% and 85.4%, "significantly better" 70% -> 78% but "better" 89% -> 81%.
+     What the pairs teach is "another person" (reference > off topic 50% -> 85%), not "a wrong fact" (44% -> 56%):
+     an RM trained on 2,000 such pairs alone gets 94% of its train pairs but 56-65% of the test pairs right, so it
+     remembers which claims were false instead of checking them. K = 0 stays the default: the gains are one seed and
+     within two standard errors, and the RM weighs the writers' closer less (reference > closer 72% -> 55% at K = 2),
+     the habit RLHF removes in this world. Drawing the usual defects 3x as often from the content kinds, instead of
+     adding pairs, was worse (67.7%): samples carry the closer and content defects do not, so the RM learned "sounds
+     like a sample" (sample > wrong 44% -> 79%, reference > closer 72% -> 14%).
 """
 from __future__ import annotations
 
@@ -108,6 +121,7 @@ class RewardConfig:
     test_prompts: int = 200  # world test prompts per category
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.2])  # §3.2.1: two samples, two temperatures
     max_new_tokens: int = 64  # length limit of the sampled replies
+    content_pairs: int = 0  # train prompts only: extra pairs per prompt of a content defect against the reference
     safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
     batch_size: int = 32  # pairs per optimizer step, all processes together (§3.2.2: 512)
@@ -259,9 +273,13 @@ def _sample_replies(policy, tok, tasks, temperature: float, max_new_tokens: int,
     return out
 
 
+CONTENT_DEFECTS = ("wrong", "off_topic")  # data.World.reply_variants whose flaw is what they say, not how (choice 9)
+
+
 def collect_preferences(policy, tok, world: data.World, annotator: data.Annotator, tasks: list, temperatures,
-                        max_new_tokens: int, seed: int) -> tuple[list[dict], dict]:
-    """Three rated pairs per prompt (docstring, choice 2), as JSONL-ready records, and counts of what was dropped."""
+                        max_new_tokens: int, seed: int, content_pairs: int = 0) -> tuple[list[dict], dict]:
+    """Three rated pairs per prompt (docstring, choice 2), plus `content_pairs` pairs of a content defect against the
+    reference (choice 9), as JSONL-ready records, and counts of what was dropped."""
     rng = random.Random(f"prefs/{seed}")
     gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
     n_all = len(tasks)  # a prompt must leave room for a reply in the context: longer ones are skipped (and counted)
@@ -280,6 +298,8 @@ def collect_preferences(policy, tok, world: data.World, annotator: data.Annotato
         if model_replies[0][1] == model_replies[1][1]:  # a confident model often says the same thing twice: nothing
             pairs[0] = (d3, rng.choice(model_replies))  # to compare, so another defect against a sample instead
             stats["identical_samples"] += 1
+        content = [d for d in defects if d[0] in CONTENT_DEFECTS]
+        pairs += [(rng.choice(content), reference) for _ in range(content_pairs if content else 0)]
         axis = "safety" if task.is_safety else "helpfulness"
         for (la, a), (lb, b) in pairs:
             if a == b:  # e.g. a sample that is exactly the reference: skipped, no rater compares a reply to itself
@@ -316,7 +336,8 @@ def world_preferences(cfg, policy, tok) -> tuple[list, list, dict]:
     """(train pairs, test pairs, info), from cfg.prefs_dir when it holds this exact collection, else collected now."""
     key = {"init": _init_fingerprint(cfg.init_from), "world_seed": cfg.world_seed, "seed": cfg.seed,
            "train_prompts": cfg.train_prompts, "safety_prompts": cfg.safety_prompts, "test_prompts": cfg.test_prompts,
-           "temperatures": list(cfg.temperatures), "max_new_tokens": cfg.max_new_tokens, "version": 4}
+           "temperatures": list(cfg.temperatures), "max_new_tokens": cfg.max_new_tokens,
+           "content_pairs": cfg.content_pairs, "version": 4}
     d = Path(cfg.prefs_dir)
     info_file = d / "info.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("key") == key:
@@ -332,7 +353,8 @@ def world_preferences(cfg, policy, tok) -> tuple[list, list, dict]:
             tasks = (world.tasks(split, n_help, kinds=HELPFUL_KINDS, seed=cfg.seed)
                      + world.tasks(split, n_safe, kinds=SAFETY_KINDS, seed=cfg.seed))
             records, stats = collect_preferences(policy, tok, world, annotator, tasks, cfg.temperatures,
-                                                 cfg.max_new_tokens, seed=cfg.seed + (split == "test"))
+                                                 cfg.max_new_tokens, seed=cfg.seed + (split == "test"),
+                                                 content_pairs=cfg.content_pairs if split == "train" else 0)
             d.mkdir(parents=True, exist_ok=True)
             _write_jsonl(d / f"{split}.jsonl", records)
             info["counts"][split] = {"prompts": len(tasks), "pairs": len(records), **stats}
@@ -492,6 +514,8 @@ def main(cfg: RewardConfig):
         common.die(f"--margin must be one of {', '.join(MARGINS)}, got {cfg.margin!r}")
     if len(cfg.temperatures) != 2:
         common.die(f"--temperatures takes two values (§3.2.1: two samples per prompt), got {cfg.temperatures}")
+    if cfg.content_pairs < 0 or (cfg.content_pairs and cfg.data is not None):
+        common.die(f"--content-pairs {cfg.content_pairs}: takes K >= 0, and adds to the world's pairs (not to --data)")
     if not Path(cfg.init_from).is_dir():
         common.die(f"--init-from {cfg.init_from}: directory not found (train the chat model first: python sft.py)")
     if cfg.quick:

@@ -221,6 +221,28 @@ def test_collected_pairs_are_rated_dropped_and_round_trip(tmp_path, tok):
     assert [b.sources for b in back] == [tuple(r["sources"]) for r in records]
 
 
+def test_content_pairs_add_content_defects_to_the_train_pairs_only(tmp_path, tiny_ckpt, tok):
+    """--content-pairs 2 (choice 9): five pairs per train prompt, two of them a wrong or off-topic reply against the
+    reference; the test pairs are the very ones collected without it, so accuracies stay comparable."""
+    policy = M.load_checkpoint(tiny_ckpt).eval()
+    def collect(n_content):
+        cfg = reward.RewardConfig(init_from=str(tiny_ckpt), prefs_dir=str(tmp_path / f"c{n_content}"),
+                                  train_prompts=10, safety_prompts=10, test_prompts=6, max_new_tokens=6,
+                                  content_pairs=n_content)
+        return reward.world_preferences(cfg, policy, tok)
+    train0, test0, _ = collect(0)
+    train2, test2, info2 = collect(2)
+    counts = info2["counts"]["train"]
+    n_prompts = counts["prompts"] - counts["skipped_long_prompts"]
+    left_out = counts["dropped_chosen_unsafe"] + counts["identical_pairs_skipped"]
+    assert len(train2) + left_out == 5 * n_prompts and len(train0) < len(train2)
+    content_kinds = [sorted([c, "reference"]) for c in reward.CONTENT_DEFECTS]
+    content = [p for p in train2 if sorted(p.sources) in content_kinds]
+    assert len(content) >= 2 * n_prompts - left_out  # every extra pair, and the few of the three usual ones
+    assert [(p.chosen, p.rejected, p.rating, p.sources) for p in test2] == [(p.chosen, p.rejected, p.rating, p.sources)
+                                                                           for p in test0]
+
+
 def test_accuracy_by_source_groups_pairs_by_where_their_replies_came_from():
     """Hand-made: 6 pairs sample_T0.7 > wrong (2 right), 5 reference > refusal (all right), 5 sample_T1.2 > sample_T0.7
     (a tie and 3 right), 2 verbose > closer (fewer than min_n: left out), 1 without sources (user data: left out)."""
@@ -305,3 +327,13 @@ def test_malformed_preferences_fail_with_file_and_line(tmp_path, tiny_ckpt, bad,
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{f}:2:" in lines[0] and reason in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("flags", [["--content-pairs", "-1"], ["--content-pairs", "2", "--data", "prefs.jsonl"]])
+def test_bad_content_pairs_flag_fails_with_one_line_naming_it(tmp_path, tiny_ckpt, flags):
+    (tmp_path / "prefs.jsonl").write_text(json.dumps(GOOD) + "\n")
+    proc = subprocess.run([sys.executable, str(REPO / "reward.py"), "--init-from", str(tiny_ckpt), *flags,
+                           "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2 and "--content-pairs" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
