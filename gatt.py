@@ -33,11 +33,12 @@ Choices where the paper is silent:
   3. GAtt samples are mixed 1:1 with ordinary dialogues (one per trained GAtt reply, --mix-ratio) so that the other
      skills are not forgotten: by default (--mix own) the latest model's own greedy replies to the world's train
      prompts, kept where the annotator finds them safe and helpful (>= 0.75; refusals of harmful ones), plus
-     data.INSTRUCTION_SHARE as many in-turn instruction dialogues (the skill every GAtt reply starts from: halving the
-     mix lowered adherence, see GattConfig). `--mix sft` mixes the SFT demonstrations instead, as this file first
-     did: they carry the writers' habit that RLHF trained away (data.DEMO_HABIT), and the GAtt model then lost most of
-     RLHF's win rate against SFT (71% -> 46-54% in three runs, BENCHMARKS.md). Fine-tuning on the model's own replies
-     keeps what it is.
+     0.6 as many in-turn instruction dialogues (--instruction-share; SFT's data.INSTRUCTION_SHARE is 0.3): the skill
+     every GAtt reply starts from, since what GAtt misses is mostly a wrong word copied from the instruction already
+     at turn 1. Doubling them raised adherence from 86-80% to 89-92% over turns 1-8 (GattConfig). `--mix sft` mixes
+     the SFT demonstrations instead, as this file first did: they carry the writers' habit that RLHF trained away
+     (data.DEMO_HABIT), and the GAtt model then lost most of RLHF's win rate against SFT (71% -> 46-54% in three runs,
+     BENCHMARKS.md). Fine-tuning on the model's own replies keeps what it is.
 """
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ class GattConfig:
     per_prefix: bool = False  # the paper's one sample per dialogue prefix (same gradient, ~4.5x the tokens: step 3)
     mix_ratio: float = 1.0  # ordinary dialogues per trained GAtt reply (choice 3; SFT mix at 0.5: 81% -> 75%)
     mix: str = "own"  # what those dialogues are (choice 3): "own" (the model's replies, checked) or "sft" (demos)
+    # in-turn instruction dialogues per mix dialogue (choice 3). 600 dialogues at 1e-3, turns 1-8: SFT's 0.3 86-80%
+    # (6m40s), 0.6 91-89-92% (8m51s), 1.2 with --mix-ratio 0.5 88-84% (7m29s); win rate vs SFT 68.5 / 68.3 / 69.8%
+    instruction_share: float = 0.6
     world_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -119,10 +123,11 @@ def fit_context(tok, history: list[dict], budget: int) -> list[dict]:
 
 
 @torch.no_grad()
-def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed: int) -> list[list[dict]]:
+def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed: int,
+                instruction_share: float = data.INSTRUCTION_SHARE) -> list[list[dict]]:
     """Choice 3's default mix: the model's own greedy replies to n ordinary train prompts, kept where the annotator
     finds them helpful (GOOD_REPLY) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of
-    multi-turn prompts are context (weight 0). Returns the kept dialogues plus data.INSTRUCTION_SHARE as many in-turn
+    multi-turn prompts are context (weight 0). Returns the kept dialogues plus instruction_share * n in-turn
     instruction dialogues."""
     from evaluate import chat_replies
     tasks = world.tasks("train", n, seed=seed)
@@ -135,7 +140,7 @@ def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed:
         if score.safe and (score.helpfulness >= GOOD_REPLY or t.kind == "harmful"):
             context = [m if m["role"] != "assistant" else {**m, "weight": 0} for m in t.messages]
             out.append(context + [{"role": "assistant", "content": r}])
-    return out + world.instruction_dialogs("train", round(data.INSTRUCTION_SHARE * n), seed=seed)
+    return out + world.instruction_dialogs("train", round(instruction_share * n), seed=seed)
 
 
 # ---- 3. the training samples: instruction in the first turn only, loss on the last reply only ------------------------
@@ -187,6 +192,8 @@ def main(cfg: GattConfig):
     import sft
     if cfg.mix not in ("own", "sft"):
         common.die(f"--mix: expected 'own' or 'sft', got {cfg.mix!r}")
+    if cfg.instruction_share < 0:
+        common.die(f"--instruction-share: expected a share >= 0, got {cfg.instruction_share}")
     if cfg.quick:
         cfg.n_dialogs, cfg.n_eval, cfg.n_turns = 12, 8, 4
     t0 = time.perf_counter()
@@ -210,7 +217,8 @@ def main(cfg: GattConfig):
     samples = [s for g, r in zip(train, replies) for s in training_samples(g, r, cfg.per_prefix)]
     n_mix = round(cfg.mix_ratio * sum(len(r) for r in replies))
     if cfg.mix == "own":
-        mix = own_replies(model, tok, world, annotator, n_mix, cfg.max_new_tokens, seed=cfg.seed + 1)
+        mix = own_replies(model, tok, world, annotator, n_mix, cfg.max_new_tokens, seed=cfg.seed + 1,
+                          instruction_share=cfg.instruction_share)
         print(f"[gatt] mix: {len(mix):,} dialogues (the model's own checked replies and instruction dialogues)",
               flush=True)
     else:

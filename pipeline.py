@@ -57,7 +57,7 @@ STAGES = [
           ["--quick"], 140),
     Stage("ppo", "ppo.py", "ppo", ["--init-from", "{out}/rs", "--rm-helpful", "{out}/rm_helpful", "--rm-safety",
                                    "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo"], ["--quick"], 90),
-    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 200),
+    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 260),
     Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--rm-helpful",
                                                    "{out}/rm_helpful", "--rm-safety", "{out}/rm_safety",
                                                    "--out-dir", "{out}/eval_sft"], ["--quick"], 10),
