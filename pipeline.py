@@ -132,7 +132,9 @@ def main(cfg: PipelineConfig):
         spent, expected = spent + dt, expected + s.seconds * scale
         print(f"[pipeline] {s.name} done in {common.fmt_time(dt)} ({dt / (s.seconds * scale):.1f}x the estimate); "
               f"remaining ETA {common.fmt_time(max(0.0, remaining) * spent / expected)}", flush=True)
-    path = write_report(Path(cfg.out), [s.name for s in stages])
+    # the report covers every stage with results in --out, not only those of this call: `--only gatt` must not drop
+    # the other sections
+    path = write_report(Path(cfg.out), [s.name for s in STAGES if (REPO / s.script).is_file()])
     print(f"\n[pipeline] all stages done in {common.fmt_time(time.perf_counter() - t_all)}; report: {path}", flush=True)
 
 
@@ -337,6 +339,7 @@ def write_report(out: Path, stage_names: list[str]) -> Path:
              "Every number below was measured by this run (pipeline.py); the paper's own numbers are quoted beside "
              "them for the pattern to compare.", "", "| stage | wall time |", "|---|---|"]
     metrics = {name: common.read_metrics(out / next(s.out for s in STAGES if s.name == name)) for name in stage_names}
+    metrics = {name: m for name, m in metrics.items() if m}  # stages not run yet: no row, no section
     lines += [f"| {n} | {common.fmt_time(m.get('stage_seconds', 0))} |" for n, m in metrics.items()] + [""]
     get = lambda n: metrics.get(n) or {}  # noqa: E731
     if get("pretrain"):

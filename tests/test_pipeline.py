@@ -27,3 +27,8 @@ def test_pipeline_quick_runs_every_stage_and_writes_the_report(tmp_path):
     r2 = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--quick", "--out", str(out)], cwd=tmp_path,
                         capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0 and "skipped" in r2.stdout and "step 1/" not in r2.stdout
+    # --only one stage still writes the whole report: every completed stage keeps its section
+    r3 = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--quick", "--out", str(out), "--only", "eval_gatt"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert (out / "report.md").read_text() == report
