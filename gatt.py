@@ -64,7 +64,7 @@ class GattConfig:
     max_new_tokens: int = 48  # reply budget per turn (all capitals spell letter by letter: 32 cut such replies)
     # lr, epochs and n_dialogs: from the default run's PPO model, on the same 100 held-out dialogues (paired), mean
     # adherence over turns 1-8 after GAtt, 300 dialogues: 2 epochs at 5e-4 71-73%, 3 at 1e-3 76%, 4 at 1e-3 81%, 6 at
-    # 1e-3 83%; 600 dialogues, 2 epochs at 1e-3: 83% (86% at turn 1, 80% at turn 8), in 6m19s on the Zen 3 CPU
+    # 1e-3 83%; 600 at 1e-3, 2 epochs, instruction_share 0.3: 83% (86% at turn 1, 80% at turn 8), 6m19s on Zen 3
     # against 3m59s for 300 at 5e-4 (BENCHMARKS.md). Twice the dialogues beat twice the epochs over the same ones.
     lr: float = 1e-3  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2  # over full dialogues (step 3; one epoch of them = one epoch of the per-prefix samples)
