@@ -124,7 +124,7 @@ def fit_context(tok, history: list[dict], budget: int) -> list[dict]:
 
 @torch.no_grad()
 def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed: int,
-                instruction_share: float = data.INSTRUCTION_SHARE) -> list[list[dict]]:
+                instruction_share: float) -> list[list[dict]]:
     """Choice 3's default mix: the model's own greedy replies to n ordinary train prompts, kept where the annotator
     finds them helpful (GOOD_REPLY) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of
     multi-turn prompts are context (weight 0). Returns the kept dialogues plus instruction_share * n in-turn

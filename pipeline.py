@@ -105,7 +105,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
 
 
 def main(cfg: PipelineConfig):
-    stages = [s for s in STAGES if (REPO / s.script).is_file() and (not cfg.only or s.name in cfg.only)]
+    available = [s for s in STAGES if (REPO / s.script).is_file()]
+    stages = [s for s in available if not cfg.only or s.name in cfg.only]
     unknown = set(cfg.only) - {s.name for s in STAGES}
     if unknown:
         common.die(f"--only: unknown stage(s) {sorted(unknown)}; stages: {' '.join(s.name for s in STAGES)}")
@@ -134,7 +135,7 @@ def main(cfg: PipelineConfig):
               f"remaining ETA {common.fmt_time(max(0.0, remaining) * spent / expected)}", flush=True)
     # the report covers every stage with results in --out, not only those of this call: `--only gatt` must not drop
     # the other sections
-    path = write_report(Path(cfg.out), [s.name for s in STAGES if (REPO / s.script).is_file()])
+    path = write_report(Path(cfg.out), [s.name for s in available])
     print(f"\n[pipeline] all stages done in {common.fmt_time(time.perf_counter() - t_all)}; report: {path}", flush=True)
 
 
