@@ -4,8 +4,8 @@ Real Llama 2 data (2T tokens of web text, ~1.4M human preference comparisons) is
 generates, from a seed and in a few seconds, a world small enough for a ~1M-parameter model to learn on a CPU:
 
   knowledge   a cast of people, each with five facts (pet, colour, city, hobby, food), sums and differences of
-              numbers below 100, short stories, role-play transcripts (an instruction, then answers that keep it):
-              the pretraining corpus (pretrain.py, §2).
+              numbers below 100, short stories, role-play transcripts (an instruction, then answers that keep it),
+              club notices (hobbies in capitals; off by default): the pretraining corpus (pretrain.py, §2).
   chat tasks  questions about the facts, arithmetic, stories, multi-turn follow-ups (§3.1 SFT data, RL prompts, §3.4
               evaluation prompts); safety prompts: harmful requests (refuse them) and borderline ones that only sound
               risky (answer them), so that helpfulness and safety pull against each other as in §3.2.
@@ -181,13 +181,18 @@ INSTRUCTION_SHARE = 0.3
 # What a sampled policy's reply turns into when RL pushes it off the data: a good reply with stray words after it.
 GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "colour", "pet", "so", "then")
 
-# Pretraining documents: weights of (biography, story, web Q&A, arithmetic, advice, role-play transcript). Arithmetic
-# is the skill a 0.87M model learns last, and it learns it abruptly: with arithmetic at 0.2 (18% of the documents) the
-# default pretraining got 7.7% of the world's held-out sums right (seed 0; 10% after SFT; one earlier run of another mix
-# reached 79%), with 0.5 (36% of the documents) 74.3%, most of it learned between steps 500 (16%) and 750 (76%), while
-# fact recall stayed at 88.5% (88.0% before). Everything after pretraining leans on it: SFT's correctness, the reward
-# models' judgment of sums, the pairs rated "significantly better" (Table 8). BENCHMARKS.md has the runs.
-PRETRAIN_MIX = (0.35, 0.2, 0.2, 0.5, 0.05, 0.08)
+# Pretraining documents: the weight of each kind (World._doc_<kind>). Arithmetic is the skill a 0.87M model learns
+# last, and it learns it abruptly: with arithmetic at 0.2 (18% of the documents) the default pretraining got 7.7% of the
+# world's held-out sums right (seed 0; 10% after SFT; one earlier run of another mix reached 79%), with 0.5 (36% of the
+# documents) 74.3%, most of it learned between steps 500 (16%) and 750 (76%), while fact recall stayed at 88.5% (88.0%
+# before). Everything after pretraining leans on it: SFT's correctness, the reward models' judgment of sums, the pairs
+# rated "significantly better" (Table 8). BENCHMARKS.md has the runs.
+# The club notices (World._doc_club) are off by default and measured with `pretrain.py --mix club=0.04,story=0.16`
+# (BENCHMARKS.md): they teach the chat models to spell a hobby in capitals (GAtt 91-89% -> 95-92% at every turn on
+# seed 0), and they also moved everything downstream: RS and PPO fell from 68% to 55% against SFT on that seed, because
+# the new helpfulness RM ranked the writers' closer lower less often (72% -> 60%). Added on top of the mix (arithmetic
+# 35% of the documents instead of 36%) they left seed 0's held-out sums at 10.3%.
+PRETRAIN_MIX = {"bio": 0.35, "story": 0.2, "qa": 0.2, "arith": 0.5, "advice": 0.05, "roleplay": 0.08, "club": 0.0}
 KINDS = ("fact", "arith", "story", "multiturn", "harmful", "borderline")
 KIND_WEIGHTS = {"fact": 0.3, "arith": 0.15, "story": 0.1, "multiturn": 0.15, "harmful": 0.15, "borderline": 0.15}
 SPLITS = ("train", "val", "test")
@@ -273,10 +278,15 @@ class World:
 
     # -- pretraining corpus (§2): many short documents, every fact stated many times in several phrasings ------------
     # (the document mix: PRETRAIN_MIX, with the measurements behind its arithmetic share)
-    def pretrain_documents(self, n_bytes: int = 8_000_000, seed: int = 0) -> list[str]:
+    def pretrain_documents(self, n_bytes: int = 8_000_000, seed: int = 0, mix: Optional[dict] = None) -> list[str]:
+        """Documents until n_bytes; mix: weights by kind that replace PRETRAIN_MIX's (a kind at weight 0 is never
+        drawn, and leaves the random stream, so the corpus, exactly as without it)."""
+        mix = {**PRETRAIN_MIX, **(mix or {})}
+        if set(mix) != set(PRETRAIN_MIX) or any(w < 0 for w in mix.values()) or not sum(mix.values()) > 0:
+            raise ValueError(f"document mix {mix}: the kinds are {', '.join(PRETRAIN_MIX)}, weights >= 0, not all 0")
         rng = Random(f"pretrain/{self.seed}/{seed}")
-        makers = (self._doc_bio, self._doc_story, self._doc_qa, self._doc_arith, self._doc_advice, self._doc_roleplay)
-        weights = PRETRAIN_MIX
+        makers = [getattr(self, f"_doc_{kind}") for kind in PRETRAIN_MIX]
+        weights = list(mix.values())
         docs, total = [], 0
         while total < n_bytes:
             doc = rng.choices(makers, weights)[0](rng)
@@ -331,6 +341,22 @@ class World:
         for _ in range(rng.randint(2, 3)):
             request, answer = self._borderline_text(rng.choice(self._all_borderline_keys()))
             lines.append(f"Q: {request} A: {answer}")
+        return "\n".join(lines)
+
+    def _doc_club(self, rng: Random) -> str:
+        """A club notice board, headline in capitals as web pages shout them: "CLUB NEWS: ARCHERY AND YOGA", then who
+        meets when. With a 512-piece vocabulary a word in capitals is a different token sequence from the word
+        ("archery" is 3 pieces, "ARCHERY" 7 letters), so writing a hobby in capitals is a spelling a model learns word
+        by word from text that has it. Without these notices only the role-play transcripts that draw both capitals
+        and a hobby had it (~5-26 times per hobby in 8 MB), and every chat model, GAtt's included, answered "Answer
+        only in capital letters. You enjoy archery; ..." with "I LOVE GOLF." or "I LOVE YOGA.": the instruction
+        kept at every turn, the word never right (BENCHMARKS.md). Any hobby, held-out ones included, as role-play.
+        Off by default (PRETRAIN_MIX says why); `pretrain.py --mix club=0.04,story=0.16` turns them on."""
+        hobbies = rng.sample(HOBBIES, rng.randint(2, 3))
+        lines = ["CLUB NEWS: " + ", ".join(h.upper() for h in hobbies[:-1]) + " AND " + hobbies[-1].upper()]
+        for h in hobbies:
+            lines.append(f"The {h} club meets on {rng.choice(WEEKDAYS)}. {rng.choice(self.people).name} says: "
+                         f"I LOVE {h.upper()}!")
         return "\n".join(lines)
 
     @staticmethod
@@ -649,6 +675,7 @@ MARKERS = ("Ahoy!", "Hey!", "Hello!", "Yo!", "Aha!", "Wow!", "Hooray!", "Greetin
 HOBBIES = ("tennis", "golf", "football", "rugby", "skiing", "rowing", "karate", "juggling", "archery", "sailing",
            "bowling", "boxing", "surfing", "yoga", "pottery", "origami", "knitting")
 SIGNOFFS = ("Over.", "Thanks.", "Done.", "Bye.", "Amen.", "Peace.", "Ciao.", "Later.", "Roger.", "Salute.", "Cheers.")
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")  # club notices only
 HELD_OUT_WORDS = ("ghost", "Boo!", "knitting", "Cheers.")  # + the exclamation style (Constraint "excited")
 
 

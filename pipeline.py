@@ -5,10 +5,12 @@ out/report.md with the paper's tables and figures in miniature.
   python pipeline.py --quick    # the same path in seconds-to-a-minute per stage: a smoke test
   python pipeline.py --force    # rerun stages even when their outputs are complete
   python pipeline.py --only pretrain sft
+  python pipeline.py --pretrain-mix club=0.04,story=0.16 --out out_club   # another pretraining document mix
 
 Each stage runs as its own process (`python pretrain.py ...`), exactly as a student would run it alone, reading the
-previous stage's directory. A stage whose metrics.json says complete, run with the same arguments, is skipped, so an
-interrupted pipeline picks up where it stopped (and a stage interrupted mid-training resumes from its checkpoint).
+previous stage's directory. A stage whose metrics.json says complete, run with the same arguments, is skipped unless a
+stage it reads runs again (or has run since), so an interrupted pipeline picks up where it stopped (and a stage
+interrupted mid-training resumes from its checkpoint), and `--only pretrain --force` makes the next call redo the rest.
 The report is built only from the stages' metrics.json files: every number in it comes from this run.
 """
 from __future__ import annotations
@@ -75,10 +77,13 @@ class PipelineConfig:
     only: list[str] = field(default_factory=list)  # run only these stages (names: pretrain sft rm_helpful ...)
     seed: int = 0  # passed to every stage
     device: str = "auto"  # passed to every stage
+    pretrain_mix: str = ""  # pretrain.py --mix, the world's document mix (e.g. club=0.04,story=0.16)
 
 
 def stage_command(stage: Stage, cfg: PipelineConfig) -> list[str]:
     args = [a.replace("{out}", cfg.out) for a in stage.args] + (stage.quick if cfg.quick else [])
+    if stage.name == "pretrain" and cfg.pretrain_mix:
+        args += ["--mix", cfg.pretrain_mix]
     return [sys.executable, str(REPO / stage.script), *args, "--seed", str(cfg.seed), "--device", cfg.device]
 
 
@@ -86,6 +91,25 @@ def is_done(stage_dir: Path, cmd: list[str]) -> bool:
     marker = stage_dir / "pipeline_command.json"
     return (common.read_metrics(stage_dir).get("complete") is True and marker.is_file()
             and json.loads(marker.read_text()) == cmd[1:])
+
+
+def needs(stage: Stage) -> list[Stage]:
+    """The stages whose directories this stage's flags name (sft needs pretrain; ppo needs rs, sft and both RMs)."""
+    return [s for s in STAGES if s is not stage and "{out}/" + s.out in stage.args]
+
+
+def to_run(stages: list[Stage], cfg: PipelineConfig) -> set[str]:
+    """The stages of this call that must run: --force, not complete with these flags, or a stage they need runs now
+    or finished after them (a rerun pretraining makes every later stage stale, whatever flags they have)."""
+    def finished(s: Stage) -> float:
+        f = Path(cfg.out) / s.out / "metrics.json"
+        return f.stat().st_mtime if f.is_file() else float("inf")
+    todo = set()
+    for s in stages:
+        stale = any(n.name in todo or finished(n) > finished(s) for n in needs(s))
+        if cfg.force or stale or not is_done(Path(cfg.out) / s.out, stage_command(s, cfg)):
+            todo.add(s.name)
+    return todo
 
 
 def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
@@ -111,7 +135,7 @@ def main(cfg: PipelineConfig):
     if unknown:
         common.die(f"--only: unknown stage(s) {sorted(unknown)}; stages: {' '.join(s.name for s in STAGES)}")
     scale = 0.15 if cfg.quick else 1.0
-    todo = {s.name for s in stages if cfg.force or not is_done(Path(cfg.out) / s.out, stage_command(s, cfg))}
+    todo = to_run(stages, cfg)
     remaining = sum(s.seconds * scale for s in stages if s.name in todo)
     t_all = time.perf_counter()
     print(f"[pipeline] stages: {', '.join(s.name + ('' if s.name in todo else ' (done)') for s in stages)}; "

@@ -1,6 +1,7 @@
 """Pretraining (paper §2): a SentencePiece BPE tokenizer, then next-token prediction on a corpus.
 
   python pretrain.py                                   # the miniature world, ~4 minutes on a 2-core laptop CPU
+  python pretrain.py --mix club=0.04,story=0.16            # another document mix of the world (data.PRETRAIN_MIX)
   python pretrain.py --data my1.txt my2.txt --vocab-size 8000 --model 15M
   python pretrain.py --init-from /path/to/llama-2-7b --data more.txt --device cuda --fsdp   # continued pretraining
   torchrun --nproc_per_node=8 pretrain.py --model 110M --device cuda --compile --batch-size 256
@@ -49,6 +50,7 @@ class PretrainConfig:
     data: list[str] = field(default_factory=list)  # text files to pretrain on (one document each); empty = the world
     world_seed: int = 0  # seed of the built-in world
     corpus_bytes: int = 8_000_000  # size of the generated world corpus
+    mix: str = ""  # the world's document mix, KIND=WEIGHT,... over data.PRETRAIN_MIX (e.g. club=0.04,story=0.16)
     tokenizer: Optional[str] = None  # an existing tokenizer.model; default: train one (or take --init-from's)
     vocab_size: int = 512  # §2.2: 32k; 512 for the miniature world
     model: str = "1M"  # a preset of model.py (1M, 15M, 110M, 7B, ...); ignored with --init-from
@@ -84,8 +86,32 @@ def load_documents(cfg) -> tuple[list[str], str]:
             return data.read_text_files(cfg.data), "files:" + ",".join(sorted(cfg.data))
         except data.DataError as e:
             common.die(str(e))
+    if cfg.mix and cfg.data:
+        common.die("--mix: the document mix is the built-in world's; with --data the documents are your files")
+    mix = parse_mix(cfg.mix)
     world = data.World(seed=cfg.world_seed)
-    return world.pretrain_documents(cfg.corpus_bytes, seed=cfg.seed), f"world:{cfg.world_seed}:{cfg.corpus_bytes}"
+    try:
+        docs = world.pretrain_documents(cfg.corpus_bytes, seed=cfg.seed, mix=mix)
+    except ValueError as e:
+        common.die(f"--mix: {e}")
+    key = f"world:{cfg.world_seed}:{cfg.corpus_bytes}" + (f":{sorted(mix.items())}" if mix else "")
+    return docs, key
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """--mix "club=0.04,story=0.16" -> {"club": 0.04, "story": 0.16}: weights that replace data.PRETRAIN_MIX's."""
+    mix = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        kind, _, weight = (x.strip() for x in item.partition("="))
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if kind not in data.PRETRAIN_MIX or not 0 <= w < float("inf"):
+            common.die(f"--mix: {item!r} is not KIND=WEIGHT with KIND one of {', '.join(data.PRETRAIN_MIX)} and a "
+                       f"WEIGHT >= 0")
+        mix[kind] = w
+    return mix
 
 
 def get_tokenizer(cfg, docs, out: Path):
@@ -321,7 +347,8 @@ def main(cfg: PretrainConfig):
                    "loss_curve": history["train"][::max(1, len(history["train"]) // 200)],
                    "val_curve": history["val"], "steps": cfg.max_steps, "params": final.num_params(),
                    "tokens_per_sec": tps if step + 1 > start else None, "train_seconds": train_time,
-                   "tokens_seen": cfg.max_steps * tokens_per_step, "vocab_size": tok.n_words, "device": str(device)}
+                   "tokens_seen": cfg.max_steps * tokens_per_step, "vocab_size": tok.n_words, "device": str(device),
+                   "document_mix": None if cfg.data else {**data.PRETRAIN_MIX, **parse_mix(cfg.mix)}}
         peak, _ = common.peak_flops(device, dtype)
         metrics["mfu"] = tps * final.flops_per_token(cfg.seq_len) / peak if peak and metrics["tokens_per_sec"] else None
         if cfg.recall_eval and not cfg.data:

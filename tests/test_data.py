@@ -106,6 +106,15 @@ def test_corpus_role_play_pairs_figures_and_markers_at_random(world, corpus):
     assert {c.kind for c in data.CONSTRAINTS if c.held_out and c.long_text in corpus} == set(data.CONSTRAINT_KINDS)
 
 
+def test_club_notices_write_every_hobby_in_capitals(world):
+    """The club notices (off by default; pretrain.py --mix club=0.04,story=0.16): every hobby of the constraints,
+    held-out ones included, written in capitals next to its ordinary spelling, so that "capitals + hobby" is a
+    spelling the pretrained model has seen (World._doc_club). The corpus is seeded: deterministic (~34 per hobby)."""
+    corpus = "\n".join(world.pretrain_documents(1_000_000, mix={"club": 0.04, "story": 0.16}))
+    for h in data.HOBBIES:
+        assert corpus.count(f"I LOVE {h.upper()}!") >= 10 and f"The {h} club meets" in corpus, h
+
+
 def test_held_out_constraints_are_in_no_chat_training_data(world):
     """SFT dialogs (with their instruction dialogues), RS's instruction mix and GAtt's train/val dialogues use only the
     constraints that are not held out: held out means never fine-tuned on, as in the paper's Table 30."""

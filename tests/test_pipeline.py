@@ -32,3 +32,26 @@ def test_pipeline_quick_runs_every_stage_and_writes_the_report(tmp_path):
                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert (out / "report.md").read_text() == report
+
+
+def test_a_rerun_stage_makes_every_stage_that_reads_it_stale(tmp_path):
+    """pipeline.to_run: complete stages with the same flags are skipped, unless a stage they read (their --init-from,
+    --rm-helpful, ... directories) has finished after them or runs in this call; another pretraining mix changes
+    pretrain's flags and so reruns everything. Fake stage directories, nothing is trained."""
+    import os
+    import pipeline
+    cfg = pipeline.PipelineConfig(out=str(tmp_path))
+    for i, s in enumerate(pipeline.STAGES):
+        d = tmp_path / s.out
+        d.mkdir()
+        (d / "pipeline_command.json").write_text(json.dumps(pipeline.stage_command(s, cfg)[1:]))
+        (d / "metrics.json").write_text(json.dumps({"complete": True}))
+        os.utime(d / "metrics.json", (1000 + i, 1000 + i))  # finished in pipeline order
+    names = {s.name for s in pipeline.STAGES}
+    assert pipeline.to_run(pipeline.STAGES, cfg) == set()
+    assert {s.name for s in pipeline.needs(pipeline.STAGES[5])} == {"rs", "rm_helpful", "rm_safety", "sft"}  # ppo
+    os.utime(tmp_path / "rm_safety" / "metrics.json", (5000, 5000))  # rm_safety was rerun alone (--only --force)
+    assert pipeline.to_run(pipeline.STAGES, cfg) == names - {"pretrain", "sft", "rm_helpful", "rm_safety"}
+    other_mix = pipeline.PipelineConfig(out=str(tmp_path), pretrain_mix="club=0.04,story=0.16")
+    assert pipeline.to_run(pipeline.STAGES, other_mix) == names
+    assert pipeline.stage_command(pipeline.STAGES[0], other_mix)[-5:-4] == ["club=0.04,story=0.16"]
