@@ -190,8 +190,9 @@ GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "
 # The club notices (World._doc_club) are off by default and measured with `pretrain.py --mix club=0.04,story=0.16`
 # (BENCHMARKS.md): they teach the chat models to spell a hobby in capitals (GAtt 91-89% -> 95-92% at every turn on
 # seed 0), and they also moved everything downstream: RS and PPO fell from 68% to 55% against SFT on that seed, because
-# the new helpfulness RM ranked the writers' closer lower less often (72% -> 60%). Added on top of the mix (arithmetic
-# 35% of the documents instead of 36%) they left seed 0's held-out sums at 10.3%.
+# the new helpfulness RM ranked the writers' closer lower less often (72% -> 60%); on seed 1 the same mix left the
+# held-out sums at 13.5%, and added on top of the mix (arithmetic 35% of the documents instead of 36%) seed 0's at
+# 10.3%: this mix's arithmetic is near the edge, and any change of the corpus is a draw.
 PRETRAIN_MIX = {"bio": 0.35, "story": 0.2, "qa": 0.2, "arith": 0.5, "advice": 0.05, "roleplay": 0.08, "club": 0.0}
 KINDS = ("fact", "arith", "story", "multiturn", "harmful", "borderline")
 KIND_WEIGHTS = {"fact": 0.3, "arith": 0.15, "story": 0.1, "multiturn": 0.15, "harmful": 0.15, "borderline": 0.15}

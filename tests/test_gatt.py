@@ -75,8 +75,12 @@ def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
         return ["plain reply."] * len(histories)  # never compliant: every reply falls back to the reference
     monkeypatch.setattr(evaluate, "chat_replies", fake_chat_replies)
     model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))  # only its context length is read
-    replies, fallback = gatt.sample_dialogs(model, tok, dialogs, 8, data.Annotator(w))
-    assert fallback == 1.0
+    replies, fallbacks = gatt.sample_dialogs(model, tok, dialogs, 8, data.Annotator(w))
+    assert fallbacks == [3, 3, 3]
+    assert set(gatt.failure_rates(dialogs, fallbacks).values()) == {1.0}
+    kinds = [gatt.instruction_kind(g.constraints) for g in dialogs]
+    by_hand = {k: sum(f for f, kk in zip([3, 1, 0], kinds) if kk == k) / (3 * kinds.count(k)) for k in kinds}
+    assert gatt.failure_rates(dialogs, [3, 1, 0]) == by_hand
     for t, turn in enumerate(seen):
         for g, content in zip(dialogs, turn):
             assert content == gatt.with_instruction(g.instruction, g.user_turns[t])
