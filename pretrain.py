@@ -1,7 +1,7 @@
 """Pretraining (paper §2): a SentencePiece BPE tokenizer, then next-token prediction on a corpus.
 
   python pretrain.py                                   # the miniature world, ~4 minutes on a 2-core laptop CPU
-  python pretrain.py --mix club=0.04,story=0.16            # another document mix of the world (data.PRETRAIN_MIX)
+  python pretrain.py --mix club=0.04,story=0.16        # another document mix of the world (data.PRETRAIN_MIX)
   python pretrain.py --data my1.txt my2.txt --vocab-size 8000 --model 15M
   python pretrain.py --init-from /path/to/llama-2-7b --data more.txt --device cuda --fsdp   # continued pretraining
   torchrun --nproc_per_node=8 pretrain.py --model 110M --device cuda --compile --batch-size 256
@@ -81,13 +81,13 @@ class PretrainConfig:
 
 # ---- 1-2. tokenizer and the tokenized corpus ------------------------------------------------------------------------
 def load_documents(cfg) -> tuple[list[str], str]:
+    if cfg.mix and cfg.data:
+        common.die("--mix: the document mix is the built-in world's; with --data the documents are your files")
     if cfg.data:
         try:
             return data.read_text_files(cfg.data), "files:" + ",".join(sorted(cfg.data))
         except data.DataError as e:
             common.die(str(e))
-    if cfg.mix and cfg.data:
-        common.die("--mix: the document mix is the built-in world's; with --data the documents are your files")
     mix = parse_mix(cfg.mix)
     world = data.World(seed=cfg.world_seed)
     try:

@@ -121,6 +121,9 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     for mix in ("clubs=0.04", "club=-1", "club", "bio=0,story=0,qa=0,arith=0,advice=0,roleplay=0"):
         r = _cli("--mix", mix, "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
         assert r.returncode == 2 and "--mix" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (mix, r.stderr)
+    r = _cli("--mix", "club=0.04", "--data", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "o"),
+             cwd=tmp_path)
+    assert r.returncode == 2 and "--mix" in r.stderr and "--data" in r.stderr, r.stderr
     assert not (tmp_path / "o" / "tokenizer.model").exists()  # nothing was trained before the error
 
 
