@@ -283,8 +283,10 @@ class World:
         """Documents until n_bytes; mix: weights by kind that replace PRETRAIN_MIX's (a kind at weight 0 is never
         drawn, and leaves the random stream, so the corpus, exactly as without it)."""
         mix = {**PRETRAIN_MIX, **(mix or {})}
-        if set(mix) != set(PRETRAIN_MIX) or any(w < 0 for w in mix.values()) or not sum(mix.values()) > 0:
-            raise ValueError(f"document mix {mix}: the kinds are {', '.join(PRETRAIN_MIX)}, weights >= 0, not all 0")
+        bad = [f"{k}={w}" for k, w in mix.items() if k not in PRETRAIN_MIX or not 0 <= w < float("inf")]
+        if bad or not sum(mix.values()) > 0:
+            raise ValueError(f"{', '.join(bad) or 'every weight 0'}: the kinds are {', '.join(PRETRAIN_MIX)}, each "
+                             f"weight finite and >= 0, not all 0")
         rng = Random(f"pretrain/{self.seed}/{seed}")
         makers = [getattr(self, f"_doc_{kind}") for kind in PRETRAIN_MIX]
         weights = list(mix.values())
