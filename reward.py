@@ -80,6 +80,12 @@ Deviations from the paper, and choices where it is silent:
      the habit RLHF removes in this world. Drawing the usual defects 3x as often from the content kinds, instead of
      adding pairs, was worse (67.7%): samples carry the closer and content defects do not, so the RM learned "sounds
      like a sample" (sample > wrong 44% -> 79%, reference > closer 72% -> 14%).
+ 10. A defect paired with a model sample ends as the sample does (closer_matched): with the writers' closer when the
+     sample has one. Before, the defects (built from the closer-free reference) lost to samples that mostly carry the
+     closer, so "has a closer" went with "chosen" (train pairs: 388 with the closer on the chosen reply only, 245 on
+     the rejected only) and on the Zen 5 CPU the RM learned to prefer it (reference > closer 29%): RS and PPO then won
+     55% against SFT. With matching (same machine, seed 0, BENCHMARKS.md): reference > closer 86%, helpfulness test
+     73.9% (69.7%), RS 70.3% and PPO 68.8% against SFT. Test pairs are collected the same way, so they changed too.
 """
 from __future__ import annotations
 
@@ -273,6 +279,16 @@ def _sample_replies(policy, tok, tasks, temperature: float, max_new_tokens: int,
     return out
 
 
+def closer_matched(defect: tuple[str, str], sample: str) -> tuple[str, str]:
+    """The (label, text) defect ending the way the model sample it is paired with ends (docstring, choice 10): with
+    the writers' closer when the sample has one. The closer defect and refusals are left as they are."""
+    label, text = defect
+    closer = next((c for c in data.DEMO_CLOSERS if sample.rstrip().endswith(c)), None)
+    if closer is None or label in ("closer", "refusal") or text.rstrip().endswith(closer):
+        return defect
+    return label, f"{text} {closer}"
+
+
 CONTENT_DEFECTS = ("wrong", "off_topic")  # data.World.reply_variants whose flaw is what they say, not how (choice 9)
 
 
@@ -292,11 +308,13 @@ def collect_preferences(policy, tok, world: data.World, annotator: data.Annotato
         variants = world.reply_variants(task, rng)
         reference, defects = variants[0], variants[1:]
         d1, d2, d3 = (rng.choice(defects) for _ in range(3))
+        s1 = rng.choice(model_replies)
         pairs = [tuple(model_replies),  # the paper's pair: two model samples
-                 (d1, rng.choice(model_replies)),  # a deliberate defect against a model sample
+                 (closer_matched(d1, s1[1]), s1),  # a deliberate defect against a model sample
                  (d2, reference)]  # a defect against the ideal reply
         if model_replies[0][1] == model_replies[1][1]:  # a confident model often says the same thing twice: nothing
-            pairs[0] = (d3, rng.choice(model_replies))  # to compare, so another defect against a sample instead
+            s3 = rng.choice(model_replies)  # to compare, so another defect against a sample instead
+            pairs[0] = (closer_matched(d3, s3[1]), s3)
             stats["identical_samples"] += 1
         content = [d for d in defects if d[0] in CONTENT_DEFECTS]
         pairs += [(rng.choice(content), reference) for _ in range(content_pairs if content else 0)]
@@ -337,7 +355,7 @@ def world_preferences(cfg, policy, tok) -> tuple[list, list, dict]:
     key = {"init": _init_fingerprint(cfg.init_from), "world_seed": cfg.world_seed, "seed": cfg.seed,
            "train_prompts": cfg.train_prompts, "safety_prompts": cfg.safety_prompts, "test_prompts": cfg.test_prompts,
            "temperatures": list(cfg.temperatures), "max_new_tokens": cfg.max_new_tokens,
-           "content_pairs": cfg.content_pairs, "version": 4}
+           "content_pairs": cfg.content_pairs, "version": 5}
     d = Path(cfg.prefs_dir)
     info_file = d / "info.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("key") == key:

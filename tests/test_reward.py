@@ -221,6 +221,48 @@ def test_collected_pairs_are_rated_dropped_and_round_trip(tmp_path, tok):
     assert [b.sources for b in back] == [tuple(r["sources"]) for r in records]
 
 
+def test_a_defect_ends_like_the_sample_it_is_compared_with():
+    """Choice 10: the writers' closer on a defect exactly when the sample it is paired with has one, so that in the
+    defect-vs-sample pairs a closer says nothing about which reply is chosen. The closer defect and refusals keep
+    their own ending; a defect that already ends with that closer gets no second one."""
+    c = data.DEMO_CLOSERS[1]
+    assert reward.closer_matched(("wrong", "Vera was born in Oslo."), f"Vera was born in Lyon. {c}") == (
+        "wrong", f"Vera was born in Oslo. {c}")
+    assert reward.closer_matched(("wrong", "Vera was born in Oslo."), "Vera was born in Lyon.") == (
+        "wrong", "Vera was born in Oslo.")
+    for label in ("closer", "refusal"):
+        assert reward.closer_matched((label, "x y."), f"z. {c}") == (label, "x y.")
+    assert reward.closer_matched(("verbose", f"Hi. z. {c}"), f"z. {c}") == ("verbose", f"Hi. z. {c}")
+
+
+def test_collected_defect_vs_sample_pairs_carry_the_closer_on_both_sides_or_neither(tok, monkeypatch):
+    """With every sample ending in a closer (a stub sampler), each defect-vs-sample pair has it on both replies,
+    except the closer defect and refusals; the defect-vs-reference pairs are untouched (the reference has none)."""
+    world = data.World(seed=0)
+    tasks = world.tasks("train", 30, kinds=reward.HELPFUL_KINDS)
+    closer = data.DEMO_CLOSERS[0]
+    monkeypatch.setattr(reward, "_sample_replies", lambda policy, tok, tasks, t, *a: [
+        f"{task.reference} {closer}" if t == 0.7 else task.reference for task in tasks])
+    records, _ = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, world, data.Annotator(world), tasks,
+                                            [0.7, 1.2], 6, seed=0)
+    def ends(text):
+        return text.rstrip().endswith(closer)
+    checked = 0
+    for r in records:
+        by_src = dict(zip(r["sources"], (r["chosen"], r["rejected"])))
+        srcs = set(by_src)
+        if "sample_T0.7" in srcs and len(srcs & {"sample_T1.2", "reference"}) == 0:
+            (other,) = srcs - {"sample_T0.7"}
+            if other not in ("closer", "refusal"):
+                assert ends(by_src[other]), r
+                checked += 1
+        if "sample_T1.2" in srcs and "sample_T0.7" not in srcs and "reference" not in srcs:
+            (other,) = srcs - {"sample_T1.2"}
+            if other not in ("closer", "refusal", "verbose"):  # verbose may end with a closer-like filler
+                assert not ends(by_src[other]), r
+    assert checked >= 5
+
+
 def test_content_pairs_add_content_defects_to_the_train_pairs_only(tmp_path, tiny_ckpt, tok):
     """--content-pairs 2 (choice 9): five pairs per train prompt, two of them a wrong or off-topic reply against the
     reference; the test pairs are the very ones collected without it, so accuracies stay comparable."""
