@@ -85,7 +85,7 @@ Deviations from the paper, and choices where it is silent:
      closer, so "has a closer" went with "chosen" (train pairs: 388 with the closer on the chosen reply only, 245 on
      the rejected only) and on the Zen 5 CPU the RM learned to prefer it (reference > closer 29%): RS and PPO then won
      55% against SFT. With matching (same machine, seed 0, BENCHMARKS.md): reference > closer 86%, helpfulness test
-     73.9% (69.7%), RS 70.3% and PPO 68.8% against SFT. Test pairs are collected the same way, so they changed too.
+     73.9% (69.7%), RS and PPO 71.3% and 69.1% against SFT (evaluate.py). Test pairs are collected the same way, so they changed too.
 """
 from __future__ import annotations
 
