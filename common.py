@@ -18,7 +18,7 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -310,14 +310,20 @@ def consolidated_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = Non
 
 
 # ---- optimizer and schedule ----------------------------------------------------------------------------------------
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-5):
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-5,
+                   lr_mult: Optional[Callable[[str], float]] = None):
     """AdamW with Llama 2's betas, eps and weight decay (§2.2). The paper does not say which tensors decay: here the
     matrices (embeddings, projections, heads) do, and the RMSNorm gains do not. Decaying a gain pulls it toward 0,
-    i.e. shrinks the normalized activations, which is not a 'smaller weights' prior (the usual GPT/Llama practice)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    i.e. shrinks the normalized activations, which is not a 'smaller weights' prior (the usual GPT/Llama practice).
+    lr_mult(name) -> factor: parameters (by their name in `model`, wrapper prefixes included) that train at a multiple
+    of the lr; set_lr keeps the factor (reward.py's new head blocks, which start from zero)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups: dict[tuple[bool, float], list] = {}
+    for n, p in named:
+        groups.setdefault((p.dim() >= 2, lr_mult(n) if lr_mult else 1.0), []).append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_mult": mult, "lr": lr * mult}
+              for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     # fused=True: one kernel over all tensors instead of a Python loop of small ops. On the CPU it is ~8x faster for
     # the 15M preset (17 against 138 ms per step, BENCHMARKS.md). Sharded (FSDP2 DTensor) parameters on the CPU keep
     # the default implementation, which every torch version supports for them.
@@ -352,7 +358,7 @@ def lr_at(step: int, max_steps: int, peak: float, warmup: int, final_ratio: floa
 
 def set_lr(opt: torch.optim.Optimizer, lr: float):
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)  # make_optimizer's per-group factor (1 unless lr_mult was given)
 
 
 # ---- checkpoints with exact resume -----------------------------------------------------------------------------------

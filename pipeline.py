@@ -246,7 +246,11 @@ def section_sft(out: Path, m: dict) -> list[str]:
 
 def section_reward(out: Path, h: dict, s: dict) -> list[str]:
     acc = lambda m, a: _pct((m.get("accuracy") or {}).get(a))  # noqa: E731
+    blocks = h.get("head_layers") or 0
     lines = ["## 3. Reward models (§3.2.2, Tables 7, 8, 28)", "",
+             "Each RM is the SFT model's trunk with a scalar head" + (
+                 f" and {blocks} new transformer blocks between them (identity at the start, "
+                 f"{h.get('head_lr_mult') or 1:g}x the lr: reward.py choice 11)" if blocks else "") + ", trained one epoch on the annotator's pairs.", "",
              "Table 7 in miniature: each RM's accuracy on each test set (the paper: safety RM 64.5 on Meta Safety, "
              "helpfulness RM 63.2 on Meta Helpful; each is best on its own axis).", "",
              "| reward model | helpfulness test | safety test |", "|---|---|---|",
@@ -267,7 +271,7 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
                       "rejected reply came from (sample: the chat model's; reference: the world's ideal reply; the "
                       "rest are deliberate defects: reward.py choice 2). Refusals and verbose replies are form; a "
                       "wrong fact (`wrong`) or another person's fact (`off_topic`) is content, and most of the "
-                      "\"significantly better\" pairs (reward.py choice 6).", "",
+                      "\"significantly better\" pairs (reward.py choices 6 and 11).", "",
                   "| reward model | chosen > rejected | pairs | accuracy |", "|---|---|---|---|"]
         for name, _, groups in srcs:
             lines += [f"| {name} | {k.replace('>', ' > ')} | {v['n']} | {_pct(v['accuracy'])} |"

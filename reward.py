@@ -15,8 +15,9 @@ by rating (Table 8), and with --margin-ablation for every margin (Table 28). Wri
 consolidated.00.pth, tokenizer.model and metrics.json to --out-dir.
 
 What a reward model is here: the chat model's trunk with its next-token head (`output`, C x V) replaced by a regression
-head (`score`, C x 1, model.py's head="scalar"). The forward pass gives one number per position, (B, T); the reward of a
-reply is the number at the reply's LAST token, the only position whose state has seen the prompt and the whole reply.
+head (`score`, C x 1, model.py's head="scalar"), and two new transformer blocks between them (choice 11; --head-layers 0
+is the paper's form). The forward pass gives one number per position, (B, T); the reward of a reply is the number at
+the reply's LAST token, the only position whose state has seen the prompt and the whole reply.
 
 Deviations from the paper, and choices where it is silent:
   1. Where the reward is read (not stated): at the last token of the reply. A reply is scored as a finished chat turn,
@@ -86,6 +87,21 @@ Deviations from the paper, and choices where it is silent:
      the rejected only) and on the Zen 5 CPU the RM learned to prefer it (reference > closer 29%): RS and PPO then won
      55% against SFT. With matching (same machine, seed 0, BENCHMARKS.md): reference > closer 86%, helpfulness test
      73.9% (69.7%), RS and PPO 71.3% and 69.1% against SFT (evaluate.py). Test pairs are collected the same way, so they changed too.
+ 11. Two head blocks (--head-layers 2, --head-lr-mult 10). The paper's RM is the chat model's own architecture with a
+     new head, and a 7B or 70B trunk has layers to spare. The miniature's 4-layer chat model recalls a fact in its
+     last layers, at the position just before it writes the fact, so no layer is left in which a later position could
+     read that recall and compare it with what was written (choice 6). Two new transformer blocks on top of the trunk
+     give it room: they start as the identity (output projections wo and w2 at zero, so the RM starts as the plain
+     one, initialised from the chat model as §3.2.2 asks), and train at 10x the lr, since zero-initialised weights
+     hardly move in one epoch at the trunk's 1e-4 (two blocks at 1x: 74.2% on seed 0, as plain). Measured on the
+     default runs' SFT models and pairs, seeds 0 / 1 / 2 (Zen 4, BENCHMARKS.md), plain -> two blocks:
+     helpfulness RM on its test set 73.9 -> 78.7%, 80.9 -> 80.7%, 76.5 -> 77.0%; safety RM on its test set
+     86.2 -> 87.4%, 88.0 -> 89.8%, 87.9 -> 89.7%; Table 7's pattern (each RM best on its own test set) held on 1 of
+     the 3 seeds plain and on all 3 with the blocks (plain, the helpfulness RM beat the safety RM on safety pairs).
+     What the blocks teach is not yet fact checking: on seed 0 "reference > wrong fact" rose from 42% to 67%, on
+     seed 1 it stayed at 50%, and the "significantly better" level stays below "better" for the helpfulness RM on
+     every seed (79 / 92% on seed 0). Tried on seed 0 and 1 and not kept: three blocks (78.7% on seed 0, no better
+     than two), the plain trunk's top two layers at 10x (76.2%, 80.0%).
 """
 from __future__ import annotations
 
@@ -93,6 +109,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,6 +144,8 @@ class RewardConfig:
     test_prompts: int = 200  # world test prompts per category
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.2])  # §3.2.1: two samples, two temperatures
     max_new_tokens: int = 64  # length limit of the sampled replies
+    head_layers: int = 2  # new transformer blocks between the chat model's trunk and the score head (choice 11; 0 = paper)
+    head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 11)
     content_pairs: int = 0  # train prompts only: extra pairs per prompt of a content defect against the reference
     safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
@@ -164,21 +183,44 @@ def ranking_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch
 
 
 # ---- 2. the reward model and where the reward is read ----------------------------------------------------------------
-def reward_model_from(chat_model: Transformer, seed: int = 0) -> Transformer:
+def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int = 0) -> Transformer:
     """A scalar-head copy of a chat model (§3.2.2): every weight but the next-token head, and a new `score` head with
-    small random weights, std 1/sqrt(dim) (docstring, choice 5)."""
-    if chat_model.args.head == "scalar":  # starting from another reward model: keep its head too
+    small random weights, std 1/sqrt(dim) (docstring, choice 5). head_layers > 0 puts that many new transformer blocks
+    between the copied trunk and the score head (choice 11): nn.Linear's default init, but each block's two output
+    projections (wo, w2) at zero, so a block adds nothing to the residual stream and the new model scores exactly as
+    the plain one until training moves them."""
+    if chat_model.args.head == "scalar":  # starting from another reward model: keep its head (and head blocks) too
         rm = Transformer(chat_model.args)
         rm.load_state_dict(chat_model.state_dict())
         return rm.to(next(chat_model.parameters()).device)
-    rm = Transformer(replace(chat_model.args, head="scalar"))
+    L = chat_model.args.n_layers
+    with torch.random.fork_rng(devices=[]):  # the new blocks' init is a function of the seed alone
+        torch.manual_seed(seed + 1)
+        rm = Transformer(replace(chat_model.args, head="scalar", n_layers=L + head_layers))
     trunk = {k: v for k, v in chat_model.state_dict().items() if not k.startswith("output.")}
     missing, unexpected = rm.load_state_dict(trunk, strict=False)
-    assert missing == ["score.weight"] and not unexpected, (missing, unexpected)
+    assert not unexpected and set(missing) == {"score.weight"} | {
+        k for k in rm.state_dict() if k.startswith(tuple(f"layers.{i}." for i in range(L, L + head_layers)))}, missing
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # (1, C): rewards start at unit scale, as a 7B's head at std 0.02 does (0.02 * sqrt(4096))
         rm.score.weight.copy_(torch.randn(rm.score.weight.shape, generator=g) * rm.args.dim ** -0.5)
+        for block in rm.layers[L:]:  # (C, C) and (C, F): the head blocks start as the identity
+            block.attention.wo.weight.zero_()
+            block.feed_forward.w2.weight.zero_()
     return rm.to(next(chat_model.parameters()).device)
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def head_block_lr(first_new: int, mult: float):
+    """lr_mult for common.make_optimizer: `mult` for the parameters of blocks first_new, first_new + 1, ... (the head
+    blocks of choice 11), 1 for the rest; parameters are matched by name, so DDP's "module." and torch.compile's
+    "_orig_mod." prefixes do not matter."""
+    def lr_mult(name: str) -> float:
+        m = _LAYER.search(name)
+        return mult if m and int(m.group(1)) >= first_new else 1.0
+    return lr_mult
 
 
 def load_reward_model(path, device="cpu") -> Transformer:
@@ -425,9 +467,11 @@ def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, ta
     """cfg.epochs (§3.2.2: one) of the ranking loss on `pairs`. Returns (reward model, loss curve); the model is whole
     on every rank (under FSDP a consolidated copy), so that rank 0 alone can save and evaluate it."""
     device = dist.device
-    rm = reward_model_from(init, seed=cfg.seed).to(device)
+    rm = reward_model_from(init, seed=cfg.seed, head_layers=cfg.head_layers).to(device)
     net = common.wrap_model(rm, dist, cfg.fsdp, cfg.compile, param_dtype=dtype if device.type == "cuda" else None)
-    opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay)
+    # choice 11: the head blocks are new and start at zero: at the trunk's lr they would hardly move in one epoch
+    first_new = rm.args.n_layers - (cfg.head_layers if init.args.head != "scalar" else 0)
+    opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay, lr_mult=head_block_lr(first_new, cfg.head_lr_mult))
     max_len = rm.args.max_seq_len
     chosen = [encode_reply(tok, p.messages, p.chosen, max_len) for p in pairs]
     rejected = [encode_reply(tok, p.messages, p.rejected, max_len) for p in pairs]
@@ -597,6 +641,8 @@ def main(cfg: RewardConfig):
         eval_seconds = time.perf_counter() - t0
         metrics = {
             "axis": cfg.axis, "margin": cfg.margin, "init_from": cfg.init_from,
+            "head_layers": rm.args.n_layers - init.args.n_layers if init.args.head != "scalar" else 0,  # choice 11
+            "head_lr_mult": cfg.head_lr_mult,
             "accuracy": {a: ev[a]["accuracy"] for a in AXES},  # Table 7: this RM's row
             "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
             "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},

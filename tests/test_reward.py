@@ -159,6 +159,46 @@ def test_reward_model_from_chat_model_and_round_trip(tmp_path, tok):
         reward.load_reward_model(tmp_path / "chat")
 
 
+def test_head_blocks_start_as_the_identity_and_train_at_their_own_lr(tmp_path, tok):
+    """Choice 11: head_layers new blocks between the trunk and the score head. At the start the RM must score every
+    position exactly as the plain RM does (the blocks' output projections are zero), the trunk must be the chat
+    model's, the blocks must be seeded, and the optimizer must train them, and only them, at head_lr_mult x the lr
+    (whatever wrapper prefix their names carry). A saved deeper RM loads back as the same model."""
+    chat = tiny_chat_model(tok.n_words)
+    plain, deep = reward.reward_model_from(chat), reward.reward_model_from(chat, head_layers=2)
+    assert deep.args.n_layers == chat.args.n_layers + 2 and torch.equal(deep.score.weight, plain.score.weight)
+    for k, v in chat.state_dict().items():
+        if not k.startswith("output."):
+            assert torch.equal(deep.state_dict()[k], v), k
+    for block in deep.layers[2:]:
+        assert not block.attention.wo.weight.any() and not block.feed_forward.w2.weight.any()
+        assert block.attention.wq.weight.std() > 0  # the rest is random, not zero: gradients reach wo and w2
+    x = torch.randint(3, tok.n_words, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(deep.eval()(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
+    again = reward.reward_model_from(chat, head_layers=2)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), deep.state_dict().values()))
+
+    lr_mult = reward.head_block_lr(first_new=2, mult=10.0)
+    assert [lr_mult(n) for n in ("layers.1.attention.wq.weight", "layers.2.attention.wq.weight",
+                                 "module.layers.3.ffn_norm.weight", "_orig_mod.layers.12.feed_forward.w1.weight",
+                                 "score.weight", "tok_embeddings.weight")] == [1, 10, 10, 10, 1, 1]
+    opt = common.make_optimizer(deep, 1e-4, 0.1, lr_mult=lr_mult)
+    common.set_lr(opt, 3e-4)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in deep.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(3e-3 if name.startswith(("layers.2.", "layers.3.")) else 3e-4), name
+        assert decay_of[id(p)] == (0.1 if p.dim() >= 2 else 0.0), name
+    assert len(lr_of) == len(list(deep.parameters()))  # every parameter in exactly one group
+
+    M.save_checkpoint(deep, tmp_path / "deep", tok.model_path)
+    back = reward.load_reward_model(tmp_path / "deep")
+    assert back.args.n_layers == 4
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], deep(x)[0])
+
+
 def test_safety_calibration_puts_the_threshold_at_the_safe_replies_5th_percentile(tok, monkeypatch):
     """calibrate_safety (choice 8) with hand-made raw scores: 100 safe replies scoring 0..99 and 10 unsafe ones
     scoring -5..4. The offset must make sigmoid(raw + offset) < 0.15 exactly for raws below the 5% quantile of the
