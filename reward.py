@@ -470,9 +470,10 @@ def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, ta
     device = dist.device
     rm = reward_model_from(init, seed=cfg.seed, head_layers=cfg.head_layers).to(device)
     net = common.wrap_model(rm, dist, cfg.fsdp, cfg.compile, param_dtype=dtype if device.type == "cuda" else None)
-    # choice 11: the head blocks are new and start at zero: at the trunk's lr they would hardly move in one epoch
-    first_new = rm.args.n_layers - (cfg.head_layers if init.args.head != "scalar" else 0)
-    opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay, lr_mult=head_block_lr(first_new, cfg.head_lr_mult))
+    # choice 11: the head blocks (those past init's layers) are new and start at zero: at the trunk's lr they would
+    # hardly move in one epoch. An RM trained further from another RM adds none, and all its blocks train at 1x.
+    opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay,
+                                lr_mult=head_block_lr(init.args.n_layers, cfg.head_lr_mult))
     max_len = rm.args.max_seq_len
     chosen = [encode_reply(tok, p.messages, p.chosen, max_len) for p in pairs]
     rejected = [encode_reply(tok, p.messages, p.rejected, max_len) for p in pairs]
@@ -642,7 +643,7 @@ def main(cfg: RewardConfig):
         eval_seconds = time.perf_counter() - t0
         metrics = {
             "axis": cfg.axis, "margin": cfg.margin, "init_from": cfg.init_from,
-            "head_layers": rm.args.n_layers - init.args.n_layers if init.args.head != "scalar" else 0,  # choice 11
+            "head_layers": rm.args.n_layers - init.args.n_layers,  # choice 11 (0 when init is already an RM)
             "head_lr_mult": cfg.head_lr_mult,
             "accuracy": {a: ev[a]["accuracy"] for a in AXES},  # Table 7: this RM's row
             "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
