@@ -286,6 +286,86 @@ def rewards_of_rows(model, rows: list[list[int]], device, padding: str = "right"
     return scores.gather(1, idx[:, None]).squeeze(1).float()  # (B,)
 
 
+# ---- shared prefixes: several replies to one prompt in one row --------------------------------------------------------
+# Rejection sampling scores K = 8 replies to each prompt, and a training pair holds two replies to one prompt: scored as
+# separate rows, the prompt (often longer than the reply) goes through the model K or 2 times. Packed as
+#     prefix | reply 1 | reply 2 | ...        (RoPE positions: 0..L-1 | L, L+1, ... | L, L+1, ... )
+# with a mask that lets each reply see the prefix and itself but not the other replies, every reply's tokens get the
+# same positions and the same visible context as in its own row, so the same reward (to float rounding; tests check
+# it), for one pass over the prefix. Measured on the RM's training step (32 pairs, 50-token prompts, 35-token replies):
+# 1.4x faster, as the token count (170 -> 120 per pair) predicts; K = 8 samples of rejection sampling: ~2x fewer tokens.
+@dataclass
+class SharedRow:
+    tokens: list[int]
+    positions: list[int]  # RoPE position of each token: a reply's continue from the prefix's
+    branch: list[int]  # 0 = the shared prefix, j = the j-th reply packed here
+    ends: list[int]  # column of each reply's last token, where its reward is read
+    members: list[int]  # the input row each reply came from, in packing order
+
+
+def common_prefix_len(rows: list[list[int]]) -> int:
+    """Length of the longest prefix all rows share, kept at least one token short of the shortest row: every reply
+    keeps its last token (where the reward is read) in its own branch."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(0, n)):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return max(0, n)
+
+
+def pack_shared(rows: list[list[int]], groups: list[list[int]], max_len: int) -> list[SharedRow]:
+    """Rows (token lists, each at most max_len) in groups that share a prefix (replies to one prompt) -> packed rows
+    of at most max_len tokens: the group's common prefix once, then as many of its replies as fit, then a new row
+    with the prefix again. Row order within a group is kept; every input row is packed exactly once."""
+    out = []
+    for g in groups:
+        L = common_prefix_len([rows[i] for i in g])
+        prefix = rows[g[0]][:L]
+        cur = None
+        for i in g:
+            tail = rows[i][L:]
+            if cur is None or len(cur.tokens) + len(tail) > max_len:  # L + len(tail) = len(rows[i]) <= max_len
+                cur = SharedRow(list(prefix), list(range(L)), [0] * L, [], [])
+                out.append(cur)
+            cur.tokens += tail
+            cur.positions += range(L, L + len(tail))
+            cur.branch += [len(cur.members) + 1] * len(tail)
+            cur.ends.append(len(cur.tokens) - 1)
+            cur.members.append(i)
+    return out
+
+
+def rewards_of_shared(model, packed: list[SharedRow], device, pad_id: int = 0) -> torch.Tensor:
+    """Rewards of every reply in `packed` (sum of len(members),) in packing order (row 0's members first). Right
+    padded; query t may attend to key s when s <= t and s is in the prefix or in t's own reply. Padding forms a
+    branch of its own (-1) that sees the prefix and earlier padding, so no softmax row is empty."""
+    B, T = len(packed), max(len(p.tokens) for p in packed)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    branch = torch.full((B, T), -1, dtype=torch.long)
+    for b, p in enumerate(packed):
+        n = len(p.tokens)
+        tokens[b, :n], positions[b, :n], branch[b, :n] = (torch.tensor(p.tokens), torch.tensor(p.positions),
+                                                          torch.tensor(p.branch))
+    tokens, positions, branch = tokens.to(device), positions.to(device), branch.to(device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # (B, T query, T key)
+    scores, _ = model(tokens, positions=positions, mask=(causal[None] & visible)[:, None])  # (B, T)
+    rows = torch.tensor([b for b, p in enumerate(packed) for _ in p.ends], device=device)
+    cols = torch.tensor([e for p in packed for e in p.ends], device=device)
+    return scores[rows, cols].float()
+
+
+def shared_rewards(model, rows: list[list[int]], groups: list[list[int]], max_len: int, device) -> torch.Tensor:
+    """Rewards (len(rows),) in the input order, each group's rows packed over their common prefix (pack_shared, rows of
+    at most max_len) in one forward pass: with gradients when the model trains (the RM's training step)."""
+    packed = pack_shared(rows, groups, max_len)
+    r = rewards_of_shared(model, packed, device)
+    order = torch.tensor([i for p in packed for i in p.members], device=device)
+    return torch.empty_like(r).index_copy(0, order, r)
+
+
 @torch.no_grad()
 def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: list, sigmoid: bool = False,
           batch_size: int = 64) -> torch.Tensor:
@@ -294,18 +374,28 @@ def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: li
     replies: text (scored as a finished turn, EOS appended, exactly as in training) or token ids as generated (scored
     as given: EOS when the sample finished; see the docstring, choice 1). For the chat model's finished samples both
     give the same row, token for token (checked on 88 of 88 samples). sigmoid=True: on the (0, 1) scale that §3.2.3
-    thresholds (R_s < 0.15). Rows are scored in batches of similar length, so little is spent on padding."""
+    thresholds (R_s < 0.15). Replies to the same dialog are packed over their shared prompt (pack_shared), and rows
+    are scored in batches of similar length, so little is spent on padding or on prompts seen twice."""
     if len(dialogs) != len(replies):
         raise ValueError(f"{len(dialogs)} dialogs but {len(replies)} replies")
     was_training = reward_model.training
     reward_model.eval()
     device = next(reward_model.parameters()).device
-    rows = [encode_reply(tok, d, r, reward_model.args.max_seq_len) for d, r in zip(dialogs, replies)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    max_len = reward_model.args.max_seq_len
+    rows = [encode_reply(tok, d, r, max_len) for d, r in zip(dialogs, replies)]
+    groups: dict = {}  # replies to the same dialog share its prompt: packed over it (pack_shared)
+    for i, d in enumerate(dialogs):
+        groups.setdefault(tuple((m["role"], m["content"]) for m in d), []).append(i)
+    packed = sorted(pack_shared(rows, list(groups.values()), max_len), key=lambda p: len(p.tokens))
     out = torch.zeros(len(rows))
-    for i in range(0, len(rows), batch_size):
-        idx = order[i:i + batch_size]
-        out[idx] = rewards_of_rows(reward_model, [rows[j] for j in idx], device).cpu()
+    start = 0
+    while start < len(packed):  # batches of similar length holding about batch_size replies
+        end, n = start, 0
+        while end < len(packed) and (n == 0 or n + len(packed[end].members) <= batch_size):
+            n, end = n + len(packed[end].members), end + 1
+        chunk = packed[start:end]
+        out[[i for p in chunk for i in p.members]] = rewards_of_shared(reward_model, chunk, device).cpu()
+        start = end
     reward_model.train(was_training)
     return out.sigmoid() if sigmoid else out
 
@@ -483,8 +573,10 @@ def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, ta
     batches = [b for _ in range(cfg.epochs) for b in length_batches(pair_len, cfg.batch_size, rng)]
     steps = len(batches)
     warmup = max(cfg.min_warmup, math.ceil(cfg.warmup_frac * steps))  # §3.2.2: 3% of the steps, at least 5
-    tokens_per_step = 2 * sum(pair_len) // max(1, len(pairs)) * cfg.batch_size  # padded tokens, roughly
-    prog = common.Progress(tag, steps, tokens_per_step, rm.flops_per_token(sum(pair_len) // max(1, len(pairs))),
+    # tokens a pair costs packed over its prompt (shared_rewards), for the progress line's tokens/s and MFU
+    pair_tokens = [len(c) + len(r) - common_prefix_len([c, r]) for c, r in zip(chosen, rejected)]
+    tokens_per_step = sum(pair_tokens) // max(1, len(pairs)) * cfg.batch_size  # unpadded, roughly
+    prog = common.Progress(tag, steps, tokens_per_step, rm.flops_per_token(sum(pair_tokens) // max(1, len(pairs))),
                            device, dtype, enabled=dist.is_main)
     curve = []
     net.train()
@@ -492,9 +584,10 @@ def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, ta
         lr = common.lr_at(step, steps, cfg.lr, warmup, cfg.final_lr_ratio)
         common.set_lr(opt, lr)
         idx = batch[dist.rank::dist.world_size]  # this process's share of the global batch
-        rows = [chosen[i] for i in idx] + [rejected[i] for i in idx]  # chosen and rejected in one forward pass
+        rows = [chosen[i] for i in idx] + [rejected[i] for i in idx]  # chosen and rejected in one forward pass,
+        pairs_of = [[j, j + len(idx)] for j in range(len(idx))]  # each pair in one row over its shared prompt
         with common.autocast(device, dtype):
-            r = rewards_of_rows(net, rows, device)  # (2b,)
+            r = shared_rewards(net, rows, pairs_of, max_len, device)  # (2b,)
         r_chosen, r_rejected = r[:len(idx)], r[len(idx):]  # (b,), (b,)
         loss = ranking_loss(r_chosen, r_rejected, m_all[idx].to(device))  # §3.2.2 eq. 2
         loss.backward()
@@ -513,8 +606,9 @@ def accuracy(rm: Transformer, tok, pairs: list) -> dict:
     sources of the two replies."""
     if not pairs:
         return {"accuracy": None, "n": 0, "by_rating": {}, "n_by_rating": {}, "by_source": {}}
-    r_c = score(rm, tok, [p.messages for p in pairs], [p.chosen for p in pairs])
-    r_r = score(rm, tok, [p.messages for p in pairs], [p.rejected for p in pairs])
+    msgs = [p.messages for p in pairs]
+    r = score(rm, tok, msgs + msgs, [p.chosen for p in pairs] + [p.rejected for p in pairs])  # pairs share prompts
+    r_c, r_r = r[:len(pairs)], r[len(pairs):]
     right = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()  # (N,)
     by, n_by = {}, {}
     for rating in data.RATINGS:

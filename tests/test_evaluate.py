@@ -136,7 +136,7 @@ def test_reward_model_judge_and_its_absence(tmp_path, ckpt, monkeypatch):
         return torch.tensor([float(len(r)) for r in replies])
     monkeypatch.setitem(sys.modules, "reward", types.SimpleNamespace(score=score))
     m = run_eval(tmp_path, ckpt, ckpt, *rm_flags)
-    assert calls == [60] * 4  # each RM scores A's and B's replies
+    assert calls == [120] * 2  # each RM scores A's and B's replies in one call (they share prompts)
     for k in ("rm_helpful", "rm_safety", "rm_combined"):
         assert m[k]["tie"] == 1.0 and m[k]["win_rate"] == 0.5
     assert "rm_skipped" not in m  # a fresh metrics.json, not merged with the previous run's

@@ -225,3 +225,42 @@ def test_cpu_packed_weights_decode_like_plain_linears_and_are_undone(monkeypatch
         G.generate(m, prompts, 12, temperature=0.0, eos_id=None)
     hook.remove()
     assert not any("forward" in mod.__dict__ for mod in m.modules())
+
+
+@pytest.mark.parametrize("kind", ["greedy", "shared generator", "shared generator, top-p", "per-row generators"])
+def test_dropping_finished_rows_changes_no_token(kind, monkeypatch):
+    """generate() copies the rows still decoding into a smaller cache once enough rows have finished (step 4). The
+    tokens must be exactly those of the run that keeps every row (COMPACT_AT = 0), for greedy decoding and for every
+    kind of generator, and the recorded log-probs equal to float rounding. The EOS is the model's most frequent greedy
+    token and the output layer is sharpened, so rows end at many different steps and the cache shrinks several times
+    (counted: a test that never compacted would prove nothing)."""
+    m = tiny()
+    with torch.no_grad():
+        m.output.weight.mul_(4.0)  # peaked distributions: sampled rows repeat tokens, the EOS among them
+    prompts = [[1, (7 * i) % 60 + 1, (11 * i) % 60 + 1][: 1 + i % 3] for i in range(16)]
+    greedy = G.generate(m, prompts, 24, temperature=0.0, eos_id=None)
+    eos = max(range(61), key=lambda t: sum(g.count(t) for g in greedy))
+    kw = dict(temperature=0.0) if kind == "greedy" else dict(temperature=1.0, top_p=0.8 if "top-p" in kind else 1.0)
+
+    def run(compact_at):
+        monkeypatch.setattr(G, "COMPACT_AT", compact_at)
+        gen = ([torch.Generator().manual_seed(s) for s in range(32)] if kind == "per-row generators"
+               else torch.Generator().manual_seed(5))
+        return G.generate(m, prompts, 24, eos_id=eos, num_samples=2, logprobs=True, generator=gen, **kw)
+
+    calls = []
+    select = G.KVCache.select_rows
+    monkeypatch.setattr(G.KVCache, "select_rows", lambda self, rows: calls.append(len(rows)) or select(self, rows))
+    (full, lp_full), compacted = run(0.0), {}
+    assert not calls  # COMPACT_AT = 0: never
+    for at in (0.75, 1.0):
+        calls.clear()
+        toks, lps = run(at)
+        assert toks == full
+        for a, b in zip(lps, lp_full):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+        compacted[at] = list(calls)
+    lengths = sorted(len(t) for t in full)
+    assert lengths[0] < lengths[-1] and sum(t[-1] == eos for t in full) >= 8, lengths  # rows end at different steps
+    assert len(compacted[1.0]) >= 3 and compacted[1.0] == sorted(compacted[1.0], reverse=True), compacted
+    assert len(compacted[0.75]) >= 1

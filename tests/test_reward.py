@@ -107,6 +107,42 @@ def test_batched_reward_equals_each_sequence_alone(padding):
     assert (full[:-1] - alone[2]).abs().min() > 1e-6
 
 
+def test_replies_packed_over_a_shared_prompt_score_as_separate_rows():
+    """pack_shared + rewards_of_shared against each row alone: a group of three replies to one prompt, a pair of equal
+    replies, a pair with no common first token, a one-row group, and a group too long for one packed row (split in
+    two, the prefix repeated). Rewards and their gradients agree to float rounding, in the input order."""
+    rm = tiny_rm()
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(3, 61, (n,), generator=g).tolist()  # noqa: E731
+    prompt, other = rand(20), rand(9)
+    rows = [prompt + rand(7), prompt + rand(3) + [2], prompt + rand(11),  # group 0: three replies
+            other + [5, 6], other + [5, 6],  # group 1: the same reply twice
+            [7] + rand(6), [8] + rand(4),  # group 2: nothing shared
+            rand(12),  # group 3: alone
+            prompt + rand(60), prompt + rand(50), prompt + rand(40)]  # group 4: 20 + 60 + 50 + 40 > 128 tokens
+    groups = [[0, 1, 2], [3, 4], [5, 6], [7], [8, 9, 10]]
+    packed = reward.pack_shared(rows, groups, max_len=128)
+    assert sorted(i for p in packed for i in p.members) == list(range(len(rows)))
+    assert all(len(p.tokens) <= 128 for p in packed) and len(packed) == 6  # group 4 needs two rows
+    assert packed[0].tokens == rows[0] + rows[1][20:] + rows[2][20:]  # the prompt once, then each reply
+    assert packed[0].positions == list(range(27)) + list(range(20, 24)) + list(range(20, 31))
+    rm.train()
+    with torch.no_grad():
+        alone = torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows])
+    shared = reward.shared_rewards(rm, rows, groups, 128, "cpu")
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    # the same gradients as the rows scored one by one (the RM's training step packs each pair this way)
+    weights = torch.randn(len(rows), generator=g)
+    (shared * weights).sum().backward()
+    grads = [p.grad.clone() for p in rm.parameters()]
+    rm.zero_grad()
+    (torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows]) * weights).sum().backward()
+    for a, b in zip(grads, [p.grad for p in rm.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert reward.common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each reply keeps its last token
+    assert reward.common_prefix_len([[1, 2, 3], [1, 2, 4, 5]]) == 2 and reward.common_prefix_len([[1], [1]]) == 0
+
+
 def test_score_text_and_token_replies(tok):
     rm = reward.reward_model_from(tiny_chat_model(tok.n_words))
     with torch.no_grad():
@@ -122,8 +158,12 @@ def test_score_text_and_token_replies(tok):
     assert row == tok.encode_dialog(dialogs[0] + [data.assistant(texts[0])])[0] and row[-1] == tok.eos_id
     # token replies are scored exactly as given, EOS or not
     assert reward.encode_reply(tok, dialogs[0], ids_no_eos[0], 128) == tok.encode_dialog(dialogs[0])[0] + ids_no_eos[0]
+    # replies to the same dialog are packed over its prompt (pack_shared): here each dialog appears twice
+    dialogs, texts = dialogs + dialogs[::-1], texts + [t + " Yes." for t in texts[::-1]]
+    ids_no_eos = [tok.encode(" " + t, bos=False, eos=False) for t in texts]
+    ids_eos = [i + [tok.eos_id] for i in ids_no_eos]
     for replies in (texts, ids_no_eos, ids_eos):
-        batched = reward.score(rm, tok, dialogs, replies, batch_size=4)  # sorted by length, in batches of 4
+        batched = reward.score(rm, tok, dialogs, replies, batch_size=4)  # sorted by length, ~4 replies a batch
         with torch.no_grad():
             alone = torch.stack([rm(torch.tensor([reward.encode_reply(tok, d, r, 128)]))[0][0, -1]
                                  for d, r in zip(dialogs, replies)])
