@@ -155,12 +155,22 @@ class Packed:
 
 
 def pack(examples: list, seq_len: int, pad_id: int) -> Packed:
-    """Greedy packing in the given order: append dialogs to the current row while they fit, else start a new row."""
+    """Best-fit packing in the given order: each dialog goes into the open row whose free space it fills most
+    tightly, else into a new row. Appending to the current row only (next-fit) left the default SFT rows 89% full and
+    GAtt's, which mix 440-token dialogues with 80-token ones, 83%: every padding token costs as much as a trained one.
+    Rows keep the order in which they were opened, so a batch still holds dialogs from all over the shuffled epoch."""
     rows: list[list] = []
+    free: list[list[int]] = [[] for _ in range(seq_len + 1)]  # free[c]: the rows with exactly c free tokens
     for ex in examples:
-        if not rows or sum(len(t) for t, _ in rows[-1]) + len(ex[0]) > seq_len:
+        n = len(ex[0])
+        c = next((c for c in range(n, seq_len + 1) if free[c]), None)
+        if c is None:
             rows.append([])
-        rows[-1].append(ex)
+            r, c = len(rows) - 1, seq_len
+        else:
+            r = free[c].pop()
+        rows[r].append(ex)
+        free[c - n].append(r)
     N = len(rows)
     tokens = torch.full((N, seq_len), pad_id, dtype=torch.long)
     targets = torch.full((N, seq_len), IGNORE, dtype=torch.long)
