@@ -309,7 +309,8 @@ def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str
         except (CheckpointError, OSError, ValueError) as e:
             common.die(f"--rm-{name}: {e}")
         with torch.no_grad():
-            s = torch.as_tensor(reward.score(rm, rm_tok, dialogs + dialogs, replies_a + replies_b))  # A, B share prompts
+            # A's and B's replies in one call: replies to the same prompt are scored packed over it
+            s = torch.as_tensor(reward.score(rm, rm_tok, dialogs + dialogs, replies_a + replies_b))
             sa, sb = s[:len(dialogs)], s[len(dialogs):]
         per_rm[name] = rm_judgments(torch.as_tensor(sa), torch.as_tensor(sb), cfg.rm_tie)
         out[f"rm_{name}"] = summarize(per_rm[name], kinds)

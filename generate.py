@@ -312,8 +312,8 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
         for i, t in enumerate(range(P, total)):
             if per_row and live is not None:  # one generator per row: only the live rows draw (nothing to keep aligned)
                 tok, lp = out_tok[:, i], out_logp[:, i]
-                tok[live], lp_live = _next_token(logits[live], temperature, top_p, [generator[b] for b in live.tolist()],
-                                                 want_logprobs=logprobs)
+                gens = [generator[b] for b in live.tolist()]
+                tok[live], lp_live = _next_token(logits[live], temperature, top_p, gens, want_logprobs=logprobs)
                 if lp_live is not None:
                     lp[live] = lp_live
             else:

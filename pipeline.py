@@ -41,25 +41,25 @@ class Stage:
 def _eval(name: str, a: str) -> Stage:
     return Stage(name, "evaluate.py", name, ["--a", "{out}/" + a, "--b", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
                                              "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/" + name],
-                 ["--quick"], 10)
+                 ["--quick"], 8)
 
 
 STAGES = [
     Stage("pretrain", "pretrain.py", "pretrain", ["--out-dir", "{out}/pretrain"],
           ["--max-steps", "80", "--corpus-bytes", "1000000", "--eval-interval", "40", "--ckpt-interval", "80",
-           "--log-interval", "20"], 255),
-    Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 80),
+           "--log-interval", "20"], 260),
+    Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 95),
     Stage("rm_helpful", "reward.py", "rm_helpful", ["--axis", "helpfulness", "--init-from", "{out}/sft",
                                                     "--out-dir", "{out}/rm_helpful", "--margin-ablation"],
-          ["--quick"], 120),
+          ["--quick"], 130),
     Stage("rm_safety", "reward.py", "rm_safety", ["--axis", "safety", "--init-from", "{out}/sft",
-                                                  "--out-dir", "{out}/rm_safety"], ["--quick"], 36),
+                                                  "--out-dir", "{out}/rm_safety"], ["--quick"], 40),
     Stage("rs", "rejection_sampling.py", "rs", ["--init-from", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
                                                "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/rs"],
-          ["--quick"], 140),
+          ["--quick"], 120),
     Stage("ppo", "ppo.py", "ppo", ["--init-from", "{out}/rs", "--rm-helpful", "{out}/rm_helpful", "--rm-safety",
-                                   "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo"], ["--quick"], 90),
-    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 260),
+                                   "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo"], ["--quick"], 70),
+    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 250),
     Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--rm-helpful",
                                                    "{out}/rm_helpful", "--rm-safety", "{out}/rm_safety",
                                                    "--out-dir", "{out}/eval_sft"], ["--quick"], 10),
