@@ -312,7 +312,7 @@ def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str
             # A's and B's replies in one call: replies to the same prompt are scored packed over it
             s = torch.as_tensor(reward.score(rm, rm_tok, dialogs + dialogs, replies_a + replies_b))
             sa, sb = s[:len(dialogs)], s[len(dialogs):]
-        per_rm[name] = rm_judgments(torch.as_tensor(sa), torch.as_tensor(sb), cfg.rm_tie)
+        per_rm[name] = rm_judgments(sa, sb, cfg.rm_tie)
         out[f"rm_{name}"] = summarize(per_rm[name], kinds)
         del rm
     if len(per_rm) == 2:  # §3.2.3: the safety RM speaks for safety prompts, the helpfulness RM for the rest

@@ -292,12 +292,13 @@ def rewards_of_rows(model, rows: list[list[int]], device, padding: str = "right"
 #     prefix | reply 1 | reply 2 | ...        (RoPE positions: 0..L-1 | L, L+1, ... | L, L+1, ... )
 # with a mask that lets each reply see the prefix and itself but not the other replies, every reply's tokens get the
 # same positions and the same visible context as in its own row, so the same reward (to float rounding; tests check
-# it), for one pass over the prefix. Measured on the RM's training step (32 pairs, 50-token prompts, 35-token replies):
-# 1.4x faster, as the token count (170 -> 120 per pair) predicts; K = 8 samples of rejection sampling: ~2x fewer tokens.
+# it), for one pass over the prefix. The default run's training pairs: 147 padded tokens a pair as two rows, 90 packed;
+# the RM's training step 1.2-1.3x faster (the explicit mask costs part of it back); scoring RS's K = 8 samples of 256
+# prompts with both RMs 8.1 -> 5.4 s (BENCHMARKS.md).
 @dataclass
 class SharedRow:
     tokens: list[int]
-    positions: list[int]  # RoPE position of each token: a reply's continue from the prefix's
+    positions: list[int]  # RoPE position of each token: each reply's count on from the prefix's
     branch: list[int]  # 0 = the shared prefix, j = the j-th reply packed here
     ends: list[int]  # column of each reply's last token, where its reward is read
     members: list[int]  # the input row each reply came from, in packing order
