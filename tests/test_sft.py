@@ -123,6 +123,44 @@ def test_packed_dialog_logits_equal_its_logits_alone(tok, dialogs):
                 assert (naive[cols] - alone).abs().max() > 1e-3
 
 
+def test_split_rows_take_the_same_step_as_the_packed_rows(tok):
+    """split_rows moves a step's dialogs to narrower rows: every dialog exactly once, the short ones in rows of
+    `short`, and the loss and gradients of the step (micro-batches weighted by answer tokens, as the training loop
+    does) equal those of the packed rows."""
+    world = data.World(seed=0)
+    dialogs = [t.messages + [data.assistant(t.reference)] for t in world.tasks("train", 60, seed=5)]
+    examples, _, _ = sft.encode_dialogs(tok, dialogs, 256)
+    p = sft.pack(examples, 256, tok.eos_id)
+    short = 48
+    lengths = sorted(len(t) for t, _ in examples)
+    assert lengths[0] <= short < lengths[-1], "the test needs dialogs on both sides of the split"
+    model = tiny_model(tok.n_words)
+
+    def step(parts):
+        n_answer = sum(int((y != sft.IGNORE).sum()) for _, y, _, _ in parts)
+        model.zero_grad()
+        total = 0.0
+        for x, y, pos, mask in parts:
+            loss = model(x, y, positions=pos, mask=mask)[1] * (int((y != sft.IGNORE).sum()) / n_answer)
+            loss.backward()
+            total += loss.item()
+        return total, [q.grad.clone() for q in model.parameters()]
+
+    batch, rows = p.tokens.size(0), slice(0, p.tokens.size(0))  # one step over every row
+    parts = sft.micro_batches(p, 0, batch, rows, "cpu", short, tok.eos_id)
+    assert len(parts) == 2 and parts[0][0].size(1) == short and parts[1][0].size(1) == lengths[-1]
+    seen = []
+    for q in sft.split_rows(p, 0, batch, rows, short, tok.eos_id):
+        for r in range(q.tokens.size(0)):
+            seen += [tuple(q.tokens[r][q.segments[r] == s].tolist()) for s in range(int(q.segments[r].max()) + 1)]
+    assert sorted(seen) == sorted(tuple(t) for t, _ in examples)
+    loss_packed, grads_packed = step(sft.micro_batches(p, 0, batch, rows, "cpu", 0, tok.eos_id))
+    loss_split, grads_split = step(parts)
+    assert loss_split == pytest.approx(loss_packed, rel=1e-5)
+    for a, b in zip(grads_split, grads_packed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def make_init(tmp_path, tok, seed=0) -> Path:
     init = tmp_path / "init"
     M.save_checkpoint(tiny_model(tok.n_words, seed), init, tok.model_path)
