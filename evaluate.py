@@ -29,10 +29,16 @@ Choices where the paper is silent:
   2. The prompt set does not depend on --seed (only on --prompt-seed), so every stage is compared on the same prompts.
   3. An RM comparison is a tie when the two scores differ by less than --rm-tie (identical replies in different
      batches can differ in the last float bits).
+  4. --reply-cache DIR: a model's replies are stored under a hash of everything that decides them (its weights, its
+     tokenizer, the prompts, the decoding settings and seed, the batch size, the device and dtype) and read back when
+     the same model answers the same prompts again. pipeline.py passes one: SFT is the baseline of three of its
+     evaluations, and a PPO run that keeps its starting iterate has the RS model's weights.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -44,8 +50,8 @@ import torch
 
 import common
 import data
-from generate import generate
-from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
+from generate import CachedPrompt, generate
+from model import CheckpointError, Transformer, _atomic_write, find_tokenizer, load_checkpoint
 from tokenizer import UNSAFE_ERROR, Tokenizer, has_special_tags
 
 
@@ -70,6 +76,7 @@ class EvalConfig:
     device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     quick: bool = False  # smoke run: at most 100 prompts (seconds)
+    reply_cache: Optional[str] = None  # a directory: replies keyed by model weights, prompts and settings (choice 4)
 
 
 # ---- 1. loading and chatting (shared with sft.py, rejection_sampling.py, ppo.py, gatt.py) ----------------------------
@@ -95,13 +102,18 @@ class Reply:
 @torch.no_grad()
 def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                  num_samples: int = 1) -> list[Reply]:
+                  num_samples: int = 1, prefixes: Optional[dict] = None) -> list[Reply]:
     """Answer each dialog (a list of messages ending with a user turn) in the Llama 2 chat format.
 
     Returns len(dialogs) * num_samples Replies, prompt-major (the num_samples replies of dialog 0 first), in the order
     of `dialogs`. Batched through generate.generate (KV cache, left padding); prompts are sorted by length first, so
     each batch pads little and its longest prompt leaves the most room for the reply. As in Meta's chat_completion, a
-    dialog that smuggles a chat tag into any message is answered with UNSAFE_ERROR and not generated."""
+    dialog that smuggles a chat tag into any message is answered with UNSAFE_ERROR and not generated.
+    prefixes: a dict the caller keeps across the turns of the same dialogs (dialog i is dialogs[i] every call): it holds
+    each dialog's last prompt and its keys/values (generate.CachedPrompt), so the next turn computes only what its
+    prompt adds (the reply and the new user message). Batches then group the dialogs by how many tokens they add, so
+    one dialog that must be computed whole (its early turns dropped to fit) does not make its batch-mates compute
+    theirs. Multi-turn sampling (gatt.py) passes one."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     prompts = []
@@ -120,11 +132,16 @@ def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]],
                 out[i * num_samples + k] = Reply(UNSAFE_ERROR, [], True)
         else:
             todo.append(i)
-    todo.sort(key=lambda i: len(prompts[i]))
+    cached = [prefixes.setdefault(i, CachedPrompt()) for i in range(len(dialogs))] if prefixes is not None else None
+    if cached is None:
+        todo.sort(key=lambda i: len(prompts[i]))
+    else:  # tokens to compute, then length
+        todo.sort(key=lambda i: (len(prompts[i]) - cached[i].reusable(prompts[i]), len(prompts[i])))
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
         samples = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_p=top_p,
-                           eos_id=tok.eos_id, num_samples=num_samples, generator=gen)
+                           eos_id=tok.eos_id, num_samples=num_samples, generator=gen,
+                           prefix=None if cached is None else [cached[i] for i in chunk])
         for j, toks in enumerate(samples):  # prompt-major: sample j belongs to chunk[j // num_samples]
             finished = bool(toks) and toks[-1] == tok.eos_id
             text = tok.decode(toks[:-1] if finished else toks).strip()
@@ -134,10 +151,10 @@ def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]],
 
 def chat_replies(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 num_samples: int = 1) -> list[str]:
+                 num_samples: int = 1, prefixes: Optional[dict] = None) -> list[str]:
     """chat_generate, text only: one reply string per dialog (num_samples per dialog, prompt-major)."""
     return [r.text for r in chat_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, batch_size,
-                                          num_samples)]
+                                          num_samples, prefixes)]
 
 
 # ---- 2. what the annotator says about one model's replies ------------------------------------------------------------
@@ -331,18 +348,39 @@ def load_tasks(cfg: EvalConfig, world: data.World) -> list[data.Task]:
     return world.tasks("test", cfg.n_prompts, seed=cfg.prompt_seed)
 
 
+def reply_key(model: Transformer, tok: Tokenizer, cfg: EvalConfig, tasks, seed: int, device, dtype) -> str:
+    """A hash of everything the replies depend on (choice 4)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    h.update(Path(tok.model_path).read_bytes())
+    h.update(json.dumps([[t.messages for t in tasks], cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
+                         cfg.batch_size, str(device), str(dtype)]).encode())
+    return h.hexdigest()[:24]
+
+
 def answer_with(path: str, which: str, cfg: EvalConfig, tasks, device, dtype, seed: int) -> list[Reply]:
     try:
         model, tok = load_model_and_tokenizer(path, device, dtype)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(f"--{which}: {e}")
     t0 = time.perf_counter()
+    cached = Path(cfg.reply_cache) / f"{reply_key(model, tok, cfg, tasks, seed, device, dtype)}.json" \
+        if cfg.reply_cache else None
+    if cached is not None and cached.is_file():
+        replies = [Reply(**r) for r in json.loads(cached.read_text())]
+        print(f"[evaluate] {which} = {path}: {len(tasks)} replies read from {cached}", flush=True)
+        return replies
     try:
         replies = chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens, cfg.temperature,
                                 cfg.top_p, seed, cfg.batch_size)
     except ValueError as e:  # a prompt longer than the model's context
         common.die(f"--{which} {path}: {e}")
     print(f"[evaluate] {which} = {path}: {len(tasks)} replies in {time.perf_counter() - t0:.1f}s", flush=True)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cached, lambda fh: fh.write(json.dumps([dataclasses.asdict(r) for r in replies]).encode()))
     return replies
 
 

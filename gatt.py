@@ -97,11 +97,12 @@ def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) ->
     histories = [[] for _ in dialogs]
     replies = [[] for _ in dialogs]
     fallbacks = [0] * len(dialogs)
+    prefixes = {}  # each batch's keys/values of its last prompts: a turn computes only what it adds (PrefixCache)
     for t in range(len(dialogs[0].user_turns)):
         for h, g in zip(histories, dialogs):
             h.append({"role": "user", "content": with_instruction(g.instruction, g.user_turns[t])})
-        out = chat_replies(model, tok, [fit_context(tok, h, model.args.max_seq_len - max_new_tokens)
-                                        for h in histories], max_new_tokens)
+        out = chat_replies(model, tok, [fit_context(tok, h, model.args.max_seq_len - max_new_tokens, refill=0.5)
+                                        for h in histories], max_new_tokens, prefixes=prefixes)
         for i, (h, g, r, rs) in enumerate(zip(histories, dialogs, out, replies)):
             good = g.check(r) and annotator.score(h, r).helpfulness >= GOOD_REPLY
             if not good:
@@ -126,14 +127,20 @@ def failure_rates(dialogs: list, fallbacks: list[int]) -> dict[str, float]:
     return {k: failed / total for k, (failed, total) in sorted(counts.items())}
 
 
-def fit_context(tok, history: list[dict], budget: int) -> list[dict]:
+def fit_context(tok, history: list[dict], budget: int, refill: float = 1.0) -> list[dict]:
     """The latest turns of `history` whose prompt fits in `budget` tokens: whole (user, assistant) pairs are dropped
-    from the front. Sampling only: every user message carries the instruction here, so the reply still sees it (eight
-    turns with the instruction repeated outgrow a 512-token context; the training samples, which carry it once, fit)."""
-    start = 0
-    while len(tok.encode_dialog(history[start:])[0]) > budget and start + 2 < len(history):
+    from the front; once one must go, as many as bring the prompt down to refill * budget. Sampling only: every user
+    message carries the instruction here, so the reply still sees it (eight turns with the instruction repeated
+    outgrow a 512-token context; the training samples, which carry it once, fit).
+    Why refill < 1 (sample_dialogs: 0.5): dropping just enough changes the front of the prompt again at every later
+    turn, so none of it could be reused from the turn before (generate.CachedPrompt) and each turn would prefill the
+    whole history; dropping to half leaves the front unchanged for the next few turns."""
+    if len(tok.encode_dialog(history)[0]) <= budget:
+        return history
+    start = 2
+    while len(tok.encode_dialog(history[start:])[0]) > refill * budget and start + 2 < len(history):
         start += 2
-    return history[start:]
+    return history[start:] if start < len(history) else history[-1:]
 
 
 @torch.no_grad()
@@ -187,13 +194,14 @@ def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int) -> list[fl
     histories = [[] for _ in dialogs]
     alive = list(range(len(dialogs)))
     kept = [0] * n_turns
+    prefixes = {}  # as in sample_dialogs; a dialogue dropped for length shifts the batches after it (then recomputed)
     for t in range(n_turns):
         for i in alive:
             g = dialogs[i]
             q = with_instruction(g.instruction, g.user_turns[t]) if t == 0 else g.user_turns[t]
             histories[i].append({"role": "user", "content": q})
         fits = [i for i in alive if len(tok.encode_dialog(histories[i])[0]) + max_new_tokens <= model.args.max_seq_len]
-        out = chat_replies(model, tok, [histories[i] for i in fits], max_new_tokens) if fits else []
+        out = chat_replies(model, tok, [histories[i] for i in fits], max_new_tokens, prefixes=prefixes) if fits else []
         for i, r in zip(fits, out):
             kept[t] += dialogs[i].check(r)
             histories[i].append({"role": "assistant", "content": r})

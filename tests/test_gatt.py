@@ -101,6 +101,11 @@ def test_sampling_context_keeps_the_latest_turns_that_fit(tok):
     assert len(tok.encode_dialog(cut)[0]) <= full - 1 and cut == history[len(history) - len(cut):]
     assert cut[0]["role"] == "user" and g.instruction in cut[0]["content"] and len(cut) % 2 == 1
     assert gatt.fit_context(tok, history, 1) == history[-1:]  # never less than the current user message
+    # refill: once a pair must go, down to half the budget, so that the front stays for the next turns' cache
+    half = gatt.fit_context(tok, history, full - 1, refill=0.5)
+    assert len(tok.encode_dialog(half)[0]) <= (full - 1) / 2 < len(tok.encode_dialog(history[len(history) - len(half)
+                                                                                              - 2:])[0])
+    assert half == history[len(history) - len(half):] and len(half) < len(cut)
 
 
 def test_constraint_checkers_accept_compliant_and_reject_plain_replies():

@@ -264,3 +264,42 @@ def test_dropping_finished_rows_changes_no_token(kind, monkeypatch):
     assert lengths[0] < lengths[-1] and sum(t[-1] == eos for t in full) >= 8, lengths  # rows end at different steps
     assert len(compacted[1.0]) >= 3 and compacted[1.0] == sorted(compacted[1.0], reverse=True), compacted
     assert len(compacted[0.75]) >= 1
+
+
+def test_cached_prompts_prefill_only_new_tokens_and_change_no_token(monkeypatch):
+    """A chat's next turn through CachedPrompt: the prompt grows by the reply and a new message; one row's prompt also
+    changes in front (an early turn dropped) and one gets shorter. Greedy tokens and log-probs equal a fresh prefill's,
+    and the prefill computes only the columns after the shared prefixes."""
+    m = tiny(max_seq_len=128)
+    rows = [list(p) for p in PROMPTS]
+    cached = [G.CachedPrompt() for _ in rows]
+    widths = []
+    trunk = m.trunk
+
+    def spy(tokens, *a, **k):
+        if tokens.size(1) > 1:  # the prefill (decode steps pass one column)
+            widths.append(tokens.size(1))
+        return trunk(tokens, *a, **k)
+    monkeypatch.setattr(m, "trunk", spy)
+    for turn in range(4):
+        widths.clear()
+        fresh, fresh_lp = G.generate(m, rows, 6, temperature=0.0, eos_id=None, logprobs=True)
+        assert widths == [max(len(r) for r in rows)]
+        widths.clear()
+        got, got_lp = G.generate(m, rows, 6, temperature=0.0, eos_id=None, logprobs=True, prefix=cached)
+        assert got == fresh
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(fresh_lp), atol=1e-5, rtol=1e-5)
+        reuse = [len(c.tokens) for c in cached]  # each row's last prompt, now cached
+        if turn > 0:  # only what the rows added since the last turn was computed
+            assert widths == [max(len(r) - n for r, n in zip(rows, new_from))]
+            assert widths[0] < max(len(r) for r in rows)
+        assert reuse == [len(r) for r in rows]
+        # the next turn: every row appends its reply and a new message
+        rows = [r + g + [3, 4 + turn] for r, g in zip(rows, got)]
+        new_from = [len(r) - len(g) - 2 for r, g in zip(rows, got)]  # the shared prefix: the last prompt
+        if turn == 1:  # row 2 drops its first tokens after BOS (an early turn dropped to fit the context)
+            rows[2] = rows[2][:1] + rows[2][3:]
+            new_from[2] = 1
+        if turn == 2:  # row 1 restarts short: a different conversation, nothing to reuse but BOS
+            rows[1] = [1, 50, 51]
+            new_from[1] = 1
