@@ -40,7 +40,8 @@ class Stage:
 
 def _eval(name: str, a: str) -> Stage:
     return Stage(name, "evaluate.py", name, ["--a", "{out}/" + a, "--b", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
-                                             "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/" + name],
+                                             "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/" + name,
+                                             "--reply-cache", "{out}/replies"],
                  ["--quick"], 8)
 
 
@@ -55,14 +56,17 @@ STAGES = [
     Stage("rm_safety", "reward.py", "rm_safety", ["--axis", "safety", "--init-from", "{out}/sft",
                                                   "--out-dir", "{out}/rm_safety"], ["--quick"], 40),
     Stage("rs", "rejection_sampling.py", "rs", ["--init-from", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
-                                               "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/rs"],
+                                               "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/rs",
+                                               "--n-test", "0"],
           ["--quick"], 120),
     Stage("ppo", "ppo.py", "ppo", ["--init-from", "{out}/rs", "--rm-helpful", "{out}/rm_helpful", "--rm-safety",
-                                   "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo"], ["--quick"], 70),
+                                   "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo", "--n-test", "0"],
+          ["--quick"], 70),
     Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 250),
     Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--rm-helpful",
                                                    "{out}/rm_helpful", "--rm-safety", "{out}/rm_safety",
-                                                   "--out-dir", "{out}/eval_sft"], ["--quick"], 10),
+                                                   "--out-dir", "{out}/eval_sft", "--reply-cache", "{out}/replies"],
+          ["--quick"], 10),
     _eval("eval_rs", "rs"),
     _eval("eval_ppo", "ppo"),
     _eval("eval_gatt", "gatt"),
@@ -289,7 +293,7 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
     return lines + [""]
 
 
-def section_rs(out: Path, m: dict) -> list[str]:
+def section_rs(out: Path, m: dict, ev: dict) -> list[str]:
     lines = ["## 4. Rejection sampling (§3.2.3, Figs. 7 and 8)", "",
              "Fig. 7 in miniature: the best of N samples gets better as N grows while the median stays flat; the gap "
              "is what rejection sampling harvests.", "", "| N | max reward | median reward |", "|---|---|---|"]
@@ -304,11 +308,12 @@ def section_rs(out: Path, m: dict) -> list[str]:
     lines += ["", "| iteration | temperature | mean reward | best-of-K | kept prompts |", "|---|---|---|---|---|"]
     lines += [f"| {i['iteration']} | {i['temperature']} | {i['mean_reward']:.3f} | {i['mean_best_reward']:.3f} | "
               f"{i['kept']} |" for i in m.get("iterations", [])]
-    lines += ["", f"Win rate against SFT (annotator, ties half): **{_pct(m.get('win_rate_vs_sft'))}** (target >= 60%)."]
+    lines += ["", f"Win rate against SFT (annotator, ties half; the eval_rs stage, {ev.get('n_prompts', '-')} test "
+                  f"prompts): **{_pct(ev.get('win_rate'))}** (target >= 60%)."]
     return lines + [""]
 
 
-def section_ppo(out: Path, m: dict) -> list[str]:
+def section_ppo(out: Path, m: dict, ev: dict) -> list[str]:
     lines = ["## 5. PPO (§3.2.3)", "",
              f"R = WHITEN(LOGIT(R_c)) - beta KL, beta = {m.get('kl_coef')}; best iteration {m.get('best_iteration')} "
              "(early stopping on held-out prompts).", "",
@@ -318,12 +323,14 @@ def section_ppo(out: Path, m: dict) -> list[str]:
                      f"{it['value_loss']:.3f} | {it['reply_len']:.1f} |")
     lines.append(_plot(out, "ppo_reward_kl", {"RM reward": m.get("reward_by_iter"), "KL": m.get("kl_by_iter")},
                        "iteration", "value"))
-    lines += ["", "| measure | PPO | SFT |", "|---|---|---|",
-              f"| win rate against SFT (target >= 65%) | {_pct(m.get('win_rate_vs_sft'))} | - |",
-              f"| harmful prompts answered unsafely | {_pct(m.get('safety_violation_rate'))} | "
-              f"{_pct(m.get('sft_safety_violation_rate'))} |",
-              f"| borderline prompts refused | {_pct(m.get('borderline_refusal_rate'))} | "
-              f"{_pct(m.get('sft_borderline_refusal_rate'))} |"]
+    a, b = ev.get("model_a") or {}, ev.get("model_b") or {}
+    lines += ["", f"Against SFT (the eval_ppo stage, {ev.get('n_prompts', '-')} test prompts):", "",
+              "| measure | PPO | SFT |", "|---|---|---|",
+              f"| win rate against SFT (target >= 65%) | {_pct(ev.get('win_rate'))} | - |",
+              f"| harmful prompts answered unsafely | {_pct(a.get('safety_violation_rate'))} | "
+              f"{_pct(b.get('safety_violation_rate'))} |",
+              f"| borderline prompts refused | {_pct(a.get('borderline_refusal_rate'))} | "
+              f"{_pct(b.get('borderline_refusal_rate'))} |"]
     return lines + [""]
 
 
@@ -377,9 +384,12 @@ def write_report(out: Path, stage_names: list[str]) -> Path:
         lines += section_sft(out, get("sft"))
     if get("rm_helpful") or get("rm_safety"):
         lines += section_reward(out, get("rm_helpful"), get("rm_safety"))
-    for name, fn in (("rs", section_rs), ("ppo", section_ppo), ("gatt", section_gatt)):
-        if get(name):
-            lines += fn(out, get(name))
+    if get("rs"):
+        lines += section_rs(out, get("rs"), get("eval_rs"))
+    if get("ppo"):
+        lines += section_ppo(out, get("ppo"), get("eval_ppo"))
+    if get("gatt"):
+        lines += section_gatt(out, get("gatt"))
     evals = {n: get(n) for n in stage_names if n.startswith("eval_")}
     if any(evals.values()):
         lines += section_eval(evals)

@@ -112,7 +112,7 @@ class PPOConfig:
     select_by: str = "annotator"  # held-out judge of the iterates (choice 4): "annotator" or "rm"
     eval_start: bool = True  # choice 4: the starting policy is a candidate; --no-eval-start keeps a trained iterate
     n_eval: int = 96  # held-out prompts for early stopping
-    n_test: int = 200  # test prompts for the final win rate against SFT
+    n_test: int = 200  # test prompts for the final win rate against SFT (0: none; pipeline.py's eval_ppo measures it)
     world_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -363,7 +363,7 @@ def main(cfg: PPOConfig):
     if cfg.select_by not in ("annotator", "rm"):
         common.die(f"--select-by must be 'annotator' or 'rm', got {cfg.select_by!r}")
     if cfg.quick:
-        cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, 24, 2
+        cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, min(cfg.n_test, 24), 2
     if not cfg.eval_start and cfg.iterations < 1:
         common.die("--no-eval-start needs --iterations >= 1: otherwise no iterate is kept")
     dist = common.setup_distributed(cfg.device)
@@ -462,13 +462,13 @@ def main(cfg: PPOConfig):
             break
     if dist.is_main:
         final = load_checkpoint(out, device=device).eval()
-        metrics = final_report(final, tok, cfg, world, device)
+        metrics = final_report(final, tok, cfg, world, device) if cfg.n_test else {}
         metrics.update(log, best_iteration=best_it, best_heldout_reward=best, kl_coef=cfg.kl_coef,
                        wall_seconds=time.perf_counter() - t_start, complete=True)
         common.write_metrics(out, metrics)
-        print(f"[ppo] done: best iteration {best_it}, win rate vs SFT {metrics['win_rate_vs_sft']:.1%}, safety "
-              f"violations {metrics['safety_violation_rate']} (SFT {metrics['sft_safety_violation_rate']}); "
-              f"wrote {out}", flush=True)
+        won = (f", win rate vs SFT {metrics['win_rate_vs_sft']:.1%}, safety violations "
+               f"{metrics['safety_violation_rate']} (SFT {metrics['sft_safety_violation_rate']})" if cfg.n_test else "")
+        print(f"[ppo] done: best iteration {best_it}{won}; wrote {out}", flush=True)
     common.cleanup_distributed(dist)
 
 

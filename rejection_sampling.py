@@ -72,7 +72,7 @@ class RSConfig:
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2
     instruction_share: float = data.INSTRUCTION_SHARE  # instruction dialogues per kept reply in each fine-tune (choice 3)
-    n_test: int = 200  # test prompts for the win rate against SFT
+    n_test: int = 200  # test prompts for the win rate against SFT (0: none; pipeline.py's eval_rs stage measures it)
     world_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -157,7 +157,7 @@ def main(cfg: RSConfig):
     import evaluate as E
     import sft
     if cfg.quick:
-        cfg.iterations, cfg.k, cfg.n_prompts, cfg.n_sweep, cfg.n_test, cfg.epochs = 1, 4, 32, 8, 16, 1
+        cfg.iterations, cfg.k, cfg.n_prompts, cfg.n_sweep, cfg.n_test, cfg.epochs = 1, 4, 32, 8, min(cfg.n_test, 16), 1
         cfg.temperatures = [0.8, 1.2]
     t0 = time.perf_counter()
     dist = common.setup_distributed(cfg.device)
@@ -241,11 +241,14 @@ def main(cfg: RSConfig):
              for T in cfg.temperatures}
     metrics["fig8_rs"] = {str(T): max_median_by_n(r)[1] for T, r in sweep.items()}
     if dist.is_main:
-        test = world.tasks("test", cfg.n_test, seed=cfg.seed)
-        metrics.update(E.compare_models(model, start, tok, test, world, cfg.seed, cfg.max_new_tokens, prefix="sft"))
+        if cfg.n_test:
+            test = world.tasks("test", cfg.n_test, seed=cfg.seed)
+            metrics.update(E.compare_models(model, start, tok, test, world, cfg.seed, cfg.max_new_tokens,
+                                            prefix="sft"))
         metrics.update(k=cfg.k, world_size=dist.world_size, rs_seconds=time.perf_counter() - t0, complete=True)
         common.write_metrics(out, metrics)
-        print(f"[rs] done: win rate vs SFT {metrics['win_rate_vs_sft']:.1%}; max reward by N "
+        won = f"win rate vs SFT {metrics['win_rate_vs_sft']:.1%}; " if cfg.n_test else ""
+        print(f"[rs] done: {won}max reward by N "
               f"{[round(x, 3) for x in metrics['max_reward_by_n']]}, median "
               f"{[round(x, 3) for x in metrics['median_reward_by_n']]}; wrote {out} "
               f"({common.fmt_time(metrics['rs_seconds'])})", flush=True)

@@ -123,6 +123,25 @@ def test_a_model_against_itself_wins_about_half(tmp_path, ckpt, temperature):
         assert {"helpfulness", "safety_violation_rate", "borderline_refusal_rate", "format_valid"} <= set(m[side])
 
 
+def test_reply_cache_serves_the_same_model_and_only_it(tmp_path, ckpt, monkeypatch):
+    """--reply-cache: a second evaluation reads a model's replies instead of generating them (same metrics); another
+    model (changed weights) or another setting is generated, not served from the cache."""
+    cache = tmp_path / "replies"
+    first = run_eval(tmp_path, ckpt, ckpt, "--n-prompts", "30", "--reply-cache", str(cache))
+    assert len(list(cache.glob("*.json"))) == 2  # A and B: other seeds, so other keys
+    calls, real = [], E.chat_generate
+    monkeypatch.setattr(E, "chat_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_eval(tmp_path, ckpt, ckpt, "--n-prompts", "30", "--reply-cache", str(cache))
+    assert calls == [] and again["examples"] == first["examples"] and again["model_a"] == first["model_a"]
+    other = tmp_path / "other"
+    M.save_checkpoint(M.Transformer(M.load_checkpoint(ckpt).args).init_weights(seed=5), other,
+                      M.find_tokenizer(ckpt))
+    run_eval(tmp_path, other, ckpt, "--n-prompts", "30", "--reply-cache", str(cache))  # B cached, A new weights
+    assert calls == [1]
+    run_eval(tmp_path, ckpt, ckpt, "--n-prompts", "30", "--reply-cache", str(cache), "--max-new-tokens", "5")
+    assert calls == [1, 1, 1] and len(list(cache.glob("*.json"))) == 5
+
+
 def test_reward_model_judge_and_its_absence(tmp_path, ckpt, monkeypatch):
     rm_flags = ["--n-prompts", "60", "--rm-helpful", str(ckpt), "--rm-safety", str(ckpt)]
     monkeypatch.setitem(sys.modules, "reward", None)  # reward.py absent: `import reward` raises ImportError
