@@ -82,6 +82,10 @@ class GattConfig:
 
 
 GOOD_REPLY = 0.75  # the annotator's helpfulness from which a sampled reply counts as good (choices 1 and 3)
+# dialogues per generate() call. Decoding a few rows is mostly fixed cost per step, so wide batches pay: measured on the
+# default run's PPO model, own_replies' 4,800 short prompts took 23.5 s at 64, 17.3 s at 128, 12.3 s at 256; the
+# multi-turn sampling, whose prompts are long, was fastest at 128 (300 dialogues: 21, 19.4, 23.4 s)
+TURN_BATCH, SINGLE_BATCH = 128, 256
 
 
 def with_instruction(instruction: str, question: str) -> str:
@@ -102,7 +106,7 @@ def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) ->
         for h, g in zip(histories, dialogs):
             h.append({"role": "user", "content": with_instruction(g.instruction, g.user_turns[t])})
         out = chat_replies(model, tok, [fit_context(tok, h, model.args.max_seq_len - max_new_tokens, refill=0.5)
-                                        for h in histories], max_new_tokens, prefixes=prefixes)
+                                        for h in histories], max_new_tokens, batch_size=TURN_BATCH, prefixes=prefixes)
         for i, (h, g, r, rs) in enumerate(zip(histories, dialogs, out, replies)):
             good = g.check(r) and annotator.score(h, r).helpfulness >= GOOD_REPLY
             if not good:
@@ -155,7 +159,8 @@ def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed:
     budget = model.args.max_seq_len - max_new_tokens
     tasks = [t for t in tasks if len(tok.encode_dialog(t.messages)[0]) <= budget]
     out = []
-    for t, r in zip(tasks, chat_replies(model, tok, [t.messages for t in tasks], max_new_tokens)):
+    for t, r in zip(tasks, chat_replies(model, tok, [t.messages for t in tasks], max_new_tokens,
+                                        batch_size=SINGLE_BATCH)):
         score = annotator.score(t.messages, r)
         # a refusal of a harmful request is the right reply, though raters give it moderate helpfulness (data.py)
         if score.safe and (score.helpfulness >= GOOD_REPLY or t.kind == "harmful"):
@@ -201,7 +206,8 @@ def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int) -> list[fl
             q = with_instruction(g.instruction, g.user_turns[t]) if t == 0 else g.user_turns[t]
             histories[i].append({"role": "user", "content": q})
         fits = [i for i in alive if len(tok.encode_dialog(histories[i])[0]) + max_new_tokens <= model.args.max_seq_len]
-        out = chat_replies(model, tok, [histories[i] for i in fits], max_new_tokens, prefixes=prefixes) if fits else []
+        out = (chat_replies(model, tok, [histories[i] for i in fits], max_new_tokens, batch_size=TURN_BATCH,
+                            prefixes=prefixes) if fits else [])
         for i, r in zip(fits, out):
             kept[t] += dialogs[i].check(r)
             histories[i].append({"role": "assistant", "content": r})
