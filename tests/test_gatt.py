@@ -127,7 +127,7 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
     assert harmful_ids and wrong_ids
     # the "model" answers with the reference (a refusal for harmful prompts), except one wrong reply to every fact
     fake = [t.reference if i not in wrong_ids else "It is a cat." for i, t in enumerate(tasks)]
-    monkeypatch.setattr(evaluate, "chat_replies", lambda model, tok, dialogs, n: fake[:len(dialogs)])
+    monkeypatch.setattr(evaluate, "chat_replies", lambda model, tok, dialogs, n, **kw: fake[:len(dialogs)])
     model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))
     out = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=data.INSTRUCTION_SHARE)
     instruct = world.instruction_dialogs("train", round(data.INSTRUCTION_SHARE * 60), seed=3)
