@@ -10,6 +10,8 @@ GAtt fixes it with data and a loss mask, not with any change to attention:
      (figure / style / hobby, random combinations, half the time the short form "Figure: pirate (Arr!)").
   2. Sampling context: concatenate inst to EVERY user message, and sample each reply from the latest RLHF model, which
      does follow an instruction present in the current turn (learned in SFT from data.World.instruction_dialogs).
+     Turn by turn, each dialogue keeps its prompt's keys/values (generate.CachedPrompt), so a turn computes only the
+     reply and the question it adds, not the whole history again.
   3. Training sample: the same dialogue with inst kept in the FIRST user message only, and the loss zeroed on every
      token of the earlier turns, assistant replies included ("weight": 0): only the last turn's reply is learned.
      The paper's form is one training sample per dialogue prefix (turns 1..k, k = 1..n), so every turn is learned

@@ -14,6 +14,8 @@ What is here:
   - On a CPU, generate() lays each Linear weight out for the product it will run: column-major for one row (MKL's
     matrix-vector product streams it fastest), oneDNN's prepacked blocked layout from 4 rows on (2.2x faster than
     MKL for the head at 16 rows). See _column_major_weights and _cpu_packed_linears.
+  - CachedPrompt: a conversation's last prompt and its keys/values, so that generate() computes only what the next
+    turn's prompt adds (GAtt's multi-turn sampling and Table 30).
   - sequence_logprobs(): the log-probability of given continuation tokens (PPO's logprobs / ref_logprobs).
   - --compile compiles the decode step (not the loop) once. On CUDA it is replayed as a CUDA graph over the whole
     static cache, masked, so no shape changes from token to token (gpt-fast's recipe); on CPU the cache length is a

@@ -153,16 +153,44 @@ class Attention(nn.Module):
         if cache is not None:
             # write this call's keys/values at cache_pos, attend over the first kv_len cached positions
             k, v = cache.update(layer, cache_pos, k, v, kv_len)  # (B, K, S, D)
-        if self.n_kv_heads != self.n_heads:
-            if _SDPA_GQA:  # the kernel broadcasts each KV head over its H/K query heads: no copy of K/V
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-            else:
-                rep = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and not _SDPA_GQA:  # old torch: copy each KV head for its H/K query heads
+            rep = self.n_heads // self.n_kv_heads
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False  # (B, H, S, D)
+        if cache is None and x.device.type == "cpu" and T >= 2 * CAUSAL_CHUNK:
+            out = _chunked_causal_attention(q, k, v, mask, gqa)
+        elif gqa:  # the kernel broadcasts each KV head over its H/K query heads: no copy of K/V
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+# Query rows per attention call for sequences of at least twice as many tokens on the CPU (_chunked_causal_attention)
+CAUSAL_CHUNK = 128
+
+
+def _chunked_causal_attention(q, k, v, mask, gqa: bool):
+    """Causal attention in chunks of CAUSAL_CHUNK query rows, each over the keys up to its own last row only.
+
+    Why: the CPU kernel computes every score of its (T, S) block, masked or not, so plain causal attention over 512
+    tokens costs a full 512 x 512 block, half of it thrown away, and so does a packed row's block-diagonal mask. In
+    chunks of 128 the chunks read 128, 256, 384 and 512 keys: 5/8 of the scores. Measured on 2 cores, forward +
+    backward of one layer's attention with a packed row's mask: (8, 4, 512, 32) 38 -> 29 ms, (10, 4, 338, 32) 24 -> 18
+    ms, (7, 4, 224, 32) 7.0 -> 6.4 ms (not chunked: under 2 chunks); a whole training step of the default model on
+    8 x 512 tokens 5-10% faster (the long phase of pretraining, SFT's long rows). Every mask this project
+    builds is causal (no query sees a later key: trunk's docstring), so the keys after a chunk were masked anyway and
+    the result is the same up to float rounding (tests/test_model.py). q (B, H, T, D); k, v (B, K, T, D); mask None
+    (plain causal) or (B, 1, T, T)."""
+    T = q.size(2)
+    outs = []
+    for s in range(0, T, CAUSAL_CHUNK):
+        e = min(T, s + CAUSAL_CHUNK)
+        m = (torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(diagonal=s) if mask is None
+             else mask[:, :, s:e, :e])  # (e - s, e) or (B, 1, e - s, e)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=m,
+                                                   **({"enable_gqa": True} if gqa else {})))
+    return torch.cat(outs, dim=2)  # (B, H, T, D)
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -240,7 +268,8 @@ class Transformer(nn.Module):
 
         tokens (B, T). positions (B, T) or None for 0..T-1: RoPE position of each token (left-padded prompts and packed
         documents restart their own count). mask: None for plain causal attention, else a bool (B, 1, T, S) tensor,
-        True = may attend. cache/cache_pos/kv_len: see generate.KVCache.
+        True = may attend; it must be causal too (no query attends to a later key: long CPU sequences skip those keys,
+        _chunked_causal_attention). cache/cache_pos/kv_len: see generate.KVCache.
         """
         B, T = tokens.shape
         if positions is None:

@@ -7,7 +7,8 @@
 
 Steps: 1. dialogs (the world's sft_dialogs("train"), or --data FILE.jsonl of {"messages": [...]}) encoded in the Llama 2
 chat format with a loss mask (tokenizer.encode_dialog: 1 on answers and their EOS, 0 on system, user text and tags);
-2. packing: whole dialogs best-fit into rows of --seq-len tokens, shuffled anew each epoch; 3. the training loop:
+2. packing: whole dialogs best-fit into rows of --seq-len tokens, shuffled anew each epoch (on one process, a step's
+dialogs then run in rows as narrow as they allow: split_rows); 3. the training loop:
 next-token loss on answer tokens only, AdamW, warmup + cosine, clipping, checkpoints (resumable: rerun the command);
 4. evaluation of the saved model: answer-token loss on sft_dialogs("val"), and greedy replies to the world's held-out
 test prompts judged by the annotator (helpfulness, correctness, format, safety). Writes out/sft/ (params.json,

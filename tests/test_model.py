@@ -80,6 +80,35 @@ def test_attention_equals_plain_attention(kv):
     torch.testing.assert_close(attn(x, cos, sin, None), _plain_attention_block(attn, x, cos, sin), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv", [4, 2])
+def test_chunked_causal_attention_equals_one_block(kv, monkeypatch):
+    """Long CPU sequences attend in query chunks over the keys up to each chunk's end: the same outputs and
+    gradients as one call, for plain causal attention and for a packed row's block-diagonal mask, and against the
+    textbook formula."""
+    m = tiny(n_kv_heads=kv)
+    attn = m.layers[0].attention
+    x = torch.randn(2, 37, 64, requires_grad=True)
+    cos, sin = m.rope_cos[:37][None, :, None], m.rope_sin[:37][None, :, None]
+    seg = torch.tensor([0] * 10 + [1] * 20 + [2] * 7)  # three dialogs in one row
+    block = ((seg[:, None] == seg[None, :]) & torch.ones(37, 37, dtype=torch.bool).tril())[None, None].expand(2, 1, 37,
+                                                                                                             37)
+    results = {}
+    for chunk in (1000, 8):  # one block (37 < 2 * 1000), then five chunks of 8 rows
+        monkeypatch.setattr(M, "CAUSAL_CHUNK", chunk)
+        for name, mask in (("causal", None), ("block", block)):
+            x.grad = None
+            m.zero_grad()
+            out = attn(x, cos, sin, mask)
+            out.square().sum().backward()
+            results[chunk, name] = (out.detach(), x.grad.clone(), attn.wq.weight.grad.clone())
+    for name in ("causal", "block"):
+        for a, b in zip(results[8, name], results[1000, name]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[8, "causal"][0], _plain_attention_block(attn, x, cos, sin), atol=1e-5,
+                               rtol=1e-4)
+    assert (results[8, "block"][0] - results[8, "causal"][0]).abs().max() > 1e-3  # the mask matters
+
+
 def test_gqa_equals_mha_with_repeated_kv_weights():
     g = tiny(n_kv_heads=2)
     mha = M.Transformer(M.ModelArgs(**TINY)).eval()
