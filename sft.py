@@ -91,7 +91,7 @@ class SFTConfig:
     stop_at: int = 0  # stop after this step as if killed (after its checkpoint); for tests and time-boxing
     eval_n: int = 400  # held-out world test prompts answered and judged at the end (0 = none)
     max_new_tokens: int = 64  # reply budget in that evaluation; no EOS by then counts as out of format
-    eval_batch_size: int = 64  # dialogs per generate() call
+    eval_batch_size: int = 128  # dialogs per generate() call
     device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model
