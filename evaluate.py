@@ -102,18 +102,18 @@ class Reply:
 @torch.no_grad()
 def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                  num_samples: int = 1, prefixes: Optional[dict] = None) -> list[Reply]:
+                  num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None) -> list[Reply]:
     """Answer each dialog (a list of messages ending with a user turn) in the Llama 2 chat format.
 
     Returns len(dialogs) * num_samples Replies, prompt-major (the num_samples replies of dialog 0 first), in the order
     of `dialogs`. Batched through generate.generate (KV cache, left padding); prompts are sorted by length first, so
     each batch pads little and its longest prompt leaves the most room for the reply. As in Meta's chat_completion, a
     dialog that smuggles a chat tag into any message is answered with UNSAFE_ERROR and not generated.
-    prefixes: a dict the caller keeps across the turns of the same dialogs (dialog i is dialogs[i] every call): it holds
-    each dialog's last prompt and its keys/values (generate.CachedPrompt), so the next turn computes only what its
-    prompt adds (the reply and the new user message). Batches then group the dialogs by how many tokens they add, so
-    one dialog that must be computed whole (its early turns dropped to fit) does not make its batch-mates compute
-    theirs. Multi-turn sampling (gatt.py) passes one."""
+    prefixes: one generate.CachedPrompt per dialog, kept by the caller from one turn of these dialogs to the next: each
+    holds its dialog's last prompt and keys/values, so the next turn computes only what its prompt adds (the reply and
+    the new user message). Batches then group the dialogs by how many tokens they add, so one dialog that must be
+    computed whole (its early turns dropped to fit) does not make its batch-mates compute theirs. gatt.py's multi-turn
+    sampling and Table 30 pass them."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     prompts = []
@@ -132,7 +132,9 @@ def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]],
                 out[i * num_samples + k] = Reply(UNSAFE_ERROR, [], True)
         else:
             todo.append(i)
-    cached = [prefixes.setdefault(i, CachedPrompt()) for i in range(len(dialogs))] if prefixes is not None else None
+    if prefixes is not None and len(prefixes) != len(dialogs):
+        raise ValueError(f"{len(prefixes)} cached prompts for {len(dialogs)} dialogs: give one per dialog")
+    cached = prefixes
     if cached is None:
         todo.sort(key=lambda i: len(prompts[i]))
     else:  # tokens to compute, then length
@@ -151,7 +153,7 @@ def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]],
 
 def chat_replies(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 num_samples: int = 1, prefixes: Optional[dict] = None) -> list[str]:
+                 num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None) -> list[str]:
     """chat_generate, text only: one reply string per dialog (num_samples per dialog, prompt-major)."""
     return [r.text for r in chat_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, batch_size,
                                           num_samples, prefixes)]

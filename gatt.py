@@ -53,6 +53,7 @@ import torch
 
 import common
 import data
+from generate import CachedPrompt
 from model import CheckpointError
 
 
@@ -103,7 +104,8 @@ def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) ->
     histories = [[] for _ in dialogs]
     replies = [[] for _ in dialogs]
     fallbacks = [0] * len(dialogs)
-    prefixes = {}  # each batch's keys/values of its last prompts: a turn computes only what it adds (PrefixCache)
+    # each dialogue's last prompt and its keys/values: a turn computes only what it adds (the reply, the question)
+    prefixes = [CachedPrompt() for _ in dialogs]
     for t in range(len(dialogs[0].user_turns)):
         for h, g in zip(histories, dialogs):
             h.append({"role": "user", "content": with_instruction(g.instruction, g.user_turns[t])})
@@ -201,7 +203,7 @@ def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int) -> list[fl
     histories = [[] for _ in dialogs]
     alive = list(range(len(dialogs)))
     kept = [0] * n_turns
-    prefixes = {}  # as in sample_dialogs; a dialogue dropped for length shifts the batches after it (then recomputed)
+    prefixes = [CachedPrompt() for _ in dialogs]  # as in sample_dialogs
     for t in range(n_turns):
         for i in alive:
             g = dialogs[i]
@@ -209,7 +211,7 @@ def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int) -> list[fl
             histories[i].append({"role": "user", "content": q})
         fits = [i for i in alive if len(tok.encode_dialog(histories[i])[0]) + max_new_tokens <= model.args.max_seq_len]
         out = (chat_replies(model, tok, [histories[i] for i in fits], max_new_tokens, batch_size=TURN_BATCH,
-                            prefixes=prefixes) if fits else [])
+                            prefixes=[prefixes[i] for i in fits]) if fits else [])
         for i, r in zip(fits, out):
             kept[t] += dialogs[i].check(r)
             histories[i].append({"role": "assistant", "content": r})

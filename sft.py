@@ -226,8 +226,8 @@ def micro_batches(p: Packed, i: int, batch_size: int, rows: slice, device, short
     positions, mask)], the micro-batches of one step."""
     if not short:
         return [get_batch(p, i, batch_size, rows, device)]
-    return [(q.tokens.to(device), q.targets.to(device), q.positions.to(device), block_causal_mask(q.segments.to(device)))
-            for q in split_rows(p, i, batch_size, rows, short, pad_id)]
+    return [(q.tokens.to(device), q.targets.to(device), q.positions.to(device),
+             block_causal_mask(q.segments.to(device))) for q in split_rows(p, i, batch_size, rows, short, pad_id)]
 
 
 def unpack(p: Packed) -> list[tuple[list[int], list[int]]]:
