@@ -212,11 +212,15 @@ def epoch_packs(examples: list, epochs: int, seq_len: int, pad_id: int, seed: in
     return packs
 
 
+def batch_index(p: Packed, i: int, batch_size: int) -> torch.Tensor:
+    """The rows (batch_size,) of batch i of an epoch, wrapping past the end to the first rows (choice 6)."""
+    return (i * batch_size + torch.arange(batch_size)) % p.tokens.size(0)
+
+
 def get_batch(p: Packed, i: int, batch_size: int, rows: slice, device):
     """Batch i of an epoch (wrapping past the end to the first rows), this process's slice: tokens, targets,
     positions (B, T) and the mask (B, 1, T, T)."""
-    idx = (i * batch_size + torch.arange(batch_size)) % p.tokens.size(0)
-    idx = idx[rows]
+    idx = batch_index(p, i, batch_size)[rows]
     to = lambda t: t[idx].to(device)  # noqa: E731
     return to(p.tokens), to(p.targets), to(p.positions), block_causal_mask(to(p.segments))
 
@@ -254,7 +258,7 @@ def split_rows(p: Packed, i: int, batch_size: int, rows: slice, short: int, pad_
     Nothing else changes: the step holds the same dialogs, a dialog's logits do not depend on its row (the mask and
     the positions isolate it), and each micro-batch's loss is weighted by its share of the step's answer tokens
     (choice 7): the step is the packed one up to float rounding (tests/test_sft.py)."""
-    idx = ((i * batch_size + torch.arange(batch_size)) % p.tokens.size(0))[rows]
+    idx = batch_index(p, i, batch_size)[rows]
     sub = Packed(p.tokens[idx], p.targets[idx], p.positions[idx], p.segments[idx])
     dialogs = sorted(unpack(sub), key=lambda d: -len(d[0]))
     small = [d for d in dialogs if len(d[0]) <= short]
@@ -265,8 +269,7 @@ def split_rows(p: Packed, i: int, batch_size: int, rows: slice, short: int, pad_
 def answer_tokens(p: Packed, i: int, batch_size: int) -> int:
     """Trained (answer) targets in batch i of an epoch, all rows: every process holds the packing, so each counts the
     global batch without communication."""
-    idx = (i * batch_size + torch.arange(batch_size)) % p.tokens.size(0)
-    return int((p.targets[idx] != IGNORE).sum())
+    return int((p.targets[batch_index(p, i, batch_size)] != IGNORE).sum())
 
 
 # ---- 3. loss on answer tokens ----------------------------------------------------------------------------------------
