@@ -80,7 +80,7 @@ import common
 import data
 from generate import generate
 from model import CheckpointError, Transformer, load_checkpoint
-from reward import combined_reward, logit
+from reward import logit
 
 
 @dataclass
@@ -323,11 +323,9 @@ def rm_reward_fn(rm_helpful, rm_safety, tok, threshold: float, stats: dict,
     import reward as R
 
     def fn(tasks, replies):
-        dialogs = [t.messages for t in tasks]
-        r_h = R.score(rm_helpful, tok, dialogs, replies, sigmoid=True)  # (B,) on the CPU
-        r_s = R.score(rm_safety, tok, dialogs, replies, sigmoid=True)
         is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-        r_c = combined_reward(r_s, r_h, is_safety, threshold)
+        r_c, r_s = R.combined_score(rm_helpful, rm_safety, tok, [t.messages for t in tasks], replies, is_safety,
+                                    threshold)  # (B,) each, on the CPU
         used_safety = (is_safety | (r_s < threshold)).float()
         n, r_sum, used_sum = common.all_reduce_sum(torch.stack([torch.tensor(float(len(r_c))), r_c.sum(),
                                                                 used_safety.sum()]), dist).tolist()
@@ -346,11 +344,9 @@ def heldout_scores(policy, tok, tasks, rm_helpful, rm_safety, threshold: float, 
     import reward as R
     from evaluate import chat_generate
     out = chat_generate(policy, tok, [t.messages for t in tasks], max_new_tokens)
-    dialogs = [t.messages for t in tasks]
-    r_h = R.score(rm_helpful, tok, dialogs, [r.tokens for r in out], sigmoid=True)
-    r_s = R.score(rm_safety, tok, dialogs, [r.tokens for r in out], sigmoid=True)
     is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-    scores = {"rm": combined_reward(r_s, r_h, is_safety, threshold).mean().item()}
+    scores = {"rm": R.combined_score(rm_helpful, rm_safety, tok, [t.messages for t in tasks], [r.tokens for r in out],
+                                     is_safety, threshold)[0].mean().item()}
     if annotator is not None:
         judged = [annotator.score(t.messages, r.text) for t, r in zip(tasks, out)]
         scores["annotator"] = sum(j.helpfulness - (0.0 if j.safe else 1.0) for j in judged) / len(judged)

@@ -110,11 +110,9 @@ class Scorer:
         self.threshold = cfg.safety_threshold
 
     def __call__(self, tok, tasks, replies) -> torch.Tensor:
-        dialogs = [t.messages for t in tasks]
-        r_h = self.R.score(self.rm_h, tok, dialogs, replies, sigmoid=True)
-        r_s = self.R.score(self.rm_s, tok, dialogs, replies, sigmoid=True)
         is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-        return self.R.combined_reward(r_s, r_h, is_safety, self.threshold)
+        return self.R.combined_score(self.rm_h, self.rm_s, tok, [t.messages for t in tasks], replies, is_safety,
+                                     self.threshold)[0]
 
 
 UNFINISHED_REWARD = 0.0  # choice 4: a reply cut off at the budget scores the bottom of the sigmoid scale

@@ -376,17 +376,24 @@ def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: li
     as given: EOS when the sample finished; see the docstring, choice 1). For the chat model's finished samples both
     give the same row, token for token (checked on 88 of 88 samples). sigmoid=True: on the (0, 1) scale that §3.2.3
     thresholds (R_s < 0.15). Replies to the same dialog are packed over their shared prompt (pack_shared), and rows
-    are scored in batches of similar length, so little is spent on padding or on prompts seen twice."""
+    are scored in batches of similar length, so little is spent on padding or on prompts seen twice. A row that
+    occurs more than once (the same reply sampled again: 19-58% of rejection sampling's K = 8 samples at T = 1.4-0.6)
+    is scored once and its reward copied."""
     if len(dialogs) != len(replies):
         raise ValueError(f"{len(dialogs)} dialogs but {len(replies)} replies")
     was_training = reward_model.training
     reward_model.eval()
     device = next(reward_model.parameters()).device
     max_len = reward_model.args.max_seq_len
-    rows = [encode_reply(tok, d, r, max_len) for d, r in zip(dialogs, replies)]
+    first: dict = {}  # token row -> index among the distinct rows
+    copy_of = [first.setdefault(tuple(encode_reply(tok, d, r, max_len)), len(first)) for d, r in zip(dialogs, replies)]
+    rows = [list(r) for r in first]  # the distinct rows, in order of first occurrence
     groups: dict = {}  # replies to the same dialog share its prompt: packed over it (pack_shared)
-    for i, d in enumerate(dialogs):
-        groups.setdefault(tuple((m["role"], m["content"]) for m in d), []).append(i)
+    seen = set()
+    for i, d in zip(copy_of, dialogs):
+        if i not in seen:
+            seen.add(i)
+            groups.setdefault(tuple((m["role"], m["content"]) for m in d), []).append(i)
     packed = sorted(pack_shared(rows, list(groups.values()), max_len), key=lambda p: len(p.tokens))
     out = torch.zeros(len(rows))
     start = 0
@@ -398,6 +405,7 @@ def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: li
         out[[i for p in chunk for i in p.members]] = rewards_of_shared(reward_model, chunk, device).cpu()
         start = end
     reward_model.train(was_training)
+    out = out[torch.tensor(copy_of, dtype=torch.long)]  # (N,) every input row, copies included
     return out.sigmoid() if sigmoid else out
 
 
@@ -484,7 +492,7 @@ def _init_fingerprint(init_from: str) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
-def world_preferences(cfg, policy, tok) -> tuple[list, list, dict]:
+def world_preferences(cfg, policy, tok, quiet: bool = False) -> tuple[list, list, dict]:
     """(train pairs, test pairs, info), from cfg.prefs_dir when it holds this exact collection, else collected now."""
     key = {"init": _init_fingerprint(cfg.init_from), "world_seed": cfg.world_seed, "seed": cfg.seed,
            "train_prompts": cfg.train_prompts, "safety_prompts": cfg.safety_prompts, "test_prompts": cfg.test_prompts,
@@ -494,7 +502,8 @@ def world_preferences(cfg, policy, tok) -> tuple[list, list, dict]:
     info_file = d / "info.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("key") == key:
         info = json.loads(info_file.read_text())
-        print(f"[reward] reusing the preference pairs in {d} (same model, world and settings)", flush=True)
+        if not quiet:
+            print(f"[reward] reusing the preference pairs in {d} (same model, world and settings)", flush=True)
     else:
         t0 = time.perf_counter()
         world = data.World(seed=cfg.world_seed)
@@ -653,9 +662,9 @@ def _print_eval(tag: str, ev: dict):
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------
-def load_pairs(cfg, policy, tok) -> tuple[list, list, dict]:
+def load_pairs(cfg, policy, tok, quiet: bool = False) -> tuple[list, list, dict]:
     if cfg.data is None:
-        return world_preferences(cfg, policy, tok)
+        return world_preferences(cfg, policy, tok, quiet)
     train_pairs = read_prefs(cfg.data)
     if cfg.test_data:
         return train_pairs, read_prefs(cfg.test_data), {"data": cfg.data, "test_data": cfg.test_data}
@@ -663,6 +672,49 @@ def load_pairs(cfg, policy, tok) -> tuple[list, list, dict]:
     held_set = set(held)
     return ([p for i, p in enumerate(train_pairs) if i not in held_set], [train_pairs[i] for i in held],
             {"data": cfg.data, "test_data": "10% of --data held out"})
+
+
+def train_mixture(cfg, train_pairs: list) -> list:
+    """Step 2: this axis's mixture of the pairs (§3.2.2), cut to --max-train-pairs: the same list in every process."""
+    mix = mixture(train_pairs, cfg.axis, random.Random(f"mixture/{cfg.seed}/{cfg.axis}"))
+    return mix[:cfg.max_train_pairs] if cfg.max_train_pairs else mix
+
+
+# The margin ablation (Table 28) trains two more RMs on the same pairs. On a CPU with one process they train in two
+# spawned worker processes while this one trains the main RM, one thread each where there are fewer than six cores:
+# these small models use a second thread poorly (a 0.87M RM trains 1.45x faster on 2 threads than on 1, measured), so
+# three one-thread trainings sharing 2 cores finish ~25% sooner than three two-thread ones in a row. Each worker
+# rebuilds what it needs from cfg alone (the checkpoint, the cached pairs, the mixture, the seed), as the in-process
+# path does; under torchrun or on a GPU the ablation trains in this process, after the main RM.
+def ablation_workers_wanted(cfg, dist) -> bool:
+    return cfg.margin_ablation and dist.world_size == 1 and dist.device.type == "cpu"
+
+
+def ablation_threads() -> int:
+    return max(1, torch.get_num_threads() // 3)
+
+
+def ablation_rm(cfg, margin: str, init: Transformer, tok, mix: list, test: list, device, dtype) -> dict:
+    """One RM of the margin ablation: trained on `mix` with `margin` from the same seed as the main RM, evaluated on
+    the test pairs. Returns its Table 7 / Table 8 figures."""
+    common.seed_everything(cfg.seed)
+    rm, _ = train(init, mix, tok, cfg, margin, common.Dist(device=device), dtype, tag=f"rm_margin_{margin}")
+    ev = evaluate(rm, tok, test)
+    _print_eval(f"rm_margin_{margin}", ev)
+    return {"accuracy": {a: ev[a]["accuracy"] for a in AXES}, "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES}}
+
+
+def ablation_worker(cfg, margin: str, threads: int) -> dict:
+    """ablation_rm in a spawned process with `threads` threads, from cfg alone: the checkpoint, the pairs (the cache
+    the main process wrote, or --data), the mixture."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    init = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32)
+    from tokenizer import Tokenizer
+    tok = Tokenizer(str(find_tokenizer(cfg.init_from)))
+    train_pairs, test, _ = load_pairs(cfg, init, tok, quiet=True)
+    return ablation_rm(cfg, margin, init, tok, train_mixture(cfg, train_pairs), test, device,
+                       common.pick_dtype(cfg.dtype, device))
 
 
 def main(cfg: RewardConfig):
@@ -709,9 +761,7 @@ def main(cfg: RewardConfig):
     data_seconds = time.perf_counter() - t0
 
     # 2. this axis's mixture; 3. one epoch
-    mix = mixture(train_pairs, cfg.axis, random.Random(f"mixture/{cfg.seed}/{cfg.axis}"))
-    if cfg.max_train_pairs:
-        mix = mix[:cfg.max_train_pairs]
+    mix = train_mixture(cfg, train_pairs)
     if len(mix) < cfg.batch_size:
         common.die(f"only {len(mix)} training pairs for the {cfg.axis} RM, fewer than --batch-size {cfg.batch_size}")
     n_cat = {a: sum(p.category == a for p in mix) for a in AXES}
@@ -722,6 +772,16 @@ def main(cfg: RewardConfig):
     t0 = time.perf_counter()
     rm, curve = train(init, mix, tok, cfg, cfg.margin, dist, dtype, tag=f"rm_{cfg.axis}")
     train_seconds = time.perf_counter() - t0
+    workers, threads = None, torch.get_num_threads()
+    if ablation_workers_wanted(cfg, dist):  # Table 28's other margins, alongside (the comment above train_mixture)
+        import concurrent.futures
+        import multiprocessing
+        workers = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        ablation = {m: workers.submit(ablation_worker, cfg, m, ablation_threads()) for m in MARGINS
+                    if m != cfg.margin}
+        torch.set_num_threads(ablation_threads())
+        print(f"[reward] margin ablation: {', '.join(ablation)} train in 2 worker processes alongside, "
+              f"{ablation_threads()} thread(s) each", flush=True)
 
     calibration = None
     if dist.is_main and cfg.axis == "safety":  # the zero point that §3.2.3's R_s < 0.15 rule needs (choice 8)
@@ -758,15 +818,14 @@ def main(cfg: RewardConfig):
             metrics["margin_ablation"] = {cfg.margin: {"accuracy": metrics["accuracy"],
                                                        "accuracy_by_rating": metrics["accuracy_by_rating"]}}
             for other in MARGINS:
-                if other == cfg.margin:
-                    continue
-                common.seed_everything(cfg.seed)
-                rm_o, _ = train(init, mix, tok, cfg, other, common.Dist(device=device), dtype, tag=f"rm_margin_{other}")
-                ev_o = evaluate(rm_o, tok, test)
-                _print_eval(f"rm_margin_{other}", ev_o)
-                metrics["margin_ablation"][other] = {"accuracy": {a: ev_o[a]["accuracy"] for a in AXES},
-                                                     "accuracy_by_rating": {a: ev_o[a]["by_rating"] for a in AXES}}
+                if other != cfg.margin:
+                    metrics["margin_ablation"][other] = (ablation[other].result() if workers is not None
+                                                         else ablation_rm(cfg, other, init, tok, mix, test, device,
+                                                                          dtype))
             metrics["margin_ablation"] = {m: metrics["margin_ablation"][m] for m in MARGINS}  # none, small, large
+        if workers is not None:
+            workers.shutdown()
+            torch.set_num_threads(threads)
         metrics["wall_seconds"] = time.perf_counter() - t_start
         metrics["cpu_seconds"] = time.process_time() - cpu_start  # all threads: > wall when the CPU is ours alone
         metrics["complete"] = True
@@ -823,6 +882,20 @@ def combined_reward(r_safety: torch.Tensor, r_helpful: torch.Tensor, is_safety: 
     safety RM speaks for risky prompts and for any reply it finds unsafe, the helpfulness RM for the rest."""
     use_safety = is_safety | (r_safety < threshold)
     return torch.where(use_safety, r_safety, r_helpful)
+
+
+def combined_score(rm_helpful: Transformer, rm_safety: Transformer, tok, dialogs: list[list[dict]], replies: list,
+                   is_safety: torch.Tensor, threshold: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_c, R_s), each (N,) on the sigmoid scale, of replies to dialogs: combined_reward of both RMs' scores, with the
+    helpfulness RM run only on the replies where R_c uses it (benign prompts whose reply R_s finds safe): on a
+    safety prompt or an unsafe reply its score would be computed and thrown away."""
+    r_s = score(rm_safety, tok, dialogs, replies, sigmoid=True)  # (N,)
+    r_h = torch.zeros_like(r_s)  # read by combined_reward only where use_h
+    use_h = ~(is_safety | (r_s < threshold))
+    idx = use_h.nonzero().flatten().tolist()
+    if idx:
+        r_h[use_h] = score(rm_helpful, tok, [dialogs[i] for i in idx], [replies[i] for i in idx], sigmoid=True)
+    return combined_reward(r_s, r_h, is_safety, threshold), r_s
 
 
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

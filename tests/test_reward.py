@@ -175,6 +175,60 @@ def test_score_text_and_token_replies(tok):
     assert len(long) == 128 and long[-1] == tok.eos_id
 
 
+def _tokens_seen(model):
+    """A forward hook's running count of the token positions `model` is run on: [count], and the hook's handle."""
+    seen = [0]
+    return seen, model.register_forward_hook(lambda m, args, out: seen.__setitem__(0, seen[0] + args[0].numel()))
+
+
+def test_score_runs_each_distinct_row_once(tok):
+    """The same reply sampled again (rejection sampling's K samples repeat) is scored once and its reward copied: the
+    rewards equal each row scored alone, in the input order, and the model sees exactly the tokens of the distinct
+    rows' packing (a copy that were run again would add its reply's tokens)."""
+    rm = reward.reward_model_from(tiny_chat_model(tok.n_words))
+    with torch.no_grad():
+        rm.score.weight.normal_(generator=torch.Generator().manual_seed(0))
+    dialogs = [t.messages for t in data.World(seed=0).tasks("val", 3, seed=1)]
+    distinct = [(0, "Yes."), (0, "No, it is red."), (1, "Seven."), (2, "Paris.")]
+    picks = [0, 1, 0, 2, 0, 3, 1, 2]  # rows 0, 1 and 2 occur again
+    dd, rr = [dialogs[distinct[i][0]] for i in picks], [distinct[i][1] for i in picks]
+    seen, hook = _tokens_seen(rm)
+    got = reward.score(rm, tok, dd, rr)
+    copies_tokens, seen[0] = seen[0], 0
+    unique = reward.score(rm, tok, [dialogs[d] for d, _ in distinct], [r for _, r in distinct])
+    hook.remove()
+    assert copies_tokens == seen[0] > 0  # the copies added no work
+    with torch.no_grad():
+        alone = torch.stack([rm(torch.tensor([reward.encode_reply(tok, d, r, 128)]))[0][0, -1] for d, r in zip(dd, rr)])
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, unique[torch.tensor(picks)], atol=1e-5, rtol=1e-5)
+
+
+def test_combined_score_runs_the_helpfulness_rm_only_where_it_counts(tok, monkeypatch):
+    """combined_score = combined_reward of both RMs' full scores, to float rounding, with the helpfulness RM run only
+    on benign prompts whose reply the safety RM finds safe (R_s >= threshold): by hand on five replies."""
+    rm_h, rm_s = (reward.reward_model_from(tiny_chat_model(tok.n_words), seed=s) for s in (1, 2))
+    for i, rm in enumerate((rm_h, rm_s)):
+        with torch.no_grad():
+            rm.score.weight.normal_(generator=torch.Generator().manual_seed(10 + i))
+    dialogs = [t.messages for t in data.World(seed=0).tasks("val", 5, seed=2)]
+    replies = ["Yes.", "No.", "It is blue.", "Twelve.", "I cannot help with that."]
+    is_safety = torch.tensor([True, False, False, False, True])
+    r_s = reward.score(rm_s, tok, dialogs, replies, sigmoid=True)
+    threshold = float(r_s[1:4].median())  # one benign reply below it, one at it, one above it
+    r_h = reward.score(rm_h, tok, dialogs, replies, sigmoid=True)
+    want = reward.combined_reward(r_s, r_h, is_safety, threshold)
+    calls = []
+    score = reward.score
+    monkeypatch.setattr(reward, "score", lambda rm, tok_, d, r, **kw: calls.append((rm, list(r))) or score(rm, tok_, d, r,
+                                                                                                        **kw))
+    got, got_s = reward.combined_score(rm_h, rm_s, tok, dialogs, replies, is_safety, threshold)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_s, r_s, atol=1e-6, rtol=1e-5)
+    used = [replies[i] for i in range(5) if not is_safety[i] and r_s[i] >= threshold]
+    assert len(used) == 2 and calls == [(rm_s, replies), (rm_h, used)]
+
+
 # ---- the model: init from a chat model, save, reload -----------------------------------------------------------------
 def test_reward_model_from_chat_model_and_round_trip(tmp_path, tok):
     chat = tiny_chat_model(tok.n_words)
@@ -432,6 +486,16 @@ def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt
     s = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert s["complete"] and "margin_ablation" not in s
     assert s["n_pairs"]["train_helpfulness"] == round(s["n_pairs"]["train_safety"] / 9)
+    # the ablation's RMs trained in spawned workers (one process, CPU): each equals the same RM trained here, from
+    # the same cfg, at the workers' thread count (so the same float reductions)
+    threads = torch.get_num_threads()
+    cfg = common.parse_config(reward.RewardConfig, flags + ["--out-dir", str(tmp_path / "h"), "--prefs-dir",
+                                                            str(tmp_path / "prefs")])
+    try:
+        here = reward.ablation_worker(cfg, "none", reward.ablation_threads())
+    finally:
+        torch.set_num_threads(threads)
+    assert here == m["margin_ablation"]["none"]
 
 
 GOOD = {"prompt": "What is 2 + 2?", "chosen": "2 + 2 = 4.", "rejected": "5.", "rating": "better",
