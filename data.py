@@ -497,14 +497,29 @@ class World:
             return task.reference
         return f"{task.reference} {rng.choice(DEMO_CLOSERS)}"
 
-    def instruction_dialogs(self, split: str, n: int, seed: int = 0, max_turns: int = 3) -> list[list[dict]]:
+    def instruction_dialogs(self, split: str, n: int, seed: int = 0, max_turns: int = 3,
+                            keep: Optional[Callable[[GattDialog], float]] = None) -> list[list[dict]]:
         """Dialogs of 1..max_turns short questions with a persistent instruction attached to EVERY user message and
         every reply following it: the in-context instruction following that Ghost Attention (§3.3) builds on. The
         paper's RLHF models could already follow an instruction in the current turn; GAtt teaches them to keep it
-        when only the first turn carries it. Train/val never use held-out constraints."""
+        when only the first turn carries it. Train/val never use held-out constraints.
+        keep: the probability (0..1) of keeping a drawn dialogue, from its constraints; the draw goes on until n are
+        kept (rejection sampling), so the kinds it favours come more often (gatt.py: the kinds the model fails)."""
         rng = Random(f"instr/{self.seed}/{split}/{seed}")
+        split = split if split != "test" else "val"
+        if keep is None:
+            drawn = self.gatt_dialogs(split, n, n_turns=max_turns, seed=seed + 7)
+        else:
+            pick, drawn, judged, m = Random(f"instr-keep/{self.seed}/{split}/{seed}"), [], 0, n
+            while len(drawn) < n:
+                if judged > 100 * max(1, n):
+                    raise ValueError("instruction_dialogs: keep() accepts almost nothing (under 1 in 100 drawn)")
+                pool = self.gatt_dialogs(split, m, n_turns=max_turns, seed=seed + 7)  # its first m' are the last pool's
+                drawn += [g for g in pool[judged:] if pick.random() < keep(g)]
+                judged, m = m, 2 * m
+            drawn = drawn[:n]
         out = []
-        for g in self.gatt_dialogs(split if split != "test" else "val", n, n_turns=max_turns, seed=seed + 7):
+        for g in drawn:
             turns = rng.randint(1, max_turns)
             msgs = []
             for q, r in list(zip(g.user_turns, g.compliant_replies()))[:turns]:

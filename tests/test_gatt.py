@@ -143,3 +143,39 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
     # --instruction-share (GAtt's default 0.6, twice SFT's): the same kept replies, 0.6 * n instruction dialogues
     more = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=0.6)
     assert more[:len(kept)] == kept and more[len(kept):] == world.instruction_dialogs("train", 36, seed=3)
+    # choice 4: with keep, half the instruction dialogues are the world's draw, half pass keep (here: capitals only)
+    upper = lambda g: float(any(c.rule == "upper" for c in g.constraints))  # noqa: E731
+    focused = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=0.6, keep=upper)
+    assert focused[:len(kept)] == kept and focused[len(kept):len(kept) + 18] == world.instruction_dialogs(
+        "train", 18, seed=3)
+    assert len(focused) == len(kept) + 36
+    assert all(not any(c.islower() for c in m["content"]) for d in focused[len(kept) + 18:] for m in d
+               if m["role"] == "assistant")
+
+
+def test_instruction_dialogs_drawn_with_keep_and_the_focus_on_failed_kinds():
+    """World.instruction_dialogs(keep=...) is rejection sampling over the world's draw: keep 1 gives the draw itself,
+    a kind kept with probability 1/4 falls to ~0.3 of its share (1/4, renormalized over the draw: hobby-only is ~24%
+    of it), a kind kept always rises, and a keep that accepts nothing fails with a clear error. The seeds are fixed;
+    the ratio's bounds are 3.5 and 5.7 binomial standard deviations (~0.027) from 0.305, so a correct draw fails them
+    with odds under 1 in 4,000. focus_on_failures maps step 2's fallback rates to those probabilities."""
+    world = data.World(seed=0)
+    assert world.instruction_dialogs("train", 50, seed=2, keep=lambda g: 1.0) == world.instruction_dialogs(
+        "train", 50, seed=2)
+    kinds = lambda ds: [gatt.instruction_kind(c for c in data.CONSTRAINTS  # noqa: E731
+                                              if c.long_text in d[0]["content"] or c.short_text in d[0]["content"])
+                        for d in ds]
+    plain = world.instruction_dialogs("train", 2000, seed=2)
+    rates = {"hobby": 0.25, "upper": 1.0}
+    keep = gatt.focus_on_failures(rates, focus=1.0)  # hobby-only 1/4, capitals-only 1, any other kind 1 (unsampled)
+    drawn = world.instruction_dialogs("train", 2000, seed=2, keep=keep)
+    assert len(drawn) == 2000
+    share = lambda ds, k: sum(x == k for x in kinds(ds)) / len(ds)  # noqa: E731
+    ratio = share(drawn, "hobby") / share(plain, "hobby")
+    assert 0.15 < ratio < 0.40, ratio
+    assert share(drawn, "upper") > share(plain, "upper")
+    assert gatt.focus_on_failures(rates, 0.0) is None and gatt.focus_on_failures({}, 8.0) is None
+    g = data.World(seed=0).gatt_dialogs("train", 1)[0]
+    assert gatt.focus_on_failures({gatt.instruction_kind(g.constraints): 0.5, "x": 1.0}, 2.0)(g) == 0.25
+    with pytest.raises(ValueError, match="accepts almost nothing"):
+        world.instruction_dialogs("train", 5, keep=lambda g: 0.0)
