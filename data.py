@@ -514,7 +514,7 @@ class World:
             while len(drawn) < n:
                 if judged > 100 * max(1, n):
                     raise ValueError("instruction_dialogs: keep() accepts almost nothing (under 1 in 100 drawn)")
-                pool = self.gatt_dialogs(split, m, n_turns=max_turns, seed=seed + 7)  # its first m' are the last pool's
+                pool = self.gatt_dialogs(split, m, n_turns=max_turns, seed=seed + 7)  # begins with the last pool
                 drawn += [g for g in pool[judged:] if pick.random() < keep(g)]
                 judged, m = m, 2 * m
             drawn = drawn[:n]

@@ -680,12 +680,13 @@ def train_mixture(cfg, train_pairs: list) -> list:
     return mix[:cfg.max_train_pairs] if cfg.max_train_pairs else mix
 
 
-# The margin ablation (Table 28) trains two more RMs on the same pairs. On a CPU with one process they train in two
-# spawned worker processes while this one trains the main RM, one thread each where there are fewer than six cores:
-# these small models use a second thread poorly (a 0.87M RM trains 1.45x faster on 2 threads than on 1, measured), so
-# three one-thread trainings sharing 2 cores finish ~25% sooner than three two-thread ones in a row. Each worker
-# rebuilds what it needs from cfg alone (the checkpoint, the cached pairs, the mixture, the seed), as the in-process
-# path does; under torchrun or on a GPU the ablation trains in this process, after the main RM.
+# The margin ablation (Table 28) trains two more RMs on the same pairs. On a CPU with one process they train at the
+# same time, in two spawned worker processes with a third of the threads each (one on 2 cores), once the main RM has
+# trained (it is evaluated and saved meanwhile): these small models use a second thread poorly (a 0.87M RM trains
+# 1.45x faster on 2 threads than on 1), so two one-thread trainings side by side beat two two-thread ones in a row
+# (rm_helpful with cached pairs: 110 -> 100 s, BENCHMARKS.md). Each worker rebuilds what it needs from cfg alone (the
+# checkpoint, the cached pairs, the mixture, the seed); under torchrun or on a GPU the ablation trains in this
+# process, after the main RM, from the same ablation_rm.
 def ablation_workers_wanted(cfg, dist) -> bool:
     return cfg.margin_ablation and dist.world_size == 1 and dist.device.type == "cpu"
 
@@ -701,7 +702,8 @@ def ablation_rm(cfg, margin: str, init: Transformer, tok, mix: list, test: list,
     rm, _ = train(init, mix, tok, cfg, margin, common.Dist(device=device), dtype, tag=f"rm_margin_{margin}")
     ev = evaluate(rm, tok, test)
     _print_eval(f"rm_margin_{margin}", ev)
-    return {"accuracy": {a: ev[a]["accuracy"] for a in AXES}, "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES}}
+    return {"accuracy": {a: ev[a]["accuracy"] for a in AXES},
+            "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES}}
 
 
 def ablation_worker(cfg, margin: str, threads: int) -> dict:
@@ -773,15 +775,15 @@ def main(cfg: RewardConfig):
     rm, curve = train(init, mix, tok, cfg, cfg.margin, dist, dtype, tag=f"rm_{cfg.axis}")
     train_seconds = time.perf_counter() - t0
     workers, threads = None, torch.get_num_threads()
-    if ablation_workers_wanted(cfg, dist):  # Table 28's other margins, alongside (the comment above train_mixture)
+    if ablation_workers_wanted(cfg, dist):  # Table 28: the comment above that function
         import concurrent.futures
         import multiprocessing
+        n = ablation_threads()
         workers = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
-        ablation = {m: workers.submit(ablation_worker, cfg, m, ablation_threads()) for m in MARGINS
-                    if m != cfg.margin}
-        torch.set_num_threads(ablation_threads())
-        print(f"[reward] margin ablation: {', '.join(ablation)} train in 2 worker processes alongside, "
-              f"{ablation_threads()} thread(s) each", flush=True)
+        ablation = {m: workers.submit(ablation_worker, cfg, m, n) for m in MARGINS if m != cfg.margin}
+        torch.set_num_threads(n)  # this process's evaluation shares the cores with them
+        print(f"[reward] margin ablation: {', '.join(ablation)} train in 2 worker processes alongside, {n} thread(s) "
+              f"each", flush=True)
 
     calibration = None
     if dist.is_main and cfg.axis == "safety":  # the zero point that §3.2.3's R_s < 0.15 rule needs (choice 8)

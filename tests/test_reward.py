@@ -199,7 +199,8 @@ def test_score_runs_each_distinct_row_once(tok):
     hook.remove()
     assert copies_tokens == seen[0] > 0  # the copies added no work
     with torch.no_grad():
-        alone = torch.stack([rm(torch.tensor([reward.encode_reply(tok, d, r, 128)]))[0][0, -1] for d, r in zip(dd, rr)])
+        alone = torch.stack([rm(torch.tensor([reward.encode_reply(tok, d, r, 128)]))[0][0, -1]
+                             for d, r in zip(dd, rr)])
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, unique[torch.tensor(picks)], atol=1e-5, rtol=1e-5)
 
@@ -220,8 +221,11 @@ def test_combined_score_runs_the_helpfulness_rm_only_where_it_counts(tok, monkey
     want = reward.combined_reward(r_s, r_h, is_safety, threshold)
     calls = []
     score = reward.score
-    monkeypatch.setattr(reward, "score", lambda rm, tok_, d, r, **kw: calls.append((rm, list(r))) or score(rm, tok_, d, r,
-                                                                                                        **kw))
+
+    def recording_score(rm, tok_, d, r, **kw):
+        calls.append((rm, list(r)))
+        return score(rm, tok_, d, r, **kw)
+    monkeypatch.setattr(reward, "score", recording_score)
     got, got_s = reward.combined_score(rm_h, rm_s, tok, dialogs, replies, is_safety, threshold)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got_s, r_s, atol=1e-6, rtol=1e-5)
