@@ -320,7 +320,7 @@ def main(cfg: GattConfig):
         "adherence_by_turn": {"baseline": before["seen"], "gatt": after["seen"]},
         "adherence_by_turn_unseen": {"baseline": before["unseen"], "gatt": after["unseen"]},
         "n_train_dialogs": len(train), "n_train_samples": len(samples), "fallback_rate": fallback,
-        "fallback_rate_by_kind": rates, "mix": cfg.mix,
+        "fallback_rate_by_kind": rates, "mix": cfg.mix, "instruction_focus": cfg.instruction_focus,
         "n_mix": len(mix),
         "n_eval_seen": len(seen), "n_eval_unseen": len(unseen), "gatt_seconds": time.perf_counter() - t0,
         "complete": True})
