@@ -385,15 +385,16 @@ def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: li
     reward_model.eval()
     device = next(reward_model.parameters()).device
     max_len = reward_model.args.max_seq_len
-    first: dict = {}  # token row -> index among the distinct rows
-    copy_of = [first.setdefault(tuple(encode_reply(tok, d, r, max_len)), len(first)) for d, r in zip(dialogs, replies)]
-    rows = [list(r) for r in first]  # the distinct rows, in order of first occurrence
-    groups: dict = {}  # replies to the same dialog share its prompt: packed over it (pack_shared)
-    seen = set()
-    for i, d in zip(copy_of, dialogs):
-        if i not in seen:
-            seen.add(i)
-            groups.setdefault(tuple((m["role"], m["content"]) for m in d), []).append(i)
+    index: dict = {}  # token row -> its index among the distinct rows
+    rows, copy_of, groups = [], [], {}  # distinct rows; each input's distinct row; distinct rows by dialog
+    for d, r in zip(dialogs, replies):
+        row = encode_reply(tok, d, r, max_len)
+        if tuple(row) not in index:
+            index[tuple(row)] = len(rows)
+            # replies to the same dialog share its prompt: packed over it (pack_shared)
+            groups.setdefault(tuple((m["role"], m["content"]) for m in d), []).append(len(rows))
+            rows.append(row)
+        copy_of.append(index[tuple(row)])
     packed = sorted(pack_shared(rows, list(groups.values()), max_len), key=lambda p: len(p.tokens))
     out = torch.zeros(len(rows))
     start = 0
