@@ -49,6 +49,9 @@ class ModelArgs:
     max_seq_len: int = 4096  # §2.2: Llama 2 doubled the context to 4096
     head: str = "lm"  # ours: "lm" = next-token logits, "scalar" = one number per position (reward / value models)
     score_offset: float = 0.0  # ours, head "scalar": added to every score (a reward model's zero point, reward.py)
+    # ours, head "scalar": after this many blocks the chat model's own next-token head says how surprising each token
+    # is, and that enters the residual stream (reward.py choice 12); 0 = off, the paper's reward model
+    surprise_layer: int = 0
 
     @property
     def kv_heads(self) -> int:
@@ -75,6 +78,9 @@ class ModelArgs:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE's (2i, 2i+1) pairs")
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"head must be 'lm' or 'scalar', got {self.head!r}")
+        if self.surprise_layer and (self.head != "scalar" or not 0 < self.surprise_layer <= self.n_layers):
+            raise ValueError(f"surprise_layer {self.surprise_layer} needs head 'scalar' and 1..n_layers "
+                             f"({self.n_layers})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -114,6 +120,28 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight  # cast back before the weight, as Meta does
+
+
+# The surprise features enter through a (C, 2) matrix that starts at zero (reward.py choice 12). Adam moves a weight by
+# about its lr per step whatever the gradient's size, so the features' effect after one RM epoch (~90 steps at the
+# head's 1e-3) is bounded by ~0.1 x their size: a few nats would stay a whisper in the residual stream. Scaling them
+# by 100 is the same as a 100x lr for that matrix alone. Measured on the default run's seed 0 SFT model and pairs
+# (helpfulness RM, its test set; "significantly better" in brackets): x1 84.9% (88.9), x100 87.2% (93.2); a 300x and
+# 1000x lr for the matrix instead of the scale: 87.1% (93.9), 87.6% (94.6).
+SURPRISE_SCALE = 100.0
+
+
+def predecessors(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, T) long: for each token, the column of the token before it in its own sequence (-1: none), i.e. the last
+    earlier key it may attend to. Plain causal rows: t - 1. Packed rows (reward.py's shared prefixes): the first
+    token of a reply follows the prefix's last token, not the previous reply's."""
+    B, T = tokens.shape
+    cols = torch.arange(T, device=tokens.device)
+    if mask is None:
+        return (cols - 1).expand(B, T)
+    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0].expand(B, T, T)  # (B, T query, T key)
+    earlier = visible & (cols[None, :] < cols[:, None])[None]  # strictly before the query
+    return torch.where(earlier, cols, -1).amax(-1)  # (B, T)
 
 
 def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +272,10 @@ class Transformer(nn.Module):
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
         else:
             self.score = nn.Linear(args.dim, 1, bias=False)  # §3.2.2: regression head, one scalar per position
+        if args.surprise_layer:  # reward.py choice 12: the chat model's final norm and next-token head, kept
+            self.surprise_norm = RMSNorm(args.dim, args.norm_eps)
+            self.surprise_output = nn.Linear(args.dim, args.vocab_size, bias=False)
+            self.surprise_in = nn.Linear(2, args.dim, bias=False)  # (surprise, gap) -> the residual stream
         # RoPE tables for 2x the context, as Meta does (room for generation past training length); not saved.
         cos, sin = rope_tables(args.head_dim, 2 * args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -280,17 +312,39 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :]  # (B,T,1,D/2)
         h = self.tok_embeddings(tokens)  # (B, T, C)
+        prev = None  # (B, T): each token's predecessor, for a reward model's surprise (read before the mask changes)
+        if self.args.surprise_layer:
+            if cache is not None:
+                raise ValueError("a reward model with surprise features scores whole rows: no KV cache")
+            prev = predecessors(tokens, mask)
         if mask is not None and mask.dtype == torch.bool and mask.device.type == "cpu":
             # once here rather than in every layer: the CPU attention kernel turns a bool mask into an additive one on
             # each call (forward and backward). Same softmax, exactly; SFT's 8 x 512 rows, microbenchmarked: 41 -> 34 ms
             # a layer, forward + backward
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i == self.args.surprise_layer and prev is not None:
+                h = self.add_surprise(h, tokens, prev)
             if self.grad_checkpoint and self.training and cache is None:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, cache_pos, kv_len)
+        if len(self.layers) == self.args.surprise_layer and prev is not None:
+            h = self.add_surprise(h, tokens, prev)
         return self.norm(h)
+
+    def surprise(self, h, tokens, prev) -> torch.Tensor:
+        """(B, T, 2) fp32, reward models with surprise_layer only (reward.py choice 12). For each token: its surprise
+        -log p(token) under the kept next-token head, read at its predecessor `prev` (where it was predicted), and
+        the gap to the most likely token's log p there (0 when the token is the model's first choice); both 0 where
+        a token has no predecessor. h (B, T, C): the hidden states after surprise_layer blocks."""
+        logp = F.log_softmax(self.surprise_output(self.surprise_norm(h)).float(), dim=-1)  # (B, T, V)
+        at = logp.gather(1, prev.clamp(min=0)[:, :, None].expand(-1, -1, logp.size(-1)))  # (B, T, V) predicted there
+        lp = at.gather(2, tokens[:, :, None]).squeeze(2)  # (B, T)
+        return torch.stack([-lp, at.amax(-1) - lp], dim=-1) * (prev >= 0)[:, :, None]  # (B, T, 2)
+
+    def add_surprise(self, h, tokens, prev) -> torch.Tensor:
+        return h + self.surprise_in((self.surprise(h, tokens, prev) * SURPRISE_SCALE).to(h.dtype))  # (B, T, C)
 
     def forward(self, tokens, targets=None, *, positions=None, mask=None, cache=None, cache_pos=None, kv_len=None,
                 ignore_index: int = -100):
@@ -442,6 +496,8 @@ def _hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 _HF_NAMES = {  # Meta name pattern -> Hugging Face name pattern
     "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight", "score.weight": "score.weight",
+    "surprise_norm.weight": "surprise_norm.weight", "surprise_output.weight": "surprise_output.weight",
+    "surprise_in.weight": "surprise_in.weight",  # a reward model's surprise features (reward.py choice 12)
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -463,7 +519,9 @@ def _read_hf(path: Path):
                      n_kv_heads=cfg.get("num_key_value_heads") or None, vocab_size=cfg["vocab_size"],
                      norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
                      max_seq_len=cfg.get("max_position_embeddings", 4096),
-                     head="scalar" if cfg.get("nanollama2_head") == "scalar" else "lm")
+                     head="scalar" if cfg.get("nanollama2_head") == "scalar" else "lm",
+                     score_offset=cfg.get("nanollama2_score_offset", 0.0),
+                     surprise_layer=cfg.get("nanollama2_surprise_layer", 0))
     hidden = cfg["intermediate_size"]
     args.multiple_of, args.ffn_dim_multiplier = 1, None
     if args.ffn_hidden != hidden:  # express the given width through Meta's rule: multiplier on the 8/3*dim width
@@ -544,6 +602,9 @@ def export_hf(model: Transformer, out_dir, tokenizer_path=None):
            "eos_token_id": 2, "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     if a.head == "scalar":
         cfg["nanollama2_head"] = "scalar"  # not a LlamaForCausalLM: our reward/value head, reloadable here
+        cfg["nanollama2_score_offset"] = a.score_offset  # the reward's zero point (reward.py calibrates it)
+        if a.surprise_layer:
+            cfg["nanollama2_surprise_layer"] = a.surprise_layer
     _atomic_write(out / "model.safetensors", lambda f: f.write(save(hf, metadata={"format": "pt"})))
     _atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
     if tokenizer_path is not None:

@@ -103,6 +103,20 @@ Deviations from the paper, and choices where it is silent:
      seed 1 it stayed at 50%, and the "significantly better" level stays below "better" for the helpfulness RM on
      every seed (79 / 92% on seed 0). Tried on seed 0 and 1 and not kept: three blocks (78.7% on seed 0, no better
      than two), the plain trunk's top two layers at 10x (76.2%, 80.0%).
+ 12. --surprise (off by default): the RM also reads how surprised the chat model is by each token. The RM keeps the
+     chat model's final norm and next-token head; after the trunk's last block they give, for every token, -log p(token)
+     where it was predicted and its gap to the most likely token, and a (C, 2) matrix that starts at zero adds the two
+     numbers to the residual stream, where the head blocks can attend to them (model.Transformer.surprise). Why: the
+     chat model knows the facts (it recalls them when it writes them), but the scalar head must recall a fact a second
+     time, at the reply's end, to see that a written one is wrong (choice 11). The chat model's own next-token
+     probabilities already do that check: on the seed 0 helpfulness test pairs, "the reply with the lower summed
+     surprise wins" alone is right on 98% of the "significantly better" pairs (83% of "sample > wrong fact", 100% of
+     "reference > wrong fact"). Measured on the default runs' SFT models and pairs (Zen 4, BENCHMARKS.md), without ->
+     with: helpfulness RM on its test set 79.7 -> 87.2% (seed 0), 77.9 -> 84.8% (seed 1); its "significantly better"
+     79.6 -> 93.2%, 76.9 -> 93.1% (Table 8 monotone on seed 1, 1.5 points short on seed 0); the safety RM on its test
+     set 84.1 -> 85.5%, 88.8 -> 88.3%. Not the default because it costs Table 7's pattern: the helpfulness RM, which
+     now sees wrong facts, is as good as the safety RM on the safety pairs (86.3 against 85.5% on seed 0, 88.3 both
+     on seed 1): the safety RM's edge was the off-topic content pairs, and both RMs now get those right.
 """
 from __future__ import annotations
 
@@ -147,6 +161,7 @@ class RewardConfig:
     max_new_tokens: int = 64  # length limit of the sampled replies
     head_layers: int = 2  # new transformer blocks between the chat model's trunk and the score head (choice 11; 0 = paper)
     head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 11)
+    surprise: bool = False  # the chat model's surprise at each reply token enters the RM (choice 12; off = paper)
     content_pairs: int = 0  # train prompts only: extra pairs per prompt of a content defect against the reference
     safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
@@ -184,7 +199,7 @@ def ranking_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch
 
 
 # ---- 2. the reward model and where the reward is read ----------------------------------------------------------------
-def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int = 0) -> Transformer:
+def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int = 0, surprise: bool = False) -> Transformer:
     """A scalar-head copy of a chat model (§3.2.2): every weight but the next-token head, and a new `score` head with
     small random weights, std 1/sqrt(dim) (docstring, choice 5). head_layers > 0 puts that many new transformer blocks
     between the copied trunk and the score head (choice 11): nn.Linear's default init, but each block's two output
@@ -197,10 +212,14 @@ def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int =
     L = chat_model.args.n_layers
     with torch.random.fork_rng(devices=[]):  # the new blocks' init is a function of the seed alone
         torch.manual_seed(seed + 1)
-        rm = Transformer(replace(chat_model.args, head="scalar", n_layers=L + head_layers))
-    trunk = {k: v for k, v in chat_model.state_dict().items() if not k.startswith("output.")}
+        rm = Transformer(replace(chat_model.args, head="scalar", n_layers=L + head_layers,
+                                 surprise_layer=L if surprise else 0))
+    sd = chat_model.state_dict()
+    trunk = {k: v for k, v in sd.items() if not k.startswith("output.")}
+    if surprise:  # choice 12: the chat model's own final norm and next-token head, read after its last block
+        trunk.update({"surprise_norm.weight": sd["norm.weight"], "surprise_output.weight": sd["output.weight"]})
     missing, unexpected = rm.load_state_dict(trunk, strict=False)
-    assert not unexpected and set(missing) == {"score.weight"} | {
+    assert not unexpected and set(missing) == {"score.weight"} | ({"surprise_in.weight"} if surprise else set()) | {
         k for k in rm.state_dict() if k.startswith(tuple(f"layers.{i}." for i in range(L, L + head_layers)))}, missing
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # (1, C): rewards start at unit scale, as a 7B's head at std 0.02 does (0.02 * sqrt(4096))
@@ -208,6 +227,8 @@ def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int =
         for block in rm.layers[L:]:  # (C, C) and (C, F): the head blocks start as the identity
             block.attention.wo.weight.zero_()
             block.feed_forward.w2.weight.zero_()
+        if surprise:  # (C, 2): adds nothing until training moves it
+            rm.surprise_in.weight.zero_()
     return rm.to(next(chat_model.parameters()).device)
 
 
@@ -220,7 +241,7 @@ def head_block_lr(first_new: int, mult: float):
     "_orig_mod." prefixes do not matter."""
     def lr_mult(name: str) -> float:
         m = _LAYER.search(name)
-        return mult if m and int(m.group(1)) >= first_new else 1.0
+        return mult if (m and int(m.group(1)) >= first_new) or "surprise_in." in name else 1.0
     return lr_mult
 
 
@@ -569,7 +590,7 @@ def train(init: Transformer, pairs: list, tok, cfg, margin: str, dist, dtype, ta
     """cfg.epochs (§3.2.2: one) of the ranking loss on `pairs`. Returns (reward model, loss curve); the model is whole
     on every rank (under FSDP a consolidated copy), so that rank 0 alone can save and evaluate it."""
     device = dist.device
-    rm = reward_model_from(init, seed=cfg.seed, head_layers=cfg.head_layers).to(device)
+    rm = reward_model_from(init, seed=cfg.seed, head_layers=cfg.head_layers, surprise=cfg.surprise).to(device)
     net = common.wrap_model(rm, dist, cfg.fsdp, cfg.compile, param_dtype=dtype if device.type == "cuda" else None)
     # choice 11: the head blocks (those past init's layers) are new and start at zero: at the trunk's lr they would
     # hardly move in one epoch. An RM trained further from another RM adds none, and all its blocks train at 1x.

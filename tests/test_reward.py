@@ -297,6 +297,112 @@ def test_head_blocks_start_as_the_identity_and_train_at_their_own_lr(tmp_path, t
         torch.testing.assert_close(back(x)[0], deep(x)[0])
 
 
+def surprise_rm(vocab: int = 61, head_layers: int = 1) -> tuple[M.Transformer, M.Transformer]:
+    """(chat model, its RM with surprise features (choice 12)), the RM's head and feature matrix non-zero."""
+    chat = tiny_chat_model(vocab)
+    rm = reward.reward_model_from(chat, head_layers=head_layers, surprise=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        rm.score.weight.copy_(torch.randn(rm.score.weight.shape, generator=g))
+        rm.surprise_in.weight.copy_(torch.randn(rm.surprise_in.weight.shape, generator=g) * 0.01)
+        for block in rm.layers[chat.args.n_layers:]:  # head blocks that do something
+            block.attention.wo.weight.copy_(torch.randn(block.attention.wo.weight.shape, generator=g) * 0.1)
+    return chat, rm.eval()
+
+
+def test_surprise_features_are_the_chat_models_own_next_token_log_probs():
+    """Choice 12 against the chat model computed independently: for each token after the first, -log p(token) from
+    the chat model's logits one position earlier, and the gap to that position's largest log p; 0 for the first."""
+    chat, rm = surprise_rm(head_layers=0)
+    x = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logp = chat(x)[0].log_softmax(-1)  # (B, T, V)
+        hidden = rm.tok_embeddings(x)  # the trunk's blocks by hand, then the features as the trunk reads them
+        cos, sin = rm.rope_cos[:9][None, :, None, :], rm.rope_sin[:9][None, :, None, :]
+        for layer in rm.layers:
+            hidden = layer(hidden, cos, sin, None)
+        feats = rm.surprise(hidden, x, M.predecessors(x, None))  # (B, T, 2)
+    lp = logp[:, :-1].gather(2, x[:, 1:, None]).squeeze(2)  # (B, T-1): token t predicted at t - 1
+    torch.testing.assert_close(feats[:, 1:, 0], -lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats[:, 1:, 1], logp[:, :-1].amax(-1) - lp, atol=1e-5, rtol=1e-5)
+    assert (feats[:, 0] == 0).all() and (feats[:, 1:, 1] >= 0).all()
+
+
+def test_predecessors_follow_the_mask_not_the_column():
+    x = torch.zeros(1, 6, dtype=torch.long)
+    assert M.predecessors(x, None).tolist() == [[-1, 0, 1, 2, 3, 4]]
+    # a packed row: prefix 0-1, reply A 2-3, reply B 4-5 (B sees the prefix and itself, not A)
+    branch = torch.tensor([0, 0, 1, 1, 2, 2])
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    mask = causal & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+    assert M.predecessors(x, mask[None, None]).tolist() == [[-1, 0, 1, 2, 1, 4]]
+    # left padding: two pads that see only themselves, then the row
+    real = torch.tensor([False, False, True, True, True, True])
+    mask = causal & (real[None, :] | torch.eye(6, dtype=torch.bool))
+    assert M.predecessors(x, mask[None, None]).tolist() == [[-1, -1, -1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_surprise_rm_scores_a_row_the_same_padded_packed_or_alone(padding):
+    """With surprise features a token's predecessor comes from the mask: left padding and replies packed over a shared
+    prompt must still give each row's reward alone (and the same gradients when packed, as the training step packs)."""
+    _, rm = surprise_rm()
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(3, 61, (n,), generator=g).tolist()  # noqa: E731
+    prompt = rand(15)
+    rows = [prompt + rand(7), prompt + rand(3) + [2], prompt + rand(11), rand(5), [7] + rand(6)]
+    with torch.no_grad():
+        alone = torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows])
+        torch.testing.assert_close(reward.rewards_of_rows(rm, rows, "cpu", padding=padding), alone,
+                                   atol=1e-5, rtol=1e-5)
+    groups = [[0, 1, 2], [3], [4]]
+    rm.train()
+    shared = reward.shared_rewards(rm, rows, groups, 128, "cpu")
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(len(rows), generator=g)
+    (shared * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in rm.named_parameters()}
+    assert grads["surprise_in.weight"].abs().sum() > 0  # the features reach the loss
+    rm.zero_grad()
+    (torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows]) * weights).sum().backward()
+    for n, p in rm.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_surprise_rm_starts_as_the_plain_rm_and_round_trips(tmp_path, tok):
+    """reward_model_from(surprise=True): the chat model's final norm and next-token head kept, the feature matrix at
+    zero (so it scores as the RM without features), trained at the head blocks' lr; saved in Meta's and Hugging
+    Face's layouts it loads back as the same model, and it refuses a KV cache."""
+    chat = tiny_chat_model(tok.n_words)
+    plain = reward.reward_model_from(chat, head_layers=2)
+    rm = reward.reward_model_from(chat, head_layers=2, surprise=True)
+    assert rm.args.surprise_layer == chat.args.n_layers and not rm.surprise_in.weight.any()
+    assert torch.equal(rm.surprise_output.weight, chat.output.weight) and torch.equal(rm.surprise_norm.weight,
+                                                                                      chat.norm.weight)
+    x = torch.randint(3, tok.n_words, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(rm.eval()(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
+    assert reward.head_block_lr(first_new=2, mult=10.0)("_orig_mod.surprise_in.weight") == 10
+    assert reward.head_block_lr(first_new=2, mult=10.0)("surprise_output.weight") == 1
+    with torch.no_grad():
+        rm.surprise_in.weight.normal_(0, 0.01)
+        rm.layers[2].attention.wo.weight.normal_(0, 0.1)
+        rm.args.score_offset = 0.25
+    M.save_checkpoint(rm, tmp_path / "meta", tok.model_path)
+    M.export_hf(rm, tmp_path / "hf", tok.model_path)
+    with torch.no_grad():
+        want = rm(x)[0]
+        assert (want - plain(x)[0]).abs().max() > 1e-4  # the features now change the scores
+        for d in ("meta", "hf"):
+            back = reward.load_reward_model(tmp_path / d)
+            assert back.args.surprise_layer == 2 and back.args.score_offset == 0.25, d
+            torch.testing.assert_close(back(x)[0], want, msg=d)
+    with pytest.raises(ValueError, match="no KV cache"):
+        rm.trunk(x, cache=object())
+    with pytest.raises(ValueError, match="surprise_layer"):
+        M.ModelArgs(dim=32, n_layers=2, n_heads=4, surprise_layer=2)  # a language model has no scalar head
+
+
 def test_safety_calibration_puts_the_threshold_at_the_safe_replies_5th_percentile(tok, monkeypatch):
     """calibrate_safety (choice 8) with hand-made raw scores: 100 safe replies scoring 0..99 and 10 unsafe ones
     scoring -5..4. The offset must make sigmoid(raw + offset) < 0.15 exactly for raws below the 5% quantile of the
