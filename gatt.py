@@ -20,6 +20,7 @@ GAtt fixes it with data and a loss mask, not with any change to attention:
   4. Fine-tune with sft.py's recipe on these samples, mixed with ordinary dialogues (choice 3).
   5. Measure Table 30: the share of replies keeping the instruction at turns 1..8, before and after, with the model's
      own replies as the history, on held-out dialogues, and on constraints held out of training (zero-shot).
+  6. Fig. 10 in numbers: how much attention the replies of each turn pay to the instruction, before and after.
 A note on the mask, and why the default trains one sample per dialogue: attention is causal, so the tokens of reply k
 see exactly the same context in the full dialogue as in prefix sample k (nothing after them is visible). The loss of
 reply k is therefore the same number in both, and training the full dialogue once with every reply's loss on equals
@@ -56,6 +57,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
+from typing import Optional
 
 import torch
 
@@ -72,6 +74,7 @@ class GattConfig:
     n_dialogs: int = 600  # GAtt training dialogues (300: 77-67% over turns 1-8 at lr 5e-4, 2m20s less; see lr)
     n_turns: int = 8  # turns per dialogue (Table 30 reports turns up to 20; our context holds 8)
     n_eval: int = 100  # held-out dialogues per evaluation set (seen / unseen constraints)
+    n_attention: int = 50  # of the seen ones, dialogues for Fig. 10's measurements (step 6)
     max_new_tokens: int = 48  # reply budget per turn (all capitals spell letter by letter: 32 cut such replies)
     # lr, epochs and n_dialogs: from the default run's PPO model, on the same 100 held-out dialogues (paired), mean
     # adherence over turns 1-8 after GAtt, 300 dialogues: 2 epochs at 5e-4 71-73%, 3 at 1e-3 76%, 4 at 1e-3 81%, 6 at
@@ -222,9 +225,11 @@ def training_samples(g, replies: list[str], per_prefix: bool = False) -> list[li
 
 # ---- 5. Table 30: does the instruction hold at turn t when only turn 1 carries it? ------------------------------------
 @torch.no_grad()
-def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int) -> list[float]:
+def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int, histories_out: Optional[list] = None
+                      ) -> list[float]:
     """Share of replies that keep the instruction at each turn. The instruction is in the first user message only;
-    the history is the model's own replies. A dialogue that outgrows the context counts as not adhering."""
+    the history is the model's own replies. A dialogue that outgrows the context counts as not adhering.
+    histories_out: a list to receive each dialogue's messages (None for one that outgrew the context): Fig. 10."""
     from evaluate import chat_replies
     n_turns = len(dialogs[0].user_turns)
     histories = [[] for _ in dialogs]
@@ -243,7 +248,95 @@ def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int) -> list[fl
             kept[t] += dialogs[i].check(r)
             histories[i].append({"role": "assistant", "content": r})
         alive = fits
+    if histories_out is not None:
+        finished = set(alive)
+        histories_out += [h if i in finished else None for i, h in enumerate(histories)]
     return [k / len(dialogs) for k in kept]
+
+
+# ---- 6. Fig. 10: how much each reply looks at the instruction ---------------------------------------------------------
+# The paper's Fig. 10 shows, for one dialogue, the attention on the system message across the dialogue, with and
+# without GAtt. Here: every held-out dialogue the GAtt model finished (its own replies, which keep the instruction),
+# read by both models, so that the text is the same and only where they look differs. For the positions that write
+# turn t's reply, the share of attention that falls on the instruction's tokens in turn 1, averaged over layers and
+# heads, and (the paper's view: "the maximum activations across the network") in the head that looks most.
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def instruction_span(tok, instruction: str, question: str) -> tuple[int, int]:
+    """Columns [start, end) of the instruction's tokens in the encoded first turn "<s>[INST] {inst} {question} ...":
+    where it starts, the question alone differs from it; where it ends, the instruction alone does (SentencePiece
+    pieces never cross a space, so the instruction's tokens are the same in all three)."""
+    enc = lambda text: tok.encode_dialog([{"role": "user", "content": text}])[0]  # noqa: E731
+    full = enc(with_instruction(instruction, question))
+    return _common_prefix(full, enc(question)), _common_prefix(full, enc(instruction))
+
+
+@torch.no_grad()
+def attention_maps(model, tokens: list[int]) -> torch.Tensor:
+    """(L, H, T, T) attention probabilities of one row, every layer, recomputed from each layer's own weights (the
+    model's attention calls a fused kernel that never forms them). tests/test_gatt.py checks that probs @ values
+    through wo gives the attention module's output."""
+    from model import apply_rope
+    device = next(model.parameters()).device
+    x = torch.tensor([tokens], device=device)  # (1, T)
+    T = x.size(1)
+    cos, sin = model.rope_cos[:T][None, :, None, :], model.rope_sin[:T][None, :, None, :]  # (1, T, 1, D/2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    h, maps = model.tok_embeddings(x), []
+    for layer in model.layers:
+        a, hn = layer.attention, layer.attention_norm(h)
+        q = apply_rope(a.wq(hn).view(1, T, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)  # (1, H, T, D)
+        k = apply_rope(a.wk(hn).view(1, T, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)  # (1, K, T, D)
+        k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)  # (1, H, T, D): GQA, each KV head for its group
+        scores = (q.float() @ k.float().transpose(-1, -2)) / a.head_dim ** 0.5  # (1, H, T, T)
+        maps.append(scores.masked_fill(~causal, float("-inf")).softmax(-1)[0])  # (H, T, T)
+        h = layer(h, cos, sin, None)
+    return torch.stack(maps)  # (L, H, T, T)
+
+
+def attention_to_instruction(model, tok, dialogs: list, histories: list) -> dict[str, list[float]]:
+    """Per turn: the share of attention on the instruction from the positions that write that turn's reply, mean over
+    layers and heads ("mean") and in the head with the largest share ("max_head"), averaged over the dialogues."""
+    n_turns = len(dialogs[0].user_turns)
+    mean, top, n = [0.0] * n_turns, [0.0] * n_turns, 0
+    for g, hist in zip(dialogs, histories):
+        if hist is None:  # outgrew the context
+            continue
+        start, end = instruction_span(tok, g.instruction, g.user_turns[0])
+        tokens = tok.encode_dialog(hist)[0]
+        maps = attention_maps(model, tokens)  # (L, H, T, T)
+        on_inst = maps[..., start:end].sum(-1)  # (L, H, T): each query's share on the instruction
+        for t in range(n_turns):
+            lo = len(tok.encode_dialog(hist[:2 * t + 1])[0])  # the reply's first token...
+            hi = len(tok.encode_dialog(hist[:2 * t + 2])[0])  # ...to its EOS; written at columns lo-1 .. hi-2
+            share = on_inst[..., lo - 1:hi - 1].mean(-1)  # (L, H)
+            mean[t] += share.mean().item()
+            top[t] += share.max().item()
+        n += 1
+    return {"mean": [m / max(1, n) for m in mean], "max_head": [m / max(1, n) for m in top], "n": n}
+
+
+@torch.no_grad()
+def adherence_on_history(model, tok, dialogs: list, histories: list, max_new_tokens: int,
+                         instruction: bool = True) -> list[float]:
+    """Turns 2..n: share of replies that keep the instruction when the model answers turn t's question after a given
+    finished history (not its own). instruction=False takes the instruction out of turn 1 of that history: what is
+    left to copy from is the earlier, compliant replies, the part of adherence the instruction does not explain.
+    The causal counterpart of Fig. 10's attention."""
+    from evaluate import chat_replies
+    done = [(g, h) for g, h in zip(dialogs, histories) if h is not None]
+    rates = []
+    for t in range(1, len(dialogs[0].user_turns)):
+        prompts = [[{**m, "content": g.user_turns[0]} if j == 0 and not instruction else m
+                    for j, m in enumerate(h[:2 * t + 1])] for g, h in done]
+        out = chat_replies(model, tok, prompts, max_new_tokens, batch_size=TURN_BATCH)
+        rates.append(sum(g.check(r) for (g, _), r in zip(done, out)) / max(1, len(done)))
+    return rates
 
 
 def main(cfg: GattConfig):
@@ -256,7 +349,7 @@ def main(cfg: GattConfig):
     if cfg.instruction_focus < 0:
         common.die(f"--instruction-focus: expected an exponent >= 0, got {cfg.instruction_focus}")
     if cfg.quick:
-        cfg.n_dialogs, cfg.n_eval, cfg.n_turns = 12, 8, 4
+        cfg.n_dialogs, cfg.n_eval, cfg.n_turns, cfg.n_attention = 12, 8, 4, 4
     t0 = time.perf_counter()
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
@@ -311,13 +404,29 @@ def main(cfg: GattConfig):
     tuned, _ = E.load_model_and_tokenizer(out, device)
 
     # 5b. Table 30 after GAtt
-    after = {"seen": adherence_by_turn(tuned, tok, seen, cfg.max_new_tokens),
+    histories: list = []
+    after = {"seen": adherence_by_turn(tuned, tok, seen, cfg.max_new_tokens, histories_out=histories),
              "unseen": adherence_by_turn(tuned, tok, unseen, cfg.max_new_tokens)}
     print("[gatt] after:  " + _fmt_turns(after["seen"]), flush=True)
     print("[gatt] unseen constraints, before: " + _fmt_turns(before["unseen"]) + "\n[gatt] unseen constraints, after:  "
           + _fmt_turns(after["unseen"]), flush=True)
+    # 6. Fig. 10: the same dialogues (the GAtt model's own) read by the model before GAtt and after; and what each
+    # model keeps of the instruction when it is taken out of turn 1 of that history
+    fig = slice(0, cfg.n_attention)
+    base, _ = E.load_model_and_tokenizer(cfg.init_from, device)
+    attention, on_history = {}, {}
+    for who, m in (("baseline", base), ("gatt", tuned)):
+        attention[who] = attention_to_instruction(m, tok, seen[fig], histories[fig])
+        on_history[who] = {f"{k}_instruction": adherence_on_history(m, tok, seen[fig], histories[fig],
+                                                                     cfg.max_new_tokens, instruction=k == "with")
+                           for k in ("with", "without")}
+        print(f"[gatt] {who}, attention on the instruction: " + _fmt_turns(attention[who]["mean"], 1)
+              + f"; kept on that history, turns 2-{cfg.n_turns}, with / without it: "
+              + " ".join(f"{100 * a:.0f}/{100 * b:.0f}%" for a, b in zip(*on_history[who].values())), flush=True)
+    del base, tuned
     common.write_metrics(out, {
         "adherence_by_turn": {"baseline": before["seen"], "gatt": after["seen"]},
+        "attention_to_instruction": attention, "adherence_on_gatt_history": on_history,
         "adherence_by_turn_unseen": {"baseline": before["unseen"], "gatt": after["unseen"]},
         "n_train_dialogs": len(train), "n_train_samples": len(samples), "fallback_rate": fallback,
         "fallback_rate_by_kind": rates, "mix": cfg.mix, "instruction_focus": cfg.instruction_focus,
@@ -327,8 +436,8 @@ def main(cfg: GattConfig):
     print(f"[gatt] done in {common.fmt_time(time.perf_counter() - t0)}; wrote {out}", flush=True)
 
 
-def _fmt_turns(rates: list[float]) -> str:
-    return " ".join(f"t{t + 1} {100 * r:.0f}%" for t, r in enumerate(rates))
+def _fmt_turns(rates: list[float], digits: int = 0) -> str:
+    return " ".join(f"t{t + 1} {100 * r:.{digits}f}%" for t, r in enumerate(rates))
 
 
 if __name__ == "__main__":

@@ -350,6 +350,28 @@ def section_gatt(out: Path, m: dict) -> list[str]:
         lines.append("")
     lines.append(f"Replies sampled with the instruction in every turn that had to be replaced by the compliant "
                  f"reference: {_pct(m.get('fallback_rate'))}.")
+    att, on_history = m.get("attention_to_instruction") or {}, m.get("adherence_on_gatt_history") or {}
+    if att.get("gatt"):
+        n = len(att["gatt"]["mean"])
+        lines += ["", f"*Fig. 10 in numbers* ({att['gatt']['n']} of the held-out dialogues as the GAtt model finished "
+                  "them, read by both models): the share of attention the positions writing each turn's reply pay to "
+                  "the instruction's tokens in turn 1; and the share of each model's replies that keep the "
+                  "instruction after that same history, as it is and with the instruction taken out of turn 1 (then "
+                  "only the earlier replies carry it). The paper's Fig. 10 shows GAtt keeping large attention on the "
+                  "system message through the dialogue.", "",
+                  "| model | measure | " + " | ".join(f"turn {t + 1}" for t in range(n)) + " |", "|---|---|" + "---|" * n]
+        for who in ("baseline", "gatt"):
+            a = att.get(who) or {}
+            lines += [f"| {who} | attention, mean of layers and heads | " + " | ".join(_pct(x) for x in a.get("mean", []))
+                      + " |",
+                      f"| {who} | attention, the head that looks most | "
+                      + " | ".join(_pct(x) for x in a.get("max_head", [])) + " |",
+                      f"| {who} | kept after this history | - | "
+                      + " | ".join(_pct(x) for x in on_history.get(who, {}).get("with_instruction", [])) + " |",
+                      f"| {who} | kept, instruction taken out | - | "
+                      + " | ".join(_pct(x) for x in on_history.get(who, {}).get("without_instruction", [])) + " |"]
+        lines.append(_plot(out, "gatt_attention", {who: list(enumerate(att[who]["mean"], 1)) for who in att},
+                           "turn", "attention on the instruction"))
     return lines + [""]
 
 

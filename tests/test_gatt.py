@@ -179,3 +179,62 @@ def test_instruction_dialogs_drawn_with_keep_and_the_focus_on_failed_kinds():
     assert gatt.focus_on_failures({gatt.instruction_kind(g.constraints): 0.5, "x": 1.0}, 2.0)(g) == 0.25
     with pytest.raises(ValueError, match="accepts almost nothing"):
         world.instruction_dialogs("train", 5, keep=lambda g: 0.0)
+
+
+def test_attention_maps_are_the_probabilities_the_model_attends_with():
+    """gatt.attention_maps recomputes each layer's attention probabilities; applied to that layer's values and output
+    projection they must give the attention module's own output (which never forms them), GQA included."""
+    import model as M
+    m = M.Transformer(M.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
+                                  max_seq_len=64)).init_weights(seed=0).eval()
+    tokens = torch.randint(3, 50, (17,), generator=torch.Generator().manual_seed(0)).tolist()
+    maps = gatt.attention_maps(m, tokens)  # (L, H, T, T)
+    assert maps.shape == (2, 4, 17, 17)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 17))
+    assert maps.triu(1).abs().max() == 0  # causal: nothing on later tokens
+    x = torch.tensor([tokens])
+    cos, sin = m.rope_cos[:17][None, :, None, :], m.rope_sin[:17][None, :, None, :]
+    h = m.tok_embeddings(x)
+    with torch.no_grad():
+        for layer, probs in zip(m.layers, maps):
+            a, hn = layer.attention, layer.attention_norm(h)
+            v = a.wv(hn).view(1, 17, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)  # (1, H, T, D)
+            by_hand = a.wo((probs[None] @ v).transpose(1, 2).reshape(1, 17, 32))
+            torch.testing.assert_close(by_hand, a(hn, cos, sin, None), atol=1e-5, rtol=1e-4)
+            h = layer(h, cos, sin, None)
+
+
+def test_instruction_span_and_the_history_without_the_instruction(tok, monkeypatch):
+    """The span decodes to the instruction; adherence_on_history asks each turn t >= 2 with the finished history up
+    to turn t's question, as it is or with the instruction taken out of turn 1 and nothing else changed."""
+    import evaluate
+    dialogs = data.World(seed=0).gatt_dialogs("val", 4, n_turns=3)
+    for g in dialogs:
+        start, end = gatt.instruction_span(tok, g.instruction, g.user_turns[0])
+        ids = tok.encode_dialog([{"role": "user", "content": gatt.with_instruction(g.instruction, g.user_turns[0])}])[0]
+        assert tok.decode(ids[start:end]).strip() == g.instruction
+    histories = []
+    for g in dialogs:
+        h = []
+        for t, (q, r) in enumerate(zip(g.user_turns, g.compliant_replies())):
+            h += [{"role": "user", "content": gatt.with_instruction(g.instruction, q) if t == 0 else q},
+                  {"role": "assistant", "content": r}]
+        histories.append(h)
+    histories[2] = None  # outgrew the context: left out
+    asked = []
+
+    def fake_chat_replies(model, tok, prompts, max_new_tokens, **kw):
+        asked.append(prompts)
+        return ["plain reply."] * len(prompts)
+    monkeypatch.setattr(evaluate, "chat_replies", fake_chat_replies)
+    for instruction in (True, False):
+        asked.clear()
+        rates = gatt.adherence_on_history(None, tok, dialogs, histories, 8, instruction=instruction)
+        assert rates == [0.0, 0.0] and len(asked) == 2  # turns 2 and 3; "plain reply." keeps no instruction
+        for t, prompts in enumerate(asked, 1):
+            kept = [(g, h) for g, h in zip(dialogs, histories) if h is not None]
+            assert len(prompts) == 3
+            for (g, h), p in zip(kept, prompts):
+                want = h[0] if instruction else {"role": "user", "content": g.user_turns[0]}
+                assert p[0] == want and (instruction or g.instruction not in p[0]["content"])
+                assert p[1:] == h[1:2 * t + 1] and p[-1]["role"] == "user"  # the rest is the history as it was

@@ -23,6 +23,7 @@ def test_pipeline_quick_runs_every_stage_and_writes_the_report(tmp_path):
             m = json.loads((out / stage.out / "metrics.json").read_text())
             assert m.get("complete") is True, stage.name
     assert "## 1. Pretraining" in report and "fact recall" in report
+    assert "Fig. 10 in numbers" in report and "kept, instruction taken out" in report  # GAtt's attention (§3.3)
     # a second run finds every stage complete and skips it
     r2 = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--quick", "--out", str(out)], cwd=tmp_path,
                         capture_output=True, text=True, timeout=300)
