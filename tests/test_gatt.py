@@ -223,18 +223,19 @@ def test_instruction_span_and_the_history_without_the_instruction(tok, monkeypat
     histories[2] = None  # outgrew the context: left out
     asked = []
 
-    def fake_chat_replies(model, tok, prompts, max_new_tokens, **kw):
+    kept = [(g, h) for g, h in zip(dialogs, histories) if h is not None]
+
+    def fake_chat_replies(model, tok, prompts, max_new_tokens, **kw):  # compliant at turn 2 only
         asked.append(prompts)
-        return ["plain reply."] * len(prompts)
+        return [g.compliant_replies()[1] for g, _ in kept] + ["plain reply."] * (len(prompts) - len(kept))
     monkeypatch.setattr(evaluate, "chat_replies", fake_chat_replies)
     for instruction in (True, False):
         asked.clear()
         rates = gatt.adherence_on_history(None, tok, dialogs, histories, 8, instruction=instruction)
-        assert rates == [0.0, 0.0] and len(asked) == 2  # turns 2 and 3; "plain reply." keeps no instruction
-        for t, prompts in enumerate(asked, 1):
-            kept = [(g, h) for g, h in zip(dialogs, histories) if h is not None]
-            assert len(prompts) == 3
-            for (g, h), p in zip(kept, prompts):
-                want = h[0] if instruction else {"role": "user", "content": g.user_turns[0]}
-                assert p[0] == want and (instruction or g.instruction not in p[0]["content"])
-                assert p[1:] == h[1:2 * t + 1] and p[-1]["role"] == "user"  # the rest is the history as it was
+        assert rates == [1.0, 0.0] and len(asked) == 1  # turns 2 and 3, each turn's replies checked as its own
+        assert len(asked[0]) == 2 * len(kept) == 6  # every turn in one call, turn-major
+        for k, p in enumerate(asked[0]):
+            t, (g, h) = 1 + k // 3, kept[k % 3]
+            want = h[0] if instruction else {"role": "user", "content": g.user_turns[0]}
+            assert p[0] == want and (instruction or g.instruction not in p[0]["content"])
+            assert p[1:] == h[1:2 * t + 1] and p[-1]["role"] == "user"  # the rest is the history as it was
