@@ -78,7 +78,7 @@ class GattConfig:
     n_dialogs: int = 600  # GAtt training dialogues (300: 77-67% over turns 1-8 at lr 5e-4, 2m20s less; see lr)
     n_turns: int = 8  # turns per dialogue (Table 30 reports turns up to 20; our context holds 8)
     n_eval: int = 100  # held-out dialogues per evaluation set (seen / unseen constraints)
-    n_attention: int = 32  # of the seen ones, dialogues for Fig. 10's measurements (step 6; 50: 20 s, 32: ~12 s)
+    n_attention: int = 32  # of the seen ones, dialogues for Fig. 10's measurements (step 6; 50: ~20 s, 32: ~14 s)
     max_new_tokens: int = 48  # reply budget per turn (all capitals spell letter by letter: 32 cut such replies)
     # lr, epochs and n_dialogs: from the default run's PPO model, on the same 100 held-out dialogues (paired), mean
     # adherence over turns 1-8 after GAtt, 300 dialogues: 2 epochs at 5e-4 71-73%, 3 at 1e-3 76%, 4 at 1e-3 81%, 6 at
@@ -229,8 +229,8 @@ def training_samples(g, replies: list[str], per_prefix: bool = False) -> list[li
 
 # ---- 5. Table 30: does the instruction hold at turn t when only turn 1 carries it? ------------------------------------
 @torch.no_grad()
-def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int, histories_out: Optional[list] = None
-                      ) -> list[float]:
+def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int,
+                      histories_out: Optional[list] = None) -> list[float]:
     """Share of replies that keep the instruction at each turn. The instruction is in the first user message only;
     the history is the model's own replies. A dialogue that outgrows the context counts as not adhering.
     histories_out: a list to receive each dialogue's messages (None for one that outgrew the context): Fig. 10."""

@@ -359,11 +359,12 @@ def section_gatt(out: Path, m: dict) -> list[str]:
                   "instruction after that same history, as it is and with the instruction taken out of turn 1 (then "
                   "only the earlier replies carry it). The paper's Fig. 10 shows GAtt keeping large attention on the "
                   "system message through the dialogue.", "",
-                  "| model | measure | " + " | ".join(f"turn {t + 1}" for t in range(n)) + " |", "|---|---|" + "---|" * n]
+                  "| model | measure | " + " | ".join(f"turn {t + 1}" for t in range(n)) + " |",
+                  "|---|---|" + "---|" * n]
         for who in ("baseline", "gatt"):
             a = att.get(who) or {}
-            lines += [f"| {who} | attention, mean of layers and heads | " + " | ".join(_pct(x) for x in a.get("mean", []))
-                      + " |",
+            lines += [f"| {who} | attention, mean of layers and heads | "
+                      + " | ".join(_pct(x) for x in a.get("mean", [])) + " |",
                       f"| {who} | attention, the head that looks most | "
                       + " | ".join(_pct(x) for x in a.get("max_head", [])) + " |",
                       f"| {who} | kept after this history | - | "

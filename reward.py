@@ -161,7 +161,7 @@ class RewardConfig:
     max_new_tokens: int = 64  # length limit of the sampled replies
     head_layers: int = 2  # new transformer blocks between the chat model's trunk and the score head (choice 11; 0 = paper)
     head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 11)
-    surprise: bool = False  # the chat model's surprise at each reply token enters the RM (choice 12; off = paper)
+    surprise: bool = False  # the chat model's surprise at each token enters the RM (choice 12; off = the paper's RM)
     content_pairs: int = 0  # train prompts only: extra pairs per prompt of a content defect against the reference
     safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
@@ -199,12 +199,15 @@ def ranking_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch
 
 
 # ---- 2. the reward model and where the reward is read ----------------------------------------------------------------
-def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int = 0, surprise: bool = False) -> Transformer:
+def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int = 0,
+                      surprise: bool = False) -> Transformer:
     """A scalar-head copy of a chat model (§3.2.2): every weight but the next-token head, and a new `score` head with
     small random weights, std 1/sqrt(dim) (docstring, choice 5). head_layers > 0 puts that many new transformer blocks
     between the copied trunk and the score head (choice 11): nn.Linear's default init, but each block's two output
     projections (wo, w2) at zero, so a block adds nothing to the residual stream and the new model scores exactly as
-    the plain one until training moves them."""
+    the plain one until training moves them. surprise=True (choice 12) also keeps the chat model's final norm and
+    next-token head (surprise_norm, surprise_output) and adds the features' (C, 2) matrix surprise_in, at zero: it too
+    scores exactly as the plain one at the start."""
     if chat_model.args.head == "scalar":  # starting from another reward model: keep its head (and head blocks) too
         rm = Transformer(chat_model.args)
         rm.load_state_dict(chat_model.state_dict())
