@@ -285,7 +285,6 @@ def attention_maps(model, tokens: list[int]) -> torch.Tensor:
     """(L, H, T, T) attention probabilities of one row, every layer, recomputed from each layer's own weights (the
     model's attention calls a fused kernel that never forms them). tests/test_gatt.py checks that probs @ values
     through wo gives the attention module's output."""
-    from model import apply_rope
     device = next(model.parameters()).device
     x = torch.tensor([tokens], device=device)  # (1, T)
     T = x.size(1)
@@ -294,8 +293,7 @@ def attention_maps(model, tokens: list[int]) -> torch.Tensor:
     h, maps = model.tok_embeddings(x), []
     for layer in model.layers:
         a, hn = layer.attention, layer.attention_norm(h)
-        q = apply_rope(a.wq(hn).view(1, T, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)  # (1, H, T, D)
-        k = apply_rope(a.wk(hn).view(1, T, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)  # (1, K, T, D)
+        q, k, _ = a.qkv(hn, cos, sin)  # (1, H, T, D), (1, K, T, D): as the layer computes them
         k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)  # (1, H, T, D): GQA, each KV head for its group
         scores = (q.float() @ k.float().transpose(-1, -2)) / a.head_dim ** 0.5  # (1, H, T, T)
         maps.append(scores.masked_fill(~causal, float("-inf")).softmax(-1)[0])  # (H, T, T)

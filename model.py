@@ -171,13 +171,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, cache_pos=None, kv_len: Optional[int] = None):
+    def qkv(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, K, T, D) of x (B, T, C), RoPE applied (gatt.py's Fig. 10 reads
+        the attention probabilities from them)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE on q and k only, never on v
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, cache_pos=None, kv_len: Optional[int] = None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)  # (B, H, T, D), (B, K, T, D)
         if cache is not None:
             # write this call's keys/values at cache_pos, attend over the first kv_len cached positions
             k, v = cache.update(layer, cache_pos, k, v, kv_len)  # (B, K, S, D)
