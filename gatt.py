@@ -53,7 +53,8 @@ Choices where the paper is silent:
      the hobby, since a word in capitals is another spelling to learn), and GAtt's own samples of those kinds are
      mostly fallbacks: so that is where the in-turn lessons go. The default run's PPO models, turns 1-8 after GAtt:
      seed 0 87-82% -> 94-89%, seed 1 97-92% -> 98-95% (all the in-turn dialogues focused: 94-88% and 93-88%, the
-     kinds it rarely fails got too few lessons; exponent 2 on all of them: seed 0 88-83%). BENCHMARKS.md has the runs.
+     kinds it rarely fails got too few lessons; exponent 2 on all of them: seed 0 88-83%; by the highest rate among
+     the kind and its constraints, e.g. "bowling": 81-82%). BENCHMARKS.md has the runs.
 """
 from __future__ import annotations
 

@@ -116,7 +116,10 @@ Deviations from the paper, and choices where it is silent:
      79.6 -> 93.2%, 76.9 -> 93.1% (Table 8 monotone on seed 1, 1.5 points short on seed 0); the safety RM on its test
      set 84.1 -> 85.5%, 88.8 -> 88.3%. Not the default because it costs Table 7's pattern: the helpfulness RM, which
      now sees wrong facts, is as good as the safety RM on the safety pairs (86.3 against 85.5% on seed 0, 88.3 both
-     on seed 1): the safety RM's edge was the off-topic content pairs, and both RMs now get those right.
+     on seed 1): the safety RM's edge was the off-topic content pairs, and both RMs now get those right. Giving the
+     helpfulness collection a tension with safety (10% harmful prompts judged on helpfulness, where raters prefer
+     compliance) restored the pattern on seed 0 only: the helpfulness RM still ranked every harmful compliance below
+     the refusal (BENCHMARKS.md, tenth session).
 """
 from __future__ import annotations
 
