@@ -16,6 +16,7 @@ The report is built only from the stages' metrics.json files: every number in it
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -226,6 +227,14 @@ def _pct(v):
     return _fmt(v, pct=True)
 
 
+def _se(p, n) -> str:
+    """One standard error, in points, of a share p measured on n items (binomial: sqrt(p (1 - p) / n)), as " ±2.4".
+    The miniature's test sets are small (~100-300 items per cell), so the report says how far a figure could move."""
+    if p is None or not n:
+        return ""
+    return f" ±{100 * math.sqrt(p * (1 - p) / n):.1f}"
+
+
 def section_sft(out: Path, m: dict) -> list[str]:
     lines = ["## 2. Supervised fine-tuning (§3.1)", "",
              "Loss on answer tokens only (prompt tokens zeroed), packed dialogs that cannot see each other.", "",
@@ -261,13 +270,16 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
              f"| helpfulness RM | {acc(h, 'helpfulness')} | {acc(h, 'safety')} |",
              f"| safety RM | {acc(s, 'helpfulness')} | {acc(s, 'safety')} |", "",
              "Table 8 in miniature: accuracy by rating on each RM's own test set (the paper's helpfulness RM on Meta "
-             "Helpful: 80.7 / 67.5 / 60.9 / 54.7; accuracy falls as the pair gets closer).", "",
+             "Helpful: 80.7 / 67.5 / 60.9 / 54.7; accuracy falls as the pair gets closer), with one standard error "
+             "(the pairs per rating are in metrics.json).", "",
              "| reward model | significantly better | better | slightly better | negligibly better / unsure |",
              "|---|---|---|---|---|"]
     import data
     for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
         by = (m.get("accuracy_by_rating") or {}).get(axis) or {}
-        lines.append(f"| {name} | " + " | ".join(_pct(by.get(r)) for r in data.RATINGS) + " |")
+        n_by = (m.get("n_test_by_rating") or {}).get(axis) or {}
+        lines.append(f"| {name} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r)) for r in data.RATINGS)
+                     + " |")
     srcs = [(name, axis, (m.get("accuracy_by_source") or {}).get(axis) or {})
             for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety"))]
     if any(g for _, _, g in srcs):
@@ -287,9 +299,11 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
                       "helps the distinct pairs, 79.1 -> 80.7 on significantly better).", "",
                   "| margin | significantly better | better | slightly better | negligibly better / unsure |",
                   "|---|---|---|---|---|"]
+        n_by = ((h if axis == "helpfulness" else s).get("n_test_by_rating") or {}).get(axis) or {}  # same test set
         for margin, v in abl.items():
             by = (v.get("accuracy_by_rating") or {}).get(axis) or {}
-            lines.append(f"| {margin} | " + " | ".join(_pct(by.get(r)) for r in data.RATINGS) + " |")
+            lines.append(f"| {margin} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r))
+                                                       for r in data.RATINGS) + " |")
     return lines + [""]
 
 
@@ -347,6 +361,11 @@ def section_gatt(out: Path, m: dict) -> list[str]:
         lines += [f"*{title}*", "", "| model | " + " | ".join(f"turn {t + 1}" for t in range(n)) + " |",
                   "|---|" + "---|" * n]
         lines += [f"| {who} | " + " | ".join(_pct(x) for x in a.get(who, [])) + " |" for who in ("baseline", "gatt")]
+        n_dialogs = m.get("n_eval_seen" if key == "adherence_by_turn" else "n_eval_unseen")
+        if n_dialogs and a.get("gatt"):
+            p = sum(a["gatt"]) / len(a["gatt"])
+            lines += ["", f"{n_dialogs} held-out dialogues per model: a share near GAtt's mean ({_pct(p)}) has one "
+                          f"standard error of{_se(p, n_dialogs).replace('±', '')} points."]
         lines.append("")
     lines.append(f"Replies sampled with the instruction in every turn that had to be replaced by the compliant "
                  f"reference: {_pct(m.get('fallback_rate'))}.")

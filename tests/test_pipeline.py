@@ -56,3 +56,20 @@ def test_a_rerun_stage_makes_every_stage_that_reads_it_stale(tmp_path):
     other_mix = pipeline.PipelineConfig(out=str(tmp_path), pretrain_mix="club=0.04,story=0.16")
     assert pipeline.to_run(pipeline.STAGES, other_mix) == names
     assert pipeline.stage_command(pipeline.STAGES[0], other_mix)[-5:-4] == ["club=0.04,story=0.16"]
+
+
+def test_report_gives_one_standard_error_of_each_small_sample_share(tmp_path):
+    """Table 8's cells and Table 30's tables carry the binomial standard error sqrt(p (1 - p) / n), computed here by
+    hand: 0.9 over 100 pairs is 3.0 points, 0.5 over 25 is 10.0."""
+    import pipeline
+    assert pipeline._se(0.9, 100) == " ±3.0" and pipeline._se(0.5, 25) == " ±10.0"
+    assert pipeline._se(None, 100) == "" and pipeline._se(0.9, 0) == ""
+    ratings = ["significantly better", "better", "slightly better", "negligibly better / unsure"]
+    rm = {"accuracy": {"helpfulness": 0.8, "safety": 0.7},
+          "accuracy_by_rating": {a: dict(zip(ratings, (0.9, 0.8, 0.7, 0.5))) for a in ("helpfulness", "safety")},
+          "n_test_by_rating": {a: dict(zip(ratings, (100, 100, 100, 25))) for a in ("helpfulness", "safety")}}
+    text = "\n".join(pipeline.section_reward(tmp_path, rm, rm))
+    assert "| helpfulness RM | 90.0% ±3.0 | 80.0% ±4.0 | 70.0% ±4.6 | 50.0% ±10.0 |" in text
+    gatt = {"adherence_by_turn": {"baseline": [0.5, 0.1], "gatt": [0.9, 0.9]}, "n_eval_seen": 100}
+    assert "a share near GAtt's mean (90.0%) has one standard error of 3.0 points" in "\n".join(
+        pipeline.section_gatt(tmp_path, gatt))
