@@ -210,6 +210,9 @@ def section_pretrain(out: Path, m: dict) -> list[str]:
              "stored in the weights |",
              f"| held-out sums completed right (\"26 + 16 =\") | {_fmt(m.get('arith_correct'), pct=True)} | "
              "arithmetic, the skill a small model learns last (data.PRETRAIN_MIX) |",
+             f"| the same sums asked (\"Q: What is 26 + 16? A:\"), operands copied and result right | "
+             f"{_fmt(m.get('arith_asked_correct'), pct=True)} | what SFT's arithmetic needs: copying the operands "
+             "from the question is a skill of its own (pretrain.arithmetic_asked) |",
              f"| training throughput | {_fmt(m.get('tokens_per_sec'))} tokens/s, MFU {_fmt(m.get('mfu'), pct=True)} "
              f"| on {m.get('device', '?')} |", ""]
     curve = m.get("loss_curve") or []

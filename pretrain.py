@@ -229,6 +229,24 @@ def arithmetic(model, tok, world_seed: int, n: int = 600) -> tuple[float, list]:
     return completion_accuracy(model, tok, prompts, _starts_with_number, max_new_tokens=5)
 
 
+def arithmetic_asked(model, tok, world_seed: int, n: int = 600) -> tuple[float, list]:
+    """The same sums asked as a question, "Q: What is 26 + 16? A:": correct if the completion writes the operands back
+    and then the result ("26 + 16 = 42"), as the world's Q&A documents and SFT's answers do. A chat model must copy
+    the operands from the question before it can add them, and that copying is a skill of its own: seed 2's
+    pretrained model added 70.7% of the sums given the operands but wrote the operands back for 2.5% of the questions
+    (the whole answer: 2.3%; seed 0: 62.0%, 99.8% and 61.8%), and its SFT model answered 9.8% of the arithmetic
+    questions right (BENCHMARKS.md)."""
+    keys = data.World(seed=world_seed).sums("test")[:n]
+    prompts = [(f"Q: What is {a} {op} {b}? A:", data.arith_reply(a, op, b).rstrip(".")) for a, op, b in keys]
+    return completion_accuracy(model, tok, prompts, _writes, max_new_tokens=12)
+
+
+def _writes(text: str, want: str) -> bool:
+    """text begins with want, and want's last number is not the start of a longer one ("= 42" yes, "= 421" no)."""
+    text = text.strip()
+    return text.startswith(want) and not text[len(want):len(want) + 1].isdigit()
+
+
 def _starts_with_number(text: str, want: str) -> bool:
     m = re.match(r"\s*(\d+)", text)  # " 42." -> "42": the whole number, so "4" or "421" is wrong
     return bool(m) and m.group(1) == want
@@ -355,6 +373,10 @@ def main(cfg: PretrainConfig):
             metrics["arith_correct"], metrics["arith_examples"] = arithmetic(final, tok, cfg.world_seed)
             print(f"[pretrain] held-out sums {100 * metrics['arith_correct']:.1f}%: " + " | ".join(
                 metrics["arith_examples"][:3]), flush=True)
+            metrics["arith_asked_correct"], metrics["arith_asked_examples"] = arithmetic_asked(final, tok,
+                                                                                               cfg.world_seed)
+            print(f"[pretrain] held-out sums asked as questions {100 * metrics['arith_asked_correct']:.1f}%: "
+                  + " | ".join(metrics["arith_asked_examples"][:2]), flush=True)
         from generate import generate
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         starts = [tok.encode(s, bos=True, eos=False) for s in ("Once upon a time", "Q: What is", "12 + 7 =")]

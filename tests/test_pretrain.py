@@ -171,3 +171,24 @@ def test_arithmetic_probe_asks_held_out_sums_and_reads_the_whole_number(monkeypa
     ok = seen["correct"]
     assert ok(" 42.", "42") and ok("42\n", "42") and ok(" 42", "42")
     assert not ok(" 421.", "42") and not ok(" 4 2", "42") and not ok(" -42", "42") and not ok(" four", "42")
+
+
+def test_arithmetic_asked_probe_wants_the_operands_copied_then_the_result(monkeypatch):
+    """pretrain.arithmetic_asked: the same held-out sums as a bare question; a completion counts only if it writes
+    "a op b = result" first, with the whole result (" 26 + 16 = 42." yes; "26 + 61 = 42", "= 421", "42" no)."""
+    seen = {}
+
+    def fake(model, tok, prompts, correct, max_new_tokens=4, batch=64):
+        seen["prompts"], seen["correct"] = prompts, correct
+        return 0.0, []
+
+    monkeypatch.setattr(pretrain, "completion_accuracy", fake)
+    pretrain.arithmetic_asked(None, None, world_seed=0, n=50)
+    keys = data.World(seed=0).sums("test")[:50]
+    assert [p for p, _ in seen["prompts"]] == [f"Q: What is {a} {op} {b}? A:" for a, op, b in keys]
+    for (_, want), (a, op, b) in zip(seen["prompts"], keys):
+        assert want == f"{a} {op} {b} = {a + b if op == '+' else a - b}"
+    ok = seen["correct"]
+    assert ok(" 26 + 16 = 42.", "26 + 16 = 42") and ok("26 + 16 = 42\nQ:", "26 + 16 = 42")
+    assert not ok(" 26 + 61 = 42.", "26 + 16 = 42") and not ok(" 26 + 16 = 421", "26 + 16 = 42")
+    assert not ok(" 42.", "26 + 16 = 42")
