@@ -151,9 +151,8 @@ def test_help_lists_every_flag_with_default():
     assert "§2.2: 2000 steps (default: 50)" in flat and "(default: 1000)" in flat
 
 
-def test_arithmetic_probe_asks_held_out_sums_and_reads_the_whole_number(monkeypatch):
-    """pretrain.arithmetic: prompts are the world's test-split sums (held out of chat fine-tuning) with their true
-    results, and a completion counts only if its first number is the result (" 42." yes; " 421", " 4 2", "-42" no)."""
+def _probe_inputs(monkeypatch, probe) -> dict:
+    """Run a pretrain probe with completion_accuracy replaced: the (prompt, expected) pairs and the judge it passes."""
     seen = {}
 
     def fake(model, tok, prompts, correct, max_new_tokens=4, batch=64):
@@ -161,7 +160,14 @@ def test_arithmetic_probe_asks_held_out_sums_and_reads_the_whole_number(monkeypa
         return 0.0, []
 
     monkeypatch.setattr(pretrain, "completion_accuracy", fake)
-    pretrain.arithmetic(None, None, world_seed=0, n=50)
+    probe(None, None, world_seed=0, n=50)
+    return seen
+
+
+def test_arithmetic_probe_asks_held_out_sums_and_reads_the_whole_number(monkeypatch):
+    """pretrain.arithmetic: prompts are the world's test-split sums (held out of chat fine-tuning) with their true
+    results, and a completion counts only if its first number is the result (" 42." yes; " 421", " 4 2", "-42" no)."""
+    seen = _probe_inputs(monkeypatch, pretrain.arithmetic)
     test_keys = set(data.World(seed=0).sums("test"))
     assert len(seen["prompts"]) == 50
     for prompt, want in seen["prompts"]:
@@ -176,14 +182,7 @@ def test_arithmetic_probe_asks_held_out_sums_and_reads_the_whole_number(monkeypa
 def test_arithmetic_asked_probe_wants_the_operands_copied_then_the_result(monkeypatch):
     """pretrain.arithmetic_asked: the same held-out sums as a bare question; a completion counts only if it writes
     "a op b = result" first, with the whole result (" 26 + 16 = 42." yes; "26 + 61 = 42", "= 421", "42" no)."""
-    seen = {}
-
-    def fake(model, tok, prompts, correct, max_new_tokens=4, batch=64):
-        seen["prompts"], seen["correct"] = prompts, correct
-        return 0.0, []
-
-    monkeypatch.setattr(pretrain, "completion_accuracy", fake)
-    pretrain.arithmetic_asked(None, None, world_seed=0, n=50)
+    seen = _probe_inputs(monkeypatch, pretrain.arithmetic_asked)
     keys = data.World(seed=0).sums("test")[:50]
     assert [p for p, _ in seen["prompts"]] == [f"Q: What is {a} {op} {b}? A:" for a, op, b in keys]
     for (_, want), (a, op, b) in zip(seen["prompts"], keys):
