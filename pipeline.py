@@ -230,12 +230,15 @@ def _pct(v):
     return _fmt(v, pct=True)
 
 
+def _stderr(p: float, n: int) -> float:
+    """One standard error, in points, of a share p measured on n items (binomial: sqrt(p (1 - p) / n)). The
+    miniature's test sets are small (~100-300 items per cell), so the report says how far a figure could move."""
+    return 100 * math.sqrt(p * (1 - p) / n)
+
+
 def _se(p, n) -> str:
-    """One standard error, in points, of a share p measured on n items (binomial: sqrt(p (1 - p) / n)), as " ±2.4".
-    The miniature's test sets are small (~100-300 items per cell), so the report says how far a figure could move."""
-    if p is None or not n:
-        return ""
-    return f" ±{100 * math.sqrt(p * (1 - p) / n):.1f}"
+    """_stderr as a table cell's suffix, " ±2.4" ("" when the share or its count is unknown)."""
+    return f" ±{_stderr(p, n):.1f}" if p is not None and n else ""
 
 
 def section_sft(out: Path, m: dict) -> list[str]:
@@ -368,7 +371,7 @@ def section_gatt(out: Path, m: dict) -> list[str]:
         if n_dialogs and a.get("gatt"):
             p = sum(a["gatt"]) / len(a["gatt"])
             lines += ["", f"{n_dialogs} held-out dialogues per model: a share near GAtt's mean ({_pct(p)}) has one "
-                          f"standard error of{_se(p, n_dialogs).replace('±', '')} points."]
+                          f"standard error of {_stderr(p, n_dialogs):.1f} points."]
         lines.append("")
     lines.append(f"Replies sampled with the instruction in every turn that had to be replaced by the compliant "
                  f"reference: {_pct(m.get('fallback_rate'))}.")
