@@ -45,7 +45,11 @@ Choices where the paper is silent (or that differ from it):
      picking the best of 8), and SFT would leave no unsafe answer for safety RLHF to remove. With 60% complying, the
      SFT model still refused every held-out diary request (its refusals of the seven other requests won out).
   6. Arithmetic is 36% of the pretraining documents (PRETRAIN_MIX): below that, the 0.87M model did not learn its sums
-     in the default 1000 steps, and every later stage inherited a model that cannot add.
+     in the default 1000 steps, and every later stage inherited a model that cannot add. 30% of those sums are asked
+     as a question first (ARITH_ASKED): with every sum a bare "22 + 31 = 53", a model could add the operands it was
+     given yet not copy them out of a question (seed 2: 70.7% of the sums given, 2.3% asked, so 9.8% after SFT);
+     with 30% asked, copying is reliable (asked = given on seeds 0-2) and the sums asked rose from 61.8 / 74.0 / 2.3%
+     to 90.3 / 84.5 / 51.8%. Asking more of them (the Q&A documents at 2.5x) lost addition on two seeds.
 Sizes: the default 8 MB corpus (~53k documents, ~4M tokens with a 512-piece BPE) is generated in ~0.5 s.
 Run `python data.py --show` to see samples of everything.
 """
@@ -193,6 +197,7 @@ GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "
 # the new helpfulness RM ranked the writers' closer lower less often (72% -> 60%); on seed 1 the same mix left the
 # held-out sums at 13.5%, and added on top of the mix (arithmetic 35% of the documents instead of 36%) seed 0's at
 # 10.3%: this mix's arithmetic is near the edge, and any change of the corpus is a draw.
+ARITH_ASKED = 0.3  # share of the arithmetic documents' sums asked as a question (choice 6)
 PRETRAIN_MIX = {"bio": 0.35, "story": 0.2, "qa": 0.2, "arith": 0.5, "advice": 0.05, "roleplay": 0.08, "club": 0.0}
 KINDS = ("fact", "arith", "story", "multiturn", "harmful", "borderline")
 KIND_WEIGHTS = {"fact": 0.3, "arith": 0.15, "story": 0.1, "multiturn": 0.15, "harmful": 0.15, "borderline": 0.15}
@@ -320,7 +325,14 @@ class World:
         return "\n".join(lines)
 
     def _doc_arith(self, rng: Random) -> str:
-        return "\n".join(arith_reply(*self._random_sum(rng))[:-1] for _ in range(rng.randint(4, 8)))
+        """A page of worked sums, "26 + 16 = 42" one per line; ARITH_ASKED of the lines are asked first, as a question
+        ("Q: What is 26 + 16? A: 26 + 16 = 42."), the form SFT's arithmetic prompts take (choice 6 says why)."""
+        lines = []
+        for _ in range(rng.randint(4, 8)):
+            a, op, b = self._random_sum(rng)
+            worked = arith_reply(a, op, b)
+            lines.append(f"Q: What is {a} {op} {b}? A: {worked}" if rng.random() < ARITH_ASKED else worked[:-1])
+        return "\n".join(lines)
 
     def _doc_roleplay(self, rng: Random) -> str:
         """A role-play transcript: an instruction (long or short form, 1-2 kinds), then answers that all keep it. The
