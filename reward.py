@@ -34,12 +34,19 @@ Deviations from the paper, and choices where it is silent:
      twice (~80% of prompts here): that pair would compare a reply with itself, so another defect vs sample pair
      takes its place. Helpfulness prompts are judged on the helpfulness axis, safety prompts (harmful, borderline) on
      the safety axis, and safety pairs whose chosen reply is unsafe while the other is safe are dropped (§3.2.1).
-  3. Mixtures (§3.2.2), exactly: helpfulness RM = every helpfulness pair + as many safety pairs, sampled without
-     replacement (all of them if there are fewer; the paper's other half also holds open-source data we do not have).
-     Safety RM = every safety pair + round(n_safety / 9) helpfulness pairs, so that helpfulness is 10% of the mix.
-     Helpfulness and safety prompts are drawn separately (not at the world's 70/30 mix): 500 and 700 by default. With
-     more safety pairs than helpfulness pairs, the safety RM sees more safety data than the helpfulness RM's equal
-     share; with equal counts both RMs would see the same safety pairs and Table 7's pattern could not appear.
+  3. Mixtures (§3.2.2). Safety RM = every safety pair + round(n_safety / 9) helpfulness pairs, so that helpfulness
+     is 10% of the mix, as the paper. Helpfulness RM = every helpfulness pair + "an equal part of the remaining data
+     uniformly sampled from Meta Safety and from the open-source datasets". We have no open-source data (Table 6: 1.50M
+     comparisons, 44k of them Anthropic Harmless), so the helpfulness RM keeps only the safety share of that equal
+     part: --helpful-safety-share x n_helpful safety pairs, sampled without replacement. The default 1/3 is Table 6's
+     arithmetic: Meta's 1.42M comparisons are safety and helpfulness together (the split is not published); if half
+     are safety, safety is (0.71M + 0.04M) / 2.21M = 34% of the pool that part is drawn from, and at any split it is
+     under half. Earlier versions took the whole equal part from safety (share 1), which no reading gives: both RMs
+     then learned the safety pairs as well as the noisy labels allow (seed 1: 85.5% and 85.2% on the safety test set,
+     where an oracle that knows the annotator's noise-free scores gets 86.6%), and Table 7's safety column was a coin
+     flip. The helpfulness RM on the safety test set, seed 1 (share 1 / 0.5 / 0.25 / 0.1): 85.5 / 85.5 / 80.8 /
+     74.8%, and on its own test set 79.3 / 79.5 / 78.5 / 81.5% (BENCHMARKS.md, eleventh session). Helpfulness and
+     safety prompts are drawn separately (not at the world's 70/30 mix): 500 and 700 by default.
   4. Hyperparameters: 1 epoch, AdamW as pretraining, cosine to 10%, warmup 3% of the steps but at least 5: as the
      paper. Batch 32 pairs instead of 512 (~3,000 pairs make ~90 steps, not ~6). Peak lr 1e-4 instead of 1e-5:
      pretrain.py runs the miniature at 10x Llama 2's pretraining peak (3e-3 vs 3e-4), and so does this. Measured on
@@ -165,6 +172,7 @@ class RewardConfig:
     head_layers: int = 2  # new transformer blocks between the chat model's trunk and the score head (choice 11; 0 = paper)
     head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 11)
     surprise: bool = False  # the chat model's surprise at each token enters the RM (choice 12; off = the paper's RM)
+    helpful_safety_share: float = 1 / 3  # the helpfulness RM's safety pairs per helpfulness pair (choice 3)
     content_pairs: int = 0  # train prompts only: extra pairs per prompt of a content defect against the reference
     safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
@@ -564,13 +572,13 @@ def read_prefs(path) -> list:
 
 
 # ---- 4. the mixture (§3.2.2) -----------------------------------------------------------------------------------------
-def mixture(pairs: list, axis: str, rng: random.Random) -> list:
-    """Helpfulness RM: all helpfulness + as many safety pairs. Safety RM: all safety + helpfulness as 10% of the mix.
-    Shuffled (one epoch, in this order)."""
+def mixture(pairs: list, axis: str, rng: random.Random, safety_share: float = 1 / 3) -> list:
+    """Helpfulness RM: all helpfulness pairs + safety_share times as many safety pairs (the safety part of §3.2.2's
+    equal share; choice 3). Safety RM: all safety + helpfulness as 10% of the mix. Shuffled (one epoch, this order)."""
     helpful = [p for p in pairs if p.category == "helpfulness"]
     safety = [p for p in pairs if p.category == "safety"]
     if axis == "helpfulness":
-        mix = helpful + rng.sample(safety, min(len(safety), len(helpful)))
+        mix = helpful + rng.sample(safety, min(len(safety), round(safety_share * len(helpful))))
     else:
         mix = safety + rng.sample(helpful, min(len(helpful), round(len(safety) / 9)))
     rng.shuffle(mix)
@@ -704,7 +712,7 @@ def load_pairs(cfg, policy, tok, quiet: bool = False) -> tuple[list, list, dict]
 
 def train_mixture(cfg, train_pairs: list) -> list:
     """Step 2: this axis's mixture of the pairs (§3.2.2), cut to --max-train-pairs: the same list in every process."""
-    mix = mixture(train_pairs, cfg.axis, random.Random(f"mixture/{cfg.seed}/{cfg.axis}"))
+    mix = mixture(train_pairs, cfg.axis, random.Random(f"mixture/{cfg.seed}/{cfg.axis}"), cfg.helpful_safety_share)
     return mix[:cfg.max_train_pairs] if cfg.max_train_pairs else mix
 
 
@@ -757,6 +765,8 @@ def main(cfg: RewardConfig):
         common.die(f"--temperatures takes two values (§3.2.1: two samples per prompt), got {cfg.temperatures}")
     if cfg.content_pairs < 0 or (cfg.content_pairs and cfg.data is not None):
         common.die(f"--content-pairs {cfg.content_pairs}: takes K >= 0, and adds to the world's pairs (not to --data)")
+    if not 0 <= cfg.helpful_safety_share < float("inf"):
+        common.die(f"--helpful-safety-share {cfg.helpful_safety_share}: takes a share >= 0 (choice 3; default 1/3)")
     if not Path(cfg.init_from).is_dir():
         common.die(f"--init-from {cfg.init_from}: directory not found (train the chat model first: python sft.py)")
     if cfg.quick:

@@ -149,6 +149,25 @@ def test_corpus_arithmetic_is_right(world):
                 assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
 
 
+def test_arithmetic_documents_ask_a_share_of_their_sums(world):
+    """data.py choice 6: ARITH_ASKED of the arithmetic documents' sums are asked as a question whose answer repeats
+    the operands ("Q: What is 22 + 31? A: 22 + 31 = 53."), the rest are bare worked sums, every one right. Seeded
+    corpus, ~7.5k lines: deterministic; under the binomial (sd 0.005) the share is within 0.03 of ARITH_ASKED with
+    odds of failing below 1e-8."""
+    only_arith = {k: 0.0 for k in data.PRETRAIN_MIX if k != "arith"}
+    asked_form = re.compile(r"Q: What is (\d+) ([+-]) (\d+)\? A: \1 \2 \3 = (-?\d+)\.")
+    n_asked = n = 0
+    for doc in world.pretrain_documents(150_000, mix=only_arith):
+        for line in doc.splitlines():
+            m = asked_form.fullmatch(line) or re.fullmatch(r"(\d+) ([+-]) (\d+) = (-?\d+)", line)
+            assert m, line
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert c == (a + b if op == "+" else a - b), line
+            n_asked += line.startswith("Q: ")
+            n += 1
+    assert n > 7000 and abs(n_asked / n - data.ARITH_ASKED) < 0.03, (n_asked, n)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tasks, dialogs, variants
 

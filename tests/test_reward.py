@@ -435,13 +435,15 @@ def _pairs(n_help: int, n_safe: int):
 
 def test_mixtures_follow_section_3_2_2():
     pairs = _pairs(300, 450)
-    helpful = reward.mixture(pairs, "helpfulness", random.Random(0))
+    helpful = reward.mixture(pairs, "helpfulness", random.Random(0))  # safety: a third as many (choice 3)
     assert sum(p.category == "helpfulness" for p in helpful) == 300
-    assert sum(p.category == "safety" for p in helpful) == 300
+    assert sum(p.category == "safety" for p in helpful) == 100
+    equal = reward.mixture(pairs, "helpfulness", random.Random(0), safety_share=1.0)
+    assert sum(p.category == "safety" for p in equal) == 300 and len(set(map(id, equal))) == 600  # no repeats
     safety = reward.mixture(pairs, "safety", random.Random(0))
     n_h = sum(p.category == "helpfulness" for p in safety)
     assert sum(p.category == "safety" for p in safety) == 450 and n_h == 50  # 10% of 500
-    few_safety = reward.mixture(_pairs(300, 100), "helpfulness", random.Random(0))
+    few_safety = reward.mixture(_pairs(300, 100), "helpfulness", random.Random(0), safety_share=1.0)
     assert len(few_safety) == 400  # all safety pairs when there are fewer than helpfulness ones
 
 
