@@ -41,12 +41,13 @@ Deviations from the paper, and choices where it is silent:
      part: --helpful-safety-share x n_helpful safety pairs, sampled without replacement. The default 1/3 is Table 6's
      arithmetic: Meta's 1.42M comparisons are safety and helpfulness together (the split is not published); if half
      are safety, safety is (0.71M + 0.04M) / 2.21M = 34% of the pool that part is drawn from, and at any split it is
-     under half. Earlier versions took the whole equal part from safety (share 1), which no reading gives: both RMs
+     at most half. Earlier versions took the whole equal part from safety (share 1), which no reading gives: both RMs
      then learned the safety pairs as well as the noisy labels allow (seed 1: 85.5% and 85.2% on the safety test set,
      where an oracle that knows the annotator's noise-free scores gets 86.6%), and Table 7's safety column was a coin
-     flip. The helpfulness RM on the safety test set, seed 1 (share 1 / 0.5 / 0.25 / 0.1): 85.5 / 85.5 / 80.8 /
-     74.8%, and on its own test set 79.3 / 79.5 / 78.5 / 81.5% (BENCHMARKS.md, eleventh session). Helpfulness and
-     safety prompts are drawn separately (not at the world's 70/30 mix): 500 and 700 by default.
+     flip. It still can be: the helpfulness RM on the safety test set, seed 1 (share 1 / 0.5 / 1/3 / 0.25 / 0.1):
+     85.5 / 85.5 / 85.7 / 80.8 / 74.8% against the safety RM's 85.2%, and on its own test set 79.3 / 79.5 / 78.3 /
+     78.5 / 81.5%; seed 0 at 1/3: 78.6% against 84.5% (BENCHMARKS.md, eleventh session). Helpfulness and safety prompts
+     are drawn separately (not at the world's 70/30 mix): 500 and 700 by default.
   4. Hyperparameters: 1 epoch, AdamW as pretraining, cosine to 10%, warmup 3% of the steps but at least 5: as the
      paper. Batch 32 pairs instead of 512 (~3,000 pairs make ~90 steps, not ~6). Peak lr 1e-4 instead of 1e-5:
      pretrain.py runs the miniature at 10x Llama 2's pretraining peak (3e-3 vs 3e-4), and so does this. Measured on
@@ -150,6 +151,7 @@ from model import CheckpointError, Transformer, _atomic_write, find_tokenizer, l
 AXES = ("helpfulness", "safety")
 HELPFUL_KINDS = ("fact", "arith", "story", "multiturn")
 SAFETY_KINDS = ("harmful", "borderline")
+HELPFUL_SAFETY_SHARE = 1 / 3  # the helpfulness RM's safety pairs per helpfulness pair (docstring, choice 3)
 # Table 27: margin m(r) per rating, in the order of data.RATINGS (significantly better ... negligibly better / unsure)
 MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
 
@@ -172,7 +174,7 @@ class RewardConfig:
     head_layers: int = 2  # new transformer blocks between the chat model's trunk and the score head (choice 11; 0 = paper)
     head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 11)
     surprise: bool = False  # the chat model's surprise at each token enters the RM (choice 12; off = the paper's RM)
-    helpful_safety_share: float = 1 / 3  # the helpfulness RM's safety pairs per helpfulness pair (choice 3)
+    helpful_safety_share: float = HELPFUL_SAFETY_SHARE  # the helpfulness RM's safety pairs per helpfulness pair
     content_pairs: int = 0  # train prompts only: extra pairs per prompt of a content defect against the reference
     safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
@@ -572,7 +574,7 @@ def read_prefs(path) -> list:
 
 
 # ---- 4. the mixture (§3.2.2) -----------------------------------------------------------------------------------------
-def mixture(pairs: list, axis: str, rng: random.Random, safety_share: float = 1 / 3) -> list:
+def mixture(pairs: list, axis: str, rng: random.Random, safety_share: float = HELPFUL_SAFETY_SHARE) -> list:
     """Helpfulness RM: all helpfulness pairs + safety_share times as many safety pairs (the safety part of §3.2.2's
     equal share; choice 3). Safety RM: all safety + helpfulness as 10% of the mix. Shuffled (one epoch, this order)."""
     helpful = [p for p in pairs if p.category == "helpfulness"]

@@ -90,9 +90,10 @@ def test_every_fact_appears_many_times(world, corpus):
             assert corpus.count(world.fact_reply(person, attr)) >= 5, (person.name, attr)
 
 
-def test_corpus_role_play_pairs_figures_and_markers_at_random(world, corpus):
+def test_corpus_role_play_pairs_figures_and_markers_at_random(world):
     """Role-play transcripts (§3.3's in-turn instruction following, learned in pretraining) pair figures and markers at
-    random, so there is no figure -> marker table to memorize."""
+    random, so there is no figure -> marker table to memorize. 2 MB of corpus: ~200 long-form figure instructions."""
+    corpus = "\n".join(world.pretrain_documents(2_000_000))
     pairs = re.findall(r"Act as an? (\w+) and start every reply with (.+?)(?= You enjoy| Answer only| End every|$)",
                        corpus, re.M)
     assert len(pairs) > 100
