@@ -322,7 +322,7 @@ class World:
                 lines.append(f"Q: {self.fact_question(person, attr, rng)} A: {self.fact_reply(person, attr)}")
             else:
                 a, op, b = self._random_sum(rng)
-                lines.append(f"Q: What is {a} {op} {b}? A: {arith_reply(a, op, b)}")
+                lines.append(f"Q: {arith_question(a, op, b)} A: {arith_reply(a, op, b)}")
         return "\n".join(lines)
 
     def _doc_arith(self, rng: Random) -> str:
@@ -332,7 +332,7 @@ class World:
         for _ in range(rng.randint(4, 8)):
             a, op, b = self._random_sum(rng)
             worked = arith_reply(a, op, b)
-            lines.append(f"Q: What is {a} {op} {b}? A: {worked}" if rng.random() < ARITH_ASKED else worked[:-1])
+            lines.append(f"Q: {arith_question(a, op, b)} A: {worked}" if rng.random() < ARITH_ASKED else worked[:-1])
         return "\n".join(lines)
 
     def _doc_roleplay(self, rng: Random) -> str:
@@ -348,7 +348,7 @@ class World:
                 q, a = self.fact_question(person, attr, rng), self.fact_reply(person, attr)
             else:
                 x, op, y = self._random_sum(rng)
-                q, a = f"What is {x} {op} {y}?", arith_reply(x, op, y)
+                q, a = arith_question(x, op, y), arith_reply(x, op, y)
             lines.append(f"Q: {q} A: {apply_all(constraints, a)}")
         return "\n".join(lines)
 
@@ -632,6 +632,11 @@ def user(content: str) -> dict:
 
 def assistant(content: str) -> dict:
     return {"role": "assistant", "content": content}
+
+
+def arith_question(a: int, op: str, b: int) -> str:
+    """The web's form of a sum as a question, "What is 26 + 16?" (the pretraining corpus and its probes)."""
+    return ARITH_QUESTIONS[0].format(a=a, op=op, b=b)
 
 
 def arith_reply(a: int, op: str, b: int) -> str:

@@ -225,7 +225,8 @@ def arithmetic(model, tok, world_seed: int, n: int = 600) -> tuple[float, list]:
     """Greedy completion of "Q: What is 26 + 16? A: 26 + 16 =" for n of the sums that chat fine-tuning holds out (the
     world's test split; pretraining, like the web, has them all); correct if the next number is the result."""
     keys = data.World(seed=world_seed).sums("test")[:n]
-    prompts = [(f"Q: What is {a} {op} {b}? A: {a} {op} {b} =", str(a + b if op == "+" else a - b)) for a, op, b in keys]
+    prompts = [(f"Q: {data.arith_question(a, op, b)} A: {a} {op} {b} =", str(a + b if op == "+" else a - b))
+               for a, op, b in keys]
     return completion_accuracy(model, tok, prompts, _starts_with_number, max_new_tokens=5)
 
 
@@ -238,7 +239,7 @@ def arithmetic_asked(model, tok, world_seed: int, n: int = 600) -> tuple[float, 
     questions right, on a corpus whose sums were all bare; with 30% of them asked (data.ARITH_ASKED), 51.8% and 70.5%
     (BENCHMARKS.md)."""
     keys = data.World(seed=world_seed).sums("test")[:n]
-    prompts = [(f"Q: What is {a} {op} {b}? A:", data.arith_reply(a, op, b).rstrip(".")) for a, op, b in keys]
+    prompts = [(f"Q: {data.arith_question(a, op, b)} A:", data.arith_reply(a, op, b).rstrip(".")) for a, op, b in keys]
     return completion_accuracy(model, tok, prompts, _writes, max_new_tokens=12)
 
 
