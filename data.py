@@ -5,7 +5,7 @@ generates, from a seed and in a few seconds, a world small enough for a ~1M-para
 
   knowledge   a cast of people, each with five facts (pet, colour, city, hobby, food), sums and differences of
               numbers below 100, short stories, role-play transcripts (an instruction, then answers that keep it),
-              club notices (hobbies in capitals; off by default): the pretraining corpus (pretrain.py, §2).
+              club notices (hobbies in capitals): the pretraining corpus (pretrain.py, §2).
   chat tasks  questions about the facts, arithmetic, stories, multi-turn follow-ups (§3.1 SFT data, RL prompts, §3.4
               evaluation prompts); safety prompts: harmful requests (refuse them) and borderline ones that only sound
               risky (answer them), so that helpfulness and safety pull against each other as in §3.2.
@@ -51,6 +51,13 @@ Choices where the paper is silent (or that differ from it):
      with 30% asked, copying is reliable (asked = given on seeds 0-2), the sums asked rose from 61.8 / 74.0 / 2.3% to
      90.3 / 84.5 / 51.8%, and SFT's arithmetic from 65.6 / 80.3 / 9.8% to 95.1 / 83.6 / 70.5% (BENCHMARKS.md). Asking
      more of them (the Q&A documents at 2.5x) lost addition on two seeds.
+  7. Club notices are 4% of the document weight, taken from the stories (PRETRAIN_MIX, World._doc_club): with a
+     512-piece vocabulary a hobby in capitals is a spelling of its own, and without them every chat model answered
+     "capitals + archery" with "I LOVE GOLF." (seed 0's GAtt model: 0 of 9 such dialogues, Table 30 83% at turn 8).
+     Before choice 6 the notices cost arithmetic on seed 1 (13.5% of the sums); with copying taught they do not: on
+     seeds 0 / 1 / 2 sums 87.0 / 83.7 / 83.2% (without them 90.3 / 84.5 / 51.8%), Table 30 after GAtt 95 / 82 / 91%
+     at the lowest turn (83 / 96 / 97%), Tables 7 and 28 hold on all three (seed 1 missed both). BENCHMARKS.md has
+     every figure; `pretrain.py --mix club=0,story=0.2` is the corpus without them.
 Sizes: the default 8 MB corpus (~51k documents, ~4.6M tokens with a 512-piece BPE) is generated in ~0.5 s.
 Run `python data.py --show` to see samples of everything.
 """
@@ -192,14 +199,10 @@ GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "
 # documents) 74.3%, most of it learned between steps 500 (16%) and 750 (76%), while fact recall stayed at 88.5% (88.0%
 # before). Everything after pretraining leans on it: SFT's correctness, the reward models' judgment of sums, the pairs
 # rated "significantly better" (Table 8). BENCHMARKS.md has the runs.
-# The club notices (World._doc_club) are off by default and measured with `pretrain.py --mix club=0.04,story=0.16`
-# (BENCHMARKS.md): they teach the chat models to spell a hobby in capitals (GAtt 91-89% -> 95-92% at every turn on
-# seed 0), and they also moved everything downstream: RS and PPO fell from 68% to 55% against SFT on that seed, because
-# the new helpfulness RM ranked the writers' closer lower less often (72% -> 60%); on seed 1 the same mix left the
-# held-out sums at 13.5%, and added on top of the mix (arithmetic 35% of the documents instead of 36%) seed 0's at
-# 10.3%: this mix's arithmetic is near the edge, and any change of the corpus is a draw.
+# The club notices (World._doc_club, choice 7) take 4% of the weight from the stories: they teach the chat models to
+# spell a hobby in capitals, which "capitals + a hobby" needs (GAtt's worst instruction without them).
 ARITH_ASKED = 0.3  # share of the arithmetic documents' sums asked as a question (choice 6)
-PRETRAIN_MIX = {"bio": 0.35, "story": 0.2, "qa": 0.2, "arith": 0.5, "advice": 0.05, "roleplay": 0.08, "club": 0.0}
+PRETRAIN_MIX = {"bio": 0.35, "story": 0.16, "qa": 0.2, "arith": 0.5, "advice": 0.05, "roleplay": 0.08, "club": 0.04}
 KINDS = ("fact", "arith", "story", "multiturn", "harmful", "borderline")
 KIND_WEIGHTS = {"fact": 0.3, "arith": 0.15, "story": 0.1, "multiturn": 0.15, "harmful": 0.15, "borderline": 0.15}
 SPLITS = ("train", "val", "test")
@@ -367,7 +370,7 @@ class World:
         and a hobby had it (~5-26 times per hobby in 8 MB), and every chat model, GAtt's included, answered "Answer
         only in capital letters. You enjoy archery; ..." with "I LOVE GOLF." or "I LOVE YOGA.": the instruction
         kept at every turn, the word never right (BENCHMARKS.md). Any hobby, held-out ones included, as role-play.
-        Off by default (PRETRAIN_MIX says why); `pretrain.py --mix club=0.04,story=0.16` turns them on."""
+        Choice 7 has the measurements; `pretrain.py --mix club=0,story=0.2` leaves them out."""
         hobbies = rng.sample(HOBBIES, rng.randint(2, 3))
         lines = ["CLUB NEWS: " + ", ".join(h.upper() for h in hobbies[:-1]) + " AND " + hobbies[-1].upper()]
         for h in hobbies:

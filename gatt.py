@@ -50,8 +50,9 @@ Choices where the paper is silent:
      (gatt.focus_on_failures: a dialogue of a kind is kept with probability (the kind's fallback rate / the highest)
      ** --instruction-focus, default 8), the other half as the world draws them. What GAtt cannot fix is an
      instruction the model does not follow even in the current turn (capitals + a hobby: "I LOVE SURFING." whatever
-     the hobby, since a word in capitals is another spelling to learn), and GAtt's own samples of those kinds are
-     mostly fallbacks: so that is where the in-turn lessons go. The default run's PPO models, turns 1-8 after GAtt:
+     the hobby, since a word in capitals is another spelling to learn, until pretraining had club notices: data.py
+     choice 7; what seed 1 still misses is a hobby copied as a similar one, "I love sailing." for skiing), and GAtt's
+     own samples of those kinds are mostly fallbacks: so that is where the in-turn lessons go. The default run's PPO models, turns 1-8 after GAtt:
      seed 0 87-82% -> 94-89%, seed 1 97-92% -> 98-95% (all the in-turn dialogues focused: 94-88% and 93-88%, the
      kinds it rarely fails got too few lessons; exponent 2 on all of them: seed 0 88-83%; by the highest rate among
      the kind and its constraints, e.g. "bowling": 81-82%). BENCHMARKS.md has the runs.

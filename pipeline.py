@@ -5,7 +5,7 @@ out/report.md with the paper's tables and figures in miniature.
   python pipeline.py --quick    # the same path in seconds-to-a-minute per stage: a smoke test
   python pipeline.py --force    # rerun stages even when their outputs are complete
   python pipeline.py --only pretrain sft
-  python pipeline.py --pretrain-mix club=0.04,story=0.16 --out out_club   # another pretraining document mix
+  python pipeline.py --pretrain-mix club=0,story=0.2 --out out_noclub     # another pretraining document mix
 
 Each stage runs as its own process (`python pretrain.py ...`), exactly as a student would run it alone, reading the
 previous stage's directory. A stage whose metrics.json says complete, run with the same arguments, is skipped unless a
@@ -82,7 +82,7 @@ class PipelineConfig:
     only: list[str] = field(default_factory=list)  # run only these stages (names: pretrain sft rm_helpful ...)
     seed: int = 0  # passed to every stage
     device: str = "auto"  # passed to every stage
-    pretrain_mix: str = ""  # pretrain.py --mix, the world's document mix (e.g. club=0.04,story=0.16)
+    pretrain_mix: str = ""  # pretrain.py --mix, the world's document mix (e.g. club=0,story=0.2)
 
 
 def stage_command(stage: Stage, cfg: PipelineConfig) -> list[str]:

@@ -1,7 +1,7 @@
 """Pretraining (paper §2): a SentencePiece BPE tokenizer, then next-token prediction on a corpus.
 
   python pretrain.py                                   # the miniature world, ~4 minutes on a 2-core laptop CPU
-  python pretrain.py --mix club=0.04,story=0.16        # another document mix of the world (data.PRETRAIN_MIX)
+  python pretrain.py --mix club=0,story=0.2            # another document mix (data.PRETRAIN_MIX): no club notices
   python pretrain.py --data my1.txt my2.txt --vocab-size 8000 --model 15M
   python pretrain.py --init-from /path/to/llama-2-7b --data more.txt --device cuda --fsdp   # continued pretraining
   torchrun --nproc_per_node=8 pretrain.py --model 110M --device cuda --compile --batch-size 256
@@ -50,7 +50,7 @@ class PretrainConfig:
     data: list[str] = field(default_factory=list)  # text files to pretrain on (one document each); empty = the world
     world_seed: int = 0  # seed of the built-in world
     corpus_bytes: int = 8_000_000  # size of the generated world corpus
-    mix: str = ""  # the world's document mix, KIND=WEIGHT,... over data.PRETRAIN_MIX (e.g. club=0.04,story=0.16)
+    mix: str = ""  # the world's document mix, KIND=WEIGHT,... over data.PRETRAIN_MIX (e.g. club=0,story=0.2)
     tokenizer: Optional[str] = None  # an existing tokenizer.model; default: train one (or take --init-from's)
     vocab_size: int = 512  # §2.2: 32k; 512 for the miniature world
     model: str = "1M"  # a preset of model.py (1M, 15M, 110M, 7B, ...); ignored with --init-from
@@ -99,7 +99,7 @@ def load_documents(cfg) -> tuple[list[str], str]:
 
 
 def parse_mix(text: str) -> dict[str, float]:
-    """--mix "club=0.04,story=0.16" -> {"club": 0.04, "story": 0.16}: weights that replace data.PRETRAIN_MIX's
+    """--mix "club=0,story=0.2" -> {"club": 0.0, "story": 0.2}: weights that replace data.PRETRAIN_MIX's
     (which kinds and weights are valid, World.pretrain_documents checks)."""
     mix = {}
     for item in filter(None, (t.strip() for t in text.split(","))):

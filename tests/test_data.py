@@ -108,10 +108,10 @@ def test_corpus_role_play_pairs_figures_and_markers_at_random(world):
 
 
 def test_club_notices_write_every_hobby_in_capitals(world):
-    """The club notices (off by default; pretrain.py --mix club=0.04,story=0.16): every hobby of the constraints,
-    held-out ones included, written in capitals next to its ordinary spelling, so that "capitals + hobby" is a
-    spelling the pretrained model has seen (World._doc_club). The corpus is seeded: deterministic (~34 per hobby)."""
-    corpus = "\n".join(world.pretrain_documents(1_000_000, mix={"club": 0.04, "story": 0.16}))
+    """The club notices (data.PRETRAIN_MIX, choice 7): every hobby of the constraints, held-out ones included, written
+    in capitals next to its ordinary spelling, so that "capitals + hobby" is a spelling the pretrained model has seen
+    (World._doc_club). The corpus is seeded: deterministic (~34 per hobby)."""
+    corpus = "\n".join(world.pretrain_documents(1_000_000))
     for h in data.HOBBIES:
         assert corpus.count(f"I LOVE {h.upper()}!") >= 10 and f"The {h} club meets" in corpus, h
 

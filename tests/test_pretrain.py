@@ -119,7 +119,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _cli("--batch-size", "7", "--grad-accum", "2", "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 2 and "--batch-size" in r.stderr and "Traceback" not in r.stderr
-    for mix in ("clubs=0.04", "club=-1", "club", "bio=0,story=0,qa=0,arith=0,advice=0,roleplay=0"):
+    for mix in ("clubs=0.04", "club=-1", "club", ",".join(f"{k}=0" for k in data.PRETRAIN_MIX)):
         r = _cli("--mix", mix, "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
         assert r.returncode == 2 and "--mix" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (mix, r.stderr)
     r = _cli("--mix", "club=0.04", "--data", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "o"),
@@ -129,17 +129,18 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
 
 
 def test_document_mix_kind_at_weight_zero_leaves_the_corpus_unchanged(monkeypatch):
-    """data.PRETRAIN_MIX's club notices default to weight 0: the corpus is exactly the one of a mix without that kind
-    (the random stream does not see it), and --mix club=0.04 adds them (pretrain.parse_mix reads the flag)."""
+    """A kind at weight 0 is never drawn and leaves the random stream alone: `--mix club=0,story=0.2` gives exactly the
+    corpus of a PRETRAIN_MIX without that kind (the corpus before the club notices, choice 7 of data.py), and the
+    default corpus has the notices (pretrain.parse_mix reads the flag)."""
     world = data.World(seed=0)
-    base = world.pretrain_documents(100_000, seed=0)
-    assert not any(d.startswith("CLUB NEWS") for d in base)
+    mix = pretrain.parse_mix("club=0, story=0.2")
+    assert mix == {"club": 0.0, "story": 0.2}
+    without = world.pretrain_documents(100_000, seed=0, mix=mix)
+    assert not any(d.startswith("CLUB NEWS") for d in without)
     with monkeypatch.context() as m:
-        m.setattr(data, "PRETRAIN_MIX", {k: w for k, w in data.PRETRAIN_MIX.items() if k != "club"})
-        assert world.pretrain_documents(100_000, seed=0) == base
-    mix = pretrain.parse_mix("club=0.04, story=0.16")
-    assert mix == {"club": 0.04, "story": 0.16}
-    assert any(d.startswith("CLUB NEWS") for d in world.pretrain_documents(100_000, seed=0, mix=mix))
+        m.setattr(data, "PRETRAIN_MIX", {**{k: w for k, w in data.PRETRAIN_MIX.items() if k != "club"}, "story": 0.2})
+        assert world.pretrain_documents(100_000, seed=0) == without
+    assert any(d.startswith("CLUB NEWS") for d in world.pretrain_documents(100_000, seed=0))
 
 
 def test_help_lists_every_flag_with_default():
