@@ -56,8 +56,9 @@ Choices where the paper is silent (or that differ from it):
      "capitals + archery" with "I LOVE GOLF." (seed 0's GAtt model: 0 of 9 such dialogues, Table 30 83% at turn 8).
      Before choice 6 the notices cost arithmetic on seed 1 (13.5% of the sums); with copying taught they do not: on
      seeds 0 / 1 / 2 sums 87.0 / 83.7 / 83.2% (without them 90.3 / 84.5 / 51.8%), Table 30 after GAtt 95 / 82 / 91%
-     at the lowest turn (83 / 96 / 97%), Tables 7 and 28 hold on all three (seed 1 missed both). BENCHMARKS.md has
-     every figure; `pretrain.py --mix club=0,story=0.2` is the corpus without them.
+     at the lowest turn (83 / 96 / 97%; 95 / 95 / 95% with more in-turn lessons in GAtt, gatt.py choice 3), Tables 7
+     and 28 hold on all three (seed 1 missed both). BENCHMARKS.md has every figure; `pretrain.py --mix
+     club=0,story=0.2` is the corpus without them.
 Sizes: the default 8 MB corpus (~51k documents, ~4.6M tokens with a 512-piece BPE) is generated in ~0.5 s.
 Run `python data.py --show` to see samples of everything.
 """

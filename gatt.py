@@ -40,9 +40,10 @@ Choices where the paper is silent:
   3. GAtt samples are mixed 1:1 with ordinary dialogues (one per trained GAtt reply, --mix-ratio) so that the other
      skills are not forgotten: by default (--mix own) the latest model's own greedy replies to the world's train
      prompts, kept where the annotator finds them safe and helpful (>= 0.75; refusals of harmful ones), plus
-     0.6 as many in-turn instruction dialogues (--instruction-share; SFT's data.INSTRUCTION_SHARE is 0.3): the skill
+     0.9 as many in-turn instruction dialogues (--instruction-share; SFT's data.INSTRUCTION_SHARE is 0.3): the skill
      every GAtt reply starts from, since what GAtt misses is mostly a wrong word copied from the instruction already
-     at turn 1. Doubling them raised adherence from 86-80% to 89-92% over turns 1-8 (GattConfig). `--mix sft` mixes
+     at turn 1. Doubling them (0.3 -> 0.6) raised adherence from 86-80% to 89-92% over turns 1-8, and 0.9 lifted seed
+     1's from 91-82% to 96-95%, where hobbies were copied as similar words (GattConfig). `--mix sft` mixes
      the SFT demonstrations instead, as this file first did: they carry the writers' habit that RLHF trained away
      (data.DEMO_HABIT), and the GAtt model then lost most of RLHF's win rate against SFT (71% -> 46-54% in three runs,
      BENCHMARKS.md). Fine-tuning on the model's own replies keeps what it is.
@@ -51,8 +52,9 @@ Choices where the paper is silent:
      ** --instruction-focus, default 8), the other half as the world draws them. What GAtt cannot fix is an
      instruction the model does not follow even in the current turn (capitals + a hobby: "I LOVE SURFING." whatever
      the hobby, since a word in capitals is another spelling to learn, until pretraining had club notices: data.py
-     choice 7; what seed 1 still misses is a hobby copied as a similar one, "I love sailing." for skiing), and GAtt's
-     own samples of those kinds are mostly fallbacks: so that is where the in-turn lessons go. The default run's PPO models, turns 1-8 after GAtt:
+     choice 7; what seed 1 missed with fewer lessons, choice 3, is a hobby copied as a similar one, "sailing" for
+     skiing), and GAtt's own samples of those kinds are mostly fallbacks: so that is where the in-turn lessons go.
+     The default run's PPO models, turns 1-8 after GAtt:
      seed 0 87-82% -> 94-89%, seed 1 97-92% -> 98-95% (all the in-turn dialogues focused: 94-88% and 93-88%, the
      kinds it rarely fails got too few lessons; exponent 2 on all of them: seed 0 88-83%; by the highest rate among
      the kind and its constraints, e.g. "bowling": 81-82%). BENCHMARKS.md has the runs.
@@ -93,7 +95,9 @@ class GattConfig:
     mix: str = "own"  # what those dialogues are (choice 3): "own" (the model's replies, checked) or "sft" (demos)
     # in-turn instruction dialogues per mix dialogue (choice 3). 600 dialogues at 1e-3, turns 1-8: SFT's 0.3 86-80%
     # (6m40s), 0.6 91-89-92% (8m51s), 1.2 with --mix-ratio 0.5 88-84% (7m29s); win rate vs SFT 68.5 / 68.3 / 69.8%
-    instruction_share: float = 0.6
+    # (Zen 3). On the club-notice corpus (Zen 4, seeds 0 / 1 / 2, BENCHMARKS.md): 0.6 100-95 / 91-82 / 94-91%, 0.9
+    # 95-100 / 95-96 / 95-98% at every turn, ~1 minute more fine-tuning (1.05M tokens instead of 0.84M)
+    instruction_share: float = 0.9
     # half of those in-turn dialogues drawn toward the instruction kinds the model fails in step 2 (choice 4): a kind
     # is kept with probability (its fallback rate / the highest) ** instruction_focus; 0 = all in the world's mix
     instruction_focus: float = 8.0

@@ -127,7 +127,10 @@ Deviations from the paper, and choices where it is silent:
      on seed 1): the safety RM's edge was the off-topic content pairs, and both RMs now get those right. Giving the
      helpfulness collection a tension with safety (10% harmful prompts judged on helpfulness, where raters prefer
      compliance) restored the pattern on seed 0 only: the helpfulness RM still ranked every harmful compliance below
-     the refusal (BENCHMARKS.md, tenth session).
+     the refusal (BENCHMARKS.md, tenth session). With the safety share at 1/3 (choice 3) and the club-notice corpus,
+     Table 7 holds with it on seeds 0-2, by 1.0-1.4 points; the helpfulness RM reaches 85-88% and its "significantly
+     better" 92-96%, but Table 8's top two levels and Table 28's three margins then tie within a standard error (5 of
+     those 9 orders wrong by 0.3-0.8 points; BENCHMARKS.md, twelfth session).
 """
 from __future__ import annotations
 

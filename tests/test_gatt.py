@@ -140,7 +140,7 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
     for d in kept:  # earlier assistant turns are context (weight 0), the model's reply is trained
         assert all(m.get("weight") == 0 for m in d[:-1] if m["role"] == "assistant")
         assert "weight" not in d[-1]
-    # --instruction-share (GAtt's default 0.6, twice SFT's): the same kept replies, 0.6 * n instruction dialogues
+    # --instruction-share (GAtt's default is 0.9, three times SFT's; 0.6 here): the same kept replies, 0.6 * n more
     more = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=0.6)
     assert more[:len(kept)] == kept and more[len(kept):] == world.instruction_dialogs("train", 36, seed=3)
     # choice 4: with keep, half the instruction dialogues are the world's draw, half pass keep (here: capitals only)
