@@ -1,6 +1,6 @@
 """Pretraining (paper §2): a SentencePiece BPE tokenizer, then next-token prediction on a corpus.
 
-  python pretrain.py                                   # the miniature world, ~4 minutes on a 2-core laptop CPU
+  python pretrain.py                                   # the miniature world, ~5-6 minutes on a 2-core laptop CPU
   python pretrain.py --mix club=0,story=0.2            # another document mix (data.PRETRAIN_MIX): no club notices
   python pretrain.py --data my1.txt my2.txt --vocab-size 8000 --model 15M
   python pretrain.py --init-from /path/to/llama-2-7b --data more.txt --device cuda --fsdp   # continued pretraining
