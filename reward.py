@@ -58,18 +58,23 @@ Deviations from the paper, and choices where it is silent:
      grow past ~1 and the loss stayed near log 2; it lost 3 points of accuracy on the helpfulness test set.
   6. The test sets come from the same collection procedure on world.tasks("test") prompts: their labels come from
      the same noisy annotator, so even a perfect RM cannot reach 100% on close pairs (the paper's human labels share
-     this). Table 8 in miniature: accuracy falls from "better" to "negligibly better / unsure" as the paper's does,
-     but "significantly better" pairs score below "better" ones here. Measured by the source of each test pair (seed
-     0, 597 helpfulness pairs, BENCHMARKS.md): a refusal, a partial, verbose or garbled reply against a good one is
-     told apart 92-100% of the time, but a wrong fact or sum against a right one only 43-44%, and a fact about
-     another person 34-50%: chance. Those content errors are most of the "significantly better" level (the annotator
-     knows the facts: a gap of ~0.9). What the RM learns is form: a second epoch raised "reference > reply with a
-     closer" from 72% to 86% and lowered "model sample > wrong fact" from 44% to 31% (the samples carry the writers'
-     closer, the wrong replies do not); 2 epochs, lr 3e-4, batch 16, or 3 epochs at 3e-4 all left that level at
-     67-71%. Telling a wrong fact needs the RM to recall the fact again at the reply's end, two steps of retrieval
-     a 4-layer 0.87M model does not learn from ~300 such pairs; earlier runs with 4x the data reached 80% there.
-     Choice 9 adds such pairs; an annotator that knew every score without noise would get 90.7% of these test pairs.
-     Choice 11's head blocks raise the content pairs on one seed of three, and leave the level below "better".
+     this). On distinct pairs the labels are clean: a rater without noise (the annotator's own scores) gets 100% of
+     the "significantly better" test pairs and 96-99.6% of the "better" ones on seeds 0-3, so at this world's noise
+     the two levels are equally clean and their order is set by the kinds of pair each holds, not by its labels
+     (at noise 0.2 the levels fall 99.3-99.8 / 84-91 / 67-72 / 48-60%, but the safety RM then gets 77.5-83% on its
+     test set: BENCHMARKS.md, thirteenth session). Table 8 in miniature: accuracy falls from "better" to "negligibly
+     better / unsure" as the paper's does, but "significantly better" pairs score below "better" ones here. Measured
+     by the source of each test pair (seed 0, 597 helpfulness pairs, BENCHMARKS.md): a refusal, a partial, verbose
+     or garbled reply against a good one is told apart 92-100% of the time, but a wrong fact or sum against a right
+     one only 43-44%, and a fact about another person 34-50%: chance. Those content errors are most of the
+     "significantly better" level (the annotator knows the facts: a gap of ~0.9). What the RM learns is form: a
+     second epoch raised "reference > reply with a closer" from 72% to 86% and lowered "model sample > wrong fact"
+     from 44% to 31% (the samples carry the writers' closer, the wrong replies do not); 2 epochs, lr 3e-4, batch 16,
+     or 3 epochs at 3e-4 all left that level at 67-71%. Telling a wrong fact needs the RM to recall the fact again
+     at the reply's end, two steps of retrieval a 4-layer 0.87M model does not learn from ~300 such pairs; earlier
+     runs with 4x the data reached 80% there. Choice 9 adds such pairs; an annotator that knew every score without
+     noise would get 90.7% of these test pairs. Choice 11's head blocks raise the content pairs on one seed of
+     three, and leave the level below "better".
   7. No mid-run checkpoints: an RM trains in about a minute here; the model is written once, at the end.
   8. The safety RM's zero point (calibrate_safety). §3.2.3 switches to the safety RM whenever R_s < 0.15, which
      presumes that a low sigmoid score means "unsafe". The ranking loss fixes only differences of scores, so without
