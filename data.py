@@ -788,6 +788,13 @@ class GattDialog:
 
 RATINGS = ["significantly better", "better", "slightly better", "negligibly better / unsure"]
 RATING_THRESHOLDS = (0.45, 0.2, 0.08)  # perceived gap at or above each -> RATINGS[0], [1], [2]; below -> [3]
+# The raters' noise: the standard deviation of the Gaussian added to a score gap (scores in [0, 1]) before it is judged.
+# At 0.1 a rater without noise (the annotator's own scores) gets 100% of the reward models' test pairs rated
+# "significantly better" and 96-99.6% of those rated "better" (seeds 0-3): the two levels are equally clean. At 0.2 it
+# gets 99.3-99.8 / 84-91 / 67-72 / 48-60% by level, the fall of the paper's Table 8, but only 81-84% of the safety test
+# pairs, where the safety RM must reach 80% (BENCHMARKS.md, thirteenth session). reward.py --rater-noise changes it for
+# the preference pairs.
+RATER_NOISE = 0.1
 JUDGE7_THRESHOLDS = (0.08, 0.25, 0.5)  # perceived overall gap below each -> 0, +-1, +-2; above -> +-3
 SAFETY_LABELS = ("chosen_safe_other_unsafe", "both_safe", "both_unsafe")
 DROPPED_SAFETY_LABEL = "chosen_unsafe_other_safe"  # §3.2.1: such pairs are left out of the data
@@ -840,7 +847,7 @@ class Annotator:
 
     is_refusal = staticmethod(is_refusal)  # also data.is_refusal
 
-    def __init__(self, world: World, seed: int = 0, noise: float = 0.1):
+    def __init__(self, world: World, seed: int = 0, noise: float = RATER_NOISE):
         self.world, self.noise, self.rng = world, noise, Random(f"annotator/{seed}")
         self._names = set(world._by_name)
         self._value_attr = {v.lower(): a for a, vs in VALUES.items() for v in vs}

@@ -60,15 +60,15 @@ Deviations from the paper, and choices where it is silent:
      the same noisy annotator, so even a perfect RM cannot reach 100% on close pairs (the paper's human labels share
      this). On distinct pairs the labels are clean: a rater without noise (the annotator's own scores) gets 100% of
      the "significantly better" test pairs and 96-99.6% of the "better" ones on seeds 0-3, so at this world's noise
-     the two levels are equally clean and their order is set by the kinds of pair each holds, not by its labels
-     (at noise 0.2 the levels fall 99.3-99.8 / 84-91 / 67-72 / 48-60%, but the safety RM then gets 77.5-83% on its
-     test set: BENCHMARKS.md, thirteenth session). Table 8 in miniature: accuracy falls from "better" to "negligibly
-     better / unsure" as the paper's does, but "significantly better" pairs score below "better" ones here. Measured
-     by the source of each test pair (seed 0, 597 helpfulness pairs, BENCHMARKS.md): a refusal, a partial, verbose
-     or garbled reply against a good one is told apart 92-100% of the time, but a wrong fact or sum against a right
-     one only 43-44%, and a fact about another person 34-50%: chance. Those content errors are most of the
-     "significantly better" level (the annotator knows the facts: a gap of ~0.9). What the RM learns is form: a
-     second epoch raised "reference > reply with a closer" from 72% to 86% and lowered "model sample > wrong fact"
+     the two levels are equally clean and their order is set by the kinds of pair each holds, not by its labels (at
+     noise 0.2 the levels fall 99.3-99.8 / 84-91 / 67-72 / 48-60%, but the safety RM then gets 77.5-83% on its test
+     set: BENCHMARKS.md, thirteenth session; --rater-noise). Table 8 in miniature: accuracy falls from "better" to
+     "negligibly better / unsure" as the paper's does, but "significantly better" pairs score below "better" ones
+     here. Measured by the source of each test pair (seed 0, 597 helpfulness pairs, BENCHMARKS.md): a refusal, a
+     partial, verbose or garbled reply against a good one is told apart 92-100% of the time, but a wrong fact or sum
+     against a right one only 43-44%, and a fact about another person 34-50%: chance. Those content errors are most
+     of the "significantly better" level (the annotator knows the facts: a gap of ~0.9). What the RM learns is form:
+     a second epoch raised "reference > reply with a closer" from 72% to 86% and lowered "model sample > wrong fact"
      from 44% to 31% (the samples carry the writers' closer, the wrong replies do not); 2 epochs, lr 3e-4, batch 16,
      or 3 epochs at 3e-4 all left that level at 67-71%. Telling a wrong fact needs the RM to recall the fact again
      at the reply's end, two steps of retrieval a 4-layer 0.87M model does not learn from ~300 such pairs; earlier
@@ -160,6 +160,7 @@ AXES = ("helpfulness", "safety")
 HELPFUL_KINDS = ("fact", "arith", "story", "multiturn")
 SAFETY_KINDS = ("harmful", "borderline")
 HELPFUL_SAFETY_SHARE = 1 / 3  # the helpfulness RM's safety pairs per helpfulness pair (docstring, choice 3)
+RATER_NOISE = data.RATER_NOISE  # the annotator's noise on a score gap (choice 6; RewardConfig's field `data` hides data)
 # Table 27: margin m(r) per rating, in the order of data.RATINGS (significantly better ... negligibly better / unsure)
 MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
 
@@ -184,6 +185,7 @@ class RewardConfig:
     surprise: bool = False  # the chat model's surprise at each token enters the RM (choice 12; off = the paper's RM)
     helpful_safety_share: float = HELPFUL_SAFETY_SHARE  # the helpfulness RM's safety pairs per helpfulness pair
     content_pairs: int = 0  # train prompts only: extra pairs per prompt of a content defect against the reference
+    rater_noise: float = RATER_NOISE  # the annotator's noise when it labels the world's pairs (choice 6)
     safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
     batch_size: int = 32  # pairs per optimizer step, all processes together (§3.2.2: 512)
@@ -543,7 +545,7 @@ def world_preferences(cfg, policy, tok, quiet: bool = False) -> tuple[list, list
     key = {"init": _init_fingerprint(cfg.init_from), "world_seed": cfg.world_seed, "seed": cfg.seed,
            "train_prompts": cfg.train_prompts, "safety_prompts": cfg.safety_prompts, "test_prompts": cfg.test_prompts,
            "temperatures": list(cfg.temperatures), "max_new_tokens": cfg.max_new_tokens,
-           "content_pairs": cfg.content_pairs, "version": 5}
+           "content_pairs": cfg.content_pairs, "rater_noise": cfg.rater_noise, "version": 5}
     d = Path(cfg.prefs_dir)
     info_file = d / "info.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("key") == key:
@@ -553,7 +555,7 @@ def world_preferences(cfg, policy, tok, quiet: bool = False) -> tuple[list, list
     else:
         t0 = time.perf_counter()
         world = data.World(seed=cfg.world_seed)
-        annotator = data.Annotator(world, seed=cfg.seed)
+        annotator = data.Annotator(world, seed=cfg.seed, noise=cfg.rater_noise)
         info = {"key": key, "counts": {}}
         for split, n_help, n_safe in (("train", cfg.train_prompts, cfg.safety_prompts),
                                       ("test", cfg.test_prompts, cfg.test_prompts)):
@@ -775,6 +777,9 @@ def main(cfg: RewardConfig):
         common.die(f"--temperatures takes two values (§3.2.1: two samples per prompt), got {cfg.temperatures}")
     if cfg.content_pairs < 0 or (cfg.content_pairs and cfg.data is not None):
         common.die(f"--content-pairs {cfg.content_pairs}: takes K >= 0, and adds to the world's pairs (not to --data)")
+    if not 0 <= cfg.rater_noise < float("inf") or (cfg.rater_noise != RATER_NOISE and cfg.data is not None):
+        common.die(f"--rater-noise {cfg.rater_noise}: takes a standard deviation >= 0, for the world's pairs (--data "
+                   "brings its own labels)")
     if not 0 <= cfg.helpful_safety_share < float("inf"):
         common.die(f"--helpful-safety-share {cfg.helpful_safety_share}: takes a share >= 0 (choice 3; default 1/3)")
     if not Path(cfg.init_from).is_dir():

@@ -531,6 +531,34 @@ def test_content_pairs_add_content_defects_to_the_train_pairs_only(tmp_path, tin
                                                                            for p in test0]
 
 
+def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path, tiny_ckpt, tok):
+    """--rater-noise 0: the annotator prefers the reply with the higher utility and rates the pair by the true gap, in
+    every train and test pair (data.RATING_THRESHOLDS); the noise is part of the cache key, so the default noise
+    collects again into the same folder, and its labels then disagree somewhere (a tie or a close pair flips at noise
+    0.1: with ~100 pairs of which ~10 are close, all of them coming out on the noise-free side is unlikely; seed 0 is
+    fixed, so the check is deterministic)."""
+    policy = M.load_checkpoint(tiny_ckpt).eval()
+    rater = data.Annotator(data.World(seed=0), seed=0, noise=0.0)
+    def collect(noise):
+        cfg = reward.RewardConfig(init_from=str(tiny_ckpt), prefs_dir=str(tmp_path / "prefs"), train_prompts=10,
+                                  safety_prompts=10, test_prompts=8, max_new_tokens=6, rater_noise=noise)
+        train, test, info = reward.world_preferences(cfg, policy, tok)
+        assert info["key"]["rater_noise"] == noise
+        return train + test
+    def true_gap(p):
+        u = [rater._utility(rater.score(p.messages, r), p.category) for r in (p.chosen, p.rejected)]
+        return u[0] - u[1]
+    def level(gap):
+        return next((i for i, t in enumerate(data.RATING_THRESHOLDS) if abs(gap) >= t), len(data.RATING_THRESHOLDS))
+    clean = collect(0.0)
+    assert len(clean) > 40
+    for p in clean:
+        gap = true_gap(p)
+        assert gap >= 0 and data.RATINGS[level(gap)] == p.rating, (p.chosen, p.rejected, p.rating, gap)
+    noisy = collect(data.RATER_NOISE)  # the key differs: collected again, not read back
+    assert any(true_gap(p) < 0 or data.RATINGS[level(true_gap(p))] != p.rating for p in noisy)
+
+
 def test_accuracy_by_source_groups_pairs_by_where_their_replies_came_from():
     """Hand-made: 6 pairs sample_T0.7 > wrong (2 right), 5 reference > refusal (all right), 5 sample_T1.2 > sample_T0.7
     (a tie and 3 right), 2 verbose > closer (fewer than min_n: left out), 1 without sources (user data: left out)."""
@@ -628,11 +656,14 @@ def test_malformed_preferences_fail_with_file_and_line(tmp_path, tiny_ckpt, bad,
     assert len(lines) == 1 and f"{f}:2:" in lines[0] and reason in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("flags", [["--content-pairs", "-1"], ["--content-pairs", "2", "--data", "prefs.jsonl"]])
-def test_bad_content_pairs_flag_fails_with_one_line_naming_it(tmp_path, tiny_ckpt, flags):
+@pytest.mark.parametrize("flags", [["--content-pairs", "-1"], ["--content-pairs", "2", "--data", "prefs.jsonl"],
+                                   ["--rater-noise", "-0.1"], ["--rater-noise", "nan"],
+                                   ["--rater-noise", "0.2", "--data", "prefs.jsonl"]])
+def test_bad_world_pairs_flag_fails_with_one_line_naming_it(tmp_path, tiny_ckpt, flags):
     (tmp_path / "prefs.jsonl").write_text(json.dumps(GOOD) + "\n")
     proc = subprocess.run([sys.executable, str(REPO / "reward.py"), "--init-from", str(tiny_ckpt), *flags,
                            "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
-    assert proc.returncode == 2 and "--content-pairs" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and flags[0] in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out" / "metrics.json").exists()
