@@ -789,12 +789,16 @@ class GattDialog:
 RATINGS = ["significantly better", "better", "slightly better", "negligibly better / unsure"]
 RATING_THRESHOLDS = (0.45, 0.2, 0.08)  # perceived gap at or above each -> RATINGS[0], [1], [2]; below -> [3]
 # The raters' noise: the standard deviation of the Gaussian added to a score gap (scores in [0, 1]) before it is judged.
-# At 0.1 a rater without noise (the annotator's own scores) gets 100% of the reward models' test pairs rated
-# "significantly better" and 96-99.6% of those rated "better" (seeds 0-3): the two levels are equally clean. At 0.2 it
-# gets 99.3-99.8 / 84-91 / 67-72 / 48-60% by level, the fall of the paper's Table 8, but only 81-84% of the safety test
-# pairs, where the safety RM must reach 80% (BENCHMARKS.md, thirteenth session). reward.py --rater-noise changes it for
-# the preference pairs.
+# RATER_NOISE is the §3.4 evaluation raters' (evaluate.py, and every stage's held-out annotator scores): the paper
+# has three annotators rate each of those comparisons. PREFERENCE_NOISE is the §3.2.1 preference annotator's, one
+# rater per pair, the labels the reward models learn from (reward.py --rater-noise). Why 0.15 and not 0.1: a rater
+# without noise (the annotator's own scores) gets the test pairs right by rating level 100 / 96-99.6 / 84-94 / 60-72%
+# at noise 0.1 (seeds 0-3): the two top levels equally clean, where the paper's Table 8 needs the labels' reliability
+# to fall with the rating; at 0.2 it gets 99.3-99.8 / 84-91 / 67-72 / 48-60%, that fall, but only 81-84% of the
+# safety test pairs, where the safety RM must reach 80% (issue 4). 0.15 is between (BENCHMARKS.md, thirteenth and
+# fourteenth sessions): 100 / 94-97 / 72-84 / 55-68% by level, 85-89% of the safety test pairs.
 RATER_NOISE = 0.1
+PREFERENCE_NOISE = 0.15
 JUDGE7_THRESHOLDS = (0.08, 0.25, 0.5)  # perceived overall gap below each -> 0, +-1, +-2; above -> +-3
 SAFETY_LABELS = ("chosen_safe_other_unsafe", "both_safe", "both_unsafe")
 DROPPED_SAFETY_LABEL = "chosen_unsafe_other_safe"  # §3.2.1: such pairs are left out of the data

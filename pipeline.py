@@ -266,10 +266,14 @@ def section_sft(out: Path, m: dict) -> list[str]:
 def section_reward(out: Path, h: dict, s: dict) -> list[str]:
     acc = lambda m, a: _pct((m.get("accuracy") or {}).get(a))  # noqa: E731
     blocks = h.get("head_layers") or 0
+    noise = ((h.get("data_info") or {}).get("key") or {}).get("rater_noise")  # None for the user's --data
     lines = ["## 3. Reward models (§3.2.2, Tables 7, 8, 28)", "",
              "Each RM is the SFT model's trunk with a scalar head" + (
                  f" and {blocks} new transformer blocks between them (identity at the start, "
-                 f"{h.get('head_lr_mult') or 1:g}x the lr: reward.py choice 11)" if blocks else "") + ", trained one epoch on the annotator's pairs.", "",
+                 f"{h.get('head_lr_mult') or 1:g}x the lr: reward.py choice 11)" if blocks else "") + (
+                 ", reading the chat model's surprise at each token (choice 12)" if h.get("surprise") else "")
+             + ", trained one epoch on the annotator's pairs" + (
+                 f" (rater noise {noise:g}: data.PREFERENCE_NOISE)." if noise is not None else "."), "",
              "Table 7 in miniature: each RM's accuracy on each test set (the paper: safety RM 64.5 on Meta Safety, "
              "helpfulness RM 63.2 on Meta Helpful; each is best on its own axis).", "",
              "| reward model | helpfulness test | safety test |", "|---|---|---|",

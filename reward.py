@@ -58,12 +58,14 @@ Deviations from the paper, and choices where it is silent:
      grow past ~1 and the loss stayed near log 2; it lost 3 points of accuracy on the helpfulness test set.
   6. The test sets come from the same collection procedure on world.tasks("test") prompts: their labels come from
      the same noisy annotator, so even a perfect RM cannot reach 100% on close pairs (the paper's human labels share
-     this). On distinct pairs the labels are clean: a rater without noise (the annotator's own scores) gets 100% of
-     the "significantly better" test pairs and 96-99.6% of the "better" ones on seeds 0-3, so at this world's noise
-     the two levels are equally clean and their order is set by the kinds of pair each holds, not by its labels (at
-     noise 0.2 the levels fall 99.3-99.8 / 84-91 / 67-72 / 48-60%, but the safety RM then gets 77.5-83% on its test
-     set: BENCHMARKS.md, thirteenth session; --rater-noise). Table 8 in miniature: accuracy falls from "better" to
-     "negligibly better / unsure" as the paper's does, but "significantly better" pairs score below "better" ones
+     this). How noisy (data.PREFERENCE_NOISE, --rater-noise): at 0.1, the world's first setting, a rater without
+     noise (the annotator's own scores) gets 100% of the "significantly better" test pairs and 96-99.6% of the
+     "better" ones (seeds 0-3): the two levels equally clean, so their order is set by the kinds of pair each holds,
+     not by its labels as in the paper. At 0.2 it gets 99.3-99.8 / 84-91 / 67-72 / 48-60% by level, the paper's fall,
+     but only 81-84% of the safety test pairs, where the safety RM must reach 80%. The default 0.15 gives 100 /
+     94-97 / 72-84 / 55-68%, and 85-89% of the safety pairs (BENCHMARKS.md, thirteenth and fourteenth sessions).
+     With the plain RM (--no-surprise, choice 12) Table 8 in miniature falls from "better" to "negligibly better /
+     unsure" as the paper's does, but "significantly better" pairs score below "better" ones
      here. Measured by the source of each test pair (seed 0, 597 helpfulness pairs, BENCHMARKS.md): a refusal, a
      partial, verbose or garbled reply against a good one is told apart 92-100% of the time, but a wrong fact or sum
      against a right one only 43-44%, and a fact about another person 34-50%: chance. Those content errors are most
@@ -116,26 +118,27 @@ Deviations from the paper, and choices where it is silent:
      seed 1 it stayed at 50%, and the "significantly better" level stays below "better" for the helpfulness RM on
      every seed (79 / 92% on seed 0). Tried on seed 0 and 1 and not kept: three blocks (78.7% on seed 0, no better
      than two), the plain trunk's top two layers at 10x (76.2%, 80.0%).
- 12. --surprise (off by default): the RM also reads how surprised the chat model is by each token. The RM keeps the
-     chat model's final norm and next-token head; after the trunk's last block they give, for every token, -log p(token)
-     where it was predicted and its gap to the most likely token, and a (C, 2) matrix that starts at zero adds the two
-     numbers to the residual stream, where the head blocks can attend to them (model.Transformer.surprise). Why: the
-     chat model knows the facts (it recalls them when it writes them), but the scalar head must recall a fact a second
-     time, at the reply's end, to see that a written one is wrong (choice 11). The chat model's own next-token
-     probabilities already do that check: on the seed 0 helpfulness test pairs, "the reply with the lower summed
-     surprise wins" alone is right on 98% of the "significantly better" pairs (83% of "sample > wrong fact", 100% of
-     "reference > wrong fact"). Measured on the default runs' SFT models and pairs (Zen 4, BENCHMARKS.md), without ->
-     with: helpfulness RM on its test set 79.7 -> 87.2% (seed 0), 77.9 -> 84.8% (seed 1); its "significantly better"
-     79.6 -> 93.2%, 76.9 -> 93.1% (Table 8 monotone on seed 1, 1.5 points short on seed 0); the safety RM on its test
-     set 84.1 -> 85.5%, 88.8 -> 88.3%. Not the default because it costs Table 7's pattern: the helpfulness RM, which
-     now sees wrong facts, is as good as the safety RM on the safety pairs (86.3 against 85.5% on seed 0, 88.3 both
-     on seed 1): the safety RM's edge was the off-topic content pairs, and both RMs now get those right. Giving the
-     helpfulness collection a tension with safety (10% harmful prompts judged on helpfulness, where raters prefer
-     compliance) restored the pattern on seed 0 only: the helpfulness RM still ranked every harmful compliance below
-     the refusal (BENCHMARKS.md, tenth session). With the safety share at 1/3 (choice 3) and the club-notice corpus,
-     Table 7 holds with it on seeds 0-2, by 1.0-1.4 points; the helpfulness RM reaches 85-88% and its "significantly
-     better" 92-96%, but Table 8's top two levels and Table 28's three margins then tie within a standard error (5 of
-     those 9 orders wrong by 0.3-0.8 points; BENCHMARKS.md, twelfth session).
+ 12. --surprise (on by default; --no-surprise is the paper's RM): the RM also reads how surprised the chat model is by
+     each token. The RM keeps the chat model's final norm and next-token head; after the trunk's last block they give,
+     for every token, -log p(token) where it was predicted and its gap to the most likely token, and a (C, 2) matrix
+     that starts at zero adds the two numbers to the residual stream, where the head blocks can attend to them
+     (model.Transformer.surprise). Why: the chat model knows the facts (it recalls them when it writes them), but the
+     scalar head must recall a fact a second time, at the reply's end, to see that a written one is wrong (choice 11).
+     The chat model's own next-token probabilities already do that check: on the seed 0 helpfulness test pairs, "the
+     reply with the lower summed surprise wins" alone is right on 98% of the "significantly better" pairs (83% of
+     "sample > wrong fact", 100% of "reference > wrong fact"). Measured on the default runs' SFT models and pairs (Zen
+     4, BENCHMARKS.md), without -> with: helpfulness RM on its test set 79.7 -> 87.2% (seed 0), 77.9 -> 84.8% (seed 1);
+     its "significantly better" 79.6 -> 93.2%, 76.9 -> 93.1% (Table 8 monotone on seed 1, 1.5 points short on seed 0);
+     the safety RM on its test set 84.1 -> 85.5%, 88.8 -> 88.3%. It costs Table 7 part of its margin: the helpfulness
+     RM, which now sees wrong facts, is nearly as good as the safety RM on the safety pairs (the safety RM's edge was
+     the off-topic content pairs, and both RMs now get those right; with the safety share at 1/3, choice 3, Table 7
+     still holds on seeds 0-2, by 1.0-1.4 points). And at the rater noise of 0.1 the helpfulness RM's "significantly
+     better" and "better" levels then tie near their common ceiling (92-96%; 5 of 9 orders of Tables 8 and 28 wrong by
+     0.3-0.8 points, twelfth session). With the default noise of 0.15 (choice 6) on four seeds (Zen 3, fourteenth
+     session): each RM above its target on its own test set (helpfulness 84.2-85.3%, safety 83.4-88.5%), Table 7 on all
+     four, Table 8's fall on six of the eight RM-seed pairs (the two misses: the top two levels 0.1 and 0.6 points
+     apart, one pair), where the plain RM at 0.1 missed seven of the eight (the helpfulness RM by 10-18 points). Why it
+     is the default: the paper's 7B-70B RMs know the facts their chat model knows; this 4-layer one does not without it.
 """
 from __future__ import annotations
 
@@ -160,7 +163,7 @@ AXES = ("helpfulness", "safety")
 HELPFUL_KINDS = ("fact", "arith", "story", "multiturn")
 SAFETY_KINDS = ("harmful", "borderline")
 HELPFUL_SAFETY_SHARE = 1 / 3  # the helpfulness RM's safety pairs per helpfulness pair (docstring, choice 3)
-RATER_NOISE = data.RATER_NOISE  # the annotator's noise on a score gap (choice 6; RewardConfig's field `data` hides data)
+PREFERENCE_NOISE = data.PREFERENCE_NOISE  # the annotator's noise on a score gap (choice 6; the field `data` hides data)
 # Table 27: margin m(r) per rating, in the order of data.RATINGS (significantly better ... negligibly better / unsure)
 MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
 
@@ -182,10 +185,10 @@ class RewardConfig:
     max_new_tokens: int = 64  # length limit of the sampled replies
     head_layers: int = 2  # new transformer blocks between the chat model's trunk and the score head (choice 11; 0 = paper)
     head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 11)
-    surprise: bool = False  # the chat model's surprise at each token enters the RM (choice 12; off = the paper's RM)
+    surprise: bool = True  # the chat model's surprise at each token enters the RM (choice 12; off: the paper's RM)
     helpful_safety_share: float = HELPFUL_SAFETY_SHARE  # the helpfulness RM's safety pairs per helpfulness pair
     content_pairs: int = 0  # train prompts only: extra pairs per prompt of a content defect against the reference
-    rater_noise: float = RATER_NOISE  # the annotator's noise when it labels the world's pairs (choice 6)
+    rater_noise: float = PREFERENCE_NOISE  # the annotator's noise when it labels the world's pairs (choice 6)
     safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
     batch_size: int = 32  # pairs per optimizer step, all processes together (§3.2.2: 512)
@@ -777,7 +780,7 @@ def main(cfg: RewardConfig):
         common.die(f"--temperatures takes two values (§3.2.1: two samples per prompt), got {cfg.temperatures}")
     if cfg.content_pairs < 0 or (cfg.content_pairs and cfg.data is not None):
         common.die(f"--content-pairs {cfg.content_pairs}: takes K >= 0, and adds to the world's pairs (not to --data)")
-    if not 0 <= cfg.rater_noise < float("inf") or (cfg.rater_noise != RATER_NOISE and cfg.data is not None):
+    if not 0 <= cfg.rater_noise < float("inf") or (cfg.rater_noise != PREFERENCE_NOISE and cfg.data is not None):
         common.die(f"--rater-noise {cfg.rater_noise}: takes a standard deviation >= 0, for the world's pairs (--data "
                    "brings its own labels)")
     if not 0 <= cfg.helpful_safety_share < float("inf"):
@@ -854,7 +857,7 @@ def main(cfg: RewardConfig):
         metrics = {
             "axis": cfg.axis, "margin": cfg.margin, "init_from": cfg.init_from,
             "head_layers": rm.args.n_layers - init.args.n_layers,  # choice 11 (0 when init is already an RM)
-            "head_lr_mult": cfg.head_lr_mult,
+            "head_lr_mult": cfg.head_lr_mult, "surprise": rm.args.surprise_layer > 0,  # choice 12
             "accuracy": {a: ev[a]["accuracy"] for a in AXES},  # Table 7: this RM's row
             "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
             "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},

@@ -534,9 +534,9 @@ def test_content_pairs_add_content_defects_to_the_train_pairs_only(tmp_path, tin
 def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path, tiny_ckpt, tok):
     """--rater-noise 0: the annotator prefers the reply with the higher utility and rates the pair by the true gap, in
     every train and test pair (data.RATING_THRESHOLDS); the noise is part of the cache key, so the default noise
-    collects again into the same folder, and its labels then disagree somewhere (measured: 35 of the 105 pairs get
-    another rating at noise 0.1, 7 of them the other reply chosen; the seeds are fixed, so the check is
-    deterministic)."""
+    (data.PREFERENCE_NOISE) collects again into the same folder, and its labels then disagree somewhere (measured: 46
+    of the 105 pairs get another rating at noise 0.15, 9 of them the other reply chosen; 35 and 7 at 0.1; the seeds
+    are fixed, so the check is deterministic)."""
     policy = M.load_checkpoint(tiny_ckpt).eval()
     rater = data.Annotator(data.World(seed=0), seed=0, noise=0.0)
     def collect(noise):
@@ -555,7 +555,7 @@ def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path
     for p in clean:
         gap = true_gap(p)
         assert gap >= 0 and data.RATINGS[level(gap)] == p.rating, (p.chosen, p.rejected, p.rating, gap)
-    noisy = collect(data.RATER_NOISE)  # the key differs: collected again, not read back
+    noisy = collect(data.PREFERENCE_NOISE)  # the default: the key differs, so collected again, not read back
     assert any(true_gap(p) < 0 or data.RATINGS[level(true_gap(p))] != p.rating for p in noisy)
 
 
