@@ -795,7 +795,7 @@ RATING_THRESHOLDS = (0.45, 0.2, 0.08)  # perceived gap at or above each -> RATIN
 # without noise (the annotator's own scores) gets the test pairs right by rating level 100 / 96-99.6 / 84-94 / 60-72%
 # at noise 0.1 (seeds 0-3): the two top levels equally clean, where the paper's Table 8 needs the labels' reliability
 # to fall with the rating; at 0.2 it gets 99.3-99.8 / 84-91 / 67-72 / 48-60%, that fall, but only 81-84% of the
-# safety test pairs, where the safety RM must reach 80% (issue 4). 0.15 is between (BENCHMARKS.md, thirteenth and
+# safety test pairs, where the safety RM must reach 80%. 0.15 is between (BENCHMARKS.md, thirteenth and
 # fourteenth sessions): 100 / 94-97 / 72-84 / 55-68% by level, 85-89% of the safety test pairs.
 RATER_NOISE = 0.1
 PREFERENCE_NOISE = 0.15

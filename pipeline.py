@@ -297,7 +297,8 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
                       "rejected reply came from (sample: the chat model's; reference: the world's ideal reply; the "
                       "rest are deliberate defects: reward.py choice 2). Refusals and verbose replies are form; a "
                       "wrong fact (`wrong`) or another person's fact (`off_topic`) is content, and most of the "
-                      "\"significantly better\" pairs (reward.py choices 6 and 11).", "",
+                      "\"significantly better\" pairs, which an RM sees through the chat model's surprise "
+                      "(reward.py choices 6, 11 and 12).", "",
                   "| reward model | chosen > rejected | pairs | accuracy |", "|---|---|---|---|"]
         for name, _, groups in srcs:
             lines += [f"| {name} | {k.replace('>', ' > ')} | {v['n']} | {_pct(v['accuracy'])} |"

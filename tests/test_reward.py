@@ -539,11 +539,12 @@ def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path
     are fixed, so the check is deterministic)."""
     policy = M.load_checkpoint(tiny_ckpt).eval()
     rater = data.Annotator(data.World(seed=0), seed=0, noise=0.0)
-    def collect(noise):
+    def collect(noise=None):  # None: RewardConfig's default
         cfg = reward.RewardConfig(init_from=str(tiny_ckpt), prefs_dir=str(tmp_path / "prefs"), train_prompts=10,
-                                  safety_prompts=10, test_prompts=8, max_new_tokens=6, rater_noise=noise)
+                                  safety_prompts=10, test_prompts=8, max_new_tokens=6,
+                                  **({} if noise is None else {"rater_noise": noise}))
         train, test, info = reward.world_preferences(cfg, policy, tok)
-        assert info["key"]["rater_noise"] == noise
+        assert info["key"]["rater_noise"] == (data.PREFERENCE_NOISE if noise is None else noise)
         return train + test
     def true_gap(p):
         u = [rater._utility(rater.score(p.messages, r), p.category) for r in (p.chosen, p.rejected)]
@@ -555,7 +556,7 @@ def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path
     for p in clean:
         gap = true_gap(p)
         assert gap >= 0 and data.RATINGS[level(gap)] == p.rating, (p.chosen, p.rejected, p.rating, gap)
-    noisy = collect(data.PREFERENCE_NOISE)  # the default: the key differs, so collected again, not read back
+    noisy = collect()  # the default noise: the key differs, so collected again, not read back
     assert any(true_gap(p) < 0 or data.RATINGS[level(true_gap(p))] != p.rating for p in noisy)
 
 
