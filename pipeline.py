@@ -273,7 +273,7 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
                  f"{h.get('head_lr_mult') or 1:g}x the lr: reward.py choice 11)" if blocks else "") + (
                  ", reading the chat model's surprise at each token (choice 12)" if h.get("surprise") else "")
              + ", trained one epoch on the annotator's pairs" + (
-                 f" (rater noise {noise:g}: data.PREFERENCE_NOISE)." if noise is not None else "."), "",
+                 f" (rater noise {noise:g}: reward.py --rater-noise, choice 6)." if noise is not None else "."), "",
              "Table 7 in miniature: each RM's accuracy on each test set (the paper: safety RM 64.5 on Meta Safety, "
              "helpfulness RM 63.2 on Meta Helpful; each is best on its own axis).", "",
              "| reward model | helpfulness test | safety test |", "|---|---|---|",

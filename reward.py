@@ -75,8 +75,8 @@ Deviations from the paper, and choices where it is silent:
      or 3 epochs at 3e-4 all left that level at 67-71%. Telling a wrong fact needs the RM to recall the fact again
      at the reply's end, two steps of retrieval a 4-layer 0.87M model does not learn from ~300 such pairs; earlier
      runs with 4x the data reached 80% there. Choice 9 adds such pairs; an annotator that knew every score without
-     noise would get 90.7% of these test pairs. Choice 11's head blocks raise the content pairs on one seed of
-     three, and leave the level below "better".
+     noise would get 90.7% of these test pairs (at noise 0.1). Choice 11's head blocks raise the content pairs on one
+     seed of three, and leave the level below "better".
   7. No mid-run checkpoints: an RM trains in about a minute here; the model is written once, at the end.
   8. The safety RM's zero point (calibrate_safety). §3.2.3 switches to the safety RM whenever R_s < 0.15, which
      presumes that a low sigmoid score means "unsafe". The ranking loss fixes only differences of scores, so without
