@@ -841,6 +841,7 @@ class Preference:
     category: str         # "helpfulness" | "safety"
     safety_label: str | None = None  # one of SAFETY_LABELS (or DROPPED_SAFETY_LABEL) when known
     sources: tuple[str, str] | None = None  # where chosen and rejected came from ("sample_T0.7", "wrong", ...)
+    kind: str | None = None  # the prompt's task kind (one of KINDS: "arith", "fact", ...) when known
 
 
 class Annotator:
@@ -1207,8 +1208,11 @@ def _parse_preference(r: dict, where: str) -> Preference:
     if sources is not None and not (isinstance(sources, list) and len(sources) == 2
                                     and all(isinstance(x, str) for x in sources)):
         raise DataError(f"{where}: field 'sources' must be a list of two strings (chosen's, rejected's)")
+    kind = r.get("kind")  # optional, also written by collect_preferences: Table 8 by task kind
+    if kind is not None and not isinstance(kind, str):
+        raise DataError(f"{where}: field 'kind' must be a string (the prompt's task kind), got {kind!r}")
     return Preference(messages, chosen, rejected, rating, category, r.get("safety_label"),
-                      tuple(sources) if sources else None)
+                      tuple(sources) if sources else None, kind)
 
 
 def read_preferences_jsonl(path) -> list[Preference]:

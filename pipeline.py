@@ -303,6 +303,19 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
         for name, _, groups in srcs:
             lines += [f"| {name} | {k.replace('>', ' > ')} | {v['n']} | {_pct(v['accuracy'])} |"
                       for k, v in list(groups.items())[:12]]
+    kinds = [(name, (m.get("accuracy_by_kind") or {}).get(axis) or {})
+             for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety"))]
+    if any(g for _, g in kinds):
+        lines += ["", "Table 8 within each kind of question (each RM on its own test set; in brackets the pairs of "
+                      "each cell). A level's accuracy also depends on which questions fill it: a sum is checked by a "
+                      "trunk that adds as well as the chat model does (section 2's arithmetic), a fact by one that "
+                      "recalls it, so a kind the RM judges worse pulls down the level where its pairs gather "
+                      "(reward.py accuracy_by_kind).", "",
+                  "| reward model | kind | significantly better | better | slightly better | negligibly better / unsure "
+                  "|", "|---|---|---|---|---|---|"]
+        for name, groups in kinds:
+            lines += [f"| {name} | {k} | " + " | ".join(f"{_pct(v['by_rating'].get(r))} ({v['n_by_rating'].get(r, 0)})"
+                                                     for r in data.RATINGS) + " |" for k, v in groups.items()]
     abl = h.get("margin_ablation") or s.get("margin_ablation")
     if abl:
         axis = "helpfulness" if h.get("margin_ablation") else "safety"

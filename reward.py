@@ -669,7 +669,7 @@ def accuracy(rm: Transformer, tok, pairs: list) -> dict:
     """Share of pairs where the RM scores the chosen reply higher (a tie counts half), overall, by rating and by the
     sources of the two replies."""
     if not pairs:
-        return {"accuracy": None, "n": 0, "by_rating": {}, "n_by_rating": {}, "by_source": {}}
+        return {"accuracy": None, "n": 0, "by_rating": {}, "n_by_rating": {}, "by_source": {}, "by_kind": {}}
     msgs = [p.messages for p in pairs]
     r = score(rm, tok, msgs + msgs, [p.chosen for p in pairs] + [p.rejected for p in pairs])  # pairs share prompts
     r_c, r_r = r[:len(pairs)], r[len(pairs):]
@@ -680,7 +680,7 @@ def accuracy(rm: Transformer, tok, pairs: list) -> dict:
         n_by[rating] = int(sel.sum())
         by[rating] = round(right[sel].mean().item(), 4) if sel.any() else None
     return {"accuracy": round(right.mean().item(), 4), "n": len(pairs), "by_rating": by, "n_by_rating": n_by,
-            "by_source": accuracy_by_source(pairs, right.tolist())}
+            "by_source": accuracy_by_source(pairs, right.tolist()), "by_kind": accuracy_by_kind(pairs, right.tolist())}
 
 
 def source_kind(source: str) -> str:
@@ -698,6 +698,27 @@ def accuracy_by_source(pairs: list, right: list[float], min_n: int = 5) -> dict:
             groups.setdefault(f"{source_kind(p.sources[0])}>{source_kind(p.sources[1])}", []).append(ok)
     return {k: {"accuracy": round(sum(v) / len(v), 4), "n": len(v)}
             for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1])) if len(v) >= min_n}
+
+
+def accuracy_by_kind(pairs: list, right: list[float], min_n: int = 5) -> dict:
+    """Table 8 within each task kind of the prompt: kind -> {"accuracy", "n", "by_rating", "n_by_rating"}, for kinds
+    with at least min_n pairs, the largest first. Why: a level's accuracy is also set by which kinds of question fill
+    it. A sum is checked by a trunk that adds as well as the chat model does, a fact by one that recalls it (choice
+    12), so where one kind's pairs gather the level can fall below the next one though each kind falls in order.
+    Pairs without a kind (user data) are left out."""
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for p, ok in zip(pairs, right):
+        if p.kind:
+            groups.setdefault(p.kind, []).append((p.rating, ok))
+    out = {}
+    for kind, v in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        if len(v) < min_n:
+            continue
+        by = {r: [ok for rating, ok in v if rating == r] for r in data.RATINGS}
+        out[kind] = {"accuracy": round(sum(ok for _, ok in v) / len(v), 4), "n": len(v),
+                     "by_rating": {r: round(sum(x) / len(x), 4) if x else None for r, x in by.items()},
+                     "n_by_rating": {r: len(x) for r, x in by.items()}}
+    return out
 
 
 def evaluate(rm, tok, test: list) -> dict:
@@ -865,6 +886,7 @@ def main(cfg: RewardConfig):
             "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
             "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},
             "accuracy_by_source": {a: ev[a]["by_source"] for a in AXES},  # what it sees: form or content (choice 6)
+            "accuracy_by_kind": {a: ev[a]["by_kind"] for a in AXES},  # Table 8 within each task kind (choice 12)
             "n_pairs": {"train_mixture": len(mix), "train_helpfulness": n_cat["helpfulness"],
                         "train_safety": n_cat["safety"], "train_available": len(train_pairs),
                         "test_helpfulness": ev["helpfulness"]["n"], "test_safety": ev["safety"]["n"]},

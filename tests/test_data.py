@@ -443,6 +443,7 @@ GOOD_PREF = {"prompt": "What is 2 + 2?", "chosen": "2 + 2 = 4.", "rejected": "5.
     (data.read_preferences_jsonl, {**GOOD_PREF, "rating": "much better"}, "unknown rating"),
     (data.read_preferences_jsonl, {**GOOD_PREF, "category": "fun"}, "category"),
     (data.read_preferences_jsonl, {**GOOD_PREF, "sources": ["sample"]}, "'sources' must be a list of two strings"),
+    (data.read_preferences_jsonl, {**GOOD_PREF, "kind": 3}, "'kind' must be a string"),
     (data.read_dialogs_jsonl, {"messages": [{"role": 3, "content": "hi"}]}, "role"),
     (data.read_dialogs_jsonl, {"messages": [{"role": "user", "content": "hi"}]}, "last message must have role"),
     (data.read_dialogs_jsonl, {"messages": [{"role": "assistant", "content": "hi"}]}, "alternate"),
@@ -464,8 +465,9 @@ def test_readers_accept_good_data(tmp_path):
     prefs = data.read_preferences_jsonl(_write(tmp_path, [
         GOOD_PREF, {**GOOD_PREF, "rating": "negligibly_better", "category": "safety",
                     "prompt": [{"role": "user", "content": "Hi"}]},
-        {**GOOD_PREF, "rating": "Significantly Better"}, {**GOOD_PREF, "rating": "unsure"}]))
+        {**GOOD_PREF, "rating": "Significantly Better", "kind": "arith"}, {**GOOD_PREF, "rating": "unsure"}]))
     assert [p.rating for p in prefs] == [data.RATINGS[1], data.RATINGS[3], data.RATINGS[0], data.RATINGS[3]]
+    assert [p.kind for p in prefs] == [None, None, "arith", None]  # optional: the task kind, when the file has it
     assert prefs[0].messages == [{"role": "user", "content": "What is 2 + 2?"}]
     rl = data.read_rl_prompts_jsonl(_write(tmp_path, [{"messages": [{"role": "system", "content": "Be kind."},
                                                                     {"role": "user", "content": "Hi"}],

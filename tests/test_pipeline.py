@@ -78,3 +78,19 @@ def test_report_gives_one_standard_error_of_each_small_sample_share(tmp_path):
     gatt = {"adherence_by_turn": {"baseline": [0.5, 0.1], "gatt": [0.9, 0.9]}, "n_eval_seen": 100}
     assert "a share near GAtt's mean (90.0%) has one standard error of 3.0 points" in "\n".join(
         pipeline.section_gatt(tmp_path, gatt))
+
+
+def test_report_splits_table8_by_task_kind(tmp_path):
+    """The by-kind table prints each kind's accuracy by rating with its pairs in brackets ("-" for an empty cell), and
+    is left out when no RM's metrics have it (user data without kinds, or metrics from before it existed)."""
+    import pipeline
+    ratings = ["significantly better", "better", "slightly better", "negligibly better / unsure"]
+    rm = {"accuracy": {"helpfulness": 0.8, "safety": 0.7}}
+    assert "within each kind" not in "\n".join(pipeline.section_reward(tmp_path, rm, rm))
+    arith = {"accuracy": 0.7, "n": 30, "by_rating": dict(zip(ratings, (0.8, 0.6, None, 0.5))),
+             "n_by_rating": dict(zip(ratings, (10, 10, 0, 10)))}
+    h = {**rm, "accuracy_by_kind": {"helpfulness": {"arith": arith}, "safety": {}}}
+    text = "\n".join(pipeline.section_reward(tmp_path, h, rm))
+    assert "Table 8 within each kind of question" in text
+    assert "| helpfulness RM | arith | 80.0% (10) | 60.0% (10) | - (0) | 50.0% (10) |" in text
+    assert "| safety RM |" not in text.split("within each kind")[1]  # no kinds in the safety RM's metrics

@@ -574,6 +574,25 @@ def test_accuracy_by_source_groups_pairs_by_where_their_replies_came_from():
     assert list(by)[0] == "sample>wrong"  # largest group first
 
 
+def test_accuracy_by_kind_splits_table8_by_the_prompts_task_kind():
+    """Hand-made: 6 arith pairs (4 significantly better, 2 right; 2 better, both right), 5 fact pairs (3 significantly
+    better, all right; 2 slightly better, a tie and a miss), 3 story pairs (fewer than min_n: left out), 2 without a
+    kind (user data: left out). Arith and fact together get 5 of 7 top-level pairs right and both "better" pairs: an
+    inverted level that the split shows to be arithmetic's (2 of 4), while facts get every top-level pair."""
+    def pair(kind, level):
+        return data.Preference([data.user("q")], "a", "b", data.RATINGS[level], "helpfulness", kind=kind)
+    pairs = ([pair("arith", 0)] * 4 + [pair("arith", 1)] * 2 + [pair("fact", 0)] * 3 + [pair("fact", 2)] * 2
+             + [pair("story", 0)] * 3 + [pair(None, 0)] * 2)
+    right = [1, 0, 1, 0, 1, 1] + [1, 1, 1, 0.5, 0] + [1, 1, 1] + [0, 0]
+    by = reward.accuracy_by_kind(pairs, right)
+    assert list(by) == ["arith", "fact"]  # largest first; story (3 < 5) and the unlabelled pairs left out
+    r0, r1, r2, r3 = data.RATINGS
+    assert by["arith"] == {"accuracy": round(4 / 6, 4), "n": 6, "by_rating": {r0: 0.5, r1: 1.0, r2: None, r3: None},
+                           "n_by_rating": {r0: 4, r1: 2, r2: 0, r3: 0}}
+    assert by["fact"] == {"accuracy": 0.7, "n": 5, "by_rating": {r0: 1.0, r1: None, r2: 0.25, r3: None},
+                          "n_by_rating": {r0: 3, r1: 0, r2: 2, r3: 0}}
+
+
 # ---- learning --------------------------------------------------------------------------------------------------------
 def test_short_training_beats_chance_on_held_out_pairs(tok):
     """Deterministic (fixed seeds and data; no sampling): a 2-layer random-init model learns, in 40 steps of 8 pairs,
@@ -616,6 +635,10 @@ def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt
     by_src = m["accuracy_by_source"]["helpfulness"]
     assert by_src and all(0 <= g["accuracy"] <= 1 and g["n"] >= 5 for g in by_src.values())
     assert sum(g["n"] for g in by_src.values()) <= m["n_pairs"]["test_helpfulness"]
+    by_kind = m["accuracy_by_kind"]["helpfulness"]  # the world's pairs carry their prompt's task kind
+    assert by_kind and set(by_kind) <= set(reward.HELPFUL_KINDS)
+    assert sum(g["n"] for g in by_kind.values()) <= m["n_pairs"]["test_helpfulness"]
+    assert all(sum(g["n_by_rating"].values()) == g["n"] for g in by_kind.values())
     assert list(m["margin_ablation"]) == ["none", "small", "large"]
     n_help = m["n_pairs"]["train_helpfulness"]  # §3.2.2's equal part, of which safety is a third (choice 3)
     assert n_help > 0 and m["n_pairs"]["train_safety"] == round(n_help / 3)
