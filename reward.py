@@ -679,14 +679,16 @@ def accuracy(rm: Transformer, tok, pairs: list) -> dict:
     msgs = [p.messages for p in pairs]
     r = score(rm, tok, msgs + msgs, [p.chosen for p in pairs] + [p.rejected for p in pairs])  # pairs share prompts
     r_c, r_r = r[:len(pairs)], r[len(pairs):]
-    right = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()  # (N,)
-    by, n_by = {}, {}
-    for rating in data.RATINGS:
-        sel = torch.tensor([p.rating == rating for p in pairs])
-        n_by[rating] = int(sel.sum())
-        by[rating] = round(right[sel].mean().item(), 4) if sel.any() else None
-    return {"accuracy": round(right.mean().item(), 4), "n": len(pairs), "by_rating": by, "n_by_rating": n_by,
-            "by_source": accuracy_by_source(pairs, right.tolist()), "by_kind": accuracy_by_kind(pairs, right.tolist())}
+    right = ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).tolist()  # (N,): 1 right, 0.5 a tie, 0 wrong
+    return {"accuracy": round(sum(right) / len(right), 4), "n": len(pairs), **accuracy_by_rating(pairs, right),
+            "by_source": accuracy_by_source(pairs, right), "by_kind": accuracy_by_kind(pairs, right)}
+
+
+def accuracy_by_rating(pairs: list, right: list[float]) -> dict:
+    """Table 8: {"by_rating": rating -> accuracy (None where no pair has it), "n_by_rating": rating -> pairs}."""
+    by = {r: [ok for p, ok in zip(pairs, right) if p.rating == r] for r in data.RATINGS}
+    return {"by_rating": {r: round(sum(x) / len(x), 4) if x else None for r, x in by.items()},
+            "n_by_rating": {r: len(x) for r, x in by.items()}}
 
 
 def source_kind(source: str) -> str:
@@ -712,19 +714,14 @@ def accuracy_by_kind(pairs: list, right: list[float], min_n: int = 5) -> dict:
     it. A sum is checked by a trunk that adds as well as the chat model does, a fact by one that recalls it (choice
     12), and the kinds' shares differ from level to level (choice 12 has the measured split). Pairs without a kind
     (user data) are left out."""
-    groups: dict[str, list[tuple[str, float]]] = {}
+    groups: dict[str, tuple[list, list[float]]] = {}
     for p, ok in zip(pairs, right):
         if p.kind:
-            groups.setdefault(p.kind, []).append((p.rating, ok))
-    out = {}
-    for kind, v in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        if len(v) < min_n:
-            continue
-        by = {r: [ok for rating, ok in v if rating == r] for r in data.RATINGS}
-        out[kind] = {"accuracy": round(sum(ok for _, ok in v) / len(v), 4), "n": len(v),
-                     "by_rating": {r: round(sum(x) / len(x), 4) if x else None for r, x in by.items()},
-                     "n_by_rating": {r: len(x) for r, x in by.items()}}
-    return out
+            ps, oks = groups.setdefault(p.kind, ([], []))
+            ps.append(p)
+            oks.append(ok)
+    return {kind: {"accuracy": round(sum(oks) / len(oks), 4), "n": len(oks), **accuracy_by_rating(ps, oks)}
+            for kind, (ps, oks) in sorted(groups.items(), key=lambda kv: -len(kv[1][1])) if len(oks) >= min_n}
 
 
 def evaluate(rm, tok, test: list) -> dict:
