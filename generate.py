@@ -264,6 +264,40 @@ def _compiled_decode_step(device: torch.device):
     return _compiled_steps[device.type]
 
 
+def _left_pad(prompt_tokens: list[list[int]], pad_id: int, device):
+    """Step 1 of generate: left-pad the prompts so that row b's prompt occupies columns pad_len[b] .. P-1 and the next
+    token is column P in every row. Returns tokens (B, P), pad_len (B,), positions (B, P): each prompt's own RoPE
+    positions from 0, and the prefill's attention mask (B, P, P): causal, over real keys only."""
+    lens = [len(p) for p in prompt_tokens]
+    B, P = len(prompt_tokens), max(lens)
+    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompt_tokens):
+        tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    pad_len = torch.tensor([P - n for n in lens], device=device)  # (B,)
+    cols = torch.arange(P, device=device)
+    positions = (cols[None, :] - pad_len[:, None]).clamp(min=0)  # (B, P)
+    real = cols[None, :] >= pad_len[:, None]  # (B, P) key is a real token
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    # a pad query attends to itself only, so no softmax row is empty (an all-masked row would give NaN)
+    mask = causal[None] & (real[:, None, :] | torch.eye(P, dtype=torch.bool, device=device)[None])  # (B, P, P)
+    return tokens, pad_len, positions, mask
+
+
+def _reuse_prefix(cache: KVCache, prefix: list[CachedPrompt], prompt_tokens: list[list[int]]) -> int:
+    """Copy into the (left-padded) cache the keys/values of what each prompt shares with its cached one, and return
+    the first column the prefill must compute: every row's uncached tokens are at or after it."""
+    lens = [len(p) for p in prompt_tokens]
+    P = max(lens)
+    reuse = [c.reusable(p) for c, p in zip(prefix, prompt_tokens)]
+    first = P - max(n - r for n, r in zip(lens, reuse))
+    for b, c in enumerate(prefix):  # row b: columns P - lens[b] .. first-1 hold its first n cached tokens
+        n = first - (P - lens[b])
+        if n > 0:
+            for new, old in zip(cache.k + cache.v, c.k + c.v):
+                new[b, :, P - lens[b]:first] = old[:, :n]
+    return first
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, eos_id: Optional[int] = 2, num_samples: int = 1, logprobs: bool = False,
@@ -298,18 +332,7 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
         raise ValueError(f"prompt of {P} tokens does not fit the model's context of {max_seq} tokens")
     total = min(max_seq, P + max_new_tokens)
     B = len(prompt_tokens)
-
-    # 1. left-pad: row b's prompt occupies columns pad_len[b] .. P-1, so the next token is column P in every row
-    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    for b, p in enumerate(prompt_tokens):
-        tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-    pad_len = torch.tensor([P - n for n in lens], device=device)  # (B,)
-    cols = torch.arange(P, device=device)
-    positions = (cols[None, :] - pad_len[:, None]).clamp(min=0)  # (B, P): each prompt's own RoPE positions from 0
-    real = cols[None, :] >= pad_len[:, None]  # (B, P) key is a real token
-    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    # a pad query attends to itself only, so no softmax row is empty (an all-masked row would give NaN)
-    mask = causal[None] & (real[:, None, :] | torch.eye(P, dtype=torch.bool, device=device)[None])  # (B, P, P)
+    tokens, pad_len, positions, mask = _left_pad(prompt_tokens, pad_id, device)  # 1.
 
     # CPU, eager, several rows: oneDNN's prepacked weights for this call (see _cpu_packed_linears)
     pack = device.type == "cpu" and not compile
@@ -321,13 +344,7 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
         cache = KVCache(model, B, S, device=device)
         first = 0  # the first column to compute; the columns before it come from the cached prompts
         if prefix is not None and num_samples == 1 and not compile:
-            reuse = [c.reusable(p) for c, p in zip(prefix, prompt_tokens)]
-            first = P - max(n - r for n, r in zip(lens, reuse))  # every row's uncached tokens are at or after it
-            for b, c in enumerate(prefix):  # row b: columns pad_len[b] .. first-1 hold its first n cached tokens
-                n = first - (P - lens[b])
-                if n > 0:
-                    for new, old in zip(cache.k + cache.v, c.k + c.v):
-                        new[b, :, P - lens[b]:first] = old[:, :n]
+            first = _reuse_prefix(cache, prefix, prompt_tokens)
         h = model.trunk(tokens[:, first:], positions=positions[:, first:], mask=mask[:, None, first:], cache=cache,
                         cache_pos=torch.arange(first, P, device=device), kv_len=P)  # (B, P - first, C)
         logits = model.output(h[:, -1]).float()  # (B, V): only the last column's logits are needed, not all P of them

@@ -269,6 +269,47 @@ def build_model(cfg, tok, device) -> Transformer:
     return Transformer(args).init_weights(seed=cfg.seed).to(device)
 
 
+def evaluate_final(cfg: PretrainConfig, out: Path, tok, device, dtype, history: dict, H: float,
+                   train_time: float, tps: Optional[float]):
+    """Step 4: the saved checkpoint, reloaded in one process (also right after FSDP training): losses against the
+    unigram entropy, fact recall and held-out sums (the built-in world), a few samples; writes metrics.json.
+    tps is None when this run trained no step (the checkpoint was already complete)."""
+    final = load_checkpoint(out, device=device).eval()
+    metrics = {"train_loss": history["train"][-1][1] if history["train"] else None,
+               "val_loss": history["val"][-1][1] if history["val"] else None, "unigram_entropy": H,
+               "loss_curve": history["train"][::max(1, len(history["train"]) // 200)],
+               "val_curve": history["val"], "steps": cfg.max_steps, "params": final.num_params(),
+               "tokens_per_sec": tps, "train_seconds": train_time,
+               "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len, "vocab_size": tok.n_words, "device": str(device),
+               "document_mix": None if cfg.data else {**data.PRETRAIN_MIX, **parse_mix(cfg.mix)}}
+    peak, _ = common.peak_flops(device, dtype)
+    metrics["mfu"] = tps * final.flops_per_token(cfg.seq_len) / peak if peak and tps else None
+    if cfg.recall_eval and not cfg.data:
+        metrics["fact_recall"], metrics["recall_examples"] = fact_recall(final, tok, cfg.world_seed)
+        print(f"[pretrain] fact recall {100 * metrics['fact_recall']:.1f}%: " + " | ".join(
+            metrics["recall_examples"][:3]), flush=True)
+        metrics["arith_correct"], metrics["arith_examples"] = arithmetic(final, tok, cfg.world_seed)
+        print(f"[pretrain] held-out sums {100 * metrics['arith_correct']:.1f}%: " + " | ".join(
+            metrics["arith_examples"][:3]), flush=True)
+        metrics["arith_asked_correct"], metrics["arith_asked_examples"] = arithmetic_asked(final, tok,
+                                                                                           cfg.world_seed)
+        print(f"[pretrain] held-out sums asked as questions {100 * metrics['arith_asked_correct']:.1f}%: "
+              + " | ".join(metrics["arith_asked_examples"][:2]), flush=True)
+    from generate import generate
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    starts = [tok.encode(s, bos=True, eos=False) for s in ("Once upon a time", "Q: What is", "12 + 7 =")]
+    samples = [tok.decode(s + [t for t in o if t != tok.eos_id]) for s, o in
+               zip(starts, generate(final, starts, 40, temperature=0.8, eos_id=tok.eos_id, generator=g))]
+    metrics["samples"] = samples
+    for s in samples:
+        print(f"[pretrain] sample: {s!r}", flush=True)
+    metrics["complete"] = True
+    common.write_metrics(out, metrics)
+    speed = f"{tps:,.0f} tokens/s, " if tps else ""
+    print(f"[pretrain] done: val_loss {metrics['val_loss']:.4f}, {speed}{common.fmt_time(train_time)}; wrote {out}",
+          flush=True)
+
+
 def main(cfg: PretrainConfig):
     dist = common.setup_distributed(cfg.device)
     device = dist.device
@@ -358,39 +399,7 @@ def main(cfg: PretrainConfig):
         print(f"[pretrain] {out} is already trained to {cfg.max_steps} steps", flush=True)
 
     if dist.is_main:  # 4. evaluate the saved checkpoint in one process (also right after FSDP training)
-        final = load_checkpoint(out, device=device).eval()
-        metrics = {"train_loss": history["train"][-1][1] if history["train"] else None,
-                   "val_loss": history["val"][-1][1] if history["val"] else None, "unigram_entropy": H,
-                   "loss_curve": history["train"][::max(1, len(history["train"]) // 200)],
-                   "val_curve": history["val"], "steps": cfg.max_steps, "params": final.num_params(),
-                   "tokens_per_sec": tps if step + 1 > start else None, "train_seconds": train_time,
-                   "tokens_seen": cfg.max_steps * tokens_per_step, "vocab_size": tok.n_words, "device": str(device),
-                   "document_mix": None if cfg.data else {**data.PRETRAIN_MIX, **parse_mix(cfg.mix)}}
-        peak, _ = common.peak_flops(device, dtype)
-        metrics["mfu"] = tps * final.flops_per_token(cfg.seq_len) / peak if peak and metrics["tokens_per_sec"] else None
-        if cfg.recall_eval and not cfg.data:
-            metrics["fact_recall"], metrics["recall_examples"] = fact_recall(final, tok, cfg.world_seed)
-            print(f"[pretrain] fact recall {100 * metrics['fact_recall']:.1f}%: " + " | ".join(
-                metrics["recall_examples"][:3]), flush=True)
-            metrics["arith_correct"], metrics["arith_examples"] = arithmetic(final, tok, cfg.world_seed)
-            print(f"[pretrain] held-out sums {100 * metrics['arith_correct']:.1f}%: " + " | ".join(
-                metrics["arith_examples"][:3]), flush=True)
-            metrics["arith_asked_correct"], metrics["arith_asked_examples"] = arithmetic_asked(final, tok,
-                                                                                               cfg.world_seed)
-            print(f"[pretrain] held-out sums asked as questions {100 * metrics['arith_asked_correct']:.1f}%: "
-                  + " | ".join(metrics["arith_asked_examples"][:2]), flush=True)
-        from generate import generate
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        starts = [tok.encode(s, bos=True, eos=False) for s in ("Once upon a time", "Q: What is", "12 + 7 =")]
-        samples = [tok.decode(s + [t for t in o if t != tok.eos_id]) for s, o in
-                   zip(starts, generate(final, starts, 40, temperature=0.8, eos_id=tok.eos_id, generator=g))]
-        metrics["samples"] = samples
-        for s in samples:
-            print(f"[pretrain] sample: {s!r}", flush=True)
-        metrics["complete"] = True
-        common.write_metrics(out, metrics)
-        print(f"[pretrain] done: val_loss {metrics['val_loss']:.4f}, {tps:,.0f} tokens/s, "
-              f"{common.fmt_time(train_time)}; wrote {out}", flush=True)
+        evaluate_final(cfg, out, tok, device, dtype, history, H, train_time, tps if start < cfg.max_steps else None)
     common.cleanup_distributed(dist)
 
 

@@ -797,8 +797,8 @@ def ablation_worker(cfg, margin: str, threads: int) -> dict:
                        common.pick_dtype(cfg.dtype, device))
 
 
-def main(cfg: RewardConfig):
-    t_start, cpu_start = time.perf_counter(), time.process_time()
+def check_flags(cfg: RewardConfig):
+    """Every flag that can be wrong, named, before any work."""
     if cfg.axis not in AXES:
         common.die(f"--axis must be one of {', '.join(AXES)}, got {cfg.axis!r}")
     if cfg.margin not in MARGINS:
@@ -814,6 +814,11 @@ def main(cfg: RewardConfig):
         common.die(f"--helpful-safety-share {cfg.helpful_safety_share}: takes a share >= 0 (choice 3; default 1/3)")
     if not Path(cfg.init_from).is_dir():
         common.die(f"--init-from {cfg.init_from}: directory not found (train the chat model first: python sft.py)")
+
+
+def main(cfg: RewardConfig):
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    check_flags(cfg)
     if cfg.quick:
         cfg = replace(cfg, train_prompts=60, safety_prompts=80, test_prompts=30, max_new_tokens=32)
     out = Path(cfg.out_dir or ("out/rm_helpful" if cfg.axis == "helpfulness" else "out/rm_safety"))

@@ -70,6 +70,11 @@ def test_resume_gives_the_same_loss_sequence(tmp_path):
     for (_, la), (_, lb) in zip(a, b):
         assert la == pytest.approx(lb, abs=1e-6)
     assert torch.equal(M.load_checkpoint(tmp_path / "a").output.weight, M.load_checkpoint(tmp_path / "b").output.weight)
+    # once more on the finished run: nothing trains, the checkpoint is evaluated again, and no throughput is claimed
+    weight = M.load_checkpoint(tmp_path / "b").output.weight
+    m = run_main(tmp_path / "b", *flags)
+    assert m["complete"] and m["tokens_per_sec"] is None and m["mfu"] is None and m["steps"] == 12
+    assert torch.equal(M.load_checkpoint(tmp_path / "b").output.weight, weight)
 
 
 def test_checkpoint_interrupted_mid_write_keeps_the_previous_one(tmp_path, monkeypatch):
