@@ -241,6 +241,14 @@ def _se(p, n) -> str:
     return f" ±{_stderr(p, n):.1f}" if p is not None and n else ""
 
 
+def _step(p1, n1, p2, n2) -> str:
+    """A table cell for the difference of two shares measured on different items: "+5.6 ±3.2" (points; "-" when
+    either is unknown)."""
+    if p1 is None or p2 is None or not n1 or not n2:
+        return "-"
+    return f"{100 * (p1 - p2):+.1f} ±{math.hypot(_stderr(p1, n1), _stderr(p2, n2)):.1f}"
+
+
 def section_sft(out: Path, m: dict) -> list[str]:
     lines = ["## 2. Supervised fine-tuning (§3.1)", "",
              "Loss on answer tokens only (prompt tokens zeroed), packed dialogs that cannot see each other.", "",
@@ -290,6 +298,18 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
         n_by = (m.get("n_test_by_rating") or {}).get(axis) or {}
         lines.append(f"| {name} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r)) for r in data.RATINGS)
                      + " |")
+    R = data.RATINGS
+    lines += ["", "Table 8's fall, level by level: each level minus the next, in points, with one standard error of the "
+                  "difference (different pairs, so the two errors add in quadrature). The paper's pattern is every "
+                  "step above zero; a step within about one standard error of zero is one another seed could "
+                  "reverse.", "",
+              "| reward model | " + " | ".join(f"{a} - {b}" for a, b in zip(R, R[1:])) + " |",
+              "|---|" + "---|" * (len(R) - 1)]
+    for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
+        by = (m.get("accuracy_by_rating") or {}).get(axis) or {}
+        n_by = (m.get("n_test_by_rating") or {}).get(axis) or {}
+        lines.append(f"| {name} | " + " | ".join(_step(by.get(a), n_by.get(a), by.get(b), n_by.get(b))
+                                                 for a, b in zip(R, R[1:])) + " |")
     srcs = [(name, axis, (m.get("accuracy_by_source") or {}).get(axis) or {})
             for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety"))]
     if any(g for _, _, g in srcs):
@@ -328,21 +348,44 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
             by = (v.get("accuracy_by_rating") or {}).get(axis) or {}
             lines.append(f"| {margin} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r))
                                                        for r in data.RATINGS) + " |")
+        paired = {m: v["paired_vs_none"] for m, v in abl.items() if v.get("paired_vs_none")}
+        if paired:
+            lines += ["", "The same, each margin against none pair by pair (reward.paired_difference): the three RMs are "
+                          "judged on the same pairs and agree on most, so their difference is measured far more "
+                          "finely than each accuracy. Points of accuracy with the paired standard error; in brackets "
+                          "the pairs only the margin RM ranks right / only the RM without a margin does.", "",
+                      "| margin - none | significantly better | better | slightly better | negligibly better / unsure "
+                      "|", "|---|---|---|---|---|"]
+            for margin, by in paired.items():
+                lines.append(f"| {margin} | " + " | ".join(_paired_cell(by.get(r)) for r in data.RATINGS) + " |")
     return lines + [""]
+
+
+def _paired_cell(v) -> str:
+    """One cell of the paired Table 28: "+0.8 ±0.6 (3/1)" in points ("-" where no pair has the rating)."""
+    if not v or v.get("diff") is None:
+        return "-"
+    return f"{100 * v['diff']:+.1f} ±{100 * v['se']:.1f} ({v['b_only']}/{v['a_only']})"
 
 
 def section_rs(out: Path, m: dict, ev: dict) -> list[str]:
     lines = ["## 4. Rejection sampling (§3.2.3, Figs. 7 and 8)", "",
              "Fig. 7 in miniature: the best of N samples gets better as N grows while the median stays flat; the gap "
              "is what rejection sampling harvests.", "", "| N | max reward | median reward |", "|---|---|---|"]
-    for n, mx, md in zip(m.get("n_values") or [], m.get("max_reward_by_n") or [], m.get("median_reward_by_n") or []):
+    ns = m.get("n_values") or []
+    for n, mx, md in zip(ns, m.get("max_reward_by_n") or [], m.get("median_reward_by_n") or []):
         lines.append(f"| {n} | {mx:.3f} | {md:.3f} |")
+    if ns:
+        lines.append(_plot(out, "fig7_max_median", {"max of N": list(zip(ns, m.get("max_reward_by_n") or [])),
+                                                    "median of N": list(zip(ns, m.get("median_reward_by_n") or []))},
+                           "N samples per prompt", "reward"))
     for key, who in (("fig8_sft", "SFT"), ("fig8_rs", "RS")):
         if m.get(key):
             lines += ["", f"Fig. 8 in miniature ({who} model): mean max-of-N reward at each temperature.", "",
-                      "| temperature | " + " | ".join(f"N={n}" for n in m.get("n_values", [])) + " |",
-                      "|---|" + "---|" * len(m.get("n_values", []))]
+                      "| temperature | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
             lines += [f"| {T} | " + " | ".join(f"{x:.3f}" for x in xs) + " |" for T, xs in m[key].items()]
+            lines.append(_plot(out, key, {f"T = {T}": list(zip(ns, xs)) for T, xs in m[key].items()},
+                               "N samples per prompt", "mean max-of-N reward"))
     lines += ["", "| iteration | temperature | mean reward | best-of-K | kept prompts |", "|---|---|---|---|---|"]
     lines += [f"| {i['iteration']} | {i['temperature']} | {i['mean_reward']:.3f} | {i['mean_best_reward']:.3f} | "
               f"{i['kept']} |" for i in m.get("iterations", [])]
@@ -385,6 +428,9 @@ def section_gatt(out: Path, m: dict) -> list[str]:
         lines += [f"*{title}*", "", "| model | " + " | ".join(f"turn {t + 1}" for t in range(n)) + " |",
                   "|---|" + "---|" * n]
         lines += [f"| {who} | " + " | ".join(_pct(x) for x in a.get(who, [])) + " |" for who in ("baseline", "gatt")]
+        lines.append(_plot(out, "table30_" + ("seen" if key == "adherence_by_turn" else "unseen"),
+                           {who: list(enumerate(a.get(who) or [], 1)) for who in ("baseline", "gatt")},
+                           "turn", "share keeping the instruction"))
         n_dialogs = m.get("n_eval_seen" if key == "adherence_by_turn" else "n_eval_unseen")
         if n_dialogs and a.get("gatt"):
             p = sum(a["gatt"]) / len(a["gatt"])

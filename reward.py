@@ -148,6 +148,19 @@ Deviations from the paper, and choices where it is silent:
      checked by a trunk that adds as well as the SFT model, which gets 75-87% of held-out sums right), and stories
      and follow-ups (7-64 pairs a cell) wobble by a few points either way. Seed 2's tie of the top two levels
      (92.7 / 93.3%) is sums, stories and follow-ups each a little better one level down, not one broken kind.
+ 13. How to read Tables 8 and 28 at this size (the report prints both readings). Table 8's levels are different
+     pairs, so a step from one level to the next carries both levels' standard errors (~2-3 points at the top, where
+     the paper's step is 13). Table 28's three RMs are judged on the same pairs and differ only where they disagree
+     (paired_difference): on ~260-290 "significantly better" pairs they disagree on 2-9, so the margin's effect is
+     measured to ~0.5-1 point, not the ~1.5 of each accuracy. Four seeds (Zen 3, sixteenth session, BENCHMARKS.md):
+     the top step of Table 8 is +5.6 / +4.1 / -0.6 / +2.4 points (one standard error 2.7-3.2) for the helpfulness RM
+     and +2.9 / +2.3 / +2.0 / -0.1 (1.9-2.5) for the safety RM, pooled +2.9 +- 1.5 and +1.8 +- 1.1; every lower step
+     is +9.8 to +27.7 points, 1.5-4.9 standard errors above zero. The margins against none on "significantly
+     better", pair by pair: small +0.8 / +1.4 / 0.0 / -0.8, large +0.8 / -0.4 / +0.4 / +0.4 points (0.5-1.1 each),
+     pooled +0.4 +- 0.3 and +0.3 +- 0.4 (9 pairs won against 5 lost, 12 against 9). So a margin moves a handful of
+     pairs in one epoch from the same start; no seed shows it costing more than one paired standard error (seed 3's
+     small margin: 1 pair won, 3 lost), and its gain is smaller than the paper's +1.6 (79.1 -> 80.7), which the
+     pooled error would resolve.
 """
 from __future__ import annotations
 
@@ -675,13 +688,14 @@ def accuracy(rm: Transformer, tok, pairs: list) -> dict:
     """Share of pairs where the RM scores the chosen reply higher (a tie counts half), overall, by rating, by the
     sources of the two replies and by the prompt's task kind."""
     if not pairs:
-        return {"accuracy": None, "n": 0, "by_rating": {}, "n_by_rating": {}, "by_source": {}, "by_kind": {}}
+        return {"accuracy": None, "n": 0, "by_rating": {}, "n_by_rating": {}, "by_source": {}, "by_kind": {},
+                "right": []}
     msgs = [p.messages for p in pairs]
     r = score(rm, tok, msgs + msgs, [p.chosen for p in pairs] + [p.rejected for p in pairs])  # pairs share prompts
     r_c, r_r = r[:len(pairs)], r[len(pairs):]
     right = ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).tolist()  # (N,): 1 right, 0.5 a tie, 0 wrong
     return {"accuracy": round(sum(right) / len(right), 4), "n": len(pairs), **accuracy_by_rating(pairs, right),
-            "by_source": accuracy_by_source(pairs, right), "by_kind": accuracy_by_kind(pairs, right)}
+            "by_source": accuracy_by_source(pairs, right), "by_kind": accuracy_by_kind(pairs, right), "right": right}
 
 
 def accuracy_by_rating(pairs: list, right: list[float]) -> dict:
@@ -689,6 +703,27 @@ def accuracy_by_rating(pairs: list, right: list[float]) -> dict:
     by = {r: [ok for p, ok in zip(pairs, right) if p.rating == r] for r in data.RATINGS}
     return {"by_rating": {r: round(sum(x) / len(x), 4) if x else None for r, x in by.items()},
             "n_by_rating": {r: len(x) for r, x in by.items()}}
+
+
+def paired_difference(pairs: list, right_a: list[float], right_b: list[float]) -> dict:
+    """Two RMs judged on the same pairs (Table 28's margins), compared pair by pair: rating -> {"diff": B's accuracy
+    minus A's, "se": its paired standard error, "n", "b_only" / "a_only": pairs that only B / only A ranks right}.
+    Why paired: two RMs trained on the same pairs from the same start agree on most test pairs, and their accuracies
+    differ only where they disagree, so the difference is far better measured than either accuracy (whose standard
+    error, ~1.5 points on 260 pairs, mostly counts which pairs happened to be drawn, the same for both). se is the
+    standard deviation of the per-pair differences (1, 0.5 for a tie, 0, ...) over sqrt(n)."""
+    out = {}
+    for r in data.RATINGS:
+        d = [b - a for p, a, b in zip(pairs, right_a, right_b) if p.rating == r]
+        n = len(d)
+        if not n:
+            out[r] = {"diff": None, "se": None, "n": 0, "b_only": 0, "a_only": 0}
+            continue
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+        out[r] = {"diff": round(mean, 4), "se": round(math.sqrt(var / n), 4), "n": n,
+                  "b_only": sum(x > 0 for x in d), "a_only": sum(x < 0 for x in d)}
+    return out
 
 
 def source_kind(source: str) -> str:
@@ -781,7 +816,8 @@ def ablation_rm(cfg, margin: str, init: Transformer, tok, mix: list, test: list,
     ev = evaluate(rm, tok, test)
     _print_eval(f"rm_margin_{margin}", ev)
     return {"accuracy": {a: ev[a]["accuracy"] for a in AXES},
-            "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES}}
+            "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},
+            "right": ev[cfg.axis]["right"]}  # per test pair of its own axis, for the paired comparison (not saved)
 
 
 def ablation_worker(cfg, margin: str, threads: int) -> dict:
@@ -906,14 +942,17 @@ def main(cfg: RewardConfig):
             "data_seconds": data_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         }
         if cfg.margin_ablation:
-            metrics["margin_ablation"] = {cfg.margin: {"accuracy": metrics["accuracy"],
-                                                       "accuracy_by_rating": metrics["accuracy_by_rating"]}}
+            abl = {cfg.margin: {"accuracy": metrics["accuracy"], "accuracy_by_rating": metrics["accuracy_by_rating"],
+                                "right": ev[cfg.axis]["right"]}}
             for other in MARGINS:
                 if other != cfg.margin:
-                    metrics["margin_ablation"][other] = (ablation[other].result() if workers is not None
-                                                         else ablation_rm(cfg, other, init, tok, mix, test, device,
-                                                                          dtype))
-            metrics["margin_ablation"] = {m: metrics["margin_ablation"][m] for m in MARGINS}  # none, small, large
+                    abl[other] = (ablation[other].result() if workers is not None
+                                  else ablation_rm(cfg, other, init, tok, mix, test, device, dtype))
+            right = {m: abl[m].pop("right") for m in MARGINS}
+            own = [p for p in test if p.category == cfg.axis]  # the pairs `right` lists, in accuracy()'s order
+            for m in list(MARGINS)[1:]:  # small and large against none, pair by pair, on this RM's own test set
+                abl[m]["paired_vs_none"] = paired_difference(own, right["none"], right[m])
+            metrics["margin_ablation"] = {m: abl[m] for m in MARGINS}  # none, small, large
         if workers is not None:
             workers.shutdown()
             torch.set_num_threads(threads)

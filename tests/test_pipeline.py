@@ -75,6 +75,10 @@ def test_report_gives_one_standard_error_of_each_small_sample_share(tmp_path):
           "n_test_by_rating": {a: dict(zip(ratings, (100, 100, 100, 25))) for a in ("helpfulness", "safety")}}
     text = "\n".join(pipeline.section_reward(tmp_path, rm, rm))
     assert "| helpfulness RM | 90.0% ±3.0 | 80.0% ±4.0 | 70.0% ±4.6 | 50.0% ±10.0 |" in text
+    # Table 8's steps: differences of shares on different pairs, their errors in quadrature: sqrt(3^2 + 4^2) = 5.0,
+    # sqrt(16 + 21) = 6.1, sqrt(21 + 100) = 11.0
+    assert "| helpfulness RM | +10.0 ±5.0 | +10.0 ±6.1 | +20.0 ±11.0 |" in text
+    assert "| safety RM | - | - | - |" in "\n".join(pipeline.section_reward(tmp_path, rm, {"accuracy": {}}))
     gatt = {"adherence_by_turn": {"baseline": [0.5, 0.1], "gatt": [0.9, 0.9]}, "n_eval_seen": 100}
     assert "a share near GAtt's mean (90.0%) has one standard error of 3.0 points" in "\n".join(
         pipeline.section_gatt(tmp_path, gatt))
@@ -94,3 +98,38 @@ def test_report_splits_table8_by_task_kind(tmp_path):
     assert "Table 8 within each kind of question" in text
     assert "| helpfulness RM | arith | 80.0% (10) | 60.0% (10) | - (0) | 50.0% (10) |" in text
     assert "| safety RM |" not in text.split("within each kind")[1]  # no kinds in the safety RM's metrics
+
+
+def test_report_gives_table28_pair_by_pair(tmp_path):
+    """Under Table 28, each margin's paired difference against none (points, paired standard error, the pairs only one
+    RM ranks right); left out for metrics from before it existed."""
+    import pipeline
+    ratings = ["significantly better", "better", "slightly better", "negligibly better / unsure"]
+    by = {"helpfulness": dict(zip(ratings, (0.9, 0.8, 0.7, 0.6)))}
+    abl = {m: {"accuracy": {"helpfulness": 0.8}, "accuracy_by_rating": by} for m in ("none", "small", "large")}
+    h = {"accuracy": {"helpfulness": 0.8, "safety": 0.7}, "margin_ablation": abl}
+    text = "\n".join(pipeline.section_reward(tmp_path, h, {"accuracy": {"helpfulness": 0.7, "safety": 0.8}}))
+    assert "Table 28 in miniature" in text and "pair by pair" not in text
+    cell = {"diff": 0.0075, "se": 0.0061, "n": 266, "b_only": 3, "a_only": 1}
+    empty = {"diff": None, "se": None, "n": 0, "b_only": 0, "a_only": 0}
+    abl["small"]["paired_vs_none"] = dict(zip(ratings, (cell, cell, cell, empty)))
+    text = "\n".join(pipeline.section_reward(tmp_path, h, {"accuracy": {"helpfulness": 0.7, "safety": 0.8}}))
+    assert "| small | +0.8 ±0.6 (3/1) | +0.8 ±0.6 (3/1) | +0.8 ±0.6 (3/1) | - |" in text
+    assert "| large |" not in text.split("pair by pair")[1]  # no paired figures for it
+
+
+def test_report_draws_its_plots_when_matplotlib_is_installed(tmp_path):
+    """With matplotlib (optional; CI installs it): Fig. 7, Fig. 8 and Table 30 become PNGs beside the report, each
+    linked from it; without it the report is the same tables and no image."""
+    pytest.importorskip("matplotlib")
+    import pipeline
+    rs = {"n_values": [1, 2, 4], "max_reward_by_n": [0.1, 0.3, 0.4], "median_reward_by_n": [0.1, 0.1, 0.1],
+          "fig8_sft": {"0.7": [0.1, 0.2, 0.3], "1.2": [0.0, 0.25, 0.35]}}
+    gatt = {"adherence_by_turn": {"baseline": [0.9, 0.4], "gatt": [1.0, 0.95]},
+            "adherence_by_turn_unseen": {"baseline": [0.5, 0.1], "gatt": [0.6, 0.2]}}
+    text = "\n".join(pipeline.section_rs(tmp_path, rs, {}) + pipeline.section_gatt(tmp_path, gatt))
+    for name in ("fig7_max_median", "fig8_sft", "table30_seen", "table30_unseen"):
+        png = tmp_path / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"![{name}]({name}.png)" in text
+    assert not (tmp_path / "fig8_rs.png").exists()  # no RS curves in these metrics: no plot

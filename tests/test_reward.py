@@ -593,6 +593,27 @@ def test_accuracy_by_kind_splits_table8_by_the_prompts_task_kind():
                           "n_by_rating": {r0: 3, r1: 0, r2: 2, r3: 0}}
 
 
+def test_paired_difference_compares_two_rms_pair_by_pair():
+    """Hand-computed (Table 28's paired reading): significantly better, 4 pairs, A 1 1 0 1 and B 1 1 1 1: per-pair
+    differences 0 0 1 0, mean 0.25, sample variance 0.25, se sqrt(0.25 / 4) = 0.25; better, 3 pairs, A 1 0.5 1 (a
+    tie) and B 0 1 1: differences -1 0.5 0, mean -1/6, variance (25 + 16 + 1) / 36 / 2 = 7/12, se sqrt(7) / 6; slightly
+    better, one pair B alone gets: diff 1, se 0; no pair at the last level. And the difference is always the two
+    accuracies' difference on the same pairs."""
+    r0, r1, r2, r3 = data.RATINGS
+    pairs = [data.Preference([data.user("q")], "a", "b", r, "helpfulness") for r in [r0] * 4 + [r1] * 3 + [r2]]
+    a = [1, 1, 0, 1] + [1, 0.5, 1] + [0]
+    b = [1, 1, 1, 1] + [0, 1, 1] + [1]
+    d = reward.paired_difference(pairs, a, b)
+    assert d[r0] == {"diff": 0.25, "se": 0.25, "n": 4, "b_only": 1, "a_only": 0}
+    assert d[r1]["diff"] == round(-1 / 6, 4) and d[r1]["se"] == round(7 ** 0.5 / 6, 4)
+    assert (d[r1]["n"], d[r1]["b_only"], d[r1]["a_only"]) == (3, 1, 1)
+    assert d[r2] == {"diff": 1.0, "se": 0.0, "n": 1, "b_only": 1, "a_only": 0}
+    assert d[r3] == {"diff": None, "se": None, "n": 0, "b_only": 0, "a_only": 0}
+    acc_a, acc_b = reward.accuracy_by_rating(pairs, a)["by_rating"], reward.accuracy_by_rating(pairs, b)["by_rating"]
+    for r in (r0, r1, r2):
+        assert d[r]["diff"] == pytest.approx(acc_b[r] - acc_a[r], abs=1e-4)
+
+
 # ---- learning --------------------------------------------------------------------------------------------------------
 def test_short_training_beats_chance_on_held_out_pairs(tok):
     """Deterministic (fixed seeds and data; no sampling): a 2-layer random-init model learns, in 40 steps of 8 pairs,
@@ -660,7 +681,21 @@ def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt
         here = reward.ablation_worker(cfg, "none", reward.ablation_threads())
     finally:
         torch.set_num_threads(threads)
+    right = here.pop("right")  # per test pair of its own axis: kept for the paired comparison, not saved
     assert here == m["margin_ablation"]["none"]
+    assert len(right) == m["n_pairs"]["test_helpfulness"] and set(right) <= {0.0, 0.5, 1.0}
+    # each margin against none, pair by pair: every pair of each rating counted once, and the paired difference is
+    # the two accuracies' difference (the same pairs)
+    acc = {k: v["accuracy_by_rating"]["helpfulness"] for k, v in m["margin_ablation"].items()}
+    assert "paired_vs_none" not in m["margin_ablation"]["none"]
+    for margin in ("small", "large"):
+        paired = m["margin_ablation"][margin]["paired_vs_none"]
+        assert list(paired) == list(data.RATINGS)
+        assert sum(v["n"] for v in paired.values()) == m["n_pairs"]["test_helpfulness"]
+        for r, v in paired.items():
+            if v["n"]:
+                assert v["diff"] == pytest.approx(acc[margin][r] - acc["none"][r], abs=2e-4)
+                assert v["se"] >= 0 and v["b_only"] + v["a_only"] <= v["n"]
 
 
 GOOD = {"prompt": "What is 2 + 2?", "chosen": "2 + 2 = 4.", "rejected": "5.", "rating": "better",
