@@ -482,6 +482,71 @@ def section_eval(evals: dict) -> list[str]:
     return lines + [""]
 
 
+def section_targets(get) -> list[str]:
+    """The issues' targets at a glance: each with this run's figure and whether it holds, read to the digit (the
+    sections below give the standard errors that say how firm each reading is). get(stage) -> its metrics or {}."""
+    import data
+    R, rows = data.RATINGS, []
+
+    def row(target, value, ok):
+        rows.append(f"| {target} | {value} | {'yes' if ok else '**no**'} |")
+
+    sft, h, s = get("sft"), get("rm_helpful"), get("rm_safety")
+    if sft.get("qa_correct_in_format") is not None:
+        row("SFT: held-out fact and arithmetic answers right, in format >= 70%", _pct(sft["qa_correct_in_format"]),
+            sft["qa_correct_in_format"] >= 0.7)
+    acc = lambda m, a: (m.get("accuracy") or {}).get(a)  # noqa: E731
+    if acc(h, "helpfulness") is not None:
+        row("helpfulness RM >= 75% on the helpfulness test set", _pct(acc(h, "helpfulness")),
+            acc(h, "helpfulness") >= 0.75)
+    if acc(s, "safety") is not None:
+        row("safety RM >= 80% on the safety test set", _pct(acc(s, "safety")), acc(s, "safety") >= 0.8)
+    if None not in (acc(h, "helpfulness"), acc(h, "safety"), acc(s, "helpfulness"), acc(s, "safety")):
+        row("Table 7: each RM best on its own test set",
+            f"{_pct(acc(h, 'helpfulness'))} vs {_pct(acc(s, 'helpfulness'))}; "
+            f"{_pct(acc(s, 'safety'))} vs {_pct(acc(h, 'safety'))}",
+            acc(h, "helpfulness") > acc(s, "helpfulness") and acc(s, "safety") > acc(h, "safety"))
+    for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
+        by = [((m.get("accuracy_by_rating") or {}).get(axis) or {}).get(r) for r in R]
+        if None not in by:
+            row(f"Table 8: the {name}'s accuracy falls level by level", " / ".join(_pct(x) for x in by),
+                all(a > b for a, b in zip(by, by[1:])))
+    abl = h.get("margin_ablation") or {}
+    if all(m in abl for m in ("none", "small", "large")):
+        top = {m: ((abl[m].get("accuracy_by_rating") or {}).get("helpfulness") or {}).get(R[0]) for m in abl}
+        if None not in top.values():
+            row('Table 28: a margin does not lower "significantly better"',
+                " / ".join(f"{m} {_pct(top[m])}" for m in ("none", "small", "large")),
+                min(top["small"], top["large"]) >= top["none"])
+    for stage, target in (("eval_rs", 0.6), ("eval_ppo", 0.65)):
+        if get(stage).get("win_rate") is not None:
+            row(f"{stage[5:].upper()} wins against SFT >= {100 * target:.0f}% (annotator, ties half)",
+                _pct(get(stage)["win_rate"]), get(stage)["win_rate"] >= target)
+    seen, unseen = get("gatt").get("adherence_by_turn") or {}, get("gatt").get("adherence_by_turn_unseen") or {}
+    if seen.get("gatt") and seen.get("baseline"):
+        row("Table 30: after GAtt >= 90% at every turn", f"lowest {_pct(min(seen['gatt']))}", min(seen["gatt"]) >= 0.9)
+        row("Table 30: before GAtt below 50% by turn 6", f"lowest of turns 1-6 {_pct(min(seen['baseline'][:6]))}",
+            min(seen["baseline"][:6]) < 0.5)
+    if unseen.get("gatt") and unseen.get("baseline"):
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        row("Table 30, held-out constraints: GAtt better than the baseline",
+            f"mean {_pct(mean(unseen['gatt']))} vs {_pct(mean(unseen['baseline']))}",
+            mean(unseen["gatt"]) > mean(unseen["baseline"]))
+    secs = {n: get(n).get("stage_seconds") for n in ("sft", "rm_helpful", "rm_safety")}
+    if None not in secs.values():
+        total = sum(secs.values())
+        row("SFT + both RMs <= 4 minutes", common.fmt_time(total), total <= 240)
+    every = [get(st.name).get("stage_seconds") for st in STAGES]
+    if None not in every:
+        row("the whole recipe < 15 minutes", common.fmt_time(sum(every)), sum(every) < 900)
+    if not rows:
+        return []
+    return ["## Targets at a glance", "",
+            "Each target of the issues that built this recipe, with this run's figure, read to the digit; the "
+            "sections below give the standard errors that say how firm each reading is (Tables 8 and 28 with their "
+            "steps and paired differences).", "", "| target | this run | holds |", "|---|---|---|", *rows, ""]
+
+
 def write_report(out: Path, stage_names: list[str]) -> Path:
     lines = ["# nanollama2: the Llama 2-Chat recipe in miniature", "",
              "Every number below was measured by this run (pipeline.py); the paper's own numbers are quoted beside "
@@ -490,6 +555,7 @@ def write_report(out: Path, stage_names: list[str]) -> Path:
     metrics = {name: m for name, m in metrics.items() if m}  # stages not run yet: no row, no section
     lines += [f"| {n} | {common.fmt_time(m.get('stage_seconds', 0))} |" for n, m in metrics.items()] + [""]
     get = lambda n: metrics.get(n) or {}  # noqa: E731
+    lines += section_targets(get)
     if get("pretrain"):
         lines += section_pretrain(out, get("pretrain"))
     if get("sft"):

@@ -25,6 +25,7 @@ def test_pipeline_quick_runs_every_stage_and_writes_the_report(tmp_path):
             m = json.loads((out / stage.out / "metrics.json").read_text())
             assert m.get("complete") is True, stage.name
     assert "## 1. Pretraining" in report and "fact recall" in report
+    assert "## Targets at a glance" in report and "| the whole recipe < 15 minutes |" in report  # every stage ran
     assert "Fig. 10 in numbers" in report and "kept, instruction taken out" in report  # GAtt's attention (§3.3)
     # the default RMs read the chat model's surprise, on pairs labelled at the preference raters' noise (reward.py
     # choices 6 and 12), and RS and PPO ran on them
@@ -133,3 +134,35 @@ def test_report_draws_its_plots_when_matplotlib_is_installed(tmp_path):
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"![{name}]({name}.png)" in text
     assert not (tmp_path / "fig8_rs.png").exists()  # no RS curves in these metrics: no plot
+
+
+def test_report_lists_the_targets_at_a_glance():
+    """Hand-made metrics: each target read to the digit ("yes" / "**no**"), rows only for what the run measured, and
+    no section at all before any stage has finished."""
+    import pipeline
+    ratings = ["significantly better", "better", "slightly better", "negligibly better / unsure"]
+    by = lambda *xs: dict(zip(ratings, xs))  # noqa: E731
+    abl = {"none": {"accuracy_by_rating": {"helpfulness": by(0.93, 0, 0, 0)}},
+           "small": {"accuracy_by_rating": {"helpfulness": by(0.94, 0, 0, 0)}},
+           "large": {"accuracy_by_rating": {"helpfulness": by(0.929, 0, 0, 0)}}}
+    m = {"sft": {"qa_correct_in_format": 0.7, "stage_seconds": 100},
+         "rm_helpful": {"accuracy": {"helpfulness": 0.85, "safety": 0.83}, "stage_seconds": 120,
+                        "accuracy_by_rating": {"helpfulness": by(0.92, 0.93, 0.8, 0.6)}, "margin_ablation": abl},
+         "rm_safety": {"accuracy": {"helpfulness": 0.78, "safety": 0.84}, "stage_seconds": 20,
+                       "accuracy_by_rating": {"safety": by(0.96, 0.93, 0.8, 0.5)}},
+         "eval_ppo": {"win_rate": 0.649},
+         "gatt": {"adherence_by_turn": {"baseline": [1, 0.6, 0.55, 0.52, 0.51, 0.49, 0.3, 0.2], "gatt": [0.9] * 8}}}
+    text = "\n".join(pipeline.section_targets(lambda n: m.get(n) or {}))
+    assert "| SFT: held-out fact and arithmetic answers right, in format >= 70% | 70.0% | yes |" in text
+    assert "| Table 7: each RM best on its own test set | 85.0% vs 78.0%; 84.0% vs 83.0% | yes |" in text
+    assert "| Table 8: the helpfulness RM's accuracy falls level by level | 92.0% / 93.0% / 80.0% / 60.0% | **no** |" \
+        in text
+    assert "| Table 8: the safety RM's accuracy falls level by level | 96.0% / 93.0% / 80.0% / 50.0% | yes |" in text
+    assert '| Table 28: a margin does not lower "significantly better" | none 93.0% / small 94.0% / large 92.9% | ' \
+        '**no** |' in text
+    assert "| PPO wins against SFT >= 65% (annotator, ties half) | 64.9% | **no** |" in text
+    assert "| Table 30: after GAtt >= 90% at every turn | lowest 90.0% | yes |" in text
+    assert "| Table 30: before GAtt below 50% by turn 6 | lowest of turns 1-6 49.0% | yes |" in text
+    assert "| SFT + both RMs <= 4 minutes | 4m00s | yes |" in text
+    assert "RS wins" not in text and "held-out constraints" not in text and "whole recipe" not in text  # not measured
+    assert pipeline.section_targets(lambda n: {}) == []
