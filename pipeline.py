@@ -241,6 +241,11 @@ def _se(p, n) -> str:
     return f" ±{_stderr(p, n):.1f}" if p is not None and n else ""
 
 
+def _on_axis(m: dict, key: str, axis: str) -> dict:
+    """An RM's figures on one test set, m[key][axis] ({} where the metrics lack them)."""
+    return (m.get(key) or {}).get(axis) or {}
+
+
 def _step(p1, n1, p2, n2) -> str:
     """A table cell for the difference of two shares measured on different items: "+5.6 ±3.2" (points; "-" when
     either is unknown)."""
@@ -293,24 +298,19 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
              "| reward model | significantly better | better | slightly better | negligibly better / unsure |",
              "|---|---|---|---|---|"]
     import data
+    R, steps = data.RATINGS, []
     for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
-        by = (m.get("accuracy_by_rating") or {}).get(axis) or {}
-        n_by = (m.get("n_test_by_rating") or {}).get(axis) or {}
-        lines.append(f"| {name} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r)) for r in data.RATINGS)
-                     + " |")
-    R = data.RATINGS
+        by, n_by = _on_axis(m, "accuracy_by_rating", axis), _on_axis(m, "n_test_by_rating", axis)
+        lines.append(f"| {name} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r)) for r in R) + " |")
+        steps.append(f"| {name} | " + " | ".join(_step(by.get(a), n_by.get(a), by.get(b), n_by.get(b))
+                                                 for a, b in zip(R, R[1:])) + " |")
     lines += ["", "Table 8's fall, level by level: each level minus the next, in points, with one standard error of the "
                   "difference (different pairs, so the two errors add in quadrature). The paper's pattern is every "
                   "step above zero; a step within about one standard error of zero is one another seed could "
                   "reverse.", "",
               "| reward model | " + " | ".join(f"{a} - {b}" for a, b in zip(R, R[1:])) + " |",
-              "|---|" + "---|" * (len(R) - 1)]
-    for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
-        by = (m.get("accuracy_by_rating") or {}).get(axis) or {}
-        n_by = (m.get("n_test_by_rating") or {}).get(axis) or {}
-        lines.append(f"| {name} | " + " | ".join(_step(by.get(a), n_by.get(a), by.get(b), n_by.get(b))
-                                                 for a, b in zip(R, R[1:])) + " |")
-    srcs = [(name, axis, (m.get("accuracy_by_source") or {}).get(axis) or {})
+              "|---|" + "---|" * (len(R) - 1), *steps]
+    srcs = [(name, axis, _on_axis(m, "accuracy_by_source", axis))
             for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety"))]
     if any(g for _, _, g in srcs):
         lines += ["", "Why Table 8 looks the way it does: accuracy on its own test set by where the chosen and the "
@@ -323,7 +323,7 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
         for name, _, groups in srcs:
             lines += [f"| {name} | {k.replace('>', ' > ')} | {v['n']} | {_pct(v['accuracy'])} |"
                       for k, v in list(groups.items())[:12]]
-    kinds = [(name, (m.get("accuracy_by_kind") or {}).get(axis) or {})
+    kinds = [(name, _on_axis(m, "accuracy_by_kind", axis))
              for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety"))]
     if any(g for _, g in kinds):
         lines += ["", "Table 8 within each kind of question (each RM on its own test set; in brackets the pairs of "
@@ -343,9 +343,9 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
                       "helps the distinct pairs, 79.1 -> 80.7 on significantly better).", "",
                   "| margin | significantly better | better | slightly better | negligibly better / unsure |",
                   "|---|---|---|---|---|"]
-        n_by = ((h if axis == "helpfulness" else s).get("n_test_by_rating") or {}).get(axis) or {}  # same test set
+        n_by = _on_axis(h if axis == "helpfulness" else s, "n_test_by_rating", axis)  # the same test set
         for margin, v in abl.items():
-            by = (v.get("accuracy_by_rating") or {}).get(axis) or {}
+            by = _on_axis(v, "accuracy_by_rating", axis)
             lines.append(f"| {margin} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r))
                                                        for r in data.RATINGS) + " |")
         paired = {m: v["paired_vs_none"] for m, v in abl.items() if v.get("paired_vs_none")}
@@ -507,13 +507,13 @@ def section_targets(get) -> list[str]:
             f"{_pct(acc(s, 'safety'))} vs {_pct(acc(h, 'safety'))}",
             acc(h, "helpfulness") > acc(s, "helpfulness") and acc(s, "safety") > acc(h, "safety"))
     for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
-        by = [((m.get("accuracy_by_rating") or {}).get(axis) or {}).get(r) for r in R]
+        by = [_on_axis(m, "accuracy_by_rating", axis).get(r) for r in R]
         if None not in by:
             row(f"Table 8: the {name}'s accuracy falls level by level", " / ".join(_pct(x) for x in by),
                 all(a > b for a, b in zip(by, by[1:])))
     abl = h.get("margin_ablation") or {}
     if all(m in abl for m in ("none", "small", "large")):
-        top = {m: ((abl[m].get("accuracy_by_rating") or {}).get("helpfulness") or {}).get(R[0]) for m in abl}
+        top = {m: _on_axis(abl[m], "accuracy_by_rating", "helpfulness").get(R[0]) for m in abl}
         if None not in top.values():
             row('Table 28: a margin does not lower "significantly better"',
                 " / ".join(f"{m} {_pct(top[m])}" for m in ("none", "small", "large")),
