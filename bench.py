@@ -57,6 +57,9 @@ class BenchConfig:
     plan_micro_batch: int = 1  # --plan: sequences per GPU per forward
     plan_seq: int = 4096  # --plan: tokens per sequence (§2.2: 4096)
     rollout_batch: int = 8  # --plan: sequences sampled at once per GPU (KV cache) in rs / ppo
+    RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
+        positive="batches new_tokens train_batch train_seq train_steps repeats world_size gpu_gib plan_micro_batch "
+                 "plan_seq rollout_batch", non_negative="threads seed")
 
 
 def _median_times(fns: dict, repeats: int, device) -> dict:

@@ -48,11 +48,13 @@ def build_parser(cls, description: Optional[str] = None) -> argparse.ArgumentPar
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = _field_comments(cls)
     hints = typing.get_type_hints(cls)
+    rules = getattr(cls, "RANGES", {})
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{helps.get(f.name, '')} (default: {default})".strip().replace("%", "%%")  # argparse formats %
+        limit = f", {RULES[rules[f.name]][0]}" if f.name in rules else ""
+        help_text = f"{helps.get(f.name, '')} (default: {default}{limit})".strip().replace("%", "%%")  # argparse: %
         args = typing.get_args(typ)
         if typing.get_origin(typ) is typing.Union and type(None) in args:  # Optional[X]
             inner = next(a for a in args if a is not type(None))
@@ -67,9 +69,55 @@ def build_parser(cls, description: Optional[str] = None) -> argparse.ArgumentPar
 
 
 def parse_config(cls, argv=None, description: Optional[str] = None):
-    """Build the dataclass `cls` from command-line flags (`python X.py --help` lists every field with its default)."""
+    """Build the dataclass `cls` from command-line flags (`python X.py --help` lists every field with its default),
+    each numeric flag checked against its range (cls.RANGES) before the script does any work."""
     ns = build_parser(cls, description).parse_args(argv)
-    return cls(**vars(ns))
+    cfg = cls(**vars(ns))
+    check_ranges(cfg)
+    return cfg
+
+
+# Every script's config says which of its numeric flags must be positive, non-negative or a share, in a class
+# attribute without a type (so not a field): RANGES = common.ranges(positive="k lr", share="long_frac").
+# So `--k 0` is one line naming the flag before anything loads, not a ZeroDivisionError after minutes of sampling,
+# and `--help` prints each flag's range beside its default. A list flag (--temperatures) is checked value by value;
+# None (an Optional flag left unset) always passes; NaN and infinity never do.
+RULES = {"positive": ("> 0", lambda v: v > 0),
+         "non_negative": (">= 0", lambda v: v >= 0),
+         "share": ("in [0, 1]", lambda v: 0 <= v <= 1),
+         "open_share": ("in (0, 1)", lambda v: 0 < v < 1),  # e.g. a sigmoid-scale threshold
+         "positive_share": ("in (0, 1]", lambda v: 0 < v <= 1)}  # e.g. top-p
+
+
+def ranges(**names_by_rule: str) -> dict[str, str]:
+    """ranges(positive="k lr", share="long_frac") -> {"k": "positive", "lr": "positive", "long_frac": "share"}."""
+    out = {}
+    for rule, names in names_by_rule.items():
+        if rule not in RULES:
+            raise ValueError(f"unknown range rule {rule!r}; one of {', '.join(RULES)}")
+        out.update({name: rule for name in names.split()})
+    return out
+
+
+def range_error(name: str, value, rule: str) -> Optional[str]:
+    """The one-line complaint about field `name` = value under `rule`, or None when it is in range."""
+    what, ok = RULES[rule]
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            return f"--{name.replace('_', '-')} {shown}: must be {what}" + (
+                f" (each value; {v} is not)" if isinstance(value, (list, tuple)) else "")
+    return None
+
+
+def check_ranges(cfg):
+    """Die with the first flag of cfg outside its range (type(cfg).RANGES); the message also says what it is."""
+    helps = _field_comments(type(cfg))
+    for name, rule in getattr(cfg, "RANGES", {}).items():
+        err = range_error(name, getattr(cfg, name), rule)
+        if err:
+            meaning = re.split(r"[;(]", helps.get(name, ""))[0].strip()  # "samples per prompt (not stated; ..."
+            die(err + (f": {meaning}" if meaning and not meaning.startswith("§") else ""))
 
 
 # ---- device and precision ----------------------------------------------------------------------------------------
@@ -118,6 +166,19 @@ def die(msg: str, code: int = 2):
     """One clear line on stderr and a non-zero exit, instead of a traceback, for errors the user can fix."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def check_checkpoints(**dirs: Optional[str]):
+    """check_checkpoints(init_from="out/sft", rm_safety="out/rm_s"): every checkpoint directory a stage will read,
+    checked for a Meta or Hugging Face layout before any work (no weights read), so a wrong --rm-safety fails now,
+    naming its flag, and not after the sampling that comes before its first use. None = not used this run."""
+    from model import CheckpointError, checkpoint_layout
+    for name, path in dirs.items():
+        if path is not None:
+            try:
+                checkpoint_layout(path)
+            except CheckpointError as e:
+                die(f"--{name.replace('_', '-')}: {e}")
 
 
 # ---- model FLOPs utilization: achieved FLOP/s over the device's peak, the peak looked up per device ----------------

@@ -59,7 +59,7 @@ from tokenizer import UNSAFE_ERROR, Tokenizer, has_special_tags
 class EvalConfig:
     a: str = "out/sft"  # model A: its win rate over B is reported
     b: str = "out/pretrain"  # model B: the baseline
-    rm_helpful: Optional[str] = None  # helpfulness reward model dir: also judge by RM (Fig. 11); needs reward.py
+    rm_helpful: Optional[str] = None  # helpfulness reward model dir: also judge by RM (Fig. 11)
     rm_safety: Optional[str] = None  # safety reward model dir
     out_dir: str = "out/eval"  # metrics.json goes here
     prompts: Optional[str] = None  # JSONL of {"messages", "is_safety"} instead of the world's test prompts
@@ -77,6 +77,9 @@ class EvalConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     quick: bool = False  # smoke run: at most 100 prompts (seconds)
     reply_cache: Optional[str] = None  # a directory: replies keyed by model weights, prompts and settings (choice 4)
+    RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
+        positive="n_prompts max_new_tokens batch_size", positive_share="top_p",
+        non_negative="world_seed prompt_seed temperature seed rm_tie n_examples")
 
 
 # ---- 1. loading and chatting (shared with sft.py, rejection_sampling.py, ppo.py, gatt.py) ----------------------------
@@ -299,26 +302,12 @@ def rm_judgments(scores_a: torch.Tensor, scores_b: torch.Tensor, tie: float) -> 
     return [0 if abs(d) < tie else (1 if d > 0 else -1) for d in diff.tolist()]
 
 
-def _reward_module():
-    """reward.py's score(reward_model, tok, dialogs, replies), or None while that stage does not exist."""
-    try:
-        import reward
-    except ImportError:
-        return None
-    return reward if callable(getattr(reward, "score", None)) else None
-
-
 def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str], device, dtype) -> dict:
     """Fig. 11's RM-judged win rates of A over B: one entry per RM given, plus the combined judge."""
     rms = {k: p for k, p in (("helpful", cfg.rm_helpful), ("safety", cfg.rm_safety)) if p}
     if not rms:
         return {}
-    reward = _reward_module()
-    missing = [p for p in rms.values() if not Path(p).is_dir()]
-    if reward is None or missing:
-        why = "reward.py (with score()) not found" if reward is None else f"not found: {', '.join(missing)}"
-        print(f"[evaluate] skipping the reward-model judge: {why}", flush=True)
-        return {"rm_skipped": why}
+    import reward
     dialogs = [t.messages for t in tasks]
     kinds = [t.kind for t in tasks]
     out, per_rm = {}, {}
@@ -409,6 +398,8 @@ def main(cfg: EvalConfig) -> dict:
     t_start = time.perf_counter()
     if cfg.quick:
         cfg = dataclasses.replace(cfg, n_prompts=min(cfg.n_prompts, 100))
+    # every directory now, not B's after A has answered, nor an RM's after both have
+    common.check_checkpoints(a=cfg.a, b=cfg.b, rm_helpful=cfg.rm_helpful, rm_safety=cfg.rm_safety)
     device = common.pick_device(cfg.device)
     dtype = common.pick_dtype(cfg.dtype, device)
     world = data.World(seed=cfg.world_seed)

@@ -106,6 +106,9 @@ class GattConfig:
     dtype: str = "auto"
     seed: int = 0
     quick: bool = False  # a seconds-long smoke run
+    RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
+        positive="n_dialogs n_turns n_eval n_attention max_new_tokens lr epochs",
+        non_negative="mix_ratio instruction_share instruction_focus world_seed seed")
 
 
 GOOD_REPLY = 0.75  # the annotator's helpfulness from which a sampled reply counts as good (choices 1 and 3)
@@ -352,10 +355,6 @@ def main(cfg: GattConfig):
     import sft
     if cfg.mix not in ("own", "sft"):
         common.die(f"--mix: expected 'own' or 'sft', got {cfg.mix!r}")
-    if cfg.instruction_share < 0:
-        common.die(f"--instruction-share: expected a share >= 0, got {cfg.instruction_share}")
-    if cfg.instruction_focus < 0:
-        common.die(f"--instruction-focus: expected an exponent >= 0, got {cfg.instruction_focus}")
     if cfg.quick:
         cfg.n_dialogs, cfg.n_eval, cfg.n_turns, cfg.n_attention = 12, 8, 4, 4
     t0 = time.perf_counter()

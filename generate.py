@@ -449,13 +449,14 @@ class GenerateConfig:
     prompt: str = ""  # text to complete (ignored with --chat)
     chat: bool = False  # interactive chat in the Llama 2 format
     system: Optional[str] = None  # system prompt for --chat
-    max_new_tokens: int = 128
-    temperature: float = 0.6  # Meta's chat default
-    top_p: float = 0.9  # Meta's chat default
+    max_new_tokens: int = 128  # tokens generated per reply at most
+    temperature: float = 0.6  # sampling temperature, 0 = greedy (Meta's chat default)
+    top_p: float = 0.9  # nucleus sampling: the smallest set of tokens with this much probability (Meta's chat default)
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
     compile: bool = False  # torch.compile the decode step
+    RANGES = common.ranges(positive="max_new_tokens", non_negative="temperature seed", positive_share="top_p")
 
 
 def load_for_inference(cfg):

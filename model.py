@@ -421,16 +421,22 @@ def _torch_load(f: Path):
                               f"{str(e).splitlines()[0][:200]}") from None
 
 
-def load_checkpoint(path, device="cpu", dtype=None, **arg_overrides) -> Transformer:
+def checkpoint_layout(path) -> str:
+    """"meta" (params.json) or "hf" (config.json) for a checkpoint directory, else CheckpointError: a check that
+    reads no weights, so a stage can check every directory it will need before it starts (common.check_checkpoints)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if (path / "params.json").is_file():
-        args, state = _read_meta(path)
-    elif (path / "config.json").is_file():
-        args, state = _read_hf(path)
-    else:
-        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
+        return "meta"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
+
+
+def load_checkpoint(path, device="cpu", dtype=None, **arg_overrides) -> Transformer:
+    path = Path(path)
+    args, state = (_read_meta if checkpoint_layout(path) == "meta" else _read_hf)(path)
     args = ModelArgs(**{**asdict(args), **arg_overrides})
     with torch.device("meta"):
         model = Transformer(args)

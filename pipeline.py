@@ -83,6 +83,7 @@ class PipelineConfig:
     seed: int = 0  # passed to every stage
     device: str = "auto"  # passed to every stage
     pretrain_mix: str = ""  # pretrain.py --mix, the world's document mix (e.g. club=0,story=0.2)
+    RANGES = common.ranges(non_negative="seed")
 
 
 def stage_command(stage: Stage, cfg: PipelineConfig) -> list[str]:

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 import common
 import data
 from generate import generate
-from model import CheckpointError, Transformer, load_checkpoint
+from model import CheckpointError, load_checkpoint
 from reward import logit
 
 
@@ -119,6 +119,11 @@ class PPOConfig:
     seed: int = 0
     fsdp: bool = False  # under torchrun: FSDP2 for the policy and the value model instead of DDP
     quick: bool = False  # a seconds-long smoke run
+    RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
+        positive="batch_size minibatch_size ppo_epochs lr value_lr clip value_clip temperature max_new_tokens "
+                 "grad_clip eval_interval patience n_eval",
+        non_negative="iterations kl_coef missing_eos_penalty weight_decay n_test world_seed seed",
+        share="gamma lam", open_share="safety_threshold")
 
 
 # ---- the pieces of the objective, each a small function the tests check by hand ---------------------------------------
@@ -362,6 +367,8 @@ def main(cfg: PPOConfig):
         cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, min(cfg.n_test, 24), 2
     if not cfg.eval_start and cfg.iterations < 1:
         common.die("--no-eval-start needs --iterations >= 1: otherwise no iterate is kept")
+    common.check_checkpoints(init_from=cfg.init_from, rm_helpful=cfg.rm_helpful, rm_safety=cfg.rm_safety,
+                             sft=cfg.sft if cfg.n_test else None)  # --sft is read last, after the whole run
     dist = common.setup_distributed(cfg.device)
     check_batch_layout(cfg, dist.world_size)
     device = dist.device
@@ -471,8 +478,6 @@ def main(cfg: PPOConfig):
 def check_batch_layout(cfg: PPOConfig, world_size: int):
     """Every minibatch must split evenly over the processes (M/W rows each), so the batch must too; then the last,
     possibly shorter, minibatch (B mod M rows) splits evenly as well. One clear error naming the flags otherwise."""
-    if cfg.batch_size < 1 or cfg.minibatch_size < 1:
-        common.die(f"--batch-size ({cfg.batch_size}) and --minibatch-size ({cfg.minibatch_size}) must be positive")
     for flag, n in (("--minibatch-size", cfg.minibatch_size), ("--batch-size", cfg.batch_size)):
         if n % world_size:
             common.die(f"{flag} ({n}) must be a multiple of the number of processes ({world_size}): each process "

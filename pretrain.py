@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -77,6 +75,11 @@ class PretrainConfig:
     grad_checkpoint: bool = False  # recompute each block's activations in backward
     seed: int = 0
     log_interval: int = 50
+    # each numeric flag's range, checked before any work (common.parse_config)
+    RANGES = common.ranges(
+        positive="corpus_bytes vocab_size seq_len batch_size grad_accum max_steps lr grad_clip eval_interval "
+                 "eval_batches ckpt_interval log_interval",
+        non_negative="world_seed long_seq_len warmup weight_decay stop_at seed", share="long_frac final_lr_ratio")
 
 
 # ---- 1-2. tokenizer and the tokenized corpus ------------------------------------------------------------------------
@@ -123,7 +126,10 @@ def get_tokenizer(cfg, docs, out: Path):
     if not cfg.data:
         texts += chat_texts(cfg.world_seed)
     print(f"[pretrain] training a {cfg.vocab_size}-token BPE tokenizer on {len(texts):,} texts", flush=True)
-    return train_tokenizer(texts, cfg.vocab_size, path, seed=cfg.seed)
+    try:
+        return train_tokenizer(texts, cfg.vocab_size, path, seed=cfg.seed)
+    except ValueError as e:  # a vocabulary too small for byte fallback and the corpus's characters
+        common.die(f"--vocab-size {cfg.vocab_size}: {e}")
 
 
 def chat_texts(world_seed: int, n: int = 3000) -> list[str]:

@@ -43,7 +43,6 @@ Choices where the paper is silent:
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +78,9 @@ class RSConfig:
     seed: int = 0
     fsdp: bool = False  # under torchrun: fine-tune with FSDP2 instead of DDP (sampling always uses whole models)
     quick: bool = False  # a seconds-long smoke run
+    RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
+        positive="iterations k n_prompts temperatures n_sweep max_new_tokens lr epochs",
+        non_negative="instruction_share n_test world_seed seed", open_share="safety_threshold")
 
 
 def best_of_k(rewards: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,10 @@ def main(cfg: RSConfig):
     if cfg.quick:
         cfg.iterations, cfg.k, cfg.n_prompts, cfg.n_sweep, cfg.n_test, cfg.epochs = 1, 4, 32, 8, min(cfg.n_test, 16), 1
         cfg.temperatures = [0.8, 1.2]
+    if not cfg.temperatures:
+        common.die("--temperatures: give at least one (Fig. 8's sweep picks each iteration's temperature among them)")
     t0 = time.perf_counter()
+    common.check_checkpoints(init_from=cfg.init_from, rm_helpful=cfg.rm_helpful, rm_safety=cfg.rm_safety)
     dist = common.setup_distributed(cfg.device)
     device = dist.device
     common.seed_everything(cfg.seed)

@@ -229,6 +229,12 @@ class RewardConfig:
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     seed: int = 0
     log_interval: int = 25
+    RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
+        positive="train_prompts safety_prompts test_prompts max_new_tokens head_lr_mult batch_size lr epochs "
+                 "grad_clip log_interval",
+        non_negative="world_seed temperatures head_layers helpful_safety_share content_pairs rater_noise "
+                     "max_train_pairs min_warmup weight_decay seed",
+        share="warmup_frac final_lr_ratio", open_share="safety_threshold")
 
 
 # ---- 1. the loss (§3.2.2 eq. 2) --------------------------------------------------------------------------------------
@@ -834,20 +840,17 @@ def ablation_worker(cfg, margin: str, threads: int) -> dict:
 
 
 def check_flags(cfg: RewardConfig):
-    """Every flag that can be wrong, named, before any work."""
+    """Every flag that can be wrong, named, before any work (the numeric ranges: common.parse_config)."""
     if cfg.axis not in AXES:
         common.die(f"--axis must be one of {', '.join(AXES)}, got {cfg.axis!r}")
     if cfg.margin not in MARGINS:
         common.die(f"--margin must be one of {', '.join(MARGINS)}, got {cfg.margin!r}")
     if len(cfg.temperatures) != 2:
         common.die(f"--temperatures takes two values (§3.2.1: two samples per prompt), got {cfg.temperatures}")
-    if cfg.content_pairs < 0 or (cfg.content_pairs and cfg.data is not None):
-        common.die(f"--content-pairs {cfg.content_pairs}: takes K >= 0, and adds to the world's pairs (not to --data)")
-    if not 0 <= cfg.rater_noise < float("inf") or (cfg.rater_noise != PREFERENCE_NOISE and cfg.data is not None):
-        common.die(f"--rater-noise {cfg.rater_noise}: takes a standard deviation >= 0, for the world's pairs (--data "
-                   "brings its own labels)")
-    if not 0 <= cfg.helpful_safety_share < float("inf"):
-        common.die(f"--helpful-safety-share {cfg.helpful_safety_share}: takes a share >= 0 (choice 3; default 1/3)")
+    if cfg.content_pairs and cfg.data is not None:
+        common.die(f"--content-pairs {cfg.content_pairs}: adds to the world's pairs, not to --data")
+    if cfg.rater_noise != PREFERENCE_NOISE and cfg.data is not None:
+        common.die(f"--rater-noise {cfg.rater_noise}: labels the world's pairs (--data brings its own labels)")
     if not Path(cfg.init_from).is_dir():
         common.die(f"--init-from {cfg.init_from}: directory not found (train the chat model first: python sft.py)")
 

@@ -102,6 +102,11 @@ class SFTConfig:
     seed: int = 0
     log_interval: int = 20
     quick: bool = False  # smoke run (seconds): at most 30 steps, 60 evaluation prompts, 100 val dialogs
+    RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
+        positive="n_dialogs n_val_dialogs seq_len batch_size grad_accum epochs lr grad_clip ckpt_interval "
+                 "max_new_tokens eval_batch_size log_interval",
+        non_negative="world_seed instruction_share max_steps warmup weight_decay stop_at eval_n short_rows seed",
+        share="demo_habit blind_spot val_frac final_lr_ratio")
 
 
 # ---- 1. dialogs -> (tokens, targets) ---------------------------------------------------------------------------------
@@ -462,8 +467,11 @@ def finish(cfg, out: Path, tok, history: dict, run: dict, device, t_start: float
                "loss_curve": history["train"][::max(1, len(history["train"]) // 200)], **run,
                "params": final.num_params(), "init_from": cfg.init_from, "data": cfg.data or f"world:{cfg.world_seed}",
                "device": str(device)}
-    print(f"[sft] answer-token val loss {metrics['val_loss_before'] or float('nan'):.4f} before SFT -> "
-          f"{val or float('nan'):.4f} after", flush=True)
+    if val is None:  # --data with fewer than 20 dialogs holds none out (load_dialogs)
+        print("[sft] no validation dialogs: no answer-token val loss", flush=True)
+    else:
+        before = metrics["val_loss_before"]
+        print(f"[sft] answer-token val loss {before or float('nan'):.4f} before SFT -> {val:.4f} after", flush=True)
     if cfg.eval_n > 0:
         ev = world_eval(final, tok, cfg)
         metrics.update(ev)

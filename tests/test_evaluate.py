@@ -142,11 +142,8 @@ def test_reply_cache_serves_the_same_model_and_only_it(tmp_path, ckpt, monkeypat
     assert calls == [1, 1, 1] and len(list(cache.glob("*.json"))) == 5
 
 
-def test_reward_model_judge_and_its_absence(tmp_path, ckpt, monkeypatch):
+def test_reward_model_judge_and_wrong_directories(tmp_path, ckpt, monkeypatch, capsys):
     rm_flags = ["--n-prompts", "60", "--rm-helpful", str(ckpt), "--rm-safety", str(ckpt)]
-    monkeypatch.setitem(sys.modules, "reward", None)  # reward.py absent: `import reward` raises ImportError
-    m = run_eval(tmp_path, ckpt, ckpt, *rm_flags)
-    assert "rm_skipped" in m and "rm_helpful" not in m and m["complete"]
     # a stand-in reward.py: longer replies score higher; identical replies (greedy self-play) must all tie
     calls = []
 
@@ -158,7 +155,17 @@ def test_reward_model_judge_and_its_absence(tmp_path, ckpt, monkeypatch):
     assert calls == [120] * 2  # each RM scores A's and B's replies in one call (they share prompts)
     for k in ("rm_helpful", "rm_safety", "rm_combined"):
         assert m[k]["tie"] == 1.0 and m[k]["win_rate"] == 0.5
-    assert "rm_skipped" not in m  # a fresh metrics.json, not merged with the previous run's
+    m = run_eval(tmp_path, ckpt, ckpt, "--n-prompts", "60")
+    assert "rm_helpful" not in m and m["complete"]  # a fresh metrics.json, not merged with the previous run's
+    # a wrong directory, whichever flag names it, fails before any model answers: one line naming the flag
+    monkeypatch.setattr(E, "answer_with", lambda *a, **k: pytest.fail("answered before checking every directory"))
+    (tmp_path / "empty").mkdir()
+    for flags, named in (([ckpt, tmp_path / "nope"], "--b: checkpoint directory not found"),
+                         ([ckpt, ckpt, "--rm-safety", str(tmp_path / "empty")], "--rm-safety: ")):
+        with pytest.raises(SystemExit):
+            run_eval(tmp_path, *flags)
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
     assert E.rm_judgments(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 1.0]), 1e-4) == [-1, 0, 1]
 
 

@@ -1,7 +1,6 @@
 """ppo.py's pieces against hand computations and naive loops, the sampling/training log-prob invariant, and a toy
 reward that PPO must learn to raise while the KL to the reference grows from zero."""
 import copy
-import math
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 schedules, and one-line errors."""
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,7 +154,7 @@ def test_help_lists_every_flag_with_default():
               "--fsdp", "--grad-checkpoint"):
         assert f in text
     flat = " ".join(text.split())
-    assert "§2.2: 2000 steps (default: 50)" in flat and "(default: 1000)" in flat
+    assert "§2.2: 2000 steps (default: 50, >= 0)" in flat and "(default: 1000, > 0)" in flat
 
 
 def _probe_inputs(monkeypatch, probe) -> dict:

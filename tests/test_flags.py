@@ -1,0 +1,123 @@
+"""Every script's flags: each numeric one has a range (Config.RANGES), its default is in it, and a value outside it
+stops the script on the command line with one line naming the flag (common.parse_config). Checkpoint directories a
+stage will read are checked before it does any work (common.check_checkpoints)."""
+import dataclasses
+import importlib
+import inspect
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+import common
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("pretrain", "sft", "reward", "rejection_sampling", "ppo", "gatt", "evaluate", "generate", "bench",
+           "pipeline")
+# values just outside each rule's range; float flags also get NaN, which no comparison admits (argparse itself
+# refuses "nan" for an int flag)
+OUTSIDE = {"positive": ["0"], "non_negative": ["-1"], "share": ["1.5", "-0.1"], "open_share": ["1", "0"],
+           "positive_share": ["0", "1.01"]}
+
+
+def config_class(script: str):
+    mod = importlib.import_module(script)
+    (cls,) = [c for name, c in inspect.getmembers(mod, inspect.isclass)
+              if dataclasses.is_dataclass(c) and c.__module__ == script and name.endswith("Config")]
+    return cls
+
+
+def is_numeric(typ) -> bool:
+    """int, float, Optional[int], list[float], ...: a flag whose values are numbers."""
+    args = typing.get_args(typ)
+    return typ in (int, float) or any(a in (int, float) for a in args)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_has_a_range_that_its_default_meets(script):
+    cls = config_class(script)
+    hints = typing.get_type_hints(cls)
+    numeric = {f.name for f in dataclasses.fields(cls) if is_numeric(hints[f.name])}
+    assert set(cls.RANGES) == numeric, (set(cls.RANGES) ^ numeric)  # no typo, no numeric flag left unchecked
+    cfg = cls()
+    for name, rule in cls.RANGES.items():
+        assert common.range_error(name, getattr(cfg, name), rule) is None, (name, getattr(cfg, name))
+    help_text = " ".join(common.build_parser(cls).format_help().split())
+    assert any(f", {common.RULES[r][0]})" in help_text for r in cls.RANGES.values())  # --help shows the ranges
+
+
+def outside(script: str, name: str, rule: str) -> list[str]:
+    typ = typing.get_type_hints(config_class(script))[name]
+    return OUTSIDE[rule] + (["nan"] if float in (typ, *typing.get_args(typ)) else [])
+
+
+CASES = [(s, name, rule, bad) for s in SCRIPTS for name, rule in config_class(s).RANGES.items()
+         for bad in outside(s, name, rule)]
+
+
+@pytest.mark.parametrize("script, name, rule, bad", CASES, ids=[f"{s}--{n}={b}" for s, n, _, b in CASES])
+def test_a_value_outside_its_range_stops_the_command_line(script, name, rule, bad, capsys):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(config_class(script), [flag, bad])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {flag} ") and f"must be {common.RULES[rule][0]}" in err, err
+
+
+def test_range_rules_on_hand_values():
+    assert common.range_error("k", 1, "positive") is None and common.range_error("k", None, "positive") is None
+    assert common.range_error("top_p", 1.0, "positive_share") is None
+    assert common.range_error("x", float("inf"), "non_negative") == "--x inf: must be >= 0"
+    assert common.range_error("temperatures", [0.7, -1.0], "non_negative") == \
+        "--temperatures 0.7 -1.0: must be >= 0 (each value; -1.0 is not)"
+    assert common.range_error("safety_threshold", 0.0, "open_share") == "--safety-threshold 0.0: must be in (0, 1)"
+    with pytest.raises(ValueError):
+        common.ranges(positve="k")  # a misspelt rule is a bug in the script, caught at import
+
+
+def test_the_flag_error_comes_before_any_work(tmp_path):
+    """The script itself: `rejection_sampling.py --k 0` (once a ZeroDivisionError after the temperature sweep's
+    sampling) exits with one line saying what --k is, and writes nothing."""
+    proc = subprocess.run([sys.executable, str(REPO / "rejection_sampling.py"), "--k", "0", "--out-dir",
+                           str(tmp_path / "rs")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --k 0: must be > 0: samples per prompt"
+    assert not (tmp_path / "rs").exists()
+
+
+def test_every_checkpoint_directory_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """PPO reads --sft only for its final win rate, after the whole run: a wrong one must fail first, naming it.
+    check_checkpoints reads no weights: a params.json is a Meta-layout directory, a config.json a Hugging Face one."""
+    import ppo
+    import rejection_sampling
+    meta, hf, empty = (tmp_path / d for d in ("meta", "hf", "empty"))
+    for d in (meta, hf, empty):
+        d.mkdir()
+    (meta / "params.json").write_text("{}")
+    (hf / "config.json").write_text("{}")
+    common.check_checkpoints(a=str(meta), b=str(hf), unused=None)
+
+    class Started(Exception):
+        pass
+
+    def started(*args):
+        raise Started
+    monkeypatch.setattr(common, "setup_distributed", started)  # the stage's first step of real work
+    for run, kwargs, named in (
+            (ppo.main, dict(sft=str(tmp_path / "nope")), "--sft: checkpoint directory not found"),
+            (ppo.main, dict(rm_safety=str(empty)), "--rm-safety: "),
+            (rejection_sampling.main, dict(rm_helpful=str(empty)), "--rm-helpful: ")):
+        cfg_cls = ppo.PPOConfig if run is ppo.main else rejection_sampling.RSConfig
+        defaults = dict(init_from=str(meta), rm_helpful=str(hf), rm_safety=str(meta))
+        if run is ppo.main:
+            defaults["sft"] = str(meta)
+        with pytest.raises(SystemExit):
+            run(cfg_cls(**{**defaults, **kwargs}, out_dir=str(tmp_path / "out")))
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Started):  # --n-test 0: PPO never reads --sft, so a missing one does not stop it
+        ppo.main(ppo.PPOConfig(init_from=str(meta), rm_helpful=str(meta), rm_safety=str(meta), sft="nope", n_test=0,
+                               out_dir=str(tmp_path / "out")))
