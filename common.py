@@ -168,15 +168,16 @@ def die(msg: str, code: int = 2):
     raise SystemExit(code)
 
 
-def check_checkpoints(**dirs: Optional[str]):
-    """check_checkpoints(init_from="out/sft", rm_safety="out/rm_s"): every checkpoint directory a stage will read,
-    checked for a Meta or Hugging Face layout before any work (no weights read), so a wrong --rm-safety fails now,
-    naming its flag, and not after the sampling that comes before its first use. None = not used this run."""
+def check_checkpoints(**dirs: tuple[Optional[str], str]):
+    """check_checkpoints(init_from=("out/sft", "lm"), rm_safety=("out/rm_safety", "scalar")): every checkpoint
+    directory a stage will read, checked for a Meta or Hugging Face layout and for its head (a chat model or a reward
+    model) before any work, no weights read (model.checkpoint_layout). So a wrong --rm-safety fails now, naming its
+    flag, and not after the sampling that comes before its first use. A path of None: not used this run."""
     from model import CheckpointError, checkpoint_layout
-    for name, path in dirs.items():
+    for name, (path, head) in dirs.items():
         if path is not None:
             try:
-                checkpoint_layout(path)
+                checkpoint_layout(path, head)
             except CheckpointError as e:
                 die(f"--{name.replace('_', '-')}: {e}")
 

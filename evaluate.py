@@ -83,11 +83,13 @@ class EvalConfig:
 
 
 # ---- 1. loading and chatting (shared with sft.py, rejection_sampling.py, ppo.py, gatt.py) ----------------------------
-def load_model_and_tokenizer(path, device="cpu", dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
+def load_model_and_tokenizer(path, device="cpu", dtype: Optional[torch.dtype] = None,
+                             head: str = "lm") -> tuple[Transformer, Tokenizer]:
     """A checkpoint directory (ours, Meta's or Hugging Face's) and its tokenizer.model (model.find_tokenizer: inside
-    it, or one folder up as Meta's download lays it out), in eval mode.
+    it, or one folder up as Meta's download lays it out), in eval mode; a chat model, or with head="scalar" a
+    reward model.
     Raises CheckpointError / FileNotFoundError / ValueError with a one-line reason (the CLIs call common.die)."""
-    model = load_checkpoint(path, device=device, dtype=dtype)
+    model = load_checkpoint(path, device=device, dtype=dtype, expect_head=head)
     tok_path = find_tokenizer(path)
     tok = Tokenizer(tok_path)
     if tok.n_words != model.args.vocab_size:
@@ -313,7 +315,7 @@ def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str
     out, per_rm = {}, {}
     for name, path in rms.items():
         try:
-            rm, rm_tok = load_model_and_tokenizer(path, device, dtype)
+            rm, rm_tok = load_model_and_tokenizer(path, device, dtype, head="scalar")
         except (CheckpointError, OSError, ValueError) as e:
             common.die(f"--rm-{name}: {e}")
         with torch.no_grad():
@@ -399,7 +401,8 @@ def main(cfg: EvalConfig) -> dict:
     if cfg.quick:
         cfg = dataclasses.replace(cfg, n_prompts=min(cfg.n_prompts, 100))
     # every directory now, not B's after A has answered, nor an RM's after both have
-    common.check_checkpoints(a=cfg.a, b=cfg.b, rm_helpful=cfg.rm_helpful, rm_safety=cfg.rm_safety)
+    common.check_checkpoints(a=(cfg.a, "lm"), b=(cfg.b, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
+                             rm_safety=(cfg.rm_safety, "scalar"))
     device = common.pick_device(cfg.device)
     dtype = common.pick_dtype(cfg.dtype, device)
     world = data.World(seed=cfg.world_seed)

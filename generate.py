@@ -465,9 +465,9 @@ def load_for_inference(cfg):
     device = common.pick_device(cfg.device)
     dtype = common.pick_dtype(cfg.dtype, device)
     try:
-        model = load_checkpoint(cfg.checkpoint, device=device, dtype=dtype)
+        model = load_checkpoint(cfg.checkpoint, device=device, dtype=dtype, expect_head="lm")
     except CheckpointError as e:
-        common.die(str(e))
+        common.die(f"--checkpoint: {e}")
     try:
         tok_path = find_tokenizer(cfg.checkpoint, cfg.tokenizer, flag="--tokenizer")
     except FileNotFoundError as e:

@@ -421,22 +421,41 @@ def _torch_load(f: Path):
                               f"{str(e).splitlines()[0][:200]}") from None
 
 
-def checkpoint_layout(path) -> str:
-    """"meta" (params.json) or "hf" (config.json) for a checkpoint directory, else CheckpointError: a check that
-    reads no weights, so a stage can check every directory it will need before it starts (common.check_checkpoints)."""
+HEADS = {"lm": "a language model", "scalar": "a reward or value model"}  # ModelArgs.head, in words
+
+
+def checkpoint_layout(path, expect_head: Optional[str] = None) -> str:
+    """"meta" (params.json) or "hf" (config.json) for a checkpoint directory, else CheckpointError; with expect_head,
+    also CheckpointError unless its head is that one (params.json's "head", config.json's "nanollama2_head"; "lm"
+    when absent, as in Meta's and Hugging Face's). It reads no weights, so a stage can check every directory it will
+    need before it starts (common.check_checkpoints): a reward model passed where a chat model goes, or the other way
+    round, fails there and not mid-run."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if (path / "params.json").is_file():
-        return "meta"
-    if (path / "config.json").is_file():
-        return "hf"
-    raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
+        layout, key = "meta", "head"
+    elif (path / "config.json").is_file():
+        layout, key = "hf", "nanollama2_head"  # export_hf writes it for our reward models
+    else:
+        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
+    if expect_head is None:
+        return layout
+    f = path / ("params.json" if layout == "meta" else "config.json")
+    try:
+        head = json.loads(f.read_text()).get(key) or "lm"
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{f}: not a JSON object ({e})") from None
+    if head != expect_head:
+        raise CheckpointError(f"{path}: {HEADS.get(head, repr(head))} (head {head!r}), where "
+                              f"{HEADS[expect_head]} is needed (head {expect_head!r})")
+    return layout
 
 
-def load_checkpoint(path, device="cpu", dtype=None, **arg_overrides) -> Transformer:
+def load_checkpoint(path, device="cpu", dtype=None, expect_head: Optional[str] = None, **arg_overrides) -> Transformer:
+    """A checkpoint directory (ours, Meta's or Hugging Face's) as a Transformer; expect_head as checkpoint_layout."""
     path = Path(path)
-    args, state = (_read_meta if checkpoint_layout(path) == "meta" else _read_hf)(path)
+    args, state = (_read_meta if checkpoint_layout(path, expect_head) == "meta" else _read_hf)(path)
     args = ModelArgs(**{**asdict(args), **arg_overrides})
     with torch.device("meta"):
         model = Transformer(args)

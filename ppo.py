@@ -367,8 +367,9 @@ def main(cfg: PPOConfig):
         cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, min(cfg.n_test, 24), 2
     if not cfg.eval_start and cfg.iterations < 1:
         common.die("--no-eval-start needs --iterations >= 1: otherwise no iterate is kept")
-    common.check_checkpoints(init_from=cfg.init_from, rm_helpful=cfg.rm_helpful, rm_safety=cfg.rm_safety,
-                             sft=cfg.sft if cfg.n_test else None)  # --sft is read last, after the whole run
+    common.check_checkpoints(init_from=(cfg.init_from, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
+                             rm_safety=(cfg.rm_safety, "scalar"),
+                             sft=(cfg.sft if cfg.n_test else None, "lm"))  # --sft is read last, after the whole run
     dist = common.setup_distributed(cfg.device)
     check_batch_layout(cfg, dist.world_size)
     device = dist.device

@@ -264,11 +264,16 @@ def _starts_with_number(text: str, want: str) -> bool:
 def build_model(cfg, tok, device) -> Transformer:
     if cfg.init_from:
         try:
-            model = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32)  # fp32 masters: sft.load_start
+            # fp32 master weights whatever the file holds (sft.load_start says why)
+            model = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32, expect_head="lm")
         except CheckpointError as e:
             common.die(f"--init-from: {e}")
         if model.args.vocab_size != tok.n_words:
             common.die(f"--init-from {cfg.init_from}: vocabulary {model.args.vocab_size} != tokenizer's {tok.n_words}")
+        for flag, n in (("--seq-len", cfg.seq_len), ("--long-seq-len", cfg.long_seq_len)):
+            if n > model.args.max_seq_len:  # else the long phase would fail at its first step, 90% into the run
+                common.die(f"{flag} {n} is longer than the context of --init-from {cfg.init_from} "
+                           f"({model.args.max_seq_len}); --long-seq-len 0 skips the long phase")
         return model.to(device)
     max_len = max(cfg.seq_len, cfg.long_seq_len)
     args = preset(cfg.model, vocab_size=tok.n_words, max_seq_len=max(max_len, preset(cfg.model).max_seq_len))

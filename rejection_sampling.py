@@ -162,7 +162,8 @@ def main(cfg: RSConfig):
     if not cfg.temperatures:
         common.die("--temperatures: give at least one (Fig. 8's sweep picks each iteration's temperature among them)")
     t0 = time.perf_counter()
-    common.check_checkpoints(init_from=cfg.init_from, rm_helpful=cfg.rm_helpful, rm_safety=cfg.rm_safety)
+    common.check_checkpoints(init_from=(cfg.init_from, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
+                             rm_safety=(cfg.rm_safety, "scalar"))
     dist = common.setup_distributed(cfg.device)
     device = dist.device
     common.seed_everything(cfg.seed)

@@ -305,10 +305,7 @@ def head_block_lr(first_new: int, mult: float):
 def load_reward_model(path, device="cpu") -> Transformer:
     """A reward model saved by this script (params.json says head "scalar"), in eval mode. Its tokenizer is
     path/tokenizer.model."""
-    model = load_checkpoint(path, device=device)
-    if model.args.head != "scalar":
-        raise CheckpointError(f"{path}: not a reward model (params.json head is {model.args.head!r}, not 'scalar')")
-    return model.eval()
+    return load_checkpoint(path, device=device, expect_head="scalar").eval()
 
 
 def encode_reply(tok, dialog: list[dict], reply: Union[str, Sequence[int]], max_len: int) -> list[int]:

@@ -311,11 +311,9 @@ def load_start(cfg, device) -> tuple[Transformer, object]:
         # fp32 master weights whatever the file holds (Meta ships bf16, Hugging Face fp16): AdamW moves a weight by
         # about lr per step, and 2e-5 is below half of bf16's spacing around a typical 0.02 weight (6e-5), so in bf16
         # most updates would round away. Autocast runs the matmuls in bf16 on GPUs all the same.
-        model = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32)
+        model = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32, expect_head="lm")
     except CheckpointError as e:
         common.die(f"--init-from: {e}")
-    if model.args.head != "lm":
-        common.die(f"--init-from {cfg.init_from}: a scalar-head (reward/value) model cannot be fine-tuned to chat")
     if model.args.vocab_size != tok.n_words:
         common.die(f"--init-from {cfg.init_from}: vocabulary {model.args.vocab_size} != tokenizer's {tok.n_words}")
     if cfg.seq_len > model.args.max_seq_len:

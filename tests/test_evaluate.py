@@ -11,6 +11,7 @@ Statistical assertions and their false-failure probabilities (over the choice of
   - self-comparison, sampled: per-prompt outcomes in {0, 1/2, 1} are independent with mean 1/2 by symmetry, so
     P(|win rate - 0.5| >= 0.12) <= 2 exp(-2 n 0.12^2) = 6.3e-4 at n = 200 and 2e-5 at n = 400 (Hoeffding).
 """
+import dataclasses
 import json
 import subprocess
 import sys
@@ -45,6 +46,16 @@ def ckpt(tmp_path_factory):
     args = M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=16,
                        max_seq_len=256)
     M.save_checkpoint(M.Transformer(args).init_weights(seed=0), d, tok.model_path)
+    return d
+
+
+@pytest.fixture(scope="module")
+def rm_ckpt(ckpt, tmp_path_factory):
+    """The same shape with a scalar head: what --rm-helpful / --rm-safety must be."""
+    d = tmp_path_factory.mktemp("rm")
+    args = M.load_checkpoint(ckpt).args
+    M.save_checkpoint(M.Transformer(dataclasses.replace(args, head="scalar")).init_weights(seed=0), d,
+                      ckpt / "tokenizer.model")
     return d
 
 
@@ -142,8 +153,8 @@ def test_reply_cache_serves_the_same_model_and_only_it(tmp_path, ckpt, monkeypat
     assert calls == [1, 1, 1] and len(list(cache.glob("*.json"))) == 5
 
 
-def test_reward_model_judge_and_wrong_directories(tmp_path, ckpt, monkeypatch, capsys):
-    rm_flags = ["--n-prompts", "60", "--rm-helpful", str(ckpt), "--rm-safety", str(ckpt)]
+def test_reward_model_judge_and_wrong_directories(tmp_path, ckpt, rm_ckpt, monkeypatch, capsys):
+    rm_flags = ["--n-prompts", "60", "--rm-helpful", str(rm_ckpt), "--rm-safety", str(rm_ckpt)]
     # a stand-in reward.py: longer replies score higher; identical replies (greedy self-play) must all tie
     calls = []
 
@@ -161,7 +172,9 @@ def test_reward_model_judge_and_wrong_directories(tmp_path, ckpt, monkeypatch, c
     monkeypatch.setattr(E, "answer_with", lambda *a, **k: pytest.fail("answered before checking every directory"))
     (tmp_path / "empty").mkdir()
     for flags, named in (([ckpt, tmp_path / "nope"], "--b: checkpoint directory not found"),
-                         ([ckpt, ckpt, "--rm-safety", str(tmp_path / "empty")], "--rm-safety: ")):
+                         ([ckpt, ckpt, "--rm-safety", str(tmp_path / "empty")], "--rm-safety: "),
+                         ([ckpt, ckpt, "--rm-helpful", str(ckpt)], "--rm-helpful: "),  # a chat model, not an RM
+                         ([rm_ckpt, ckpt], "--a: ")):  # an RM, not a chat model
         with pytest.raises(SystemExit):
             run_eval(tmp_path, *flags)
         err = capsys.readouterr().err

@@ -88,16 +88,18 @@ def test_the_flag_error_comes_before_any_work(tmp_path):
 
 
 def test_every_checkpoint_directory_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
-    """PPO reads --sft only for its final win rate, after the whole run: a wrong one must fail first, naming it.
-    check_checkpoints reads no weights: a params.json is a Meta-layout directory, a config.json a Hugging Face one."""
+    """PPO reads --sft only for its final win rate, after the whole run: a wrong one must fail first, naming it; so
+    must a reward model passed where the chat model goes, or the other way round. check_checkpoints reads no
+    weights: a params.json is a Meta-layout directory (its "head" says which kind), a config.json a Hugging Face one."""
     import ppo
     import rejection_sampling
-    meta, hf, empty = (tmp_path / d for d in ("meta", "hf", "empty"))
-    for d in (meta, hf, empty):
+    meta, hf, rm, empty = (tmp_path / d for d in ("meta", "hf", "rm", "empty"))
+    for d in (meta, hf, rm, empty):
         d.mkdir()
     (meta / "params.json").write_text("{}")
     (hf / "config.json").write_text("{}")
-    common.check_checkpoints(a=str(meta), b=str(hf), unused=None)
+    (rm / "params.json").write_text('{"head": "scalar"}')
+    common.check_checkpoints(a=(str(meta), "lm"), b=(str(hf), "lm"), c=(str(rm), "scalar"), unused=(None, "lm"))
 
     class Started(Exception):
         pass
@@ -105,19 +107,22 @@ def test_every_checkpoint_directory_is_checked_before_any_work(tmp_path, monkeyp
     def started(*args):
         raise Started
     monkeypatch.setattr(common, "setup_distributed", started)  # the stage's first step of real work
-    for run, kwargs, named in (
-            (ppo.main, dict(sft=str(tmp_path / "nope")), "--sft: checkpoint directory not found"),
-            (ppo.main, dict(rm_safety=str(empty)), "--rm-safety: "),
-            (rejection_sampling.main, dict(rm_helpful=str(empty)), "--rm-helpful: ")):
-        cfg_cls = ppo.PPOConfig if run is ppo.main else rejection_sampling.RSConfig
-        defaults = dict(init_from=str(meta), rm_helpful=str(hf), rm_safety=str(meta))
-        if run is ppo.main:
-            defaults["sft"] = str(meta)
+    good = dict(init_from=str(meta), rm_helpful=str(rm), rm_safety=str(rm))
+    for run, cfg_cls, kwargs, named in (
+            (ppo.main, ppo.PPOConfig, dict(sft=str(tmp_path / "nope")), "--sft: checkpoint directory not found"),
+            (ppo.main, ppo.PPOConfig, dict(rm_safety=str(empty)), "--rm-safety: "),
+            (ppo.main, ppo.PPOConfig, dict(init_from=str(rm)), "--init-from: "),
+            (ppo.main, ppo.PPOConfig, dict(rm_helpful=str(hf)), "--rm-helpful: "),
+            (rejection_sampling.main, rejection_sampling.RSConfig, dict(rm_helpful=str(empty)), "--rm-helpful: "),
+            (rejection_sampling.main, rejection_sampling.RSConfig, dict(rm_safety=str(meta)), "--rm-safety: ")):
         with pytest.raises(SystemExit):
-            run(cfg_cls(**{**defaults, **kwargs}, out_dir=str(tmp_path / "out")))
+            run(cfg_cls(**{**good, **kwargs}, out_dir=str(tmp_path / "out")))
         err = capsys.readouterr().err
         assert named in err and len(err.strip().splitlines()) == 1, err
+    assert "a language model (head 'lm'), where a reward or value model is needed" in err
     assert not (tmp_path / "out").exists()
-    with pytest.raises(Started):  # --n-test 0: PPO never reads --sft, so a missing one does not stop it
-        ppo.main(ppo.PPOConfig(init_from=str(meta), rm_helpful=str(meta), rm_safety=str(meta), sft="nope", n_test=0,
-                               out_dir=str(tmp_path / "out")))
+    for run, cfg in ((ppo.main, ppo.PPOConfig(**good, sft=str(hf))), (rejection_sampling.main,
+                                                                         rejection_sampling.RSConfig(**good)),
+                     (ppo.main, ppo.PPOConfig(**good, sft="nope", n_test=0))):  # --n-test 0: --sft never read
+        with pytest.raises(Started):  # every directory right: the stage starts
+            run(cfg)

@@ -197,3 +197,27 @@ def test_arithmetic_asked_probe_wants_the_operands_copied_then_the_result(monkey
     assert ok(" 26 + 16 = 42.", "26 + 16 = 42") and ok("26 + 16 = 42\nQ:", "26 + 16 = 42")
     assert not ok(" 26 + 61 = 42.", "26 + 16 = 42") and not ok(" 26 + 16 = 421", "26 + 16 = 42")
     assert not ok(" 42.", "26 + 16 = 42")
+
+
+def test_init_from_is_checked_for_its_head_and_context_before_training(tmp_path, capsys):
+    """--init-from a reward model, or a --long-seq-len beyond the checkpoint's context (once a crash at the long
+    phase's first step, 90% into the run): one line naming the flag, from build_model, before any step."""
+    from dataclasses import replace
+    from tokenizer import train_tokenizer
+    tok = train_tokenizer(data.World(seed=0).pretrain_documents(150_000), 400, tmp_path / "tokenizer.model")
+    args = M.preset("1M", vocab_size=tok.n_words, max_seq_len=128)
+    M.save_checkpoint(M.Transformer(args).init_weights(seed=0), tmp_path / "lm", tok.model_path)
+    M.save_checkpoint(M.Transformer(replace(args, head="scalar")).init_weights(seed=0), tmp_path / "rm",
+                      tok.model_path)
+    cpu = torch.device("cpu")
+    for init, long, named in (("lm", 512, "--long-seq-len 512 is longer than the context of --init-from"),
+                              ("rm", 0, "--init-from: ")):
+        cfg = pretrain.PretrainConfig(init_from=str(tmp_path / init), seq_len=64, long_seq_len=long)
+        with pytest.raises(SystemExit):
+            pretrain.build_model(cfg, tok, cpu)
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+    assert "where a language model is needed" in err
+    model = pretrain.build_model(pretrain.PretrainConfig(init_from=str(tmp_path / "lm"), seq_len=64,
+                                                         long_seq_len=128), tok, cpu)
+    assert model.args.max_seq_len == 128

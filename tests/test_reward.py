@@ -253,7 +253,7 @@ def test_reward_model_from_chat_model_and_round_trip(tmp_path, tok):
     with torch.no_grad():
         torch.testing.assert_close(again(x)[0], rm.eval()(x)[0])
     M.save_checkpoint(chat, tmp_path / "chat", tok.model_path)
-    with pytest.raises(M.CheckpointError, match="not a reward model"):
+    with pytest.raises(M.CheckpointError, match="a language model .head 'lm'., where a reward or value model is"):
         reward.load_reward_model(tmp_path / "chat")
 
 
