@@ -75,8 +75,7 @@ class PretrainConfig:
     grad_checkpoint: bool = False  # recompute each block's activations in backward
     seed: int = 0
     log_interval: int = 50
-    # each numeric flag's range, checked before any work (common.parse_config)
-    RANGES = common.ranges(
+    RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
         positive="corpus_bytes vocab_size seq_len batch_size grad_accum max_steps lr grad_clip eval_interval "
                  "eval_batches ckpt_interval log_interval",
         non_negative="world_seed long_seq_len warmup weight_decay stop_at seed", share="long_frac final_lr_ratio")
