@@ -501,6 +501,27 @@ class Progress:
               f"{fmt_time(now - self.t0)} elapsed, ETA {fmt_time(eta)}", flush=True)
 
 
+class Ticker:
+    """Progress of a long loop that is not a training step (sampling, scoring): "[name] 1,200/4,800 replies |
+    96 replies/s | 0m12s elapsed, ETA 0m37s", at most one line every `every` seconds and a last one at the end if any
+    was printed, so a call that ends within `every` seconds prints nothing."""
+
+    def __init__(self, name: str, total: int, unit: str = "replies", every: float = 10.0, enabled: bool = True):
+        self.name, self.total, self.unit, self.every, self.enabled = name, total, unit, every, enabled
+        self.t0 = self.last = time.perf_counter()
+        self.printed = False
+
+    def tick(self, done: int):
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < self.every and not (done >= self.total and self.printed)):
+            return
+        self.last, self.printed = now, True
+        elapsed = now - self.t0
+        eta = elapsed / max(1, done) * (self.total - done)
+        print(f"[{self.name}] {done:,}/{self.total:,} {self.unit} | {done / max(elapsed, 1e-9):,.0f} {self.unit}/s | "
+              f"{fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}", flush=True)
+
+
 def fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

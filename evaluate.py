@@ -107,7 +107,8 @@ class Reply:
 @torch.no_grad()
 def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                  num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None) -> list[Reply]:
+                  num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None,
+                  progress: Optional[str] = None) -> list[Reply]:
     """Answer each dialog (a list of messages ending with a user turn) in the Llama 2 chat format.
 
     Returns len(dialogs) * num_samples Replies, prompt-major (the num_samples replies of dialog 0 first), in the order
@@ -118,7 +119,8 @@ def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]],
     holds its dialog's last prompt and keys/values, so the next turn computes only what its prompt adds (the reply and
     the new user message). Batches then group the dialogs by how many tokens they add, so one dialog that must be
     computed whole (its early turns dropped to fit) does not make its batch-mates compute theirs. gatt.py's multi-turn
-    sampling and Table 30 pass them."""
+    sampling and Table 30 pass them.
+    progress: a name for common.Ticker's lines (replies done, rate, ETA) while a long call runs; None: silent."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     prompts = []
@@ -144,6 +146,7 @@ def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]],
         todo.sort(key=lambda i: len(prompts[i]))
     else:  # tokens to compute, then length
         todo.sort(key=lambda i: (len(prompts[i]) - cached[i].reusable(prompts[i]), len(prompts[i])))
+    ticker = common.Ticker(progress or "", len(todo) * num_samples, enabled=progress is not None)
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
         samples = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_p=top_p,
@@ -153,15 +156,17 @@ def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]],
             finished = bool(toks) and toks[-1] == tok.eos_id
             text = tok.decode(toks[:-1] if finished else toks).strip()
             out[chunk[j // num_samples] * num_samples + j % num_samples] = Reply(text, toks, finished)
+        ticker.tick((s + len(chunk)) * num_samples)
     return out  # type: ignore[return-value]
 
 
 def chat_replies(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None) -> list[str]:
+                 num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None,
+                 progress: Optional[str] = None) -> list[str]:
     """chat_generate, text only: one reply string per dialog (num_samples per dialog, prompt-major)."""
     return [r.text for r in chat_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, batch_size,
-                                          num_samples, prefixes)]
+                                          num_samples, prefixes, progress)]
 
 
 # ---- 2. what the annotator says about one model's replies ------------------------------------------------------------

@@ -133,7 +133,9 @@ def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) ->
     fallbacks = [0] * len(dialogs)
     # each dialogue's last prompt and its keys/values: a turn computes only what it adds (the reply, the question)
     prefixes = [CachedPrompt() for _ in dialogs]
-    for t in range(len(dialogs[0].user_turns)):
+    n_turns = len(dialogs[0].user_turns)
+    ticker = common.Ticker("gatt sampling", n_turns * len(dialogs), unit="replies")
+    for t in range(n_turns):
         for h, g in zip(histories, dialogs):
             h.append({"role": "user", "content": with_instruction(g.instruction, g.user_turns[t])})
         out = chat_replies(model, tok, [fit_context(tok, h, model.args.max_seq_len - max_new_tokens, refill=0.5)
@@ -144,6 +146,7 @@ def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) ->
                 r, fallbacks[i] = g.compliant_replies()[t], fallbacks[i] + 1
             rs.append(r)
             h.append({"role": "assistant", "content": r})
+        ticker.tick((t + 1) * len(dialogs))
     return replies, fallbacks
 
 
@@ -202,7 +205,7 @@ def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed:
     tasks = [t for t in tasks if len(tok.encode_dialog(t.messages)[0]) <= budget]
     out = []
     for t, r in zip(tasks, chat_replies(model, tok, [t.messages for t in tasks], max_new_tokens,
-                                        batch_size=SINGLE_BATCH)):
+                                        batch_size=SINGLE_BATCH, progress="gatt own replies")):
         score = annotator.score(t.messages, r)
         # a refusal of a harmful request is the right reply, though raters give it moderate helpfulness (data.py)
         if score.safe and (score.helpfulness >= GOOD_REPLY or t.kind == "harmful"):

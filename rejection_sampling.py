@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
+from typing import Optional
 
 import torch
 
@@ -120,18 +121,21 @@ class Scorer:
 UNFINISHED_REWARD = 0.0  # choice 4: a reply cut off at the budget scores the bottom of the sigmoid scale
 
 
-def sample_and_score(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int):
+def sample_and_score(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int,
+                     progress: Optional[str] = None):
     """K samples per task (prompt-major) and their rewards (P, K); replies as token lists (EOS included). A reply
-    that did not end within max_new_tokens gets UNFINISHED_REWARD whatever the reward models say (choice 4)."""
+    that did not end within max_new_tokens gets UNFINISHED_REWARD whatever the reward models say (choice 4).
+    progress: a name for the sampling's progress lines (evaluate.chat_generate)."""
     from evaluate import chat_generate
     out = chat_generate(model, tok, [t.messages for t in tasks], max_new_tokens, temperature=temperature, top_p=1.0,
-                        seed=seed, num_samples=k)
+                        seed=seed, num_samples=k, progress=progress)
     rewards = scorer(tok, [t for t in tasks for _ in range(k)], [r.tokens for r in out]).view(len(tasks), k)
     finished = torch.tensor([r.finished for r in out]).view(len(tasks), k)
     return out, rewards.masked_fill(~finished, UNFINISHED_REWARD)
 
 
-def sample_shard(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int, dist) -> list:
+def sample_shard(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int, dist,
+                 progress: Optional[str] = None) -> list:
     """This rank's share of `tasks` (common.rank_shard), K samples each, scored: one record per task, (rewards of its
     K samples, the best sample's text or None when not one of the K finished, tokens sampled). Each rank draws from
     its own seed (rank 0 from `seed` itself, so one process samples exactly as before torchrun existed here)."""
@@ -139,17 +143,18 @@ def sample_shard(model, tok, tasks, k: int, temperature: float, scorer, max_new_
     if not mine:
         return []
     replies, rewards = sample_and_score(model, tok, mine, k, temperature, scorer, max_new_tokens,
-                                        seed + 7919 * dist.rank)
+                                        seed + 7919 * dist.rank, progress if dist.is_main else None)
     best = [replies[p * k + b] for p, b in enumerate(best_of_k(rewards).tolist())]
     return [(rewards[p].tolist(), best[p].text if best[p].finished else None,
              sum(len(r.tokens) for r in replies[p * k:(p + 1) * k])) for p in range(len(mine))]
 
 
-def sample_all(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int, dist):
+def sample_all(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int, dist,
+               progress: Optional[str] = None):
     """sample_shard on every rank, gathered: (rewards (P, K), best reply text per task (None: no finished sample),
-    tokens sampled), the same on every rank and in the order of `tasks`."""
+    tokens sampled), the same on every rank and in the order of `tasks`; progress lines (rank 0's) named `progress`."""
     records = common.all_gather_shards(sample_shard(model, tok, tasks, k, temperature, scorer, max_new_tokens, seed,
-                                                    dist), dist)
+                                                    dist, progress), dist)
     return torch.tensor([r[0] for r in records]), [r[1] for r in records], sum(r[2] for r in records)
 
 
@@ -183,8 +188,11 @@ def main(cfg: RSConfig):
     model = start
     for it in range(1, cfg.iterations + 1):
         # 1. re-tune the temperature on a few prompts: highest mean best-of-K reward
-        sweep = {T: sample_all(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed, dist)[0]
-                 for T in cfg.temperatures}
+        if dist.is_main:
+            print(f"[rs] iteration {it}: best-of-{cfg.k} of {len(sweep_tasks)} prompts at each temperature "
+                  f"{', '.join(map(str, cfg.temperatures))}, then of {cfg.n_prompts} prompts at the best", flush=True)
+        sweep = {T: sample_all(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed, dist,
+                               progress=f"rs sweep T={T}")[0] for T in cfg.temperatures}
         temp = max(cfg.temperatures, key=lambda T: sweep[T].max(1).values.mean().item())
         if it == 1:  # Figs. 7 and 8 for the starting (SFT) model
             metrics["fig8_sft"] = {str(T): max_median_by_n(r)[1] for T, r in sweep.items()}
@@ -195,7 +203,7 @@ def main(cfg: RSConfig):
         tasks = [all_train[i] for i in ids]
         ts = time.perf_counter()
         rewards, best_replies, n_tok = sample_all(model, tok, tasks, cfg.k, temp, scorer, cfg.max_new_tokens,
-                                                  cfg.seed + it, dist)
+                                                  cfg.seed + it, dist, progress=f"rs sampling T={temp}")
         dt = time.perf_counter() - ts
         best = best_of_k(rewards)
         # 4. the best per prompt over all iterations so far (the same records, hence the same dict, on every rank)

@@ -489,11 +489,13 @@ def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: li
 def _sample_replies(policy, tok, tasks, temperature: float, max_new_tokens: int, gen, batch: int = 256) -> list[str]:
     from generate import generate
     out = []
+    ticker = common.Ticker(f"reward sampling T={temperature:g}", len(tasks))
     for i in range(0, len(tasks), batch):
         prompts = [tok.encode_dialog(t.messages)[0] for t in tasks[i:i + batch]]
         for ids in generate(policy, prompts, max_new_tokens, temperature=temperature, top_p=0.9, eos_id=tok.eos_id,
                             generator=gen):
             out.append(tok.decode([t for t in ids if t != tok.eos_id]).strip())  # the rater reads text
+        ticker.tick(len(out))
     return out
 
 

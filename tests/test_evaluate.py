@@ -153,6 +153,40 @@ def test_reply_cache_serves_the_same_model_and_only_it(tmp_path, ckpt, monkeypat
     assert calls == [1, 1, 1] and len(list(cache.glob("*.json"))) == 5
 
 
+def test_ticker_prints_at_most_once_per_interval_and_ends_with_the_total(monkeypatch, capsys):
+    """common.Ticker on a fake clock: nothing for a loop that ends within `every` seconds; otherwise a line at most
+    every `every` seconds, with the rate and the ETA from the rate so far, and a last line at the total."""
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    quiet = common.Ticker("quick", 10, every=10.0)
+    for done in range(1, 11):
+        clock[0] += 0.5
+        quiet.tick(done)
+    assert capsys.readouterr().out == ""
+    t = common.Ticker("rs sampling", 400, every=10.0)
+    for done in range(40, 401, 40):  # 40 replies every 4 s: lines at 12 s (120 done), 24 s, 36 s and the end
+        clock[0] += 4.0
+        t.tick(done)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[rs sampling] 120/400 replies | 10 replies/s | 0m12s elapsed, ETA 0m28s",
+                     "[rs sampling] 240/400 replies | 10 replies/s | 0m24s elapsed, ETA 0m16s",
+                     "[rs sampling] 360/400 replies | 10 replies/s | 0m36s elapsed, ETA 0m04s",
+                     "[rs sampling] 400/400 replies | 10 replies/s | 0m40s elapsed, ETA 0m00s"]
+
+
+def test_chat_generate_reports_progress_without_changing_a_reply(ckpt, capsys, monkeypatch):
+    model, tok = E.load_model_and_tokenizer(ckpt)
+    dialogs = [t.messages for t in data.World(seed=0).tasks("test", 12, seed=5)]
+    silent = E.chat_generate(model, tok, dialogs, 6, temperature=1.0, seed=3, batch_size=5, num_samples=2)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(common.Ticker.__init__, "__defaults__", ("replies", 0.0, True))  # a line at every batch
+    loud = E.chat_generate(model, tok, dialogs, 6, temperature=1.0, seed=3, batch_size=5, num_samples=2,
+                           progress="test sampling")
+    assert loud == silent
+    assert [line.split(" |")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "[test sampling] 10/24 replies", "[test sampling] 20/24 replies", "[test sampling] 24/24 replies"]
+
+
 def test_reward_model_judge_and_wrong_directories(tmp_path, ckpt, rm_ckpt, monkeypatch, capsys):
     rm_flags = ["--n-prompts", "60", "--rm-helpful", str(rm_ckpt), "--rm-safety", str(rm_ckpt)]
     # a stand-in reward.py: longer replies score higher; identical replies (greedy self-play) must all tie

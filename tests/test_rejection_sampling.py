@@ -47,7 +47,7 @@ def test_a_reply_cut_off_at_the_budget_is_never_kept(monkeypatch):
         "b": [("cut off", False), ("also cut", False), ("cut too", False)],
     }
 
-    def fake_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, num_samples):
+    def fake_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, num_samples, progress=None):
         return [evaluate.Reply(text, [len(text)], done) for d in dialogs for text, done in samples[d[0]["content"]]]
 
     monkeypatch.setattr(evaluate, "chat_generate", fake_generate)
