@@ -36,7 +36,7 @@ class Stage:
     out: str  # directory under the output root
     args: list  # flags for the default run ({out} is replaced by the output root)
     quick: list  # extra flags for --quick
-    seconds: float  # expected wall time of the default run on a 2-core laptop CPU (for the ETA)
+    seconds: float  # expected wall time of the default run on a 2-core CPU (for the ETA; the Zen 3 runs, BENCHMARKS.md)
 
 
 def _eval(name: str, a: str) -> Stage:
@@ -49,25 +49,25 @@ def _eval(name: str, a: str) -> Stage:
 STAGES = [
     Stage("pretrain", "pretrain.py", "pretrain", ["--out-dir", "{out}/pretrain"],
           ["--max-steps", "80", "--corpus-bytes", "1000000", "--eval-interval", "40", "--ckpt-interval", "80",
-           "--log-interval", "20"], 270),
-    Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 80),
+           "--log-interval", "20"], 330),
+    Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 95),
     Stage("rm_helpful", "reward.py", "rm_helpful", ["--axis", "helpfulness", "--init-from", "{out}/sft",
                                                     "--out-dir", "{out}/rm_helpful", "--margin-ablation"],
-          ["--quick"], 115),
+          ["--quick"], 125),
     Stage("rm_safety", "reward.py", "rm_safety", ["--axis", "safety", "--init-from", "{out}/sft",
-                                                  "--out-dir", "{out}/rm_safety"], ["--quick"], 36),
+                                                  "--out-dir", "{out}/rm_safety"], ["--quick"], 48),
     Stage("rs", "rejection_sampling.py", "rs", ["--init-from", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
                                                "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/rs",
                                                "--n-test", "0"],
-          ["--quick"], 105),
+          ["--quick"], 130),
     Stage("ppo", "ppo.py", "ppo", ["--init-from", "{out}/rs", "--rm-helpful", "{out}/rm_helpful", "--rm-safety",
                                    "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo", "--n-test", "0"],
-          ["--quick"], 68),
-    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 260),
+          ["--quick"], 105),
+    Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 330),
     Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--rm-helpful",
                                                    "{out}/rm_helpful", "--rm-safety", "{out}/rm_safety",
                                                    "--out-dir", "{out}/eval_sft", "--reply-cache", "{out}/replies"],
-          ["--quick"], 13),
+          ["--quick"], 12),
     _eval("eval_rs", "rs"),
     _eval("eval_ppo", "ppo"),
     _eval("eval_gatt", "gatt"),
