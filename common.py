@@ -112,11 +112,10 @@ def range_error(name: str, value, rule: str) -> Optional[str]:
 
 def check_ranges(cfg):
     """Die with the first flag of cfg outside its range (type(cfg).RANGES); the message also says what it is."""
-    helps = _field_comments(type(cfg))
     for name, rule in getattr(cfg, "RANGES", {}).items():
         err = range_error(name, getattr(cfg, name), rule)
-        if err:
-            meaning = re.split(r"[;(]", helps.get(name, ""))[0].strip()  # "samples per prompt (not stated; ..."
+        if err:  # the field's --help text, read from the source only now
+            meaning = re.split(r"[;(]", _field_comments(type(cfg)).get(name, ""))[0].strip()  # "samples per prompt (not stated; ..."
             die(err + (f": {meaning}" if meaning and not meaning.startswith("§") else ""))
 
 
@@ -493,12 +492,10 @@ class Progress:
         now = time.perf_counter()
         rate = (step - self.last_step) * self.tps_tokens / max(1e-9, now - self.last_t)
         self.last_t, self.last_step = now, step
-        done = step - self.start_step
-        eta = (now - self.t0) / max(1, done) * (self.total - step)
         mfu = f" mfu {100 * rate * self.flops_per_token / self.peak:.1f}%" if self.peak and self.flops_per_token else ""
         vals = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
         print(f"[{self.name}] step {step}/{self.total} {vals} | {rate:,.0f} {self.unit}/s{mfu} | "
-              f"{fmt_time(now - self.t0)} elapsed, ETA {fmt_time(eta)}", flush=True)
+              f"{elapsed_eta(now - self.t0, step - self.start_step, self.total - step)}", flush=True)
 
 
 class Ticker:
@@ -517,9 +514,13 @@ class Ticker:
             return
         self.last, self.printed = now, True
         elapsed = now - self.t0
-        eta = elapsed / max(1, done) * (self.total - done)
         print(f"[{self.name}] {done:,}/{self.total:,} {self.unit} | {done / max(elapsed, 1e-9):,.0f} {self.unit}/s | "
-              f"{fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}", flush=True)
+              f"{elapsed_eta(elapsed, done, self.total - done)}", flush=True)
+
+
+def elapsed_eta(elapsed: float, done: int, left: int) -> str:
+    """"1m10s elapsed, ETA 0m35s": what is left at the pace so far (Progress and Ticker lines)."""
+    return f"{fmt_time(elapsed)} elapsed, ETA {fmt_time(elapsed / max(1, done) * left)}"
 
 
 def fmt_time(seconds: float) -> str:
