@@ -7,16 +7,19 @@ out/report.md with the paper's tables and figures in miniature.
   python pipeline.py --only pretrain sft
   python pipeline.py --pretrain-mix club=0,story=0.2 --out out_noclub     # another pretraining document mix
 
-Each stage runs as its own process (`python pretrain.py ...`), exactly as a student would run it alone, reading the
-previous stage's directory. A stage whose metrics.json says complete, run with the same arguments, is skipped unless a
-stage it reads runs again (or has run since), so an interrupted pipeline picks up where it stopped (and a stage
-interrupted mid-training resumes from its checkpoint), and `--only pretrain --force` makes the next call redo the rest.
+Each stage runs as its own process (`python pretrain.py ...`, on Linux forked from one that has imported torch:
+launch() says why), exactly as a student would run it alone, reading the previous stage's directory. A stage whose
+metrics.json says complete, run with the same arguments, is skipped unless a stage it reads runs again (or has run
+since), so an interrupted pipeline picks up where it stopped (and a stage interrupted mid-training resumes from its
+checkpoint), and `--only pretrain --force` makes the next call redo the rest.
 The report is built only from the stages' metrics.json files: every number in it comes from this run.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -118,6 +121,36 @@ def to_run(stages: list[Stage], cfg: PipelineConfig) -> set[str]:
     return todo
 
 
+def _run_script(script: str, args: list[str]):
+    """In launch()'s child: what `python script args` does once Python has started (the script as __main__, its
+    argv, the working directory the stages run in)."""
+    os.chdir(REPO)
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+def launch(cmd: list[str]) -> int:
+    """Runs a stage's command `python script.py ...` as a process of its own; returns its exit status.
+
+    On Linux the process comes from multiprocessing's fork server, which imports torch once, at the first stage, and
+    forks a child per stage: a child starts with torch imported, which a new interpreter spends ~2 s on (11 stages:
+    ~20 s of the default run on a 2-core CPU, BENCHMARKS.md). It is a process all the same: its memory, threads,
+    seeds and CUDA context end with it, and it exits with its status. Why a fork server and not a fork of this process:
+    a fork is safe only from a process that has run no torch operation (a child forked after OpenMP's threads started
+    waits forever for threads it does not have), and this process runs some (importing model.py runs a small
+    attention call); the server runs none. Elsewhere (macOS, whose system libraries do not support fork without
+    exec, and Windows, which has no fork) the stage starts in a new interpreter."""
+    if sys.platform != "linux":
+        return subprocess.run(cmd, cwd=REPO).returncode
+    import multiprocessing
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch"])  # importing torch runs no operation: the server stays safe to fork
+    child = ctx.Process(target=_run_script, args=(cmd[1], cmd[2:]))
+    child.start()
+    child.join()
+    return child.exitcode  # 0, the script's sys.exit status (1 for an exception), or -N if signal N ended it
+
+
 def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
     stage_dir = Path(cfg.out) / stage.out
     marker = stage_dir / "pipeline_command.json"
@@ -126,9 +159,9 @@ def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
     stage_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(cmd[1:]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode != 0:
-        common.die(f"stage {stage.name} failed (exit {proc.returncode}): {' '.join(cmd)}", proc.returncode)
+    code = launch(cmd)
+    if code != 0:
+        common.die(f"stage {stage.name} failed (exit {code}): {' '.join(cmd)}", code)
     dt = time.perf_counter() - t0
     common.write_metrics(stage_dir, {"stage_seconds": dt})
     return dt

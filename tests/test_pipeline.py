@@ -166,3 +166,46 @@ def test_report_lists_the_targets_at_a_glance():
     assert "| SFT + both RMs <= 4 minutes | 4m00s | yes |" in text
     assert "RS wins" not in text and "held-out constraints" not in text and "whole recipe" not in text  # not measured
     assert pipeline.section_targets(lambda n: {}) == []
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_launch_runs_a_script_as_python_would_and_returns_its_exit_status(tmp_path, monkeypatch, platform):
+    """pipeline.launch: on Linux a fork that runs the script (runpy), elsewhere a new interpreter; the same behaviour
+    either way: the script runs as __main__ with its argv, from the repository, and its exit status comes back (the
+    status sys.exit gives, 1 for an uncaught exception). The scripts use no torch: a fork of this test process, whose
+    OpenMP threads have run, is safe only for them (the pipeline itself forks before any torch operation)."""
+    import pipeline
+    monkeypatch.setattr(sys, "platform", platform)
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "if __name__ == '__main__':\n"
+        "    out, code = sys.argv[1], sys.argv[2]\n"
+        "    json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open(out, 'w'))\n"
+        "    if code == 'raise':\n"
+        "        raise RuntimeError('a bug in the stage')\n"
+        "    sys.exit(int(code))\n")
+    for code, want in (("0", 0), ("3", 3), ("raise", 1)):
+        out = tmp_path / f"seen_{code}.json"
+        assert pipeline.launch([sys.executable, str(script), str(out), code]) == want
+        seen = json.loads(out.read_text())
+        assert seen == {"argv": [str(out), code], "cwd": str(pipeline.REPO)}
+
+
+def test_launch_is_safe_after_this_process_ran_torch(tmp_path):
+    """The reason launch() forks from a fork server: a process whose OpenMP threads have run (here a matmul on every
+    core) and that then forks a stage which runs torch ops in parallel sees the child wait forever for threads it does
+    not have (it did, with a plain fork: the second stage of `pipeline.py --quick` hung in its first cos()). Here such a
+    parent launches such a stage, twice, under a timeout."""
+    script = tmp_path / "stage.py"
+    script.write_text("import torch\nx = torch.randn(2_000_000)\nprint(float(x.cos().sum() + (x @ x)))\n")
+    parent = ("import sys, torch\n"
+              f"sys.path.insert(0, {str(REPO)!r})\n"
+              "a = torch.randn(512, 512)\n"
+              "(a @ a).cos().sum()\n"  # OpenMP's threads start in this process
+              "import pipeline\n"
+              f"codes = [pipeline.launch([sys.executable, {str(script)!r}]) for _ in range(2)]\n"
+              "sys.exit(max(codes))\n")
+    r = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.split()) == 2
