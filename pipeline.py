@@ -65,7 +65,7 @@ STAGES = [
           ["--quick"], 130),
     Stage("ppo", "ppo.py", "ppo", ["--init-from", "{out}/rs", "--rm-helpful", "{out}/rm_helpful", "--rm-safety",
                                    "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo", "--n-test", "0"],
-          ["--quick"], 105),
+          ["--quick"], 70),
     Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/ppo", "--out-dir", "{out}/gatt"], ["--quick"], 330),
     Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--rm-helpful",
                                                    "{out}/rm_helpful", "--rm-safety", "{out}/rm_safety",
