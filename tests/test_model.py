@@ -58,6 +58,22 @@ def test_rope_matches_complex_multiply_and_is_relative():
     assert not torch.allclose(rot(q, 8) @ rot(k, 3), base, atol=1e-3)  # and it does depend on the distance
 
 
+def test_rope_complex_path_gives_the_real_forms_bits_forward_and_backward():
+    """apply_rope runs eager CPU calls as one complex multiply (speed); it must be the real form's arithmetic exactly,
+    so that a run's figures do not depend on which path computed them. fp32 and bf16, packed-row positions."""
+    D = 32
+    cos, sin = M.rope_tables(D, 512, 10000.0)
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 512, (3, 50), generator=gen)
+    c, s = cos[pos][:, :, None, :], sin[pos][:, :, None, :]  # (B, T, 1, D/2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 50, 4, D, generator=gen).to(dtype).requires_grad_()
+        g = torch.randn(3, 50, 4, D, generator=gen).to(dtype)
+        real, cplx = M._rope_real(x, c, s), M._rope_complex(x, c, s)
+        assert cplx.dtype == x.dtype and torch.equal(real, cplx), dtype
+        assert torch.equal(torch.autograd.grad(real, x, g)[0], torch.autograd.grad(cplx, x, g)[0]), dtype
+        assert torch.equal(M.apply_rope(x, c, s), real)  # the dispatcher on this CPU
+
 def _plain_attention_block(attn, x, cos, sin):
     """Textbook causal multi-head attention with explicit softmax, no SDPA."""
     B, T, C = x.shape
