@@ -158,7 +158,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x: (B, T, H, D); cos, sin: (B, T, 1, D/2). Done in fp32 (as Meta does) and cast back.
     Eager on the CPU, as Meta's complex multiply (_rope_complex): the same bits, forward and backward
     (tests/test_model.py), in one kernel where the real form below takes seven. Forward + backward of one (32, 128, 4,
-    32) query tensor on 2 cores: 2.7 -> 0.5 ms, a pretraining step of the default model ~6% faster (BENCHMARKS.md).
+    32) query tensor on 2 cores: 2.7 -> 0.5 ms, a pretraining step of the default model 3-5% faster (BENCHMARKS.md).
     torch.compile (which fuses the real form anyway, and handles complex dtypes poorly), CUDA and MPS take the real
     form (choice 1).
     """
