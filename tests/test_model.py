@@ -74,6 +74,7 @@ def test_rope_complex_path_gives_the_real_forms_bits_forward_and_backward():
         assert torch.equal(torch.autograd.grad(real, x, g)[0], torch.autograd.grad(cplx, x, g)[0]), dtype
         assert torch.equal(M.apply_rope(x, c, s), real)  # the dispatcher on this CPU
 
+
 def _plain_attention_block(attn, x, cos, sin):
     """Textbook causal multi-head attention with explicit softmax, no SDPA."""
     B, T, C = x.shape
