@@ -119,23 +119,47 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Ten
     before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
     sorted_p = sorted_p.masked_fill(before > top_p, 0.0)
     sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
-    choice = torch.multinomial(sorted_p, 1, generator=generator)  # (B, 1) index into the sorted order
-    return idx.gather(-1, choice).squeeze(-1)
+    choice = draw(sorted_p, generator)  # (B,) index into the sorted order
+    return idx.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row of probs (B, V) -> (B,): torch.multinomial(probs, 1), faster on the CPU.
+
+    The exponential race: give token i an exponential waiting time E_i / p_i (E_i ~ Exp(1), independent); the first
+    to finish, argmax_i p_i / E_i, is token i with probability exactly p_i (a minimum of independent exponentials
+    falls on each with a share proportional to its rate). torch.multinomial draws one sample this way itself, with
+    E_i = -log(1 - U_i) for U_i uniform in float64, but first checks the whole tensor for negative and infinite
+    values and waits for the answer; here probs come from a softmax. On the CPU the same draws are taken here from
+    the same generator: the same tokens bit for bit and the generator left in the same state (tests/test_generate.py),
+    1.5 instead of 3.2 ms a step for 256 rows of 512 tokens (2 cores), 94 -> 90 s for the default rejection sampling.
+    Elsewhere torch.multinomial (its CUDA kernel draws differently). generator: one torch.Generator (None: torch's
+    global one) or a list of B, one per row (each row's draws from its own generator alone)."""
+    per_row = isinstance(generator, (list, tuple))
+    if probs.device.type != "cpu":
+        if per_row:
+            return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g) for b, g in enumerate(generator)])[:, 0]
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    V = probs.size(-1)
+    if per_row:
+        u = torch.stack([torch.rand(V, dtype=torch.float64, generator=g) for g in generator])  # (B, V)
+    else:
+        u = torch.rand(probs.shape, dtype=torch.float64, generator=generator)  # (B, V) uniform in [0, 1)
+    wait = u.neg_().log1p_().neg_().to(probs.dtype)  # (B, V) E = -log(1 - U) ~ Exp(1), as torch draws it
+    return (probs / wait).argmax(-1)  # (B,) the first to arrive
 
 
 def _sample(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
     """probs (B, V) fp32 -> (B,) token ids, by the nucleus rule (top_p < 1) or from the whole distribution.
 
-    generator: one torch.Generator (or None: torch's global one) for the whole batch, the fast path: one multinomial
-    call for all rows. Its draws are laid out by row position, so a row's tokens depend on which rows share its batch.
-    Or a list with one generator per row: row b then draws from generator[b] alone, one (1, V) call per row, and its
-    tokens depend only on its own generator and logits, whatever else is in the batch (PPO under torchrun: a reply must
-    not depend on which process samples it). B small calls per step instead of one: fine for rollouts."""
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([_sample(probs[b:b + 1], top_p, g) for b, g in enumerate(generator)])  # (B,)
+    generator: one torch.Generator (or None: torch's global one) for the whole batch, the fast path: one draw (see
+    `draw`) for all rows. Its random numbers are laid out by row position, so a row's tokens depend on which rows share
+    its batch. Or a list with one generator per row: row b then takes its V random numbers from generator[b] alone,
+    and its tokens depend only on its own generator and logits, whatever else is in the batch (PPO under torchrun: a
+    reply must not depend on which process samples it). B small draws per step instead of one: fine for rollouts."""
     if top_p < 1.0:
         return sample_top_p(probs, top_p, generator)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
 
 
 def _next_token(logits, temperature, top_p, generator, want_logprobs: bool = True):

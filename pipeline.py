@@ -129,12 +129,18 @@ def _run_script(script: str, args: list[str]):
     runpy.run_path(script, run_name="__main__")
 
 
+# What the fork server imports before it forks the stages (launch). `import torch` leaves torch._dynamo out; torch
+# imports it on first use, and every stage uses it (an nn.Module built under `with torch.device(...)`, an optimizer's
+# step): preloaded, a stage's child reaches its first line of work in ~0.1 s instead of ~1.5 s (BENCHMARKS.md)
+PRELOAD = ["torch", "torch._dynamo"]
+
+
 def launch(cmd: list[str]) -> int:
     """Runs a stage's command `python script.py ...` as a process of its own; returns its exit status.
 
     On Linux the process comes from multiprocessing's fork server, which imports torch once, at the first stage, and
     forks a child per stage: a child starts with torch imported, which a new interpreter spends ~2 s on (11 stages:
-    ~20 s of the default run on a 2-core CPU, BENCHMARKS.md). It is a process all the same: its memory, threads,
+    ~20 s of the default run on a 2-core CPU, BENCHMARKS.md), and with torch._dynamo imported (PRELOAD). It is a process all the same: its memory, threads,
     seeds and CUDA context end with it, and it exits with its status. Why a fork server and not a fork of this process:
     a fork is safe only from a process that has run no torch operation (a child forked after OpenMP's threads started
     waits forever for threads it does not have), and this process runs some (importing model.py runs a small
@@ -144,7 +150,7 @@ def launch(cmd: list[str]) -> int:
         return subprocess.run(cmd, cwd=REPO).returncode
     import multiprocessing
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch"])  # importing torch runs no operation: the server stays safe to fork
+    ctx.set_forkserver_preload(PRELOAD)  # importing these runs no torch operation: the server stays safe to fork
     child = ctx.Process(target=_run_script, args=(cmd[1], cmd[2:]))
     child.start()
     child.join()

@@ -88,6 +88,35 @@ def test_top_p_never_leaves_the_nucleus():
     assert set(G.sample_top_p(probs[:50], 0.0, gen).tolist()) == {0}  # top_p 0 keeps only the top token
 
 
+def test_exponential_race_draws_what_torch_multinomial_draws():
+    """draw() against torch.multinomial(probs, 1): the same tokens bit for bit from the same seed, and the generator
+    left in the same state, with one generator for the batch, one per row, zero-probability tokens (the nucleus) and
+    the global generator; then its frequencies against the probabilities, independently of torch's sampler."""
+    torch.manual_seed(0)
+    for B, V in ((1, 7), (64, 61), (5, 32000)):
+        probs = torch.softmax(3 * torch.randn(B, V), -1)
+        probs[:, 1::3] = 0  # tokens outside a nucleus
+        probs /= probs.sum(-1, keepdim=True)
+        a, b = torch.Generator().manual_seed(B), torch.Generator().manual_seed(B)
+        for _ in range(10):
+            assert torch.equal(G.draw(probs, a), torch.multinomial(probs, 1, generator=b).squeeze(-1))
+        assert torch.equal(a.get_state(), b.get_state())
+        rows_a = [torch.Generator().manual_seed(100 + r) for r in range(B)]
+        rows_b = [torch.Generator().manual_seed(100 + r) for r in range(B)]
+        want = torch.cat([torch.multinomial(probs[r:r + 1], 1, generator=g)[:, 0] for r, g in enumerate(rows_b)])
+        assert torch.equal(G.draw(probs, rows_a), want)
+        assert all(torch.equal(x.get_state(), y.get_state()) for x, y in zip(rows_a, rows_b))
+    state = torch.get_rng_state()
+    first = G.draw(probs, None)
+    torch.set_rng_state(state)
+    assert torch.equal(first, torch.multinomial(probs, 1).squeeze(-1))
+    # frequencies: 200,000 draws from 5 tokens (seed 0); chi-square with 4 degrees of freedom, P(> 33.4) = 1e-6
+    p = torch.tensor([0.4, 0.3, 0.2, 0.07, 0.03])
+    n = 200_000
+    counts = torch.bincount(G.draw(p.repeat(n, 1), torch.Generator().manual_seed(0)), minlength=5).double()
+    assert ((counts - n * p) ** 2 / (n * p)).sum().item() < 33.4
+
+
 def test_temperature_zero_is_deterministic_and_sampling_is_seeded():
     m = tiny()
     assert G.generate(m, PROMPTS, 8, temperature=0.0) == G.generate(m, PROMPTS, 8, temperature=0.0)

@@ -196,9 +196,11 @@ def test_launch_is_safe_after_this_process_ran_torch(tmp_path):
     """The reason launch() forks from a fork server: a process whose OpenMP threads have run (here a matmul on every
     core) and that then forks a stage which runs torch ops in parallel sees the child wait forever for threads it does
     not have (it did, with a plain fork: the second stage of `pipeline.py --quick` hung in its first cos()). Here such a
-    parent launches such a stage, twice, under a timeout."""
+    parent launches such a stage, twice, under a timeout. The stage starts with what the server preloads imported
+    (pipeline.PRELOAD: torch._dynamo, ~1.4 s of each stage's start otherwise), so that import ran no torch op either."""
     script = tmp_path / "stage.py"
-    script.write_text("import torch\nx = torch.randn(2_000_000)\nprint(float(x.cos().sum() + (x @ x)))\n")
+    script.write_text("import sys\nassert 'torch._dynamo' in sys.modules, 'torch._dynamo was not preloaded'\n"
+                      "import torch\nx = torch.randn(2_000_000)\nprint(float(x.cos().sum() + (x @ x)))\n")
     parent = ("import sys, torch\n"
               f"sys.path.insert(0, {str(REPO)!r})\n"
               "a = torch.randn(512, 512)\n"
