@@ -46,7 +46,7 @@ def _eval(name: str, a: str) -> Stage:
     return Stage(name, "evaluate.py", name, ["--a", "{out}/" + a, "--b", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
                                              "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/" + name,
                                              "--reply-cache", "{out}/replies"],
-                 ["--quick"], 5)
+                 ["--quick"], 3)
 
 
 STAGES = [
@@ -62,7 +62,7 @@ STAGES = [
     Stage("rs", "rejection_sampling.py", "rs", ["--init-from", "{out}/sft", "--rm-helpful", "{out}/rm_helpful",
                                                "--rm-safety", "{out}/rm_safety", "--out-dir", "{out}/rs",
                                                "--n-test", "0"],
-          ["--quick"], 100),
+          ["--quick"], 90),
     Stage("ppo", "ppo.py", "ppo", ["--init-from", "{out}/rs", "--rm-helpful", "{out}/rm_helpful", "--rm-safety",
                                    "{out}/rm_safety", "--sft", "{out}/sft", "--out-dir", "{out}/ppo", "--n-test", "0"],
           ["--quick"], 50),
@@ -70,7 +70,7 @@ STAGES = [
     Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--rm-helpful",
                                                    "{out}/rm_helpful", "--rm-safety", "{out}/rm_safety",
                                                    "--out-dir", "{out}/eval_sft", "--reply-cache", "{out}/replies"],
-          ["--quick"], 8),
+          ["--quick"], 6),
     _eval("eval_rs", "rs"),
     _eval("eval_ppo", "ppo"),
     _eval("eval_gatt", "gatt"),
@@ -140,12 +140,12 @@ def launch(cmd: list[str]) -> int:
 
     On Linux the process comes from multiprocessing's fork server, which imports torch once, at the first stage, and
     forks a child per stage: a child starts with torch imported, which a new interpreter spends ~2 s on (11 stages:
-    ~20 s of the default run on a 2-core CPU, BENCHMARKS.md), and with torch._dynamo imported (PRELOAD). It is a process all the same: its memory, threads,
-    seeds and CUDA context end with it, and it exits with its status. Why a fork server and not a fork of this process:
-    a fork is safe only from a process that has run no torch operation (a child forked after OpenMP's threads started
-    waits forever for threads it does not have), and this process runs some (importing model.py runs a small
-    attention call); the server runs none. Elsewhere (macOS, whose system libraries do not support fork without
-    exec, and Windows, which has no fork) the stage starts in a new interpreter."""
+    ~20 s of the default run on a 2-core CPU, BENCHMARKS.md), and torch._dynamo too (PRELOAD). It is a process all the
+    same: its memory, threads, seeds and CUDA context end with it, and it exits with its status. Why a fork server
+    and not a fork of this process: a fork is safe only from a process that has run no torch operation (a child forked
+    after OpenMP's threads started waits forever for threads it does not have), and this process runs some (importing
+    model.py runs a small attention call); the server runs none. Elsewhere (macOS, whose system libraries do not
+    support fork without exec, and Windows, which has no fork) the stage starts in a new interpreter."""
     if sys.platform != "linux":
         return subprocess.run(cmd, cwd=REPO).returncode
     import multiprocessing
