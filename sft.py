@@ -97,7 +97,7 @@ class SFTConfig:
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     grad_checkpoint: bool = False  # recompute each block's activations in backward
-    short_rows: int = 128  # one process, no --compile: a step's dialogs of <= this many tokens run in rows this wide
+    short_rows: int = 128  # CPU, one process, no --compile: a step's dialogs of <= this many tokens run in rows this wide
     #                        (split_rows: same step, less attention); 0 = every step in its packed rows of --seq-len
     seed: int = 0
     log_interval: int = 20
@@ -400,8 +400,13 @@ def main(cfg: SFTConfig):
     tokens_per_step = cfg.batch_size * cfg.seq_len
     n_micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
     # split_rows on one process only: under torchrun every process must run as many backward passes as the others
-    # (each one synchronizes gradients), and a split gives one or two; --compile would recompile for each new width
-    short = cfg.short_rows if dist.world_size == 1 and not cfg.compile and cfg.short_rows < cfg.seq_len else 0
+    # (each one synchronizes gradients), and a split gives one or two; --compile would recompile for each new width.
+    # And on the CPU only: the split exists for the CPU's attention kernel (split_rows), and on a GPU the new width of
+    # nearly every step is what costs: on one H200 with torch 2.11, SFT ran at ~20k tokens/s against pretraining's
+    # ~180k in the same 4,096-token steps, and RMs trained again on batches already seen ran 3-4x faster than the first
+    # time (BENCHMARKS.md, "H200"): kernels that are set up once per shape (cuDNN's attention builds a graph per shape)
+    short = (cfg.short_rows if device.type == "cpu" and dist.world_size == 1 and not cfg.compile
+             and cfg.short_rows < cfg.seq_len else 0)
     # MFU counts attention at the width of the rows that run: `short` for the short dialogs, --seq-len for the others
     # (their rows are as wide as the longest of them: a slight overcount)
     n_short = sum(len(t) for t, _ in unpack(packs[0]) if len(t) <= short) if short else 0
