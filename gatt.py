@@ -47,17 +47,18 @@ Choices where the paper is silent:
      the SFT demonstrations instead, as this file first did: they carry the writers' habit that RLHF trained away
      (data.DEMO_HABIT), and the GAtt model then lost most of RLHF's win rate against SFT (71% -> 46-54% in three runs,
      BENCHMARKS.md). Fine-tuning on the model's own replies keeps what it is.
-  4. Half of those in-turn instruction dialogues are drawn toward the instruction kinds the model failed in step 2
+  4. The in-turn instruction dialogues are drawn as the world draws them (--instruction-focus 0). With
+     --instruction-focus F > 0, half of them are drawn toward the instruction kinds the model failed in step 2
      (gatt.focus_on_failures: a dialogue of a kind is kept with probability (the kind's fallback rate / the highest)
-     ** --instruction-focus, default 8), the other half as the world draws them. What GAtt cannot fix is an
-     instruction the model does not follow even in the current turn (capitals + a hobby: "I LOVE SURFING." whatever
-     the hobby, since a word in capitals is another spelling to learn, until pretraining had club notices: data.py
-     choice 7; what seed 1 missed with fewer lessons, choice 3, is a hobby copied as a similar one, "sailing" for
-     skiing), and GAtt's own samples of those kinds are mostly fallbacks: so that is where the in-turn lessons go.
-     The default run's PPO models, turns 1-8 after GAtt:
-     seed 0 87-82% -> 94-89%, seed 1 97-92% -> 98-95% (all the in-turn dialogues focused: 94-88% and 93-88%, the
-     kinds it rarely fails got too few lessons; exponent 2 on all of them: seed 0 88-83%; by the highest rate among
-     the kind and its constraints, e.g. "bowling": 81-82%). BENCHMARKS.md has the runs.
+     ** F). That was the default (F = 8) while GAtt's misses were instructions the model did not follow even in the
+     current turn (capitals + a hobby: "I LOVE SURFING." whatever the hobby, since a word in capitals is another
+     spelling to learn), whose samples are mostly fallbacks: seed 0 87-82% -> 94-89% over turns 1-8. Since pretraining
+     has club notices (data.py choice 7), the capitals kinds are still the most-failed in step 2 (their replies are
+     long and any slip fails them), so the focus sends them nearly all its lessons, while what GAtt now misses is a
+     word copied wrong from far back in every kind ("surfing" for sailing, "AHA!" for "Ahoy!"). On the four seeds'
+     PPO models of one tree, lowest turn after GAtt, F = 8 -> F = 0: 95 -> 93%, 86 -> 91%, 94 -> 93%, 93 -> 95%
+     (means over turns 1-8: 95.0 -> 95.4%), ~25 fewer fine-tuning steps, the same win rates against SFT within a
+     point. BENCHMARKS.md has the runs.
 """
 from __future__ import annotations
 
@@ -98,9 +99,10 @@ class GattConfig:
     # (Zen 3). On the club-notice corpus (Zen 4, seeds 0 / 1 / 2, BENCHMARKS.md): 0.6 100-95 / 91-82 / 94-91%, 0.9
     # 95-100 / 95-96 / 95-98% at every turn, ~1 minute more fine-tuning (1.05M tokens instead of 0.84M)
     instruction_share: float = 0.9
-    # half of those in-turn dialogues drawn toward the instruction kinds the model fails in step 2 (choice 4): a kind
-    # is kept with probability (its fallback rate / the highest) ** instruction_focus; 0 = all in the world's mix
-    instruction_focus: float = 8.0
+    # > 0: half of those in-turn dialogues drawn toward the instruction kinds the model fails in step 2 (choice 4): a
+    # kind is kept with probability (its fallback rate / the highest) ** instruction_focus; 0 = all in the world's mix.
+    # Four seeds, lowest turn of Table 30 after GAtt: 8 gave 95 / 86 / 94 / 93%, 0 gives 93 / 91 / 93 / 95%
+    instruction_focus: float = 0.0
     world_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -184,8 +186,8 @@ def fit_context(tok, history: list[dict], budget: int, refill: float = 1.0) -> l
 def focus_on_failures(rates: dict[str, float], focus: float):
     """Choice 4: keep(g) for World.instruction_dialogs, the probability of keeping an in-turn instruction dialogue
     of g's kind, (fallback rate of the kind / the highest rate) ** focus. Kinds step 2 did not sample count as the
-    highest. None (keep all: the world's mix) for focus 0. The default run's rates with focus 8: capitals + a hobby
-    (96%) kept at 0.85, capitals + a figure (98%) at 1, a hobby alone (49%) at 0.004."""
+    highest. None (keep all: the world's mix) for focus 0, the default. One run's rates with focus 8: capitals + a
+    hobby (96%) kept at 0.85, capitals + a figure (98%) at 1, a hobby alone (49%) at 0.004."""
     top = max(rates.values(), default=0.0)
     if focus == 0 or top == 0:
         return None
