@@ -57,7 +57,7 @@ Choices where the paper is silent:
      long and any slip fails them), so the focus sends them nearly all its lessons, while what GAtt now misses is a
      word copied wrong from far back in every kind ("surfing" for sailing, "AHA!" for "Ahoy!"). On the four seeds'
      PPO models of one tree, lowest turn after GAtt, F = 8 -> F = 0: 95 -> 93%, 86 -> 91%, 94 -> 93%, 93 -> 95%
-     (means over turns 1-8: 95.0 -> 95.4%), ~25 fewer fine-tuning steps, the same win rates against SFT within a
+     (means over turns 1-8: 95.0 -> 95.4%), 14-29 fewer fine-tuning steps, the same win rates against SFT within a
      point. BENCHMARKS.md has the runs.
 """
 from __future__ import annotations
