@@ -98,7 +98,7 @@ class SFTConfig:
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     grad_checkpoint: bool = False  # recompute each block's activations in backward
     short_rows: int = 128  # CPU, one process, no --compile: a step's dialogs of <= this many tokens run in rows this
-    #                        wide (split_rows: same step, less attention); 0 = every step in its packed rows of --seq-len
+    #                        wide (split_rows: same step, less attention); 0 = every step in its packed rows
     seed: int = 0
     log_interval: int = 20
     quick: bool = False  # smoke run (seconds): at most 30 steps, 60 evaluation prompts, 100 val dialogs
