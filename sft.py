@@ -404,7 +404,7 @@ def main(cfg: SFTConfig):
     # And on the CPU only: the split exists for the CPU's attention kernel (split_rows), and on a GPU the new width of
     # nearly every step is what costs: on one H200 with torch 2.11, SFT ran at ~20k tokens/s against pretraining's
     # ~180k in the same 4,096-token steps, and RMs trained again on batches already seen ran 3-4x faster than the first
-    # time (BENCHMARKS.md, "H200"): kernels that are set up once per shape (cuDNN's attention builds a graph per shape)
+    # time (BENCHMARKS.md, "H200"). The likely reason, not yet measured: cuDNN's attention builds a graph per shape
     short = (cfg.short_rows if device.type == "cpu" and dist.world_size == 1 and not cfg.compile
              and cfg.short_rows < cfg.seq_len else 0)
     # MFU counts attention at the width of the rows that run: `short` for the short dialogs, --seq-len for the others
