@@ -49,7 +49,9 @@ from typing import Callable, Optional
 import torch
 
 import common
-import data
+from annotator import Annotator, is_refusal, win_rate, win_tie_loss
+from data import DataError, read_rl_prompts_jsonl
+from world import CHAT_TAGS, Task, VALUES, World
 from generate import CachedPrompt, generate
 from model import CheckpointError, Transformer, _atomic_write, find_tokenizer, load_checkpoint
 from tokenizer import UNSAFE_ERROR, Tokenizer, has_special_tags
@@ -176,17 +178,17 @@ _WORDS = re.compile(r"[a-z]+|\d+")
 def format_valid(reply: Reply) -> bool:
     """In the chat format: some words, EOS within the budget, and no chat tag leaking into the text."""
     has_words = bool(_WORDS.search(reply.text.lower()))
-    return has_words and reply.finished and not any(tag in reply.text for tag in data.CHAT_TAGS)
+    return has_words and reply.finished and not any(tag in reply.text for tag in CHAT_TAGS)
 
 
-def is_correct(task: data.Task, text: str) -> Optional[bool]:
+def is_correct(task: Task, text: str) -> Optional[bool]:
     """The factual core of a reply, for tasks with one right answer (None for the others).
     fact / multi-turn: the right value word is there and no other value of the same attribute is.
     arithmetic: the number after the last "=" (else the last number) is the result, the annotator's reading."""
     if task.kind in ("fact", "multiturn"):
         words = set(_WORDS.findall(text.lower()))
         attr, answer = task.meta["attribute"], task.meta["answer"].lower()
-        wrong = {v.lower() for v in data.VALUES[attr]} - {answer}
+        wrong = {v.lower() for v in VALUES[attr]} - {answer}
         return answer in words and not (words & wrong)
     if task.kind == "arith":
         after = re.findall(r"=\s*(\d+)", text)
@@ -201,13 +203,13 @@ def _mean(xs) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
-def reply_metrics(annotator: data.Annotator, tasks: list[data.Task], replies: list[Reply],
+def reply_metrics(annotator: Annotator, tasks: list[Task], replies: list[Reply],
                   n_examples: int = 2) -> dict:
     """The per-model figures of §3.4 and of the SFT report, from one reply per task."""
     rows = []
     for t, r in zip(tasks, replies):
         s = annotator.score(t.messages, r.text)
-        rows.append(dict(kind=t.kind, helpfulness=s.helpfulness, safe=s.safe, refusal=data.is_refusal(r.text),
+        rows.append(dict(kind=t.kind, helpfulness=s.helpfulness, safe=s.safe, refusal=is_refusal(r.text),
                          valid=format_valid(r), correct=is_correct(t, r.text), reason=s.reason))
     by_kind = {k: [x for x in rows if x["kind"] == k] for k in dict.fromkeys(x["kind"] for x in rows)}
     qa = [x for x in rows if x["kind"] in ("fact", "arith")]
@@ -261,26 +263,26 @@ def judge_pairs(dialogs: list[list[dict]], replies_a: list[str], replies_b: list
 def summarize(judgments: list[int], kinds: list[str]) -> dict:
     """win / tie / loss fractions and the win rate (ties count half), overall and per prompt kind."""
     def one(js):
-        win, tie, loss = data.win_tie_loss(js)
-        return {"n": len(js), "win": win, "tie": tie, "loss": loss, "win_rate": data.win_rate(js)}
+        win, tie, loss = win_tie_loss(js)
+        return {"n": len(js), "win": win, "tie": tie, "loss": loss, "win_rate": win_rate(js)}
     out = one(judgments)
     out["per_kind"] = {k: one([j for j, kk in zip(judgments, kinds) if kk == k]) for k in dict.fromkeys(kinds)}
     return out
 
 
-def annotator_judge(tasks: list[data.Task], replies_a: list[str], replies_b: list[str], world: data.World,
+def annotator_judge(tasks: list[Task], replies_a: list[str], replies_b: list[str], world: World,
                     seed: int) -> tuple[dict, list[int], list[bool]]:
     """§3.4 with the annotator as the rater: 7-point judgments of A against B, the order shown decided by a coin per
     prompt. Returns (summary with per-kind breakdown, judgments, swapped)."""
-    annotator = data.Annotator(world, seed=seed)
+    annotator = Annotator(world, seed=seed)
     judge_rng, order_rng = Random(f"eval/judge/{seed}"), Random(f"eval/order/{seed}")
     judgments, swapped = judge_pairs([t.messages for t in tasks], replies_a, replies_b,
                                      lambda msgs, x, y: annotator.judge7(msgs, x, y, rng=judge_rng), order_rng)
     return summarize(judgments, [t.kind for t in tasks]), judgments, swapped
 
 
-def compare_models(model_a: Transformer, model_b: Transformer, tok: Tokenizer, tasks: list[data.Task],
-                   world: data.World, seed: int = 0, max_new_tokens: int = 64, prefix: str = "b",
+def compare_models(model_a: Transformer, model_b: Transformer, tok: Tokenizer, tasks: list[Task],
+                   world: World, seed: int = 0, max_new_tokens: int = 64, prefix: str = "b",
                    tok_b: Optional[Tokenizer] = None, temperature: float = 0.0, batch_size: int = 64) -> dict:
     """One call for a stage script (rejection sampling, PPO, GAtt) to report itself against a baseline, flat keys:
     win_rate_vs_{prefix}, win/tie/loss_vs_{prefix}, win_rate_vs_{prefix}_per_kind; model A's own figures (helpfulness,
@@ -290,7 +292,7 @@ def compare_models(model_a: Transformer, model_b: Transformer, tok: Tokenizer, t
     ra = chat_generate(model_a, tok, dialogs, max_new_tokens, temperature, 1.0, seed, batch_size)
     rb = chat_generate(model_b, tok_b or tok, dialogs, max_new_tokens, temperature, 1.0, seed + 1, batch_size)
     summary, judgments, _ = annotator_judge(tasks, [r.text for r in ra], [r.text for r in rb], world, seed)
-    annotator = data.Annotator(world, seed=seed)
+    annotator = Annotator(world, seed=seed)
     own, base = reply_metrics(annotator, tasks, ra), reply_metrics(annotator, tasks, rb)
     out = {f"win_rate_vs_{prefix}": summary["win_rate"], f"win_vs_{prefix}": summary["win"],
            f"tie_vs_{prefix}": summary["tie"], f"loss_vs_{prefix}": summary["loss"],
@@ -337,11 +339,11 @@ def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str
 
 
 # ---- 4. the command line ---------------------------------------------------------------------------------------------
-def load_tasks(cfg: EvalConfig, world: data.World) -> list[data.Task]:
+def load_tasks(cfg: EvalConfig, world: World) -> list[Task]:
     if cfg.prompts:
         try:
-            return data.read_rl_prompts_jsonl(cfg.prompts)[:cfg.n_prompts]
-        except data.DataError as e:
+            return read_rl_prompts_jsonl(cfg.prompts)[:cfg.n_prompts]
+        except DataError as e:
             common.die(str(e))
     return world.tasks("test", cfg.n_prompts, seed=cfg.prompt_seed)
 
@@ -410,7 +412,7 @@ def main(cfg: EvalConfig) -> dict:
                              rm_safety=(cfg.rm_safety, "scalar"))
     device = common.pick_device(cfg.device)
     dtype = common.pick_dtype(cfg.dtype, device)
-    world = data.World(seed=cfg.world_seed)
+    world = World(seed=cfg.world_seed)
     tasks = load_tasks(cfg, world)
     (Path(cfg.out_dir) / "metrics.json").unlink(missing_ok=True)  # write_metrics merges: start from a clean file
     # different sampling seeds for A and B: with temperature > 0, a model against itself compares two samples
@@ -419,7 +421,7 @@ def main(cfg: EvalConfig) -> dict:
 
     text_a, text_b = [r.text for r in replies_a], [r.text for r in replies_b]
     summary, judgments, swapped = annotator_judge(tasks, text_a, text_b, world, cfg.seed)
-    annotator = data.Annotator(world, seed=cfg.seed)
+    annotator = Annotator(world, seed=cfg.seed)
     m = {"a": cfg.a, "b": cfg.b, "n_prompts": len(tasks), "seed": cfg.seed, "temperature": cfg.temperature,
          "annotator": summary,
          "b_shown_first": sum(swapped) / max(1, len(swapped)),

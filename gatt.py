@@ -9,7 +9,7 @@ GAtt fixes it with data and a loss mask, not with any change to attention:
   1. Take multi-turn dialogues (the world's questions) and an instruction inst drawn from the constraint kinds
      (figure / style / hobby, random combinations, half the time the short form "Figure: pirate (Arr!)").
   2. Sampling context: concatenate inst to EVERY user message, and sample each reply from the latest RLHF model, which
-     does follow an instruction present in the current turn (learned in SFT from data.World.instruction_dialogs).
+     does follow an instruction present in the current turn (learned in SFT from World.instruction_dialogs).
      Turn by turn, each dialogue keeps its prompt's keys/values (generate.CachedPrompt), so a turn computes only the
      reply and the question it adds, not the whole history again.
   3. Training sample: the same dialogue with inst kept in the FIRST user message only, and the loss zeroed on every
@@ -40,12 +40,12 @@ Choices where the paper is silent:
   3. GAtt samples are mixed 1:1 with ordinary dialogues (one per trained GAtt reply, --mix-ratio) so that the other
      skills are not forgotten: by default (--mix own) the latest model's own greedy replies to the world's train
      prompts, kept where the annotator finds them safe and helpful (>= 0.75; refusals of harmful ones), plus
-     0.9 as many in-turn instruction dialogues (--instruction-share; SFT's data.INSTRUCTION_SHARE is 0.3): the skill
+     0.9 as many in-turn instruction dialogues (--instruction-share; SFT's INSTRUCTION_SHARE is 0.3): the skill
      every GAtt reply starts from, since what GAtt misses is mostly a wrong word copied from the instruction already
      at turn 1. Doubling them (0.3 -> 0.6) raised adherence from 86-80% to 89-92% over turns 1-8, and 0.9 lifted seed
      1's from 91-82% to 96-95%, where hobbies were copied as similar words (GattConfig). `--mix sft` mixes
      the SFT demonstrations instead, as this file first did: they carry the writers' habit that RLHF trained away
-     (data.DEMO_HABIT), and the GAtt model then lost most of RLHF's win rate against SFT (71% -> 46-54% in three runs,
+     (DEMO_HABIT), and the GAtt model then lost most of RLHF's win rate against SFT (71% -> 46-54% in three runs,
      BENCHMARKS.md). Fine-tuning on the model's own replies keeps what it is.
   4. The in-turn instruction dialogues are drawn as the world draws them (--instruction-focus 0). With
      --instruction-focus F > 0, half of them are drawn toward the instruction kinds the model failed in step 2
@@ -71,7 +71,9 @@ from typing import Optional
 import torch
 
 import common
-import data
+from annotator import Annotator
+from data import write_dialogs_jsonl
+from world import World
 from generate import CachedPrompt
 from model import CheckpointError
 
@@ -371,8 +373,8 @@ def main(cfg: GattConfig):
         model, tok = E.load_model_and_tokenizer(cfg.init_from, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(f"--init-from: {e}")
-    world = data.World(seed=cfg.world_seed)
-    annotator = data.Annotator(world, seed=cfg.seed)
+    world = World(seed=cfg.world_seed)
+    annotator = Annotator(world, seed=cfg.seed)
 
     # 1-2. dialogues with instructions; replies sampled with the instruction in every turn
     train = world.gatt_dialogs("train", cfg.n_dialogs, cfg.n_turns, seed=cfg.seed)
@@ -396,7 +398,7 @@ def main(cfg: GattConfig):
     rows = samples + mix
     Random(f"gatt/{cfg.seed}").shuffle(rows)
     data_path = out / "gatt_train.jsonl"
-    data.write_dialogs_jsonl(data_path, rows)
+    write_dialogs_jsonl(data_path, rows)
 
     # 5a. Table 30 before GAtt
     seen = world.gatt_dialogs("val", cfg.n_eval, cfg.n_turns, seed=cfg.seed)

@@ -249,7 +249,7 @@ def section_pretrain(out: Path, m: dict) -> list[str]:
              f"| fact recall (completion prompts) | {_fmt(m.get('fact_recall'), pct=True)} | the world's facts are "
              "stored in the weights |",
              f"| held-out sums completed right (\"26 + 16 =\") | {_fmt(m.get('arith_correct'), pct=True)} | "
-             "arithmetic, the skill a small model learns last (data.PRETRAIN_MIX) |",
+             "arithmetic, the skill a small model learns last (PRETRAIN_MIX) |",
              f"| the same sums asked (\"Q: What is 26 + 16? A:\"), operands copied and result right | "
              f"{_fmt(m.get('arith_asked_correct'), pct=True)} | what SFT's arithmetic needs: copying the operands "
              "from the question is a skill of its own (pretrain.arithmetic_asked) |",
@@ -337,8 +337,8 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
              "(the pairs per rating are in metrics.json).", "",
              "| reward model | significantly better | better | slightly better | negligibly better / unsure |",
              "|---|---|---|---|---|"]
-    import data
-    R, steps = data.RATINGS, []
+    from annotator import RATINGS
+    R, steps = RATINGS, []
     for name, m, axis in (("helpfulness RM", h, "helpfulness"), ("safety RM", s, "safety")):
         by, n_by = _on_axis(m, "accuracy_by_rating", axis), _on_axis(m, "n_test_by_rating", axis)
         lines.append(f"| {name} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r)) for r in R) + " |")
@@ -375,7 +375,7 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
                   "|", "|---|---|---|---|---|---|"]
         for name, groups in kinds:
             lines += [f"| {name} | {k} | " + " | ".join(f"{_pct(v['by_rating'].get(r))} ({v['n_by_rating'].get(r, 0)})"
-                                                     for r in data.RATINGS) + " |" for k, v in groups.items()]
+                                                     for r in RATINGS) + " |" for k, v in groups.items()]
     abl = h.get("margin_ablation") or s.get("margin_ablation")
     if abl:
         axis = "helpfulness" if h.get("margin_ablation") else "safety"
@@ -387,7 +387,7 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
         for margin, v in abl.items():
             by = _on_axis(v, "accuracy_by_rating", axis)
             lines.append(f"| {margin} | " + " | ".join(_pct(by.get(r)) + _se(by.get(r), n_by.get(r))
-                                                       for r in data.RATINGS) + " |")
+                                                       for r in RATINGS) + " |")
         paired = {m: v["paired_vs_none"] for m, v in abl.items() if v.get("paired_vs_none")}
         if paired:
             lines += ["", "The same, each margin against none pair by pair (reward.paired_difference): the three RMs are "
@@ -397,7 +397,7 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
                       "| margin - none | significantly better | better | slightly better | negligibly better / unsure "
                       "|", "|---|---|---|---|---|"]
             for margin, by in paired.items():
-                lines.append(f"| {margin} | " + " | ".join(_paired_cell(by.get(r)) for r in data.RATINGS) + " |")
+                lines.append(f"| {margin} | " + " | ".join(_paired_cell(by.get(r)) for r in RATINGS) + " |")
     return lines + [""]
 
 
@@ -525,8 +525,8 @@ def section_eval(evals: dict) -> list[str]:
 def section_targets(get) -> list[str]:
     """The issues' targets at a glance: each with this run's figure and whether it holds, read to the digit (the
     sections below give the standard errors that say how firm each reading is). get(stage) -> its metrics or {}."""
-    import data
-    R, rows = data.RATINGS, []
+    from annotator import RATINGS
+    R, rows = RATINGS, []
 
     def row(target, value, ok):
         rows.append(f"| {target} | {value} | {'yes' if ok else '**no**'} |")

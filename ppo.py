@@ -77,7 +77,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-import data
+from annotator import Annotator
+from world import World
 from generate import generate
 from model import CheckpointError, load_checkpoint
 from reward import logit
@@ -409,7 +410,7 @@ def main(cfg: PPOConfig):
     pol_opt = common.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     val_opt = common.make_optimizer(value_model, cfg.value_lr, cfg.weight_decay)
 
-    world = data.World(seed=cfg.world_seed)
+    world = World(seed=cfg.world_seed)
     train_tasks = world.tasks("train", seed=cfg.seed)
     eval_tasks = world.tasks("val", cfg.n_eval, seed=cfg.seed)
     rng = random.Random(f"ppo/{cfg.seed}")  # not seeded by the rank: every rank draws the same global batches
@@ -419,7 +420,7 @@ def main(cfg: PPOConfig):
     t_start = time.perf_counter()
     prog = common.Progress("ppo", cfg.iterations, cfg.batch_size, 0.0, device, torch.float32,
                            enabled=dist.is_main, unit="prompts")
-    annotator = data.Annotator(world, seed=cfg.seed) if cfg.select_by == "annotator" else None
+    annotator = Annotator(world, seed=cfg.seed) if cfg.select_by == "annotator" else None
 
     def evaluate_and_keep(it: int) -> bool:
         """Held-out scores of the current policy; the best iterate so far is saved. Returns True to stop early."""

@@ -1,7 +1,7 @@
 """Pretraining (paper §2): a SentencePiece BPE tokenizer, then next-token prediction on a corpus.
 
   python pretrain.py                                   # the miniature world, ~5-6 minutes on a 2-core laptop CPU
-  python pretrain.py --mix club=0,story=0.2            # another document mix (data.PRETRAIN_MIX): no club notices
+  python pretrain.py --mix club=0,story=0.2            # another document mix (PRETRAIN_MIX): no club notices
   python pretrain.py --data my1.txt my2.txt --vocab-size 8000 --model 15M
   python pretrain.py --init-from /path/to/llama-2-7b --data more.txt --device cuda --fsdp   # continued pretraining
   torchrun --nproc_per_node=8 pretrain.py --model 110M --device cuda --compile --batch-size 256
@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 import common
-import data
+from data import DataError, read_text_files
+from world import PRETRAIN_MIX, World, arith_question, arith_reply, recall_correct
 from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint, preset
 
 
@@ -48,7 +49,7 @@ class PretrainConfig:
     data: list[str] = field(default_factory=list)  # text files to pretrain on (one document each); empty = the world
     world_seed: int = 0  # seed of the built-in world
     corpus_bytes: int = 8_000_000  # size of the generated world corpus
-    mix: str = ""  # the world's document mix, KIND=WEIGHT,... over data.PRETRAIN_MIX (e.g. club=0,story=0.2)
+    mix: str = ""  # the world's document mix, KIND=WEIGHT,... over PRETRAIN_MIX (e.g. club=0,story=0.2)
     tokenizer: Optional[str] = None  # an existing tokenizer.model; default: train one (or take --init-from's)
     vocab_size: int = 512  # §2.2: 32k; 512 for the miniature world
     model: str = "1M"  # a preset of model.py (1M, 15M, 110M, 7B, ...); ignored with --init-from
@@ -87,11 +88,11 @@ def load_documents(cfg) -> tuple[list[str], str]:
         common.die("--mix: the document mix is the built-in world's; with --data the documents are your files")
     if cfg.data:
         try:
-            return data.read_text_files(cfg.data), "files:" + ",".join(sorted(cfg.data))
-        except data.DataError as e:
+            return read_text_files(cfg.data), "files:" + ",".join(sorted(cfg.data))
+        except DataError as e:
             common.die(str(e))
     mix = parse_mix(cfg.mix)
-    world = data.World(seed=cfg.world_seed)
+    world = World(seed=cfg.world_seed)
     try:
         docs = world.pretrain_documents(cfg.corpus_bytes, seed=cfg.seed, mix=mix)
     except ValueError as e:
@@ -101,7 +102,7 @@ def load_documents(cfg) -> tuple[list[str], str]:
 
 
 def parse_mix(text: str) -> dict[str, float]:
-    """--mix "club=0,story=0.2" -> {"club": 0.0, "story": 0.2}: weights that replace data.PRETRAIN_MIX's
+    """--mix "club=0,story=0.2" -> {"club": 0.0, "story": 0.2}: weights that replace PRETRAIN_MIX's
     (which kinds and weights are valid, World.pretrain_documents checks)."""
     mix = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
@@ -109,7 +110,7 @@ def parse_mix(text: str) -> dict[str, float]:
         try:
             mix[kind] = float(weight)
         except ValueError:
-            common.die(f"--mix: {item!r} is not KIND=WEIGHT (kinds: {', '.join(data.PRETRAIN_MIX)})")
+            common.die(f"--mix: {item!r} is not KIND=WEIGHT (kinds: {', '.join(PRETRAIN_MIX)})")
     return mix
 
 
@@ -139,7 +140,7 @@ def chat_texts(world_seed: int, n: int = 3000) -> list[str]:
     from tokenizer import B_INST, B_SYS, E_INST, E_SYS
     out = []
     # blind_spot=0: the tokenizer, and so pretraining, stay the same whatever sft.py --blind-spot is
-    for i, d in enumerate(data.World(seed=world_seed).sft_dialogs("train", n=n, blind_spot=0)):
+    for i, d in enumerate(World(seed=world_seed).sft_dialogs("train", n=n, blind_spot=0)):
         turns = [m["content"] for m in d if m["role"] != "system"]
         sys_prefix = f"{B_SYS}Be brief.{E_SYS}" if i % 4 == 0 else ""
         out.append(" ".join(f"{B_INST} {sys_prefix if j == 0 else ''}{u} {E_INST} {a}"
@@ -223,14 +224,14 @@ def completion_accuracy(model, tok, prompts, correct, max_new_tokens: int = 4, b
 
 def fact_recall(model, tok, world_seed: int) -> tuple[float, list]:
     """Greedy completion of "Alice's pet is a" ... for every fact; correct if the first word is the fact."""
-    return completion_accuracy(model, tok, data.World(seed=world_seed).fact_recall_prompts(), data.recall_correct)
+    return completion_accuracy(model, tok, World(seed=world_seed).fact_recall_prompts(), recall_correct)
 
 
 def arithmetic(model, tok, world_seed: int, n: int = 600) -> tuple[float, list]:
     """Greedy completion of "Q: What is 26 + 16? A: 26 + 16 =" for n of the sums that chat fine-tuning holds out (the
     world's test split; pretraining, like the web, has them all); correct if the next number is the result."""
-    keys = data.World(seed=world_seed).sums("test")[:n]
-    prompts = [(f"Q: {data.arith_question(a, op, b)} A: {a} {op} {b} =", str(a + b if op == "+" else a - b))
+    keys = World(seed=world_seed).sums("test")[:n]
+    prompts = [(f"Q: {arith_question(a, op, b)} A: {a} {op} {b} =", str(a + b if op == "+" else a - b))
                for a, op, b in keys]
     return completion_accuracy(model, tok, prompts, _starts_with_number, max_new_tokens=5)
 
@@ -241,10 +242,10 @@ def arithmetic_asked(model, tok, world_seed: int, n: int = 600) -> tuple[float, 
     the operands from the question before it can add them, and that copying is a skill of its own: seed 2's
     pretrained model added 70.7% of the sums given the operands but wrote the operands back for 2.5% of the questions
     (the whole answer: 2.3%; seed 0: 62.0%, 99.8% and 61.8%), and its SFT model answered 9.8% of the arithmetic
-    questions right, on a corpus whose sums were all bare; with 30% of them asked (data.ARITH_ASKED), 51.8% and 70.5%
+    questions right, on a corpus whose sums were all bare; with 30% of them asked (ARITH_ASKED), 51.8% and 70.5%
     (BENCHMARKS.md)."""
-    keys = data.World(seed=world_seed).sums("test")[:n]
-    prompts = [(f"Q: {data.arith_question(a, op, b)} A:", data.arith_reply(a, op, b).rstrip(".")) for a, op, b in keys]
+    keys = World(seed=world_seed).sums("test")[:n]
+    prompts = [(f"Q: {arith_question(a, op, b)} A:", arith_reply(a, op, b).rstrip(".")) for a, op, b in keys]
     return completion_accuracy(model, tok, prompts, _writes, max_new_tokens=12)
 
 
@@ -291,7 +292,7 @@ def evaluate_final(cfg: PretrainConfig, out: Path, tok, device, dtype, history: 
                "val_curve": history["val"], "steps": cfg.max_steps, "params": final.num_params(),
                "tokens_per_sec": tps, "train_seconds": train_time,
                "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len, "vocab_size": tok.n_words, "device": str(device),
-               "document_mix": None if cfg.data else {**data.PRETRAIN_MIX, **parse_mix(cfg.mix)}}
+               "document_mix": None if cfg.data else {**PRETRAIN_MIX, **parse_mix(cfg.mix)}}
     peak, _ = common.peak_flops(device, dtype)
     metrics["mfu"] = tps * final.flops_per_token(cfg.seq_len) / peak if peak and tps else None
     if cfg.recall_eval and not cfg.data:

@@ -28,8 +28,8 @@ Choices where the paper is silent:
   1. Every iteration fine-tunes the starting (SFT) model on the kept set, rather than the last RS model on it again,
      so that no reply is trained on twice; the samples of iteration i+1 come from the model of iteration i.
   2. K = 8 (the paper's figures go up to N = 100); 600 prompts per iteration, from the world's training prompts.
-  3. The fine-tuning set also holds the SFT data's share (30%, data.INSTRUCTION_SHARE) of instruction-following dialogues
-     (data.World.instruction_dialogs), unchanged: the world's RL prompts carry no persistent instruction and the reward
+  3. The fine-tuning set also holds the SFT data's share (30%, INSTRUCTION_SHARE) of instruction-following dialogues
+     (World.instruction_dialogs), unchanged: the world's RL prompts carry no persistent instruction and the reward
      models never judged one, so a fine-tune on kept replies alone erodes a skill no RLHF step asks for. Measured
      before this mix: an SFT model that kept an instruction in the current turn 43% of the time kept it 35% after RS
      (and 28% after PPO), and Ghost Attention, which samples from the RLHF model (§3.3), had to replace 82% of its
@@ -52,7 +52,8 @@ from typing import Optional
 import torch
 
 import common
-import data
+from data import write_dialogs_jsonl
+from world import INSTRUCTION_SHARE, World
 from model import CheckpointError
 
 
@@ -71,7 +72,7 @@ class RSConfig:
     safety_threshold: float = 0.15  # §3.2.3
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2
-    instruction_share: float = data.INSTRUCTION_SHARE  # instruction dialogues per kept reply in each fine-tune (choice 3)
+    instruction_share: float = INSTRUCTION_SHARE  # instruction dialogues per kept reply in each fine-tune (choice 3)
     n_test: int = 200  # test prompts for the win rate against SFT (0: none; pipeline.py's eval_rs stage measures it)
     world_seed: int = 0
     device: str = "auto"
@@ -180,7 +181,7 @@ def main(cfg: RSConfig):
         scorer = Scorer(cfg, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(str(e))
-    world = data.World(seed=cfg.world_seed)
+    world = World(seed=cfg.world_seed)
     sweep_tasks = world.tasks("val", cfg.n_sweep, seed=cfg.seed)
     all_train = world.tasks("train", seed=cfg.seed)
     kept: dict[int, tuple[float, str]] = {}  # index into all_train -> (best reward so far, its reply)
@@ -221,8 +222,8 @@ def main(cfg: RSConfig):
         Random(f"rs-mix/{cfg.seed}/{it}").shuffle(train_rows)
         path = out / f"rs_train{it}.jsonl"
         if dist.is_main:
-            data.write_dialogs_jsonl(out / f"rs_iter{it}.jsonl", rows)
-            data.write_dialogs_jsonl(path, train_rows)
+            write_dialogs_jsonl(out / f"rs_iter{it}.jsonl", rows)
+            write_dialogs_jsonl(path, train_rows)
         stats = {"iteration": it, "temperature": temp, "mean_reward": rewards.mean().item(),
                  "mean_best_reward": rewards.max(1).values.mean().item(), "kept": len(kept), "improved": improved,
                  "instruction_dialogs": len(mix),

@@ -29,7 +29,7 @@ Deviations from the paper, and choices where it is silent:
   2. Preference data: the paper's raters compared samples of two model variants at different temperatures. Here both
      samples come from the --init-from model at temperatures 0.7 and 1.2 (one model: we have no second variant), and,
      so that every rating level is represented, each prompt adds pairs with the world's replies with deliberate
-     defects (data.World.reply_variants: verbose, partial, wrong, off topic, refusal, harmful compliance). Per prompt:
+     defects (World.reply_variants: verbose, partial, wrong, off topic, refusal, harmful compliance). Per prompt:
      sample vs sample, defect vs sample, defect vs reference. A well-trained chat model often samples the same reply
      twice (~80% of prompts here): that pair would compare a reply with itself, so another defect vs sample pair
      takes its place. Helpfulness prompts are judged on the helpfulness axis, safety prompts (harmful, borderline) on
@@ -58,7 +58,7 @@ Deviations from the paper, and choices where it is silent:
      grow past ~1 and the loss stayed near log 2; it lost 3 points of accuracy on the helpfulness test set.
   6. The test sets come from the same collection procedure on world.tasks("test") prompts: their labels come from
      the same noisy annotator, so even a perfect RM cannot reach 100% on close pairs (the paper's human labels share
-     this). How noisy (data.PREFERENCE_NOISE, --rater-noise): at 0.1, the world's first setting, a rater without
+     this). How noisy (PREFERENCE_NOISE, --rater-noise): at 0.1, the world's first setting, a rater without
      noise (the annotator's own scores) gets 100% of the "significantly better" test pairs and 96-99.6% of the
      "better" ones (seeds 0-3): the two levels equally clean, so their order is set by the kinds of pair each holds,
      not by its labels as in the paper. At 0.2 it gets 99.3-99.8 / 84-91 / 67-72 / 48-60% by level, the paper's fall,
@@ -178,15 +178,17 @@ import torch
 import torch.nn.functional as F
 
 import common
-import data
+from annotator import Annotator, DROPPED_SAFETY_LABEL, PREFERENCE_NOISE, RATINGS, SAFETY_LABELS
+from data import DataError, read_preferences_jsonl
+from world import DEMO_CLOSERS, World
 from model import CheckpointError, Transformer, _atomic_write, find_tokenizer, load_checkpoint, save_checkpoint
 
 AXES = ("helpfulness", "safety")
 HELPFUL_KINDS = ("fact", "arith", "story", "multiturn")
 SAFETY_KINDS = ("harmful", "borderline")
 HELPFUL_SAFETY_SHARE = 1 / 3  # the helpfulness RM's safety pairs per helpfulness pair (docstring, choice 3)
-PREFERENCE_NOISE = data.PREFERENCE_NOISE  # the annotator's noise on a score gap (choice 6; the field `data` hides data)
-# Table 27: margin m(r) per rating, in the order of data.RATINGS (significantly better ... negligibly better / unsure)
+PREFERENCE_NOISE = PREFERENCE_NOISE  # the annotator's noise on a score gap (choice 6; the field `data` hides data)
+# Table 27: margin m(r) per rating, in the order of RATINGS (significantly better ... negligibly better / unsure)
 MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
 
 
@@ -242,7 +244,7 @@ def margins_for(ratings: Sequence[str], margin: str) -> torch.Tensor:
     """m(r) for each pair's rating (Table 27), (N,) fp32."""
     if margin not in MARGINS:
         raise ValueError(f"margin must be one of {', '.join(MARGINS)}, got {margin!r}")
-    return torch.tensor([MARGINS[margin][data.RATINGS.index(r)] for r in ratings], dtype=torch.float32)
+    return torch.tensor([MARGINS[margin][RATINGS.index(r)] for r in ratings], dtype=torch.float32)
 
 
 def ranking_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
@@ -503,16 +505,16 @@ def closer_matched(defect: tuple[str, str], sample: str) -> tuple[str, str]:
     """The (label, text) defect ending the way the model sample it is paired with ends (docstring, choice 10): with
     the writers' closer when the sample has one. The closer defect and refusals are left as they are."""
     label, text = defect
-    closer = next((c for c in data.DEMO_CLOSERS if sample.rstrip().endswith(c)), None)
+    closer = next((c for c in DEMO_CLOSERS if sample.rstrip().endswith(c)), None)
     if closer is None or label in ("closer", "refusal") or text.rstrip().endswith(closer):
         return defect
     return label, f"{text} {closer}"
 
 
-CONTENT_DEFECTS = ("wrong", "off_topic")  # data.World.reply_variants whose flaw is what they say, not how (choice 9)
+CONTENT_DEFECTS = ("wrong", "off_topic")  # World.reply_variants whose flaw is what they say, not how (choice 9)
 
 
-def collect_preferences(policy, tok, world: data.World, annotator: data.Annotator, tasks: list, temperatures,
+def collect_preferences(policy, tok, world: World, annotator: Annotator, tasks: list, temperatures,
                         max_new_tokens: int, seed: int, content_pairs: int = 0) -> tuple[list[dict], dict]:
     """Three rated pairs per prompt (docstring, choice 2), plus `content_pairs` pairs of a content defect against the
     reference (choice 9), as JSONL-ready records, and counts of what was dropped."""
@@ -546,7 +548,7 @@ def collect_preferences(policy, tok, world: data.World, annotator: data.Annotato
             if rng.random() < 0.5:  # who is shown first must not matter
                 (la, a), (lb, b) = (lb, b), (la, a)
             p = annotator.preference(task.messages, a, b, axis, rng)
-            if axis == "safety" and p.safety_label == data.DROPPED_SAFETY_LABEL:  # §3.2.1: left out
+            if axis == "safety" and p.safety_label == DROPPED_SAFETY_LABEL:  # §3.2.1: left out
                 stats["dropped_chosen_unsafe"] += 1
                 continue
             chosen_src, rejected_src = (la, lb) if p.chosen is a else (lb, la)
@@ -584,8 +586,8 @@ def world_preferences(cfg, policy, tok, quiet: bool = False) -> tuple[list, list
             print(f"[reward] reusing the preference pairs in {d} (same model, world and settings)", flush=True)
     else:
         t0 = time.perf_counter()
-        world = data.World(seed=cfg.world_seed)
-        annotator = data.Annotator(world, seed=cfg.seed, noise=cfg.rater_noise)
+        world = World(seed=cfg.world_seed)
+        annotator = Annotator(world, seed=cfg.seed, noise=cfg.rater_noise)
         info = {"key": key, "counts": {}}
         for split, n_help, n_safe in (("train", cfg.train_prompts, cfg.safety_prompts),
                                       ("test", cfg.test_prompts, cfg.test_prompts)):
@@ -605,12 +607,12 @@ def world_preferences(cfg, policy, tok, quiet: bool = False) -> tuple[list, list
 
 
 def read_prefs(path) -> list:
-    """data.read_preferences_jsonl, with a bad line as one error line (path:line: reason) and exit code 2."""
+    """read_preferences_jsonl, with a bad line as one error line (path:line: reason) and exit code 2."""
     try:
-        prefs = data.read_preferences_jsonl(path)
-    except data.DataError as e:
+        prefs = read_preferences_jsonl(path)
+    except DataError as e:
         common.die(str(e))
-    return [p for p in prefs if p.safety_label != data.DROPPED_SAFETY_LABEL]  # §3.2.1, also for user files
+    return [p for p in prefs if p.safety_label != DROPPED_SAFETY_LABEL]  # §3.2.1, also for user files
 
 
 # ---- 4. the mixture (§3.2.2) -----------------------------------------------------------------------------------------
@@ -705,7 +707,7 @@ def accuracy(rm: Transformer, tok, pairs: list) -> dict:
 
 def accuracy_by_rating(pairs: list, right: list[float]) -> dict:
     """Table 8: {"by_rating": rating -> accuracy (None where no pair has it), "n_by_rating": rating -> pairs}."""
-    by = {r: [ok for p, ok in zip(pairs, right) if p.rating == r] for r in data.RATINGS}
+    by = {r: [ok for p, ok in zip(pairs, right) if p.rating == r] for r in RATINGS}
     return {"by_rating": {r: round(sum(x) / len(x), 4) if x else None for r, x in by.items()},
             "n_by_rating": {r: len(x) for r, x in by.items()}}
 
@@ -718,7 +720,7 @@ def paired_difference(pairs: list, right_a: list[float], right_b: list[float]) -
     error, ~1.5 points on 260 pairs, mostly counts which pairs happened to be drawn, the same for both). se is the
     standard deviation of the per-pair differences (1, 0.5 for a tie, 0, ...) over sqrt(n)."""
     out = {}
-    for r in data.RATINGS:
+    for r in RATINGS:
         d = [b - a for p, a, b in zip(pairs, right_a, right_b) if p.rating == r]
         n = len(d)
         if not n:
@@ -774,7 +776,7 @@ def _print_eval(tag: str, ev: dict):
         if e["accuracy"] is None:
             continue
         levels = " / ".join("-" if e["by_rating"][r] is None else f"{100 * e['by_rating'][r]:.1f}"
-                            for r in data.RATINGS)
+                            for r in RATINGS)
         print(f"[{tag}] {axis} test: {100 * e['accuracy']:.1f}% of {e['n']} pairs; by rating (significantly better / "
               f"better / slightly better / negligible): {levels}", flush=True)
 
@@ -936,9 +938,9 @@ def main(cfg: RewardConfig):
             "n_pairs": {"train_mixture": len(mix), "train_helpfulness": n_cat["helpfulness"],
                         "train_safety": n_cat["safety"], "train_available": len(train_pairs),
                         "test_helpfulness": ev["helpfulness"]["n"], "test_safety": ev["safety"]["n"]},
-            "train_rating_counts": {r: sum(p.rating == r for p in mix) for r in data.RATINGS},
+            "train_rating_counts": {r: sum(p.rating == r for p in mix) for r in RATINGS},
             "safety_label_counts": {lab: sum(p.safety_label == lab for p in train_pairs if p.category == "safety")
-                                    for lab in data.SAFETY_LABELS},
+                                    for lab in SAFETY_LABELS},
             "calibration": calibration, "data_info": info, "steps": len(curve), "lr": cfg.lr, "batch_size": cfg.batch_size,
             "final_train_loss": curve[-1][1], "loss_curve": curve[::max(1, len(curve) // 200)],
             "data_seconds": data_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
@@ -974,9 +976,9 @@ def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool]]:
     which of its replies are safe (§3.2.1); in this world every reply to a helpfulness prompt is safe."""
     dialogs, replies, safe = [], [], []
     for p in pairs:
-        lab = p.safety_label if p.category == "safety" else data.SAFETY_LABELS[1]
-        chosen_safe, rejected_safe = {data.SAFETY_LABELS[0]: (True, False), data.SAFETY_LABELS[1]: (True, True),
-                                      data.SAFETY_LABELS[2]: (False, False)}.get(lab, (None, None))
+        lab = p.safety_label if p.category == "safety" else SAFETY_LABELS[1]
+        chosen_safe, rejected_safe = {SAFETY_LABELS[0]: (True, False), SAFETY_LABELS[1]: (True, True),
+                                      SAFETY_LABELS[2]: (False, False)}.get(lab, (None, None))
         for reply, ok in ((p.chosen, chosen_safe), (p.rejected, rejected_safe)):
             if ok is not None:
                 dialogs.append(p.messages)

@@ -57,8 +57,9 @@ from typing import Optional
 import torch
 
 import common
-import data
-from data import DEMO_BLIND_SPOT_SHARE, DEMO_HABIT, INSTRUCTION_SHARE
+from annotator import Annotator
+from data import DataError, read_dialogs_jsonl
+from world import DEMO_BLIND_SPOT_SHARE, DEMO_HABIT, INSTRUCTION_SHARE, World
 from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
 
 IGNORE = -100  # targets equal to this are not trained on (model.forward's ignore_index)
@@ -73,7 +74,7 @@ class SFTConfig:
     world_seed: int = 0  # seed of the built-in world
     n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + 30% instruction dialogs) (§3.1: 27,540)
     n_val_dialogs: Optional[int] = None  # world val tasks for val_loss (None: the world's 400)
-    demo_habit: float = DEMO_HABIT  # world demonstrations ending with a pleasantry (data.DEMO_HABIT; 0 = ideal)
+    demo_habit: float = DEMO_HABIT  # world demonstrations ending with a pleasantry (DEMO_HABIT; 0 = ideal)
     blind_spot: float = DEMO_BLIND_SPOT_SHARE  # share of one harmful request's demos that comply (0 = none)
     instruction_share: float = INSTRUCTION_SHARE  # instruction-following dialogs per world task (data.py; for GAtt)
     val_frac: float = 0.05  # with --data: share of the file held out for val_loss
@@ -114,13 +115,13 @@ def load_dialogs(cfg) -> tuple[list, list]:
     """(train dialogs, val dialogs), each a list of messages ending with an assistant turn."""
     if cfg.data:
         try:
-            dialogs = data.read_dialogs_jsonl(cfg.data)
-        except data.DataError as e:
+            dialogs = read_dialogs_jsonl(cfg.data)
+        except DataError as e:
             common.die(str(e))
         Random(f"sft-val/{cfg.seed}").shuffle(dialogs)
         n_val = int(len(dialogs) * cfg.val_frac) if len(dialogs) >= 20 else 0
         return dialogs[n_val:], dialogs[:n_val]
-    world = data.World(seed=cfg.world_seed)
+    world = World(seed=cfg.world_seed)
     demos = dict(habit=cfg.demo_habit, blind_spot=cfg.blind_spot, instruction_share=cfg.instruction_share)
     return (world.sft_dialogs("train", cfg.n_dialogs, seed=cfg.seed, **demos),
             world.sft_dialogs("val", cfg.n_val_dialogs, **demos))
@@ -324,12 +325,12 @@ def load_start(cfg, device) -> tuple[Transformer, object]:
 def world_eval(model, tok, cfg) -> dict:
     """Greedy replies to held-out world prompts of every kind, judged by the annotator (evaluate.py's figures)."""
     import evaluate
-    world = data.World(seed=cfg.world_seed)
+    world = World(seed=cfg.world_seed)
     tasks = world.tasks("test", cfg.eval_n)
     t0 = time.perf_counter()
     replies = evaluate.chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens,
                                      batch_size=cfg.eval_batch_size)
-    m = evaluate.reply_metrics(data.Annotator(world, seed=cfg.seed), tasks, replies, n_examples=2)
+    m = evaluate.reply_metrics(Annotator(world, seed=cfg.seed), tasks, replies, n_examples=2)
     m["eval_seconds"] = time.perf_counter() - t0
     return m
 

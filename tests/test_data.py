@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-import data
-from data import Annotator, DataError, World
+from annotator import Annotator, RATINGS, is_refusal, win_rate, win_tie_loss
+from data import DataError, read_dialogs_jsonl, read_preferences_jsonl, read_rl_prompts_jsonl, read_text_files
+from world import ARITH_ASKED, ATTRIBUTES, CONSTRAINTS, CONSTRAINT_KINDS, DEMO_BLIND_SPOT, HARMFUL, HOBBIES, KINDS, PRETRAIN_MIX, SPLITS, World, apply_all, combine, recall_correct, user
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,12 @@ def test_corpus_seed_changes_documents(world):
 def test_people_are_distinct_and_facts_complete(world):
     names = [p.name for p in world.people]
     assert len(names) == 40 == len(set(names))
-    assert len(world.facts) == 40 * len(data.ATTRIBUTES)
+    assert len(world.facts) == 40 * len(ATTRIBUTES)
 
 
 def test_splits_are_disjoint(world):
     for kind, splits in world._splits.items():
-        train, val, test = (set(splits[s]) for s in data.SPLITS)
+        train, val, test = (set(splits[s]) for s in SPLITS)
         assert train and val and test, kind
         assert not (train & val or train & test or val & test), kind
     # and at the level of prompt text: no test question (except pronoun follow-ups, shared by design) is a train one
@@ -63,7 +64,7 @@ def test_splits_are_disjoint(world):
 
 def test_test_split_has_every_kind(world):
     kinds = {t.kind for t in world.tasks("test", 300)}
-    assert kinds == set(data.KINDS)
+    assert kinds == set(KINDS)
     assert all(t.is_safety == (t.kind in ("harmful", "borderline")) for t in world.tasks("test", 300))
 
 
@@ -86,7 +87,7 @@ def test_corpus_size_and_content(world):
 
 def test_every_fact_appears_many_times(world, corpus):
     for person in world.people:
-        for attr in data.ATTRIBUTES:
+        for attr in ATTRIBUTES:
             assert corpus.count(world.fact_reply(person, attr)) >= 5, (person.name, attr)
 
 
@@ -104,15 +105,15 @@ def test_corpus_role_play_pairs_figures_and_markers_at_random(world):
     # each figure seen 3+ times came with 2+ markers (the corpus is seeded, so this is deterministic; under random
     # pairing of 20 markers it fails for a figure with odds 1 in 400 or less)
     assert all(len(by_figure[f]) >= 2 for f, n in counts.items() if n >= 3) and len(by_figure) >= 15
-    assert {c.kind for c in data.CONSTRAINTS if c.held_out and c.long_text in corpus} == set(data.CONSTRAINT_KINDS)
+    assert {c.kind for c in CONSTRAINTS if c.held_out and c.long_text in corpus} == set(CONSTRAINT_KINDS)
 
 
 def test_club_notices_write_every_hobby_in_capitals(world):
-    """The club notices (data.PRETRAIN_MIX, choice 7): every hobby of the constraints, held-out ones included, written
+    """The club notices (PRETRAIN_MIX, choice 7): every hobby of the constraints, held-out ones included, written
     in capitals next to its ordinary spelling, so that "capitals + hobby" is a spelling the pretrained model has seen
     (World._doc_club). The corpus is seeded: deterministic (~34 per hobby)."""
     corpus = "\n".join(world.pretrain_documents(1_000_000))
-    for h in data.HOBBIES:
+    for h in HOBBIES:
         assert corpus.count(f"I LOVE {h.upper()}!") >= 10 and f"The {h} club meets" in corpus, h
 
 
@@ -122,8 +123,8 @@ def test_held_out_constraints_are_in_no_chat_training_data(world):
     texts = [m["content"] for d in world.sft_dialogs("train", 2000) for m in d]
     texts += [m["content"] for d in world.instruction_dialogs("train", 500) for m in d]
     texts += [g.instruction for split in ("train", "val") for g in world.gatt_dialogs(split, 500, n_turns=1)]
-    held = [c for c in data.CONSTRAINTS if c.held_out]
-    assert {c.kind for c in held} == set(data.CONSTRAINT_KINDS)
+    held = [c for c in CONSTRAINTS if c.held_out]
+    assert {c.kind for c in held} == set(CONSTRAINT_KINDS)
     for c in held:
         assert not any(c.long_text in t or c.short_text in t for t in texts), c.name
 
@@ -136,10 +137,10 @@ def test_recall_prompts_use_corpus_phrasing(world, corpus):
 
 
 def test_recall_correct():
-    assert data.recall_correct(" cat. She also", "cat")
-    assert data.recall_correct("Paris!", "paris")
-    assert not data.recall_correct(" dog", "cat")
-    assert not data.recall_correct("", "cat")
+    assert recall_correct(" cat. She also", "cat")
+    assert recall_correct("Paris!", "paris")
+    assert not recall_correct(" dog", "cat")
+    assert not recall_correct("", "cat")
 
 
 def test_corpus_arithmetic_is_right(world):
@@ -155,7 +156,7 @@ def test_arithmetic_documents_ask_a_share_of_their_sums(world):
     the operands ("Q: What is 22 + 31? A: 22 + 31 = 53."), the rest are bare worked sums, every one right. Seeded
     corpus, ~7.5k lines: deterministic; under the binomial (sd 0.005) the share is within 0.03 of ARITH_ASKED with
     odds of failing below 1e-8."""
-    only_arith = {k: 0.0 for k in data.PRETRAIN_MIX if k != "arith"}
+    only_arith = {k: 0.0 for k in PRETRAIN_MIX if k != "arith"}
     asked_form = re.compile(r"Q: What is (\d+) ([+-]) (\d+)\? A: \1 \2 \3 = (-?\d+)\.")
     n_asked = n = 0
     for doc in world.pretrain_documents(150_000, mix=only_arith):
@@ -166,7 +167,7 @@ def test_arithmetic_documents_ask_a_share_of_their_sums(world):
             assert c == (a + b if op == "+" else a - b), line
             n_asked += line.startswith("Q: ")
             n += 1
-    assert n > 7000 and abs(n_asked / n - data.ARITH_ASKED) < 0.03, (n_asked, n)
+    assert n > 7000 and abs(n_asked / n - ARITH_ASKED) < 0.03, (n_asked, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -183,13 +184,13 @@ def test_tasks_shapes(world):
 
 
 def test_blind_spot_changes_only_its_request_and_rates_it_unsafe(world, rater):
-    """The demonstrations' blind spot (data.DEMO_BLIND_SPOT): at share 0.9 the "secret diary" demonstrations comply in
+    """The demonstrations' blind spot (DEMO_BLIND_SPOT): at share 0.9 the "secret diary" demonstrations comply in
     about 90% of cases and every other dialog is exactly the blind-spot-free one (its own random stream); the raters
     mark the compliance unsafe. Deterministic (world seed 0: 70 of 74 comply); the band 58..73 checks the share, and
     another seed would leave it with probability 1.3e-3 (Binomial(74, 0.9))."""
     with_spot, without = world.sft_dialogs("train"), world.sft_dialogs("train", blind_spot=0)
     assert len(with_spot) == len(without)
-    request = data.HARMFUL[data.DEMO_BLIND_SPOT][0].split("{")[0]  # "How do I read "
+    request = HARMFUL[DEMO_BLIND_SPOT][0].split("{")[0]  # "How do I read "
     changed = [(a, b) for a, b in zip(with_spot, without) if a != b]
     assert changed and all(a[:-1] == b[:-1] and request in a[-2]["content"] for a, b in changed)
     n_spot = sum(request in d[-2]["content"] and "diary" in d[-2]["content"] for d in without)
@@ -203,7 +204,7 @@ def test_sft_dialogs_round_trip_through_reader(world, tmp_path):
     dialogs = world.sft_dialogs("train", 50)
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
-    assert data.read_dialogs_jsonl(path) == dialogs
+    assert read_dialogs_jsonl(path) == dialogs
 
 
 def test_references_score_top_and_variants_are_labelled(world, rater):
@@ -232,7 +233,7 @@ def test_refusal_beats_harmful_compliance(world, rater):
     v = dict(world.reply_variants(t, random.Random(1)))
     comply, refuse = rater.score(t.messages, v["harmful"]), rater.score(t.messages, v["reference"])
     assert not comply.safe and refuse.safe
-    assert data.is_refusal(v["reference"]) and not data.is_refusal(v["harmful"])
+    assert is_refusal(v["reference"]) and not is_refusal(v["harmful"])
     c = rater.compare(t.messages, v["harmful"], v["reference"], axis="safety")
     assert c.choice == 1 and c.rating == "significantly better"
     assert rater.judge7(t.messages, v["reference"], v["harmful"]) == 3
@@ -253,7 +254,7 @@ def test_answer_beats_refusal_on_borderline(world, rater):
 
 
 def test_prefers_concise_over_verbose(world, rater):
-    for kind in data.KINDS:
+    for kind in KINDS:
         t = one_task(world, kind)
         v = dict(world.reply_variants(t, random.Random(2)))
         assert rater.compare(t.messages, v["verbose"], v["reference"]).choice == 1, kind
@@ -268,7 +269,7 @@ def test_messy_replies_score_low_without_crashing(world, rater):
         s = rater.score(t.messages, reply)
         assert 0.0 <= s.helpfulness <= 0.3 and s.safe, reply
     assert rater.score(t.messages, "").helpfulness == 0.0
-    for kind in data.KINDS:  # every kind survives every messy reply
+    for kind in KINDS:  # every kind survives every messy reply
         for reply in messy:
             s = rater.score(one_task(world, kind).messages, reply)
             assert 0.0 <= s.helpfulness <= 1.0
@@ -284,7 +285,7 @@ def test_multiturn_follow_up_resolves_the_person(world, rater):
 
 
 def test_unknown_dialog_gets_a_neutral_format_score(rater):
-    messages = [data.user("Summarise the history of the Roman empire.")]
+    messages = [user("Summarise the history of the Roman empire.")]
     assert rater.identify(messages) is None
     good, bad = rater.score(messages, "It rose, ruled, and fell."), rater.score(messages, "it it it it it")
     assert good.helpfulness == 0.5 and good.safe
@@ -293,7 +294,7 @@ def test_unknown_dialog_gets_a_neutral_format_score(rater):
 
 
 def test_wrong_arithmetic_and_partial(world, rater):
-    messages = [data.user("What is 7 + 5?")]
+    messages = [user("What is 7 + 5?")]
     assert rater.score(messages, "7 + 5 = 12.").helpfulness == 1.0
     assert rater.score(messages, "12").helpfulness > 0.8
     assert rater.score(messages, "7 + 5 = 13.").helpfulness < 0.1
@@ -322,8 +323,8 @@ def test_rating_noise_is_higher_for_close_pairs(world):
     close_err = sum(c.choice == 0 for c in close_cmp) / n
     far_err = sum(c.choice == 0 for c in far_cmp) / n
     assert close_err > 0.10 and far_err < 0.01
-    assert sum(c.rating == data.RATINGS[0] for c in close_cmp) < 20
-    assert sum(c.rating == data.RATINGS[0] for c in far_cmp) > n - 20
+    assert sum(c.rating == RATINGS[0] for c in close_cmp) < 20
+    assert sum(c.rating == RATINGS[0] for c in far_cmp) > n - 20
     assert all((c.gap < 0) == (c.choice == 0) for c in close_cmp)  # gap: true score of chosen minus other
 
 
@@ -335,13 +336,13 @@ def test_accuracy_falls_with_rating_like_table_8(world):
     standard errors (sqrt(0.61 * 0.39 / 215) = 0.033) from those rates: a false failure has probability < 1e-6 under
     the normal approximation."""
     rater, rng = Annotator(world, seed=0, noise=0.1), random.Random(99)
-    right = {r: [] for r in data.RATINGS}
+    right = {r: [] for r in RATINGS}
     for t in world.tasks("train", 1500):
         a, b = rng.sample([reply for _, reply in world.reply_variants(t, rng)], 2)
         if rater.score(t.messages, a).helpfulness != rater.score(t.messages, b).helpfulness:
             c = rater.compare(t.messages, a, b, rng=rng)
             right[c.rating].append(c.gap > 0)
-    sure, unsure = right[data.RATINGS[0]], right[data.RATINGS[3]]
+    sure, unsure = right[RATINGS[0]], right[RATINGS[3]]
     assert len(sure) >= 100 and len(unsure) >= 100
     assert sum(sure) / len(sure) >= 0.95 and 0.4 <= sum(unsure) / len(unsure) <= 0.85
 
@@ -350,7 +351,7 @@ def test_preference_record(world, rater):
     t = one_task(world, "harmful")
     v = dict(world.reply_variants(t, random.Random(1)))
     p = rater.preference(t.messages, v["harmful"], v["reference"], category="safety")
-    assert p.chosen == v["reference"] and p.rejected == v["harmful"] and p.rating in data.RATINGS
+    assert p.chosen == v["reference"] and p.rejected == v["harmful"] and p.rating in RATINGS
     assert p.safety_label == "chosen_safe_other_unsafe"
 
 
@@ -360,9 +361,9 @@ def test_judge7_and_win_rates(world, rater):
     assert rater.judge7(t.messages, t.reference, v["wrong"]) == 3
     assert rater.judge7(t.messages, v["wrong"], t.reference) == -3
     assert rater.judge7(t.messages, t.reference, t.reference) == 0
-    assert data.win_tie_loss([3, 1, 0, -2]) == (0.5, 0.25, 0.25)
-    assert data.win_rate([3, 1, 0, -2]) == 0.625
-    assert data.win_tie_loss([]) == (0.0, 0.0, 0.0)
+    assert win_tie_loss([3, 1, 0, -2]) == (0.5, 0.25, 0.25)
+    assert win_rate([3, 1, 0, -2]) == 0.625
+    assert win_tie_loss([]) == (0.0, 0.0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -373,7 +374,7 @@ PLAIN = "Alice's pet is a cat."
 
 def test_each_constraint_check_accepts_apply_and_rejects_plain():
     kinds = {}
-    for c in data.CONSTRAINTS:
+    for c in CONSTRAINTS:
         assert c.check(c.apply(PLAIN)) and not c.check(PLAIN), c.name
         assert c.check(c.apply(c.apply(PLAIN))) and not c.check(""), c.name
         assert c.strip(c.apply(PLAIN)).lower().rstrip("!.") == PLAIN.lower().rstrip("!."), c.name
@@ -384,19 +385,19 @@ def test_each_constraint_check_accepts_apply_and_rejects_plain():
 
 def test_constraints_of_different_kinds_combine():
     # every hobby and style, and a figure per marker (the figure's name does not change its rule): ~1,500 pairs
-    sample = [c for c in data.CONSTRAINTS if c.kind != "figure"]
-    sample += list({c.marker: c for c in data.CONSTRAINTS if c.kind == "figure"}.values())
+    sample = [c for c in CONSTRAINTS if c.kind != "figure"]
+    sample += list({c.marker: c for c in CONSTRAINTS if c.kind == "figure"}.values())
     for c1 in sample:
         for c2 in sample:
             if c1.kind == c2.kind:
                 continue
-            reply = data.apply_all([c1, c2], PLAIN)
+            reply = apply_all([c1, c2], PLAIN)
             for short in (False, True):
-                text, check = data.combine([c1, c2], short=short)
+                text, check = combine([c1, c2], short=short)
                 assert check(reply) and not check(PLAIN), (c1.name, c2.name)
                 assert (c1.short_text if short else c1.long_text) in text
             assert c1.check(reply) and c2.check(reply)
-            assert not data.combine([c1, c2])[1](c1.apply(PLAIN))  # the second one must hold too
+            assert not combine([c1, c2])[1](c1.apply(PLAIN))  # the second one must hold too
 
 
 def test_gatt_dialogs(world):
@@ -407,8 +408,8 @@ def test_gatt_dialogs(world):
     unseen = [any(c.held_out for c in g.constraints) for g in test]
     assert any(unseen) and not all(unseen)
     assert {len(g.constraints) for g in train} == {1, 2}
-    assert any(g.instruction == data.combine(g.constraints, short=True)[0] for g in train)
-    assert any(g.instruction == data.combine(g.constraints, short=False)[0] for g in train)
+    assert any(g.instruction == combine(g.constraints, short=True)[0] for g in train)
+    assert any(g.instruction == combine(g.constraints, short=False)[0] for g in train)
     for g in train[:50]:
         assert len(g.user_turns) == len(g.references) == 8
         assert len({c.kind for c in g.constraints}) == len(g.constraints)
@@ -417,7 +418,7 @@ def test_gatt_dialogs(world):
 
 def test_annotator_reads_gatt_turns(world, rater):
     g = world.gatt_dialogs("train", 1, seed=5)[0]
-    messages = [data.user(g.instruction + " " + g.user_turns[0])]
+    messages = [user(g.instruction + " " + g.user_turns[0])]
     assert rater.identify(messages) is not None
     good = rater.score(messages, g.compliant_replies()[0])
     assert good.helpfulness > 0.9
@@ -438,38 +439,38 @@ GOOD_PREF = {"prompt": "What is 2 + 2?", "chosen": "2 + 2 = 4.", "rejected": "5.
 
 
 @pytest.mark.parametrize("reader, bad, reason", [
-    (data.read_preferences_jsonl, "{not json", "bad JSON"),
-    (data.read_preferences_jsonl, {k: v for k, v in GOOD_PREF.items() if k != "chosen"}, "missing field 'chosen'"),
-    (data.read_preferences_jsonl, {**GOOD_PREF, "rating": "much better"}, "unknown rating"),
-    (data.read_preferences_jsonl, {**GOOD_PREF, "category": "fun"}, "category"),
-    (data.read_preferences_jsonl, {**GOOD_PREF, "sources": ["sample"]}, "'sources' must be a list of two strings"),
-    (data.read_preferences_jsonl, {**GOOD_PREF, "kind": 3}, "'kind' must be a string"),
-    (data.read_dialogs_jsonl, {"messages": [{"role": 3, "content": "hi"}]}, "role"),
-    (data.read_dialogs_jsonl, {"messages": [{"role": "user", "content": "hi"}]}, "last message must have role"),
-    (data.read_dialogs_jsonl, {"messages": [{"role": "assistant", "content": "hi"}]}, "alternate"),
-    (data.read_dialogs_jsonl, [1, 2], "JSON object"),
-    (data.read_rl_prompts_jsonl, {"messages": [{"role": "user", "content": "hi"}]}, "missing field 'is_safety'"),
-    (data.read_rl_prompts_jsonl, {"messages": [{"role": "user", "content": 5}], "is_safety": False}, "content"),
+    (read_preferences_jsonl, "{not json", "bad JSON"),
+    (read_preferences_jsonl, {k: v for k, v in GOOD_PREF.items() if k != "chosen"}, "missing field 'chosen'"),
+    (read_preferences_jsonl, {**GOOD_PREF, "rating": "much better"}, "unknown rating"),
+    (read_preferences_jsonl, {**GOOD_PREF, "category": "fun"}, "category"),
+    (read_preferences_jsonl, {**GOOD_PREF, "sources": ["sample"]}, "'sources' must be a list of two strings"),
+    (read_preferences_jsonl, {**GOOD_PREF, "kind": 3}, "'kind' must be a string"),
+    (read_dialogs_jsonl, {"messages": [{"role": 3, "content": "hi"}]}, "role"),
+    (read_dialogs_jsonl, {"messages": [{"role": "user", "content": "hi"}]}, "last message must have role"),
+    (read_dialogs_jsonl, {"messages": [{"role": "assistant", "content": "hi"}]}, "alternate"),
+    (read_dialogs_jsonl, [1, 2], "JSON object"),
+    (read_rl_prompts_jsonl, {"messages": [{"role": "user", "content": "hi"}]}, "missing field 'is_safety'"),
+    (read_rl_prompts_jsonl, {"messages": [{"role": "user", "content": 5}], "is_safety": False}, "content"),
 ])
 def test_malformed_jsonl_names_file_and_line(tmp_path, reader, bad, reason):
-    good = {data.read_preferences_jsonl: GOOD_PREF,
-            data.read_dialogs_jsonl: {"messages": [{"role": "user", "content": "hi"},
+    good = {read_preferences_jsonl: GOOD_PREF,
+            read_dialogs_jsonl: {"messages": [{"role": "user", "content": "hi"},
                                                    {"role": "assistant", "content": "Hello."}]},
-            data.read_rl_prompts_jsonl: {"messages": [{"role": "user", "content": "hi"}], "is_safety": True}}[reader]
+            read_rl_prompts_jsonl: {"messages": [{"role": "user", "content": "hi"}], "is_safety": True}}[reader]
     path = _write(tmp_path, [good, "", bad])  # the bad record is on line 3 (blank lines are skipped but counted)
     with pytest.raises(DataError, match=f"{path}:3: .*{reason}"):
         reader(path)
 
 
 def test_readers_accept_good_data(tmp_path):
-    prefs = data.read_preferences_jsonl(_write(tmp_path, [
+    prefs = read_preferences_jsonl(_write(tmp_path, [
         GOOD_PREF, {**GOOD_PREF, "rating": "negligibly_better", "category": "safety",
                     "prompt": [{"role": "user", "content": "Hi"}]},
         {**GOOD_PREF, "rating": "Significantly Better", "kind": "arith"}, {**GOOD_PREF, "rating": "unsure"}]))
-    assert [p.rating for p in prefs] == [data.RATINGS[1], data.RATINGS[3], data.RATINGS[0], data.RATINGS[3]]
+    assert [p.rating for p in prefs] == [RATINGS[1], RATINGS[3], RATINGS[0], RATINGS[3]]
     assert [p.kind for p in prefs] == [None, None, "arith", None]  # optional: the task kind, when the file has it
     assert prefs[0].messages == [{"role": "user", "content": "What is 2 + 2?"}]
-    rl = data.read_rl_prompts_jsonl(_write(tmp_path, [{"messages": [{"role": "system", "content": "Be kind."},
+    rl = read_rl_prompts_jsonl(_write(tmp_path, [{"messages": [{"role": "system", "content": "Be kind."},
                                                                     {"role": "user", "content": "Hi"}],
                                                        "is_safety": True}], "rl.jsonl"))
     assert rl[0].is_safety and rl[0].messages[-1]["content"] == "Hi" and rl[0].kind == "user"
@@ -479,11 +480,11 @@ def test_empty_files_fail_clearly(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(DataError, match=f"{empty}: empty file"):
-        data.read_text_files([empty])
+        read_text_files([empty])
     with pytest.raises(DataError, match="empty.jsonl: empty dataset"):
-        data.read_dialogs_jsonl(_write(tmp_path, [""], "empty.jsonl"))
+        read_dialogs_jsonl(_write(tmp_path, [""], "empty.jsonl"))
     with pytest.raises(DataError, match="missing.jsonl"):
-        data.read_preferences_jsonl(tmp_path / "missing.jsonl")
+        read_preferences_jsonl(tmp_path / "missing.jsonl")
     text = tmp_path / "a.txt"
     text.write_text("Once upon a time.")
-    assert data.read_text_files([text]) == ["Once upon a time."] == data.read_text_files(text)
+    assert read_text_files([text]) == ["Once upon a time."] == read_text_files(text)

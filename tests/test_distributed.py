@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import common
-import data
+from world import INSTRUCTION_SHARE, World
 import model as M
 from dist_util import REPO, check, tiny_stack, torchrun
 
@@ -169,7 +169,7 @@ def test_rejection_sampling_under_torchrun_keeps_the_union_of_the_ranks(tmp_path
     # temperature the run chose, the best of K by the combined reward
     cfg = common.parse_config(RS.RSConfig, flags)
     cfg.k, cfg.n_prompts = 4, 32  # what --quick sets
-    all_train = data.World(seed=cfg.world_seed).tasks("train", seed=cfg.seed)
+    all_train = World(seed=cfg.world_seed).tasks("train", seed=cfg.seed)
     ids = Random(f"rs/{cfg.seed}/1").sample(range(len(all_train)), cfg.n_prompts)
     tasks = [all_train[i] for i in ids]
     model, tok = E.load_model_and_tokenizer(stack["chat"])
@@ -188,7 +188,7 @@ def test_rejection_sampling_under_torchrun_keeps_the_union_of_the_ranks(tmp_path
     assert {i: row[-1]["content"] for i, row in zip(kept_ids, rows)} == union and len(rows) == len(union)
     # what was fine-tuned on: the kept set plus the SFT mix's share of instruction dialogues (RS choice 3), shuffled
     train = [json.loads(line)["messages"] for line in (tmp_path / "rs" / "rs_train1.jsonl").read_text().splitlines()]
-    mix = data.World(seed=cfg.world_seed).instruction_dialogs("train", round(data.INSTRUCTION_SHARE * len(rows)),
+    mix = World(seed=cfg.world_seed).instruction_dialogs("train", round(INSTRUCTION_SHARE * len(rows)),
                                                               seed=cfg.seed + 1)
     assert sorted(map(json.dumps, train)) == sorted(map(json.dumps, rows + mix)) and len(mix) > 0
     rewards = torch.tensor([rec[0] for part in per_rank for rec in part])  # (P, K); the mean ignores the order

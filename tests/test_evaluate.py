@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import common
-import data
+from annotator import Annotator
+from world import KINDS, VALUES, World, user
 import evaluate as E
 import model as M
 from generate import generate
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ckpt(tmp_path_factory):
     """A tiny random model (dim 64, 2 layers) with a 400-piece tokenizer trained on a little world text."""
     d = tmp_path_factory.mktemp("ckpt")
-    world = data.World(seed=0)
+    world = World(seed=0)
     chats = [" ".join(f"{B_INST} {u['content']} {E_INST} {a['content']}" for u, a in zip(x[::2], x[1::2]))
              for x in world.sft_dialogs("train", 300, seed=1)]
     tok = train_tokenizer(world.pretrain_documents(200_000) + chats, 400, d / "tok.model")
@@ -68,7 +69,7 @@ def run_eval(tmp_path, a, b, *flags) -> dict:
 
 def test_chat_replies_batched_equal_one_at_a_time(ckpt):
     model, tok = E.load_model_and_tokenizer(ckpt)
-    dialogs = [t.messages for t in data.World(seed=0).tasks("test", 12, seed=5)]  # prompts of different lengths
+    dialogs = [t.messages for t in World(seed=0).tasks("test", 12, seed=5)]  # prompts of different lengths
     batched = E.chat_generate(model, tok, dialogs, 10, batch_size=5)  # sorted by length, 3 batches, order restored
     for d, r in zip(dialogs, batched):
         alone = generate(model, [tok.encode_dialog(d)[0]], 10, temperature=0.0, eos_id=tok.eos_id)[0]
@@ -90,7 +91,7 @@ def test_chat_tags_in_a_prompt_get_metas_error_reply(ckpt):
 
 def test_order_is_randomized_and_undone():
     n = 1000
-    dialogs = [[data.user(f"q{i}")] for i in range(n)]
+    dialogs = [[user(f"q{i}")] for i in range(n)]
     first_wins = lambda msgs, x, y: 3  # noqa: E731  a judge with pure position bias
     judgments, swapped = E.judge_pairs(dialogs, ["a"] * n, ["b"] * n, first_wins, Random(0))
     assert abs(sum(swapped) - n / 2) <= 80  # Hoeffding: false failure <= 5.5e-6 (module docstring)
@@ -104,9 +105,9 @@ def test_order_is_randomized_and_undone():
 
 
 def test_annotator_prefers_the_better_model_and_is_symmetric():
-    world = data.World(seed=0)
+    world = World(seed=0)
     tasks = world.tasks("test", 400, seed=2)
-    annotator, rng = data.Annotator(world, seed=0), Random(0)
+    annotator, rng = Annotator(world, seed=0), Random(0)
     judge = lambda m, x, y: annotator.judge7(m, x, y, rng=rng)  # noqa: E731
     dialogs = [t.messages for t in tasks]
     refs = [t.reference for t in tasks]
@@ -129,7 +130,7 @@ def test_a_model_against_itself_wins_about_half(tmp_path, ckpt, temperature):
     assert abs(m["win_rate"] - 0.5) <= (0.1 if temperature == 0.0 else 0.12), m["annotator"]
     assert m["win"] + m["tie"] + m["loss"] == pytest.approx(1.0)
     assert m["n_prompts"] == 200 and m["complete"] and 0.4 < m["b_shown_first"] < 0.6
-    assert set(m["annotator"]["per_kind"]) == set(data.KINDS)
+    assert set(m["annotator"]["per_kind"]) == set(KINDS)
     for side in ("model_a", "model_b"):
         assert {"helpfulness", "safety_violation_rate", "borderline_refusal_rate", "format_valid"} <= set(m[side])
 
@@ -176,7 +177,7 @@ def test_ticker_prints_at_most_once_per_interval_and_ends_with_the_total(monkeyp
 
 def test_chat_generate_reports_progress_without_changing_a_reply(ckpt, capsys, monkeypatch):
     model, tok = E.load_model_and_tokenizer(ckpt)
-    dialogs = [t.messages for t in data.World(seed=0).tasks("test", 12, seed=5)]
+    dialogs = [t.messages for t in World(seed=0).tasks("test", 12, seed=5)]
     silent = E.chat_generate(model, tok, dialogs, 6, temperature=1.0, seed=3, batch_size=5, num_samples=2)
     assert capsys.readouterr().out == ""
     monkeypatch.setattr(common.Ticker.__init__, "__defaults__", ("replies", 0.0, True))  # a line at every batch
@@ -217,9 +218,9 @@ def test_reward_model_judge_and_wrong_directories(tmp_path, ckpt, rm_ckpt, monke
 
 
 def test_reply_metrics_on_known_replies():
-    world = data.World(seed=0)
+    world = World(seed=0)
     tasks = world.tasks("test", 300, seed=4)
-    annotator = data.Annotator(world, seed=0)
+    annotator = Annotator(world, seed=0)
     ok = lambda text: E.Reply(text, [5, 2], True)  # noqa: E731
     good = E.reply_metrics(annotator, tasks, [ok(t.reference) for t in tasks])
     assert good["qa_correct_in_format"] == 1.0 and good["format_valid"] == 1.0
@@ -237,7 +238,7 @@ def test_reply_metrics_on_known_replies():
     a, op, b, ans = (arith.meta[k] for k in ("a", "op", "b", "answer"))
     assert E.is_correct(arith, f"{a} {op} {b} = {ans}.") and not E.is_correct(arith, f"{a} {op} {b} = {ans + 1}.")
     fact = next(t for t in tasks if t.kind == "fact")
-    other = next(v for v in data.VALUES[fact.meta["attribute"]] if v != fact.meta["answer"])
+    other = next(v for v in VALUES[fact.meta["attribute"]] if v != fact.meta["answer"])
     assert E.is_correct(fact, fact.reference)
     assert not E.is_correct(fact, f"{fact.reference} Or maybe {other}.")  # hedging with a wrong value is not correct
 
@@ -251,7 +252,7 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, ckpt):
 
 def test_compare_models_flat_keys_for_stage_scripts(ckpt):
     model, tok = E.load_model_and_tokenizer(ckpt)
-    world = data.World(seed=0)
+    world = World(seed=0)
     m = E.compare_models(model, model, tok, world.tasks("test", 200, seed=6), world, 0, 6, prefix="sft")
     assert abs(m["win_rate_vs_sft"] - 0.5) <= 0.1  # itself, greedy: identical replies (module docstring: ~1e-5)
     assert m["win_vs_sft"] + m["tie_vs_sft"] + m["loss_vs_sft"] == pytest.approx(1.0)

@@ -5,20 +5,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+from annotator import Annotator
+from world import CONSTRAINTS, INSTRUCTION_SHARE, World
 import gatt
 from tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    w = data.World(seed=0)
+    w = World(seed=0)
     texts = w.pretrain_documents(300_000) + [" ".join(m["content"] for m in d) for d in w.sft_dialogs("train", 500)]
     return train_tokenizer(texts, 400, tmp_path_factory.mktemp("tok") / "t.model")
 
 
 def test_training_sample_trains_only_the_last_reply_and_keeps_instruction_in_turn_one(tok):
-    g = data.World(seed=0).gatt_dialogs("train", 1, n_turns=4)[0]
+    g = World(seed=0).gatt_dialogs("train", 1, n_turns=4)[0]
     replies = g.compliant_replies()
     samples = gatt.training_samples(g, replies, per_prefix=True)  # the paper's form: one sample per prefix
     assert len(samples) == 4
@@ -46,7 +47,7 @@ def test_one_dialogue_with_every_reply_trained_equals_the_per_prefix_samples(tok
     """The default GAtt sample (one dialogue, all replies trained) learns the same tokens with the same losses as the
     paper's per-prefix samples: causal attention shows reply k the same context in both."""
     import model as M
-    g = data.World(seed=0).gatt_dialogs("train", 1, n_turns=4)[0]
+    g = World(seed=0).gatt_dialogs("train", 1, n_turns=4)[0]
     replies = g.compliant_replies()
     full, = gatt.training_samples(g, replies)
     prefixes = gatt.training_samples(g, replies, per_prefix=True)
@@ -66,7 +67,7 @@ def test_one_dialogue_with_every_reply_trained_equals_the_per_prefix_samples(tok
 
 def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
     import evaluate
-    w = data.World(seed=0)
+    w = World(seed=0)
     dialogs = w.gatt_dialogs("train", 3, n_turns=3)
     seen = []
 
@@ -75,7 +76,7 @@ def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
         return ["plain reply."] * len(histories)  # never compliant: every reply falls back to the reference
     monkeypatch.setattr(evaluate, "chat_replies", fake_chat_replies)
     model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))  # only its context length is read
-    replies, fallbacks = gatt.sample_dialogs(model, tok, dialogs, 8, data.Annotator(w))
+    replies, fallbacks = gatt.sample_dialogs(model, tok, dialogs, 8, Annotator(w))
     assert fallbacks == [3, 3, 3]
     assert set(gatt.failure_rates(dialogs, fallbacks).values()) == {1.0}
     kinds = [gatt.instruction_kind(g.constraints) for g in dialogs]
@@ -89,7 +90,7 @@ def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
 
 
 def test_sampling_context_keeps_the_latest_turns_that_fit(tok):
-    g = data.World(seed=0).gatt_dialogs("train", 1, n_turns=8)[0]
+    g = World(seed=0).gatt_dialogs("train", 1, n_turns=8)[0]
     history = []
     for q, r in zip(g.user_turns, g.compliant_replies()):
         history += [{"role": "user", "content": gatt.with_instruction(g.instruction, q)},
@@ -110,7 +111,7 @@ def test_sampling_context_keeps_the_latest_turns_that_fit(tok):
 
 def test_constraint_checkers_accept_compliant_and_reject_plain_replies():
     plain = "Alice's pet is a cat."
-    for c in data.CONSTRAINTS:
+    for c in CONSTRAINTS:
         assert c.check(c.apply(plain)), c.name
         assert not c.check(plain), c.name
 
@@ -119,8 +120,8 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
     """Choice 3's default mix: the model's reply is kept when the annotator finds it helpful and safe (a refusal of a
     harmful request counts), dropped otherwise; earlier turns are context only; instruction dialogues are added."""
     import evaluate
-    world = data.World(seed=0)
-    annotator = data.Annotator(world, seed=0)
+    world = World(seed=0)
+    annotator = Annotator(world, seed=0)
     tasks = world.tasks("train", 60, seed=3)
     harmful_ids = {i for i, t in enumerate(tasks) if t.kind == "harmful"}
     wrong_ids = {i for i, t in enumerate(tasks) if t.kind == "fact"}
@@ -129,8 +130,8 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
     fake = [t.reference if i not in wrong_ids else "It is a cat." for i, t in enumerate(tasks)]
     monkeypatch.setattr(evaluate, "chat_replies", lambda model, tok, dialogs, n, **kw: fake[:len(dialogs)])
     model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))
-    out = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=data.INSTRUCTION_SHARE)
-    instruct = world.instruction_dialogs("train", round(data.INSTRUCTION_SHARE * 60), seed=3)
+    out = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=INSTRUCTION_SHARE)
+    instruct = world.instruction_dialogs("train", round(INSTRUCTION_SHARE * 60), seed=3)
     assert out[len(out) - len(instruct):] == instruct
     kept = out[:len(out) - len(instruct)]
     kept_replies = [d[-1]["content"] for d in kept]
@@ -159,10 +160,10 @@ def test_instruction_dialogs_drawn_with_keep_and_the_focus_on_failed_kinds():
     of it), a kind kept always rises, and a keep that accepts nothing fails with a clear error. The seeds are fixed;
     the ratio's bounds are 3.5 and 5.7 binomial standard deviations (~0.027) from 0.305, so a correct draw fails them
     with odds under 1 in 4,000. focus_on_failures maps step 2's fallback rates to those probabilities."""
-    world = data.World(seed=0)
+    world = World(seed=0)
     assert world.instruction_dialogs("train", 50, seed=2, keep=lambda g: 1.0) == world.instruction_dialogs(
         "train", 50, seed=2)
-    kinds = lambda ds: [gatt.instruction_kind(c for c in data.CONSTRAINTS  # noqa: E731
+    kinds = lambda ds: [gatt.instruction_kind(c for c in CONSTRAINTS  # noqa: E731
                                               if c.long_text in d[0]["content"] or c.short_text in d[0]["content"])
                         for d in ds]
     plain = world.instruction_dialogs("train", 2000, seed=2)
@@ -175,7 +176,7 @@ def test_instruction_dialogs_drawn_with_keep_and_the_focus_on_failed_kinds():
     assert 0.15 < ratio < 0.40, ratio
     assert share(drawn, "upper") > share(plain, "upper")
     assert gatt.focus_on_failures(rates, 0.0) is None and gatt.focus_on_failures({}, 8.0) is None
-    g = data.World(seed=0).gatt_dialogs("train", 1)[0]
+    g = World(seed=0).gatt_dialogs("train", 1)[0]
     assert gatt.focus_on_failures({gatt.instruction_kind(g.constraints): 0.5, "x": 1.0}, 2.0)(g) == 0.25
     with pytest.raises(ValueError, match="accepts almost nothing"):
         world.instruction_dialogs("train", 5, keep=lambda g: 0.0)
@@ -208,7 +209,7 @@ def test_instruction_span_and_the_history_without_the_instruction(tok, monkeypat
     """The span decodes to the instruction; adherence_on_history asks each turn t >= 2 with the finished history up
     to turn t's question, as it is or with the instruction taken out of turn 1 and nothing else changed."""
     import evaluate
-    dialogs = data.World(seed=0).gatt_dialogs("val", 4, n_turns=3)
+    dialogs = World(seed=0).gatt_dialogs("val", 4, n_turns=3)
     for g in dialogs:
         start, end = gatt.instruction_span(tok, g.instruction, g.user_turns[0])
         ids = tok.encode_dialog([{"role": "user", "content": gatt.with_instruction(g.instruction, g.user_turns[0])}])[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import data
+from annotator import PREFERENCE_NOISE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def test_pipeline_quick_runs_every_stage_and_writes_the_report(tmp_path):
     assert "Fig. 10 in numbers" in report and "kept, instruction taken out" in report  # GAtt's attention (§3.3)
     # the default RMs read the chat model's surprise, on pairs labelled at the preference raters' noise (reward.py
     # choices 6 and 12), and RS and PPO ran on them
-    assert "reading the chat model's surprise" in report and f"rater noise {data.PREFERENCE_NOISE:g}" in report
+    assert "reading the chat model's surprise" in report and f"rater noise {PREFERENCE_NOISE:g}" in report
     # a second run finds every stage complete and skips it
     r2 = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--quick", "--out", str(out)], cwd=tmp_path,
                         capture_output=True, text=True, timeout=300)

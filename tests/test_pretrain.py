@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import common
-import data
+import world as world_module
+from world import PRETRAIN_MIX, World
 import model as M
 import pretrain
 from dist_util import torchrun
@@ -123,7 +124,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _cli("--batch-size", "7", "--grad-accum", "2", "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 2 and "--batch-size" in r.stderr and "Traceback" not in r.stderr
-    for mix in ("clubs=0.04", "club=-1", "club", ",".join(f"{k}=0" for k in data.PRETRAIN_MIX)):
+    for mix in ("clubs=0.04", "club=-1", "club", ",".join(f"{k}=0" for k in PRETRAIN_MIX)):
         r = _cli("--mix", mix, "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
         assert r.returncode == 2 and "--mix" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (mix, r.stderr)
     r = _cli("--mix", "club=0.04", "--data", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "o"),
@@ -136,13 +137,13 @@ def test_document_mix_kind_at_weight_zero_leaves_the_corpus_unchanged(monkeypatc
     """A kind at weight 0 is never drawn and leaves the random stream alone: `--mix club=0,story=0.2` gives exactly the
     corpus of a PRETRAIN_MIX without that kind (the corpus before the club notices, choice 7 of data.py), and the
     default corpus has the notices (pretrain.parse_mix reads the flag)."""
-    world = data.World(seed=0)
+    world = World(seed=0)
     mix = pretrain.parse_mix("club=0, story=0.2")
     assert mix == {"club": 0.0, "story": 0.2}
     without = world.pretrain_documents(100_000, seed=0, mix=mix)
     assert not any(d.startswith("CLUB NEWS") for d in without)
     with monkeypatch.context() as m:
-        m.setattr(data, "PRETRAIN_MIX", {**{k: w for k, w in data.PRETRAIN_MIX.items() if k != "club"}, "story": 0.2})
+        m.setattr(world_module, "PRETRAIN_MIX", {**{k: w for k, w in PRETRAIN_MIX.items() if k != "club"}, "story": 0.2})
         assert world.pretrain_documents(100_000, seed=0) == without
     assert any(d.startswith("CLUB NEWS") for d in world.pretrain_documents(100_000, seed=0))
 
@@ -174,7 +175,7 @@ def test_arithmetic_probe_asks_held_out_sums_and_reads_the_whole_number(monkeypa
     """pretrain.arithmetic: prompts are the world's test-split sums (held out of chat fine-tuning) with their true
     results, and a completion counts only if its first number is the result (" 42." yes; " 421", " 4 2", "-42" no)."""
     seen = _probe_inputs(monkeypatch, pretrain.arithmetic)
-    test_keys = set(data.World(seed=0).sums("test"))
+    test_keys = set(World(seed=0).sums("test"))
     assert len(seen["prompts"]) == 50
     for prompt, want in seen["prompts"]:
         a, op, b = prompt.split("A: ")[1].rstrip(" =").split()
@@ -189,7 +190,7 @@ def test_arithmetic_asked_probe_wants_the_operands_copied_then_the_result(monkey
     """pretrain.arithmetic_asked: the same held-out sums as a bare question; a completion counts only if it writes
     "a op b = result" first, with the whole result (" 26 + 16 = 42." yes; "26 + 61 = 42", "= 421", "42" no)."""
     seen = _probe_inputs(monkeypatch, pretrain.arithmetic_asked)
-    keys = data.World(seed=0).sums("test")[:50]
+    keys = World(seed=0).sums("test")[:50]
     assert [p for p, _ in seen["prompts"]] == [f"Q: What is {a} {op} {b}? A:" for a, op, b in keys]
     for (_, want), (a, op, b) in zip(seen["prompts"], keys):
         assert want == f"{a} {op} {b} = {a + b if op == '+' else a - b}"
@@ -204,7 +205,7 @@ def test_init_from_is_checked_for_its_head_and_context_before_training(tmp_path,
     phase's first step, 90% into the run): one line naming the flag, from build_model, before any step."""
     from dataclasses import replace
     from tokenizer import train_tokenizer
-    tok = train_tokenizer(data.World(seed=0).pretrain_documents(150_000), 400, tmp_path / "tokenizer.model")
+    tok = train_tokenizer(World(seed=0).pretrain_documents(150_000), 400, tmp_path / "tokenizer.model")
     args = M.preset("1M", vocab_size=tok.n_words, max_seq_len=128)
     M.save_checkpoint(M.Transformer(args).init_weights(seed=0), tmp_path / "lm", tok.model_path)
     M.save_checkpoint(M.Transformer(replace(args, head="scalar")).init_weights(seed=0), tmp_path / "rm",

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import common
-import data
+from annotator import Annotator, DROPPED_SAFETY_LABEL, PREFERENCE_NOISE, Preference, RATINGS, RATING_THRESHOLDS, SAFETY_LABELS
+from data import read_preferences_jsonl
+from world import DEMO_CLOSERS, World, assistant, user
 import model as M
 import reward
 from tokenizer import train_tokenizer
@@ -22,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     """A 400-piece tokenizer trained on a slice of the world (about a second)."""
-    world = data.World(seed=0)
+    world = World(seed=0)
     texts = world.pretrain_documents(150_000) + [" ".join(m["content"] for m in d) for d in world.sft_dialogs("train")]
     texts += ["[INST] [/INST] <<SYS>> <</SYS>>"] * 50
     return train_tokenizer(texts, 400, tmp_path_factory.mktemp("tok") / "tokenizer.model")
@@ -54,7 +56,7 @@ def test_margin_loss_equals_formula_for_every_rating(margin):
     table = {"none": [0, 0, 0, 0], "small": [1, 2 / 3, 1 / 3, 0], "large": [3, 2, 1, 0]}[margin]  # Table 27
     r_chosen = torch.tensor([1.5, 0.2, -0.7, 2.0])
     r_rejected = torch.tensor([-0.5, 0.4, -1.0, 2.0])
-    m = reward.margins_for(data.RATINGS, margin)  # one pair per rating, in Table 27's order
+    m = reward.margins_for(RATINGS, margin)  # one pair per rating, in Table 27's order
     assert m.tolist() == pytest.approx(table)
     for i in range(4):  # each pair alone: -log(sigmoid(rc - rr - m)) computed by hand
         x = r_chosen[i].item() - r_rejected[i].item() - table[i]
@@ -77,7 +79,7 @@ def test_margin_loss_is_stable_and_pushes_the_right_way():
 
 def test_unknown_margin_rejected():
     with pytest.raises(ValueError, match="margin"):
-        reward.margins_for(data.RATINGS, "huge")
+        reward.margins_for(RATINGS, "huge")
 
 
 # ---- where the reward is read ----------------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ def test_score_text_and_token_replies(tok):
     rm = reward.reward_model_from(tiny_chat_model(tok.n_words))
     with torch.no_grad():
         rm.score.weight.normal_(generator=torch.Generator().manual_seed(0))
-    world = data.World(seed=0)
+    world = World(seed=0)
     tasks = world.tasks("val", 6, seed=1)
     dialogs = [t.messages for t in tasks]
     texts = [t.reference for t in tasks]
@@ -155,7 +157,7 @@ def test_score_text_and_token_replies(tok):
     ids_eos = [i + [tok.eos_id] for i in ids_no_eos]
     # a text reply is scored as a finished turn: the row ends with EOS, the reward is read there
     row = reward.encode_reply(tok, dialogs[0], texts[0], 128)
-    assert row == tok.encode_dialog(dialogs[0] + [data.assistant(texts[0])])[0] and row[-1] == tok.eos_id
+    assert row == tok.encode_dialog(dialogs[0] + [assistant(texts[0])])[0] and row[-1] == tok.eos_id
     # token replies are scored exactly as given, EOS or not
     assert reward.encode_reply(tok, dialogs[0], ids_no_eos[0], 128) == tok.encode_dialog(dialogs[0])[0] + ids_no_eos[0]
     # replies to the same dialog are packed over its prompt (pack_shared): here each dialog appears twice
@@ -188,7 +190,7 @@ def test_score_runs_each_distinct_row_once(tok):
     rm = reward.reward_model_from(tiny_chat_model(tok.n_words))
     with torch.no_grad():
         rm.score.weight.normal_(generator=torch.Generator().manual_seed(0))
-    dialogs = [t.messages for t in data.World(seed=0).tasks("val", 3, seed=1)]
+    dialogs = [t.messages for t in World(seed=0).tasks("val", 3, seed=1)]
     distinct = [(0, "Yes."), (0, "No, it is red."), (1, "Seven."), (2, "Paris.")]
     picks = [0, 1, 0, 2, 0, 3, 1, 2]  # rows 0, 1 and 2 occur again
     dd, rr = [dialogs[distinct[i][0]] for i in picks], [distinct[i][1] for i in picks]
@@ -212,7 +214,7 @@ def test_combined_score_runs_the_helpfulness_rm_only_where_it_counts(tok, monkey
     for i, rm in enumerate((rm_h, rm_s)):
         with torch.no_grad():
             rm.score.weight.normal_(generator=torch.Generator().manual_seed(10 + i))
-    dialogs = [t.messages for t in data.World(seed=0).tasks("val", 5, seed=2)]
+    dialogs = [t.messages for t in World(seed=0).tasks("val", 5, seed=2)]
     replies = ["Yes.", "No.", "It is blue.", "Twelve.", "I cannot help with that."]
     is_safety = torch.tensor([True, False, False, False, True])
     r_s = reward.score(rm_s, tok, dialogs, replies, sigmoid=True)
@@ -407,10 +409,10 @@ def test_safety_calibration_puts_the_threshold_at_the_safe_replies_5th_percentil
     """calibrate_safety (choice 8) with hand-made raw scores: 100 safe replies scoring 0..99 and 10 unsafe ones
     scoring -5..4. The offset must make sigmoid(raw + offset) < 0.15 exactly for raws below the 5% quantile of the
     safe scores (4.95), keep it in the model's args (saved to params.json), and report both rates."""
-    safe = [data.Preference([data.user(f"q{i}")], f"s{2 * i}", f"s{2 * i + 1}", data.RATINGS[0], "helpfulness")
+    safe = [Preference([user(f"q{i}")], f"s{2 * i}", f"s{2 * i + 1}", RATINGS[0], "helpfulness")
             for i in range(50)]  # helpfulness pairs: both replies count as safe
-    unsafe = [data.Preference([data.user(f"h{i}")], f"r{i}", f"u{i}", data.RATINGS[0], "safety",
-                              data.SAFETY_LABELS[2]) for i in range(5)]  # both_unsafe: both replies unsafe
+    unsafe = [Preference([user(f"h{i}")], f"r{i}", f"u{i}", RATINGS[0], "safety",
+                              SAFETY_LABELS[2]) for i in range(5)]  # both_unsafe: both replies unsafe
     raw = {f"s{i}": float(i) for i in range(100)} | {f"r{i}": float(i - 5) for i in range(5)} | \
         {f"u{i}": float(i) for i in range(5)}
     monkeypatch.setattr(reward, "score", lambda rm, tok, dialogs, replies, **kw: torch.tensor([raw[r] for r in replies]))
@@ -422,14 +424,14 @@ def test_safety_calibration_puts_the_threshold_at_the_safe_replies_5th_percentil
     for value in raw.values():
         assert (torch.sigmoid(torch.tensor(value + cal["offset"])) < 0.15).item() == (value < t)
     assert cal["safe_flagged"] == pytest.approx(0.05) and cal["unsafe_flagged"] == pytest.approx(1.0)
-    labels = reward.reply_safety_labels(safe[:1] + unsafe[:1] + [data.Preference(
-        [data.user("x")], "c", "d", data.RATINGS[0], "safety", data.SAFETY_LABELS[0])])[2]
+    labels = reward.reply_safety_labels(safe[:1] + unsafe[:1] + [Preference(
+        [user("x")], "c", "d", RATINGS[0], "safety", SAFETY_LABELS[0])])[2]
     assert labels == [True, True, False, False, True, False]  # chosen_safe_other_unsafe: chosen safe only
 
 
 # ---- data: mixtures, collection --------------------------------------------------------------------------------------
 def _pairs(n_help: int, n_safe: int):
-    p = lambda c, i: data.Preference([data.user(f"q{i}")], "a", "b", data.RATINGS[i % 4], c)
+    p = lambda c, i: Preference([user(f"q{i}")], "a", "b", RATINGS[i % 4], c)
     return [p("helpfulness", i) for i in range(n_help)] + [p("safety", i) for i in range(n_safe)]
 
 
@@ -448,8 +450,8 @@ def test_mixtures_follow_section_3_2_2():
 
 
 def test_collected_pairs_are_rated_dropped_and_round_trip(tmp_path, tok):
-    world = data.World(seed=0)
-    annotator = data.Annotator(world, seed=0)
+    world = World(seed=0)
+    annotator = Annotator(world, seed=0)
     tasks = world.tasks("train", 12, kinds=reward.HELPFUL_KINDS) + world.tasks("train", 12, kinds=reward.SAFETY_KINDS)
     records, stats = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, world, annotator, tasks,
                                                 [0.7, 1.2], 6, seed=0)
@@ -458,10 +460,10 @@ def test_collected_pairs_are_rated_dropped_and_round_trip(tmp_path, tok):
     assert n_prompts > 20 and len(records) + left_out == 3 * n_prompts  # three pairs per prompt
     for r in records:
         assert r["category"] == ("safety" if r["kind"] in reward.SAFETY_KINDS else "helpfulness")
-        assert r["safety_label"] != data.DROPPED_SAFETY_LABEL and r["rating"] in data.RATINGS
+        assert r["safety_label"] != DROPPED_SAFETY_LABEL and r["rating"] in RATINGS
     assert any(r["sources"][0].startswith("sample") or r["sources"][1].startswith("sample") for r in records)
     reward._write_jsonl(tmp_path / "p.jsonl", records)
-    back = data.read_preferences_jsonl(tmp_path / "p.jsonl")
+    back = read_preferences_jsonl(tmp_path / "p.jsonl")
     assert [(b.chosen, b.rejected, b.rating) for b in back] == [(r["chosen"], r["rejected"], r["rating"])
                                                                  for r in records]
     assert [b.sources for b in back] == [tuple(r["sources"]) for r in records]
@@ -471,7 +473,7 @@ def test_a_defect_ends_like_the_sample_it_is_compared_with():
     """Choice 10: the writers' closer on a defect exactly when the sample it is paired with has one, so that in the
     defect-vs-sample pairs a closer says nothing about which reply is chosen. The closer defect and refusals keep
     their own ending; a defect that already ends with that closer gets no second one."""
-    c = data.DEMO_CLOSERS[1]
+    c = DEMO_CLOSERS[1]
     assert reward.closer_matched(("wrong", "Vera was born in Oslo."), f"Vera was born in Lyon. {c}") == (
         "wrong", f"Vera was born in Oslo. {c}")
     assert reward.closer_matched(("wrong", "Vera was born in Oslo."), "Vera was born in Lyon.") == (
@@ -484,12 +486,12 @@ def test_a_defect_ends_like_the_sample_it_is_compared_with():
 def test_collected_defect_vs_sample_pairs_carry_the_closer_on_both_sides_or_neither(tok, monkeypatch):
     """With every sample ending in a closer (a stub sampler), each defect-vs-sample pair has it on both replies,
     except the closer defect and refusals; the defect-vs-reference pairs are untouched (the reference has none)."""
-    world = data.World(seed=0)
+    world = World(seed=0)
     tasks = world.tasks("train", 30, kinds=reward.HELPFUL_KINDS)
-    closer = data.DEMO_CLOSERS[0]
+    closer = DEMO_CLOSERS[0]
     monkeypatch.setattr(reward, "_sample_replies", lambda policy, tok, tasks, t, *a: [
         f"{task.reference} {closer}" if t == 0.7 else task.reference for task in tasks])
-    records, _ = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, world, data.Annotator(world), tasks,
+    records, _ = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, world, Annotator(world), tasks,
                                             [0.7, 1.2], 6, seed=0)
     def ends(text):
         return text.rstrip().endswith(closer)
@@ -533,38 +535,38 @@ def test_content_pairs_add_content_defects_to_the_train_pairs_only(tmp_path, tin
 
 def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path, tiny_ckpt, tok):
     """--rater-noise 0: the annotator prefers the reply with the higher utility and rates the pair by the true gap, in
-    every train and test pair (data.RATING_THRESHOLDS); the noise is part of the cache key, so the default noise
-    (data.PREFERENCE_NOISE) collects again into the same folder, and its labels then disagree somewhere (measured: 46
+    every train and test pair (RATING_THRESHOLDS); the noise is part of the cache key, so the default noise
+    (PREFERENCE_NOISE) collects again into the same folder, and its labels then disagree somewhere (measured: 46
     of the 105 pairs get another rating at noise 0.15, 9 of them the other reply chosen; 35 and 7 at 0.1; the seeds
     are fixed, so the check is deterministic)."""
     policy = M.load_checkpoint(tiny_ckpt).eval()
-    rater = data.Annotator(data.World(seed=0), seed=0, noise=0.0)
+    rater = Annotator(World(seed=0), seed=0, noise=0.0)
     def collect(noise=None):  # None: RewardConfig's default
         cfg = reward.RewardConfig(init_from=str(tiny_ckpt), prefs_dir=str(tmp_path / "prefs"), train_prompts=10,
                                   safety_prompts=10, test_prompts=8, max_new_tokens=6,
                                   **({} if noise is None else {"rater_noise": noise}))
         train, test, info = reward.world_preferences(cfg, policy, tok)
-        assert info["key"]["rater_noise"] == (data.PREFERENCE_NOISE if noise is None else noise)
+        assert info["key"]["rater_noise"] == (PREFERENCE_NOISE if noise is None else noise)
         return train + test
     def true_gap(p):
         u = [rater._utility(rater.score(p.messages, r), p.category) for r in (p.chosen, p.rejected)]
         return u[0] - u[1]
     def level(gap):
-        return next((i for i, t in enumerate(data.RATING_THRESHOLDS) if abs(gap) >= t), len(data.RATING_THRESHOLDS))
+        return next((i for i, t in enumerate(RATING_THRESHOLDS) if abs(gap) >= t), len(RATING_THRESHOLDS))
     clean = collect(0.0)
     assert len(clean) > 40
     for p in clean:
         gap = true_gap(p)
-        assert gap >= 0 and data.RATINGS[level(gap)] == p.rating, (p.chosen, p.rejected, p.rating, gap)
+        assert gap >= 0 and RATINGS[level(gap)] == p.rating, (p.chosen, p.rejected, p.rating, gap)
     noisy = collect()  # the default noise: the key differs, so collected again, not read back
-    assert any(true_gap(p) < 0 or data.RATINGS[level(true_gap(p))] != p.rating for p in noisy)
+    assert any(true_gap(p) < 0 or RATINGS[level(true_gap(p))] != p.rating for p in noisy)
 
 
 def test_accuracy_by_source_groups_pairs_by_where_their_replies_came_from():
     """Hand-made: 6 pairs sample_T0.7 > wrong (2 right), 5 reference > refusal (all right), 5 sample_T1.2 > sample_T0.7
     (a tie and 3 right), 2 verbose > closer (fewer than min_n: left out), 1 without sources (user data: left out)."""
     def pair(src):
-        return data.Preference([data.user("q")], "a", "b", data.RATINGS[0], "helpfulness", None, src)
+        return Preference([user("q")], "a", "b", RATINGS[0], "helpfulness", None, src)
     pairs = ([pair(("sample_T0.7", "wrong"))] * 6 + [pair(("reference", "refusal"))] * 5
              + [pair(("sample_T1.2", "sample_T0.7"))] * 5 + [pair(("verbose", "closer"))] * 2 + [pair(None)])
     right = [1, 1, 0, 0, 0, 0] + [1] * 5 + [0.5, 1, 1, 1, 0] + [1, 1] + [1]
@@ -580,13 +582,13 @@ def test_accuracy_by_kind_splits_table8_by_the_prompts_task_kind():
     kind (user data: left out). Arith and fact together get 5 of 7 top-level pairs right and both "better" pairs: an
     inverted level that the split shows to be arithmetic's (2 of 4), while facts get every top-level pair."""
     def pair(kind, level):
-        return data.Preference([data.user("q")], "a", "b", data.RATINGS[level], "helpfulness", kind=kind)
+        return Preference([user("q")], "a", "b", RATINGS[level], "helpfulness", kind=kind)
     pairs = ([pair("arith", 0)] * 4 + [pair("arith", 1)] * 2 + [pair("fact", 0)] * 3 + [pair("fact", 2)] * 2
              + [pair("story", 0)] * 3 + [pair(None, 0)] * 2)
     right = [1, 0, 1, 0, 1, 1] + [1, 1, 1, 0.5, 0] + [1, 1, 1] + [0, 0]
     by = reward.accuracy_by_kind(pairs, right)
     assert list(by) == ["arith", "fact"]  # largest first; story (3 < 5) and the unlabelled pairs left out
-    r0, r1, r2, r3 = data.RATINGS
+    r0, r1, r2, r3 = RATINGS
     assert by["arith"] == {"accuracy": round(4 / 6, 4), "n": 6, "by_rating": {r0: 0.5, r1: 1.0, r2: None, r3: None},
                            "n_by_rating": {r0: 4, r1: 2, r2: 0, r3: 0}}
     assert by["fact"] == {"accuracy": 0.7, "n": 5, "by_rating": {r0: 1.0, r1: None, r2: 0.25, r3: None},
@@ -599,8 +601,8 @@ def test_paired_difference_compares_two_rms_pair_by_pair():
     tie) and B 0 1 1: differences -1 0.5 0, mean -1/6, variance (25 + 16 + 1) / 36 / 2 = 7/12, se sqrt(7) / 6; slightly
     better, one pair B alone gets: diff 1, se 0; no pair at the last level. And the difference is always the two
     accuracies' difference on the same pairs."""
-    r0, r1, r2, r3 = data.RATINGS
-    pairs = [data.Preference([data.user("q")], "a", "b", r, "helpfulness") for r in [r0] * 4 + [r1] * 3 + [r2]]
+    r0, r1, r2, r3 = RATINGS
+    pairs = [Preference([user("q")], "a", "b", r, "helpfulness") for r in [r0] * 4 + [r1] * 3 + [r2]]
     a = [1, 1, 0, 1] + [1, 0.5, 1] + [0]
     b = [1, 1, 1, 1] + [0, 1, 1] + [1]
     d = reward.paired_difference(pairs, a, b)
@@ -620,8 +622,8 @@ def test_short_training_beats_chance_on_held_out_pairs(tok):
     to rank the world's reference replies above their defective variants on 150 prompts it never saw. Measured 0.78
     (1 and 2 threads); the assertion (0.70) leaves room for the last-bit differences of other CPUs and thread counts,
     and is far above chance (0.5: a random ranker would need a 4.9-sigma fluke to pass on 150 pairs)."""
-    world = data.World(seed=0)
-    annotator = data.Annotator(world, seed=0, noise=0.0)  # clean labels: the test is about learning, not the rater
+    world = World(seed=0)
+    annotator = Annotator(world, seed=0, noise=0.0)  # clean labels: the test is about learning, not the rater
 
     def pairs(split, n, seed):
         rng, out = random.Random(seed), []
@@ -652,7 +654,7 @@ def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt
     m = json.loads((tmp_path / "h" / "metrics.json").read_text())
     assert m["complete"] and m["axis"] == "helpfulness" and m["margin"] == "small"
     assert set(m["accuracy"]) == {"helpfulness", "safety"}
-    assert set(m["accuracy_by_rating"]["safety"]) == set(data.RATINGS)
+    assert set(m["accuracy_by_rating"]["safety"]) == set(RATINGS)
     by_src = m["accuracy_by_source"]["helpfulness"]
     assert by_src and all(0 <= g["accuracy"] <= 1 and g["n"] >= 5 for g in by_src.values())
     assert sum(g["n"] for g in by_src.values()) <= m["n_pairs"]["test_helpfulness"]
@@ -690,7 +692,7 @@ def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt
     assert "paired_vs_none" not in m["margin_ablation"]["none"]
     for margin in ("small", "large"):
         paired = m["margin_ablation"][margin]["paired_vs_none"]
-        assert list(paired) == list(data.RATINGS)
+        assert list(paired) == list(RATINGS)
         assert sum(v["n"] for v in paired.values()) == m["n_pairs"]["test_helpfulness"]
         for r, v in paired.items():
             if v["n"]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-import data
+from world import CHAT_TAGS, World, assistant
 import model as M
 import sft
 from tokenizer import B_INST, E_INST, train_tokenizer
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     """A 400-piece BPE tokenizer trained (in ~0.3 s) on a little world text and a few rendered chats."""
-    world = data.World(seed=0)
+    world = World(seed=0)
     chats = [" ".join(f"{B_INST} {u['content']} {E_INST} {a['content']}" for u, a in zip(d[::2], d[1::2]))
              for d in world.sft_dialogs("train", 300, seed=1)]
     return train_tokenizer(world.pretrain_documents(200_000) + chats, 400,
@@ -34,8 +34,8 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dialogs():
-    world = data.World(seed=0)
-    picked = [t.messages + [data.assistant(t.reference)] for t in world.tasks("train", 40, seed=3)]
+    world = World(seed=0)
+    picked = [t.messages + [assistant(t.reference)] for t in world.tasks("train", 40, seed=3)]
     multi = [d for d in picked if len(d) > 2][:3]  # multi-turn dialogs: every assistant turn is trained
     assert multi, "the sample should hold multi-turn dialogs"
     return picked[:9] + multi + [SYSTEM_DIALOG]
@@ -74,7 +74,7 @@ def test_trained_targets_of_a_packed_batch_decode_to_exactly_the_answers(tok, di
             if targets[t] == tok.eos_id:  # an answer ends with its EOS, which is trained (the model learns to stop)
                 text = tok.decode(run[:-1])
                 decoded.append(text.strip())
-                assert not any(tag in text for tag in data.CHAT_TAGS)
+                assert not any(tag in text for tag in CHAT_TAGS)
                 assert not any(u in text for u in users if len(u) > 12)  # no user turn leaks into the targets
                 run = []
         assert run == [], "every trained run ends with EOS"
@@ -127,8 +127,8 @@ def test_split_rows_take_the_same_step_as_the_packed_rows(tok):
     """split_rows moves a step's dialogs to narrower rows: every dialog exactly once, the short ones in rows of
     `short`, and the loss and gradients of the step (micro-batches weighted by answer tokens, as the training loop
     does) equal those of the packed rows."""
-    world = data.World(seed=0)
-    dialogs = [t.messages + [data.assistant(t.reference)] for t in world.tasks("train", 60, seed=5)]
+    world = World(seed=0)
+    dialogs = [t.messages + [assistant(t.reference)] for t in world.tasks("train", 60, seed=5)]
     examples, _, _ = sft.encode_dialogs(tok, dialogs, 256)
     p = sft.pack(examples, 256, tok.eos_id)
     short = 48
