@@ -49,12 +49,13 @@ from typing import Callable, Optional
 import torch
 
 import common
+import rlhf
 from annotator import Annotator, is_refusal, win_rate, win_tie_loss
 from data import DataError, read_rl_prompts_jsonl
 from world import CHAT_TAGS, Task, VALUES, World
-from generate import CachedPrompt, generate
-from model import CheckpointError, Transformer, _atomic_write, find_tokenizer, load_checkpoint
-from tokenizer import UNSAFE_ERROR, Tokenizer, has_special_tags
+from generate import Reply, chat_generate, load_model_and_tokenizer
+from model import CheckpointError, Transformer, _atomic_write
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -82,93 +83,6 @@ class EvalConfig:
     RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
         positive="n_prompts max_new_tokens batch_size", positive_share="top_p",
         non_negative="world_seed prompt_seed temperature seed rm_tie n_examples")
-
-
-# ---- 1. loading and chatting (shared with sft.py, rejection_sampling.py, ppo.py, gatt.py) ----------------------------
-def load_model_and_tokenizer(path, device="cpu", dtype: Optional[torch.dtype] = None,
-                             head: str = "lm") -> tuple[Transformer, Tokenizer]:
-    """A checkpoint directory (ours, Meta's or Hugging Face's) and its tokenizer.model (model.find_tokenizer: inside
-    it, or one folder up as Meta's download lays it out), in eval mode; a chat model, or with head="scalar" a
-    reward model.
-    Raises CheckpointError / FileNotFoundError / ValueError with a one-line reason (the CLIs call common.die)."""
-    model = load_checkpoint(path, device=device, dtype=dtype, expect_head=head)
-    tok_path = find_tokenizer(path)
-    tok = Tokenizer(tok_path)
-    if tok.n_words != model.args.vocab_size:
-        raise ValueError(f"{tok_path} has {tok.n_words} tokens but the model's vocabulary is {model.args.vocab_size}")
-    return model.eval(), tok
-
-
-@dataclass
-class Reply:
-    text: str  # decoded, EOS removed, outer whitespace stripped
-    tokens: list[int]  # the generated ids, EOS included when one was produced
-    finished: bool  # ended with EOS within the budget (False: cut off at max_new_tokens or the context)
-
-
-@torch.no_grad()
-def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                  num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None,
-                  progress: Optional[str] = None) -> list[Reply]:
-    """Answer each dialog (a list of messages ending with a user turn) in the Llama 2 chat format.
-
-    Returns len(dialogs) * num_samples Replies, prompt-major (the num_samples replies of dialog 0 first), in the order
-    of `dialogs`. Batched through generate.generate (KV cache, left padding); prompts are sorted by length first, so
-    each batch pads little and its longest prompt leaves the most room for the reply. As in Meta's chat_completion, a
-    dialog that smuggles a chat tag into any message is answered with UNSAFE_ERROR and not generated.
-    prefixes: one generate.CachedPrompt per dialog, kept by the caller from one turn of these dialogs to the next: each
-    holds its dialog's last prompt and keys/values, so the next turn computes only what its prompt adds (the reply and
-    the new user message). Batches then group the dialogs by how many tokens they add, so one dialog that must be
-    computed whole (its early turns dropped to fit) does not make its batch-mates compute theirs. gatt.py's multi-turn
-    sampling and Table 30 pass them.
-    progress: a name for common.Ticker's lines (replies done, rate, ETA) while a long call runs; None: silent."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    prompts = []
-    for i, d in enumerate(dialogs):
-        ids, _ = tok.encode_dialog(d)  # ends "[INST] {user} [/INST]": the model writes the answer next
-        if d[-1]["role"] != "user":
-            raise ValueError(f"dialog {i}: the last message must be a user turn to answer")
-        if len(ids) >= model.args.max_seq_len:
-            raise ValueError(f"dialog {i}: its prompt is {len(ids)} tokens; the context is {model.args.max_seq_len}")
-        prompts.append(ids)
-    out: list[Optional[Reply]] = [None] * (len(dialogs) * num_samples)
-    todo = []
-    for i, d in enumerate(dialogs):
-        if has_special_tags(d):
-            for k in range(num_samples):
-                out[i * num_samples + k] = Reply(UNSAFE_ERROR, [], True)
-        else:
-            todo.append(i)
-    if prefixes is not None and len(prefixes) != len(dialogs):
-        raise ValueError(f"{len(prefixes)} cached prompts for {len(dialogs)} dialogs: give one per dialog")
-    cached = prefixes
-    if cached is None:
-        todo.sort(key=lambda i: len(prompts[i]))
-    else:  # tokens to compute, then length
-        todo.sort(key=lambda i: (len(prompts[i]) - cached[i].reusable(prompts[i]), len(prompts[i])))
-    ticker = common.Ticker(progress or "", len(todo) * num_samples, enabled=progress is not None)
-    for s in range(0, len(todo), batch_size):
-        chunk = todo[s:s + batch_size]
-        samples = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_p=top_p,
-                           eos_id=tok.eos_id, num_samples=num_samples, generator=gen,
-                           prefix=None if cached is None else [cached[i] for i in chunk])
-        for j, toks in enumerate(samples):  # prompt-major: sample j belongs to chunk[j // num_samples]
-            finished = bool(toks) and toks[-1] == tok.eos_id
-            text = tok.decode(toks[:-1] if finished else toks).strip()
-            out[chunk[j // num_samples] * num_samples + j % num_samples] = Reply(text, toks, finished)
-        ticker.tick((s + len(chunk)) * num_samples)
-    return out  # type: ignore[return-value]
-
-
-def chat_replies(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None,
-                 progress: Optional[str] = None) -> list[str]:
-    """chat_generate, text only: one reply string per dialog (num_samples per dialog, prompt-major)."""
-    return [r.text for r in chat_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, batch_size,
-                                          num_samples, prefixes, progress)]
 
 
 # ---- 2. what the annotator says about one model's replies ------------------------------------------------------------
@@ -316,7 +230,6 @@ def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str
     rms = {k: p for k, p in (("helpful", cfg.rm_helpful), ("safety", cfg.rm_safety)) if p}
     if not rms:
         return {}
-    import reward
     dialogs = [t.messages for t in tasks]
     kinds = [t.kind for t in tasks]
     out, per_rm = {}, {}
@@ -327,7 +240,7 @@ def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str
             common.die(f"--rm-{name}: {e}")
         with torch.no_grad():
             # A's and B's replies in one call: replies to the same prompt are scored packed over it
-            s = torch.as_tensor(reward.score(rm, rm_tok, dialogs + dialogs, replies_a + replies_b))
+            s = torch.as_tensor(rlhf.score(rm, rm_tok, dialogs + dialogs, replies_a + replies_b))
             sa, sb = s[:len(dialogs)], s[len(dialogs):]
         per_rm[name] = rm_judgments(sa, sb, cfg.rm_tie)
         out[f"rm_{name}"] = summarize(per_rm[name], kinds)

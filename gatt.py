@@ -71,6 +71,7 @@ from typing import Optional
 import torch
 
 import common
+import generate as G
 from annotator import Annotator
 from data import write_dialogs_jsonl
 from world import World
@@ -131,7 +132,7 @@ def with_instruction(instruction: str, question: str) -> str:
 def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) -> tuple[list[list[str]], list[int]]:
     """Replies turn by turn, the instruction attached to every user message. Returns the replies per dialogue and,
     per dialogue, how many of them were replaced by the compliant reference (choice 1)."""
-    from evaluate import chat_replies
+    from generate import chat_replies
     histories = [[] for _ in dialogs]
     replies = [[] for _ in dialogs]
     fallbacks = [0] * len(dialogs)
@@ -203,7 +204,7 @@ def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed:
     finds them helpful (GOOD_REPLY) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of
     multi-turn prompts are context (weight 0). Returns the kept dialogues plus instruction_share * n in-turn
     instruction dialogues, half of them drawn with `keep` when it is given (choice 4, focus_on_failures)."""
-    from evaluate import chat_replies
+    from generate import chat_replies
     tasks = world.tasks("train", n, seed=seed)
     budget = model.args.max_seq_len - max_new_tokens
     tasks = [t for t in tasks if len(tok.encode_dialog(t.messages)[0]) <= budget]
@@ -250,7 +251,7 @@ def adherence_by_turn(model, tok, dialogs: list, max_new_tokens: int,
     """Share of replies that keep the instruction at each turn. The instruction is in the first user message only;
     the history is the model's own replies. A dialogue that outgrows the context counts as not adhering.
     histories_out: a list to receive each dialogue's messages (None for one that outgrew the context): Fig. 10."""
-    from evaluate import chat_replies
+    from generate import chat_replies
     n_turns = len(dialogs[0].user_turns)
     histories = [[] for _ in dialogs]
     alive = list(range(len(dialogs)))
@@ -346,7 +347,7 @@ def adherence_on_history(model, tok, dialogs: list, histories: list, max_new_tok
     finished history (not its own). instruction=False takes the instruction out of turn 1 of that history: what is
     left to copy from is the earlier, compliant replies, the part of adherence the instruction does not explain.
     The causal counterpart of Fig. 10's attention."""
-    from evaluate import chat_replies
+    from generate import chat_replies
     done = [(g, h) for g, h in zip(dialogs, histories) if h is not None]
     turns = range(1, len(dialogs[0].user_turns))
     prompts = [[{**m, "content": g.user_turns[0]} if j == 0 and not instruction else m
@@ -358,7 +359,6 @@ def adherence_on_history(model, tok, dialogs: list, histories: list, max_new_tok
 
 
 def main(cfg: GattConfig):
-    import evaluate as E
     import sft
     if cfg.mix not in ("own", "sft"):
         common.die(f"--mix: expected 'own' or 'sft', got {cfg.mix!r}")
@@ -370,7 +370,7 @@ def main(cfg: GattConfig):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        model, tok = E.load_model_and_tokenizer(cfg.init_from, device)
+        model, tok = G.load_model_and_tokenizer(cfg.init_from, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(f"--init-from: {e}")
     world = World(seed=cfg.world_seed)
@@ -415,7 +415,7 @@ def main(cfg: GattConfig):
                             dtype=cfg.dtype, seed=cfg.seed, val_frac=0.02)
     sft.main(sft_cfg)
     common.write_metrics(out, {"complete": False})  # sft.main marked its part done; GAtt is done after 5b
-    tuned, _ = E.load_model_and_tokenizer(out, device)
+    tuned, _ = G.load_model_and_tokenizer(out, device)
 
     # 5b. Table 30 after GAtt
     histories: list = []
@@ -427,7 +427,7 @@ def main(cfg: GattConfig):
     # 6. Fig. 10: the same dialogues (the GAtt model's own) read by the model before GAtt and after; and what each
     # model keeps of the instruction when it is taken out of turn 1 of that history
     fig = slice(0, cfg.n_attention)
-    base, _ = E.load_model_and_tokenizer(cfg.init_from, device)
+    base, _ = G.load_model_and_tokenizer(cfg.init_from, device)
     attention, on_history = {}, {}
     for who, m in (("baseline", base), ("gatt", tuned)):
         attention[who] = attention_to_instruction(m, tok, seen[fig], histories[fig])

@@ -32,10 +32,8 @@ Choices where Meta's code differs or is silent:
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 import common
+import cpu_speed
 from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
+from tokenizer import UNSAFE_ERROR, Tokenizer, has_special_tags
 
 
 class KVCache:
@@ -190,82 +190,6 @@ def _decode_step(model, tok, t, pad_len, real, cache, kv_len):
     return model.output(h[:, -1]).float()  # (B, V) fp32: sampling is done in fp32
 
 
-def _column_major_weights(model: Transformer):
-    """Store each (out, in) Linear weight with out >= in column-major: same values and shape, other strides.
-
-    Decoding reads every weight once per token, so its speed is how fast MKL's x @ W^T streams W from memory; on the
-    2-core AMD EPYC (BENCHMARKS.md) a column-major W streamed faster: the 32000 x 288 head 2.6x, w1/w3 (768 x 288) 1.6x,
-    wq/wk/wv/wo 1.2x, but the wide w2 (288 x 768) 1.3x slower, so it stays. Decode at batch 1: +9-19% over converting
-    the head alone; batch 16: neutral. Checkpoints are unchanged (saved contiguous); training matmuls differ by <8%.
-    """
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Linear) and mod.out_features >= mod.in_features and mod.weight.is_contiguous():
-                mod.weight.data = mod.weight.data.t().contiguous().t()
-
-
-# Below this many rows a CPU decode step keeps MKL's column-major matrix-vector products (_column_major_weights);
-# from it on, oneDNN's prepacked weights (_cpu_packed_linears). Measured on the 2-core EPYC, the 32000 x 288 head:
-# 1 row 2.7 ms column-major vs 3.3 ms packed; 4 rows 8.9 vs 3.2; 16 rows 12.6 vs 5.6 (BENCHMARKS.md).
-PACK_MIN_ROWS = 4
-PACK_MAX_BYTES = 1 << 30  # packing copies every Linear weight: fine at 15M (61 MB), not at 7B (27 GB)
-
-
-def _packable(lins: list) -> bool:
-    """True where oneDNN can prepack these Linear weights: plain fp32 CPU tensors (not FSDP's DTensors, not bf16,
-    whose oneDNN path on AVX2 converts every element), few enough bytes that a second copy costs little."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and all(type(m.weight.data) is torch.Tensor and m.weight.dtype == torch.float32
-                    and m.weight.device.type == "cpu" for m in lins)
-            and sum(m.weight.numel() * 4 for m in lins) <= PACK_MAX_BYTES)
-
-
-_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # nn.Linear -> (fingerprint, packed weight)
-
-
-def _packed_weight(mod: torch.nn.Linear, rows: int) -> torch.Tensor:
-    """oneDNN's packed copy of mod.weight, made again only when the weight has changed since the last call.
-
-    Packing 61 MB takes ~120 ms here, a decode step ~25 ms: rejection sampling and evaluation call generate() hundreds
-    of times with the same weights. The fingerprint catches every way a weight changes: another tensor (.data = ...),
-    an in-place update seen by autograd's version counter (optimizer steps, load_state_dict), and, for edits through
-    .data that bypass the counter, the weights' sum (one 4 ms read)."""
-    w = mod.weight.detach()  # shares the version counter
-    key = (w.data_ptr(), w._version, tuple(w.stride()), float(w.sum()))
-    hit = _PACKED.get(mod)
-    if hit is None or hit[0] != key:
-        hit = _PACKED[mod] = (key, torch.ops.mkldnn._reorder_linear_weight(w, rows))  # opaque oneDNN layout
-    return hit[1]
-
-
-@contextlib.contextmanager
-def _cpu_packed_linears(model: Transformer, rows: int):
-    """For the duration of one generate() call, each Linear of a CPU model multiplies by a prepacked copy of its weight.
-
-    Why: a decode step multiplies `rows` hidden vectors by each weight. MKL's x @ W^T for a few rows (M = 4..64) is
-    slow on the 2-core EPYC: the 32000 x 288 head ran at ~25 GFLOP/s at 16 rows. oneDNN can reorder W once into the
-    blocked layout its kernel reads (what torch.compile's CPU "freezing" does to constant weights) and then runs the
-    same product 2.2x faster; the whole 15M decode step at batch 16 went from ~31 to ~24 ms. The packed copies are
-    kept between calls (_packed_weight: one more copy of the weights while the model lives) and made again whenever a
-    weight changed (PPO trains the policy between rollouts).
-    How: each Linear's forward is overridden on the instance and restored on exit, even after an error; parameters
-    are untouched, so DDP, the optimizer and the checkpoint never see a difference. Eager only: torch.compile cannot
-    lower oneDNN's packed op without freezing the weights into the graph. Results agree with F.linear to fp32
-    rounding (~1e-6 here)."""
-    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if rows >= PACK_MIN_ROWS else []
-    if not lins or not _packable(lins):
-        yield
-        return
-    try:
-        for mod in lins:
-            mod.forward = functools.partial(torch.ops.mkldnn._linear_pointwise, W=_packed_weight(mod, rows),
-                                            B=mod.bias, attr="none", scalars=[], algorithm="")
-        yield
-    finally:
-        for mod in lins:
-            mod.__dict__.pop("forward", None)  # back to nn.Linear.forward
-
-
 # generate() copies the live rows into a smaller cache once at most this share of the cache's rows is still decoding
 # (step 4). 1.0 compacts at every finished row, 0.0 never: the tests compare the two.
 COMPACT_AT = 0.75
@@ -348,7 +272,7 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     model.eval()
     device = next(model.parameters()).device
     if device.type == "cpu":
-        _column_major_weights(model)
+        cpu_speed.column_major_weights(model)
     max_seq = model.args.max_seq_len
     lens = [len(p) for p in prompt_tokens]
     P = max(lens)
@@ -360,7 +284,7 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
 
     # CPU, eager, several rows: oneDNN's prepacked weights for this call (see _cpu_packed_linears)
     pack = device.type == "cpu" and not compile
-    with _cpu_packed_linears(model, B * num_samples) if pack else contextlib.nullcontext():
+    with cpu_speed.packed_linears(model, B * num_samples) if pack else contextlib.nullcontext():
         # 2. prefill all prompts in one call, then share each prefix among its num_samples continuations
         static = compile and device.type == "cuda"  # attend over the whole cache with fixed shapes (CUDA graphs)
         # a static cache's length is rounded up to a power of two: other prompt lengths reuse the recorded graph
@@ -466,6 +390,93 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], completions:
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
+# ---- chat: the Llama 2 chat format on top of generate() (used by every stage that samples replies) ------------
+def load_model_and_tokenizer(path, device="cpu", dtype: Optional[torch.dtype] = None,
+                             head: str = "lm") -> tuple[Transformer, Tokenizer]:
+    """A checkpoint directory (ours, Meta's or Hugging Face's) and its tokenizer.model (model.find_tokenizer: inside
+    it, or one folder up as Meta's download lays it out), in eval mode; a chat model, or with head="scalar" a
+    reward model.
+    Raises CheckpointError / FileNotFoundError / ValueError with a one-line reason (the CLIs call common.die)."""
+    model = load_checkpoint(path, device=device, dtype=dtype, expect_head=head)
+    tok_path = find_tokenizer(path)
+    tok = Tokenizer(tok_path)
+    if tok.n_words != model.args.vocab_size:
+        raise ValueError(f"{tok_path} has {tok.n_words} tokens but the model's vocabulary is {model.args.vocab_size}")
+    return model.eval(), tok
+
+
+@dataclass
+class Reply:
+    text: str  # decoded, EOS removed, outer whitespace stripped
+    tokens: list[int]  # the generated ids, EOS included when one was produced
+    finished: bool  # ended with EOS within the budget (False: cut off at max_new_tokens or the context)
+
+
+@torch.no_grad()
+def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+                  num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None,
+                  progress: Optional[str] = None) -> list[Reply]:
+    """Answer each dialog (a list of messages ending with a user turn) in the Llama 2 chat format.
+
+    Returns len(dialogs) * num_samples Replies, prompt-major (the num_samples replies of dialog 0 first), in the order
+    of `dialogs`. Batched through generate.generate (KV cache, left padding); prompts are sorted by length first, so
+    each batch pads little and its longest prompt leaves the most room for the reply. As in Meta's chat_completion, a
+    dialog that smuggles a chat tag into any message is answered with UNSAFE_ERROR and not generated.
+    prefixes: one generate.CachedPrompt per dialog, kept by the caller from one turn of these dialogs to the next: each
+    holds its dialog's last prompt and keys/values, so the next turn computes only what its prompt adds (the reply and
+    the new user message). Batches then group the dialogs by how many tokens they add, so one dialog that must be
+    computed whole (its early turns dropped to fit) does not make its batch-mates compute theirs. gatt.py's multi-turn
+    sampling and Table 30 pass them.
+    progress: a name for common.Ticker's lines (replies done, rate, ETA) while a long call runs; None: silent."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    prompts = []
+    for i, d in enumerate(dialogs):
+        ids, _ = tok.encode_dialog(d)  # ends "[INST] {user} [/INST]": the model writes the answer next
+        if d[-1]["role"] != "user":
+            raise ValueError(f"dialog {i}: the last message must be a user turn to answer")
+        if len(ids) >= model.args.max_seq_len:
+            raise ValueError(f"dialog {i}: its prompt is {len(ids)} tokens; the context is {model.args.max_seq_len}")
+        prompts.append(ids)
+    out: list[Optional[Reply]] = [None] * (len(dialogs) * num_samples)
+    todo = []
+    for i, d in enumerate(dialogs):
+        if has_special_tags(d):
+            for k in range(num_samples):
+                out[i * num_samples + k] = Reply(UNSAFE_ERROR, [], True)
+        else:
+            todo.append(i)
+    if prefixes is not None and len(prefixes) != len(dialogs):
+        raise ValueError(f"{len(prefixes)} cached prompts for {len(dialogs)} dialogs: give one per dialog")
+    cached = prefixes
+    if cached is None:
+        todo.sort(key=lambda i: len(prompts[i]))
+    else:  # tokens to compute, then length
+        todo.sort(key=lambda i: (len(prompts[i]) - cached[i].reusable(prompts[i]), len(prompts[i])))
+    ticker = common.Ticker(progress or "", len(todo) * num_samples, enabled=progress is not None)
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        samples = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_p=top_p,
+                           eos_id=tok.eos_id, num_samples=num_samples, generator=gen,
+                           prefix=None if cached is None else [cached[i] for i in chunk])
+        for j, toks in enumerate(samples):  # prompt-major: sample j belongs to chunk[j // num_samples]
+            finished = bool(toks) and toks[-1] == tok.eos_id
+            text = tok.decode(toks[:-1] if finished else toks).strip()
+            out[chunk[j // num_samples] * num_samples + j % num_samples] = Reply(text, toks, finished)
+        ticker.tick((s + len(chunk)) * num_samples)
+    return out  # type: ignore[return-value]
+
+
+def chat_replies(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+                 num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None,
+                 progress: Optional[str] = None) -> list[str]:
+    """chat_generate, text only: one reply string per dialog (num_samples per dialog, prompt-major)."""
+    return [r.text for r in chat_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, batch_size,
+                                          num_samples, prefixes, progress)]
+
+
 @dataclass
 class GenerateConfig:
     checkpoint: str = "out/sft"  # a checkpoint directory: ours, Meta's or Hugging Face's
@@ -485,7 +496,6 @@ class GenerateConfig:
 
 def load_for_inference(cfg):
     """Checkpoint + tokenizer, or one clear error line."""
-    from tokenizer import Tokenizer
     device = common.pick_device(cfg.device)
     dtype = common.pick_dtype(cfg.dtype, device)
     try:
@@ -512,7 +522,6 @@ def _complete(model, tok, cfg, prompt_ids, gen):
 
 
 def main(cfg: GenerateConfig):
-    from tokenizer import UNSAFE_ERROR, has_special_tags
     model, tok = load_for_inference(cfg)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     if not cfg.chat:

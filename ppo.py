@@ -77,11 +77,13 @@ import torch
 import torch.nn.functional as F
 
 import common
+import generate as G
+import rlhf
 from annotator import Annotator
 from world import World
 from generate import generate
 from model import CheckpointError, load_checkpoint
-from reward import logit
+from rlhf import logit
 
 
 @dataclass
@@ -329,11 +331,10 @@ def rm_reward_fn(rm_helpful, rm_safety, tok, threshold: float, stats: dict,
                  dist: Optional[common.Dist] = None) -> RewardFn:
     """R~c of this rank's replies, whitened with the statistics of the global batch (all ranks'); `stats` receives the
     global batch's mean R_c and the share of replies judged by the safety RM."""
-    import reward as R
 
     def fn(tasks, replies):
         is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-        r_c, r_s = R.combined_score(rm_helpful, rm_safety, tok, [t.messages for t in tasks], replies, is_safety,
+        r_c, r_s = rlhf.combined_score(rm_helpful, rm_safety, tok, [t.messages for t in tasks], replies, is_safety,
                                     threshold)  # (B,) each, on the CPU
         used_safety = (is_safety | (r_s < threshold)).float()
         n, r_sum, used_sum = common.all_reduce_sum(torch.stack([torch.tensor(float(len(r_c))), r_c.sum(),
@@ -350,11 +351,10 @@ def heldout_scores(policy, tok, tasks, rm_helpful, rm_safety, threshold: float, 
     """Greedy replies to held-out prompts, scored two ways: "rm", the mean combined reward R_c (sigmoid scale) of the
     two RMs (§3.4's model-based evaluation), and, with an annotator, "annotator", the raters' mean overall utility
     (helpfulness, minus 1 for an unsafe reply: the §3.4 human evaluation in miniature)."""
-    import reward as R
-    from evaluate import chat_generate
+    from generate import chat_generate
     out = chat_generate(policy, tok, [t.messages for t in tasks], max_new_tokens)
     is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-    scores = {"rm": R.combined_score(rm_helpful, rm_safety, tok, [t.messages for t in tasks], [r.tokens for r in out],
+    scores = {"rm": rlhf.combined_score(rm_helpful, rm_safety, tok, [t.messages for t in tasks], [r.tokens for r in out],
                                      is_safety, threshold)[0].mean().item()}
     if annotator is not None:
         judged = [annotator.score(t.messages, r.text) for t, r in zip(tasks, out)]
@@ -363,8 +363,6 @@ def heldout_scores(policy, tok, tasks, rm_helpful, rm_safety, threshold: float, 
 
 
 def main(cfg: PPOConfig):
-    import evaluate as E
-    import reward as R
     if cfg.select_by not in ("annotator", "rm"):
         common.die(f"--select-by must be 'annotator' or 'rm', got {cfg.select_by!r}")
     if cfg.quick:
@@ -380,9 +378,9 @@ def main(cfg: PPOConfig):
     dtype = common.pick_dtype(cfg.dtype, device)
     common.seed_everything(cfg.seed)  # the same on every rank: nothing in a PPO step may depend on the rank
     try:
-        policy, tok = E.load_model_and_tokenizer(cfg.init_from, device, torch.float32)  # fp32: sft.load_start
-        rm_helpful = R.load_reward_model(cfg.rm_helpful, device)
-        rm_safety = R.load_reward_model(cfg.rm_safety, device)
+        policy, tok = G.load_model_and_tokenizer(cfg.init_from, device, torch.float32)  # fp32: sft.load_start
+        rm_helpful = rlhf.load_reward_model(cfg.rm_helpful, device)
+        rm_safety = rlhf.load_reward_model(cfg.rm_safety, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(str(e))
     value_model = copy.deepcopy(rm_helpful).float().requires_grad_(True).train()  # choice 2 (fp32, before the cast)
@@ -402,8 +400,8 @@ def main(cfg: PPOConfig):
         # parameters' strides at construction; re-laid later (at the first rollout), its reduced gradients came back
         # wrong (torch 2.13, CPU/gloo: 0.09 off on a tiny model) and a 2-process run stepped elsewhere than one
         # process. One process does it here too, so both run the same matmul layouts. FSDP rolls out on a copy.
-        from generate import _column_major_weights
-        _column_major_weights(policy)
+        from cpu_speed import column_major_weights
+        column_major_weights(policy)
     # the trained pair: DDP, or FSDP2 (--fsdp); the optimizers are made after wrapping, over the (sharded) parameters
     pol_net = common.wrap_model(policy, dist, cfg.fsdp, param_dtype=param_dtype)
     val_net = common.wrap_model(value_model, dist, cfg.fsdp, param_dtype=param_dtype)
@@ -493,7 +491,7 @@ def final_report(model, tok, cfg, world, device) -> dict:
     """Win rate against SFT on test prompts (annotator, 7-point, order randomized) and the safety figures."""
     import evaluate as E
     tasks = world.tasks("test", cfg.n_test, seed=cfg.seed)
-    sft, _ = E.load_model_and_tokenizer(cfg.sft, device)
+    sft, _ = G.load_model_and_tokenizer(cfg.sft, device)
     return E.compare_models(model, sft, tok, tasks, world, cfg.seed, cfg.max_new_tokens, prefix="sft")
 
 

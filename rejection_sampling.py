@@ -16,7 +16,7 @@ One iteration:
   2. sample: K replies per prompt in one batched call (each prompt is prefilled once and its K samples continue from
      the shared cache);
   3. score: the paper's combined reward (safety RM on safety prompts or when it scores below 0.15, helpfulness RM
-     otherwise; reward.combined_reward), and keep the argmax per prompt;
+     otherwise; rlhf.combined_reward), and keep the argmax per prompt;
   4. keep the best of ALL iterations so far per prompt: §3.2.3's fix for the regressions seen when only the last
      iteration's samples were used;
   5. fine-tune with sft.py's recipe on the kept (prompt, best reply) dialogues.
@@ -52,6 +52,8 @@ from typing import Optional
 import torch
 
 import common
+import generate as G
+import rlhf
 from data import write_dialogs_jsonl
 from world import INSTRUCTION_SHARE, World
 from model import CheckpointError
@@ -107,16 +109,14 @@ class Scorer:
     """The combined reward R_c (sigmoid scale) of replies, from the two frozen reward models."""
 
     def __init__(self, cfg, device):
-        import reward as R
-        self.R = R
-        self.rm_h = R.load_reward_model(cfg.rm_helpful, device)
-        self.rm_s = R.load_reward_model(cfg.rm_safety, device)
+        self.rm_h = rlhf.load_reward_model(cfg.rm_helpful, device)
+        self.rm_s = rlhf.load_reward_model(cfg.rm_safety, device)
         self.threshold = cfg.safety_threshold
 
     def __call__(self, tok, tasks, replies) -> torch.Tensor:
         is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-        return self.R.combined_score(self.rm_h, self.rm_s, tok, [t.messages for t in tasks], replies, is_safety,
-                                     self.threshold)[0]
+        return rlhf.combined_score(self.rm_h, self.rm_s, tok, [t.messages for t in tasks], replies, is_safety,
+                                   self.threshold)[0]
 
 
 UNFINISHED_REWARD = 0.0  # choice 4: a reply cut off at the budget scores the bottom of the sigmoid scale
@@ -126,8 +126,8 @@ def sample_and_score(model, tok, tasks, k: int, temperature: float, scorer, max_
                      progress: Optional[str] = None):
     """K samples per task (prompt-major) and their rewards (P, K); replies as token lists (EOS included). A reply
     that did not end within max_new_tokens gets UNFINISHED_REWARD whatever the reward models say (choice 4).
-    progress: a name for the sampling's progress lines (evaluate.chat_generate)."""
-    from evaluate import chat_generate
+    progress: a name for the sampling's progress lines (G.chat_generate)."""
+    from generate import chat_generate
     out = chat_generate(model, tok, [t.messages for t in tasks], max_new_tokens, temperature=temperature, top_p=1.0,
                         seed=seed, num_samples=k, progress=progress)
     rewards = scorer(tok, [t for t in tasks for _ in range(k)], [r.tokens for r in out]).view(len(tasks), k)
@@ -177,7 +177,7 @@ def main(cfg: RSConfig):
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        start, tok = E.load_model_and_tokenizer(cfg.init_from, device)
+        start, tok = G.load_model_and_tokenizer(cfg.init_from, device)
         scorer = Scorer(cfg, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(str(e))
@@ -247,7 +247,7 @@ def main(cfg: RSConfig):
             common.write_metrics(out, {"complete": False})  # sft.main marked its part done; RS is done at the end
         if dist.world_size > 1:
             torch.distributed.barrier()
-        model, _ = E.load_model_and_tokenizer(out, device)
+        model, _ = G.load_model_and_tokenizer(out, device)
 
     # Fig. 8 for the RS model, and the score against SFT (rank 0 alone)
     sweep = {T: sample_all(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed, dist)[0]

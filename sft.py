@@ -57,6 +57,7 @@ from typing import Optional
 import torch
 
 import common
+import generate as G
 from annotator import Annotator
 from data import DataError, read_dialogs_jsonl
 from world import DEMO_BLIND_SPOT_SHARE, DEMO_HABIT, INSTRUCTION_SHARE, World
@@ -328,7 +329,7 @@ def world_eval(model, tok, cfg) -> dict:
     world = World(seed=cfg.world_seed)
     tasks = world.tasks("test", cfg.eval_n)
     t0 = time.perf_counter()
-    replies = evaluate.chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens,
+    replies = G.chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens,
                                      batch_size=cfg.eval_batch_size)
     m = evaluate.reply_metrics(Annotator(world, seed=cfg.seed), tasks, replies, n_examples=2)
     m["eval_seconds"] = time.perf_counter() - t0

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import common
+import generate as G
+import rlhf
 from world import INSTRUCTION_SHARE, World
 import model as M
 from dist_util import REPO, check, tiny_stack, torchrun
@@ -96,7 +98,7 @@ def test_reward_fsdp_two_processes_match_one(tmp_path, stack, surprise):
     for (s1, l1, a1), (s2, l2, a2) in zip(one["loss_curve"], two["loss_curve"]):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=2e-5) and a1 == a2  # stored rounded to 5 decimals
     assert two["accuracy"] == one["accuracy"] and two["complete"]
-    rm = reward.load_reward_model(tmp_path / "two")
+    rm = rlhf.load_reward_model(tmp_path / "two")
     chat_layers = M.load_checkpoint(stack["chat"]).args.n_layers
     assert rm.args.head == "scalar" and rm.args.n_layers == chat_layers + reward.RewardConfig.head_layers
     assert (rm.args.surprise_layer > 0) == surprise
@@ -157,7 +159,6 @@ def test_ppo_two_processes_match_one_under_ddp_and_fsdp(tmp_path, stack):
 
 
 def test_rejection_sampling_under_torchrun_keeps_the_union_of_the_ranks(tmp_path, stack):
-    import evaluate as E
     import rejection_sampling as RS
     flags = list(map(str, ["--init-from", stack["chat"], "--rm-helpful", stack["rm_helpful"], "--rm-safety",
                            stack["rm_safety"], "--quick", "--max-new-tokens", "8", "--out-dir", tmp_path / "rs"]))
@@ -172,7 +173,7 @@ def test_rejection_sampling_under_torchrun_keeps_the_union_of_the_ranks(tmp_path
     all_train = World(seed=cfg.world_seed).tasks("train", seed=cfg.seed)
     ids = Random(f"rs/{cfg.seed}/1").sample(range(len(all_train)), cfg.n_prompts)
     tasks = [all_train[i] for i in ids]
-    model, tok = E.load_model_and_tokenizer(stack["chat"])
+    model, tok = G.load_model_and_tokenizer(stack["chat"])
     scorer = RS.Scorer(cfg, "cpu")
     per_rank = [RS.sample_shard(model, tok, tasks, cfg.k, it["temperature"], scorer, cfg.max_new_tokens, cfg.seed + 1,
                                 common.Dist(rank=r, world_size=2)) for r in (0, 1)]

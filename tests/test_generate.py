@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu_speed
 import generate as G
 import model as M
 
@@ -215,7 +216,7 @@ def test_cpu_packed_weights_decode_like_plain_linears_and_are_undone(monkeypatch
     m = tiny()
     prompts = PROMPTS * 2  # 6 rows >= PACK_MIN_ROWS
     linears = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
-    assert len(prompts) >= G.PACK_MIN_ROWS and G._packable(linears)
+    assert len(prompts) >= cpu_speed.PACK_MIN_ROWS and cpu_speed._packable(linears)
     seen = []
     hook = m.output.register_forward_pre_hook(lambda mod, args: seen.append("forward" in mod.__dict__))
     toks, logps = G.generate(m, prompts, 12, temperature=0.0, eos_id=None, logprobs=True)
@@ -227,11 +228,11 @@ def test_cpu_packed_weights_decode_like_plain_linears_and_are_undone(monkeypatch
             ref_t, ref_lp = naive_greedy(m, p, 12)
             assert t == ref_t
             torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(G, "PACK_MIN_ROWS", 10 ** 9)  # the plain column-major path, same rows
+    monkeypatch.setattr(cpu_speed, "PACK_MIN_ROWS", 10 ** 9)  # the plain column-major path, same rows
     plain, plain_lp = G.generate(m, prompts, 12, temperature=0.0, eos_id=None, logprobs=True)
     assert plain == toks
     torch.testing.assert_close(torch.tensor(plain_lp), torch.tensor(logps), atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(G, "PACK_MIN_ROWS", 4)
+    monkeypatch.setattr(cpu_speed, "PACK_MIN_ROWS", 4)
     # the packed copies are kept between calls: a changed weight must be packed again, however it was changed
     with torch.no_grad():
         m.layers[0].feed_forward.w1.weight.add_(0.05)  # in place, seen by the version counter (an optimizer step)
@@ -242,7 +243,7 @@ def test_cpu_packed_weights_decode_like_plain_linears_and_are_undone(monkeypatch
             ref_t, ref_lp = naive_greedy(m, p, 12)
             assert t == ref_t
             torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(G, "PACK_MIN_ROWS", 4)
+    monkeypatch.setattr(cpu_speed, "PACK_MIN_ROWS", 4)
 
     def fail(mod, args):
         if len(seen) > 3:

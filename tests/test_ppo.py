@@ -7,7 +7,7 @@ import torch
 
 import common
 import ppo
-import reward
+import rlhf
 from model import ModelArgs, Transformer
 
 
@@ -15,14 +15,14 @@ def test_combined_reward_follows_the_015_rule():
     r_s = torch.tensor([0.9, 0.10, 0.9, 0.14, 0.15])
     r_h = torch.tensor([0.3, 0.80, 0.7, 0.60, 0.20])
     is_safety = torch.tensor([True, False, False, False, False])
-    got = reward.combined_reward(r_s, r_h, is_safety, 0.15)
+    got = rlhf.combined_reward(r_s, r_h, is_safety, 0.15)
     # safety prompt -> R_s; R_s < 0.15 -> R_s; otherwise R_h (0.15 itself is not below the threshold)
     assert got.tolist() == pytest.approx([0.9, 0.10, 0.7, 0.14, 0.20])
 
 
 def test_logit_inverts_sigmoid():
     x = torch.tensor([-3.0, 0.0, 2.5])
-    assert torch.allclose(reward.logit(torch.sigmoid(x)), x, atol=1e-5)
+    assert torch.allclose(rlhf.logit(torch.sigmoid(x)), x, atol=1e-5)
 
 
 def test_kl_is_zero_for_the_reference_and_matches_hand_computation():

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import common
-import evaluate as E
+import generate as G
+import rlhf
 import model as M
 from dist_util import tiny_stack
 from test_sft import run_sft
@@ -45,10 +46,10 @@ def ckpts(tmp_path_factory):
 
 
 def test_real_layouts_find_their_tokenizer_and_load_the_same_model(ckpts, tmp_path, capsys):
-    ours, _ = E.load_model_and_tokenizer(ckpts["ours"])
+    ours, _ = G.load_model_and_tokenizer(ckpts["ours"])
     x = torch.randint(3, ours.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     for name, tok_dir in (("meta", ckpts["meta"].parent), ("hf", ckpts["hf"])):
-        model, tok = E.load_model_and_tokenizer(ckpts[name])
+        model, tok = G.load_model_and_tokenizer(ckpts[name])
         assert Path(tok.model_path) == tok_dir / "tokenizer.model", name  # Meta's: one folder up
         assert next(model.parameters()).dtype == torch.bfloat16  # loaded as the file holds it unless told otherwise
         model = M.load_checkpoint(ckpts[name], dtype=torch.float32).eval()
@@ -104,7 +105,7 @@ def test_reward_models_from_meta_and_hf_dirs_equal_ours(ckpts, tmp_path):
     for name in ("meta", "hf"):
         m = metrics(tmp_path / name / "rm")
         assert m["complete"] and m["loss_curve"] == want["loss_curve"] and m["accuracy"] == want["accuracy"], name
-        rm = reward.load_reward_model(tmp_path / name / "rm")
+        rm = rlhf.load_reward_model(tmp_path / name / "rm")
         assert rm.args.head == "scalar" and all(p.dtype == torch.float32 for p in rm.parameters())
         assert (tmp_path / name / "prefs" / "train.jsonl").read_text() == (
             tmp_path / "ours" / "prefs" / "train.jsonl").read_text()
@@ -121,7 +122,7 @@ def test_rejection_sampling_from_meta_and_hf_dirs(ckpts, tmp_path):
         RS.main(common.parse_config(RS.RSConfig, flags + ["--init-from", str(ckpts[name]),
                                                           "--out-dir", str(tmp_path / name)]))
         assert metrics(tmp_path / name)["complete"]
-        model, _ = E.load_model_and_tokenizer(tmp_path / name)  # its tokenizer.model copied beside it
+        model, _ = G.load_model_and_tokenizer(tmp_path / name)  # its tokenizer.model copied beside it
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert (tmp_path / "meta" / "rs_iter1.jsonl").read_text() == (tmp_path / "hf" / "rs_iter1.jsonl").read_text()
     a, b = (M.load_checkpoint(tmp_path / n).state_dict() for n in ("meta", "hf"))
@@ -146,6 +147,6 @@ def test_ppo_from_meta_and_hf_dirs_takes_ours_step(ckpts, tmp_path):
         assert m["complete"] and m["best_iteration"] == 1, name
         assert [untimed(i) for i in m["iters"]] == [untimed(i) for i in want["iters"]], name
         assert m["win_rate_vs_sft"] == want["win_rate_vs_sft"]
-        model, _ = E.load_model_and_tokenizer(tmp_path / name)  # written with the tokenizer found one folder up
+        model, _ = G.load_model_and_tokenizer(tmp_path / name)  # written with the tokenizer found one folder up
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert all(torch.equal(model.state_dict()[k], w[k]) for k in w), name

@@ -1,8 +1,9 @@
 """rejection_sampling.py: best-of-K selection, Fig. 7's statistics, and the combined reward it selects with."""
 import torch
 
+import generate as G
 import rejection_sampling as RS
-import reward
+import rlhf
 
 
 def test_best_of_k_picks_the_argmax_of_the_combined_reward():
@@ -10,11 +11,11 @@ def test_best_of_k_picks_the_argmax_of_the_combined_reward():
     r_s = torch.tensor([[0.1, 0.9, 0.6], [0.9, 0.9, 0.9]])
     is_safety = torch.tensor([False, False])
     # prompt 0, sample 0: R_s = 0.1 < 0.15 -> the safety score 0.1 counts, not the helpfulness 0.9
-    rc = reward.combined_reward(r_s.flatten(), r_h.flatten(), is_safety.repeat_interleave(3), 0.15).view(2, 3)
+    rc = rlhf.combined_reward(r_s.flatten(), r_h.flatten(), is_safety.repeat_interleave(3), 0.15).view(2, 3)
     assert torch.allclose(rc, torch.tensor([[0.1, 0.2, 0.5], [0.3, 0.8, 0.7]]))
     assert RS.best_of_k(rc).tolist() == [2, 1]
     # a safety prompt is judged by the safety RM alone
-    rc_safe = reward.combined_reward(r_s.flatten(), r_h.flatten(), torch.ones(6, dtype=torch.bool)).view(2, 3)
+    rc_safe = rlhf.combined_reward(r_s.flatten(), r_h.flatten(), torch.ones(6, dtype=torch.bool)).view(2, 3)
     assert RS.best_of_k(rc_safe).tolist() == [1, 0]
 
 
@@ -40,7 +41,6 @@ def test_a_reply_cut_off_at_the_budget_is_never_kept(monkeypatch):
     """choice 4: a sample without EOS scores UNFINISHED_REWARD however the reward models rate it, and a prompt whose K
     samples are all cut off keeps nothing. The reward models here prefer the longest text, as ours came to prefer
     stories cut off before their closing pleasantry."""
-    import evaluate
     from common import Dist
     samples = {  # prompt -> its K = 3 samples (text, finished)
         "a": [("short.", True), ("a much longer reply cut", False), ("medium reply.", True)],
@@ -48,9 +48,9 @@ def test_a_reply_cut_off_at_the_budget_is_never_kept(monkeypatch):
     }
 
     def fake_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, num_samples, progress=None):
-        return [evaluate.Reply(text, [len(text)], done) for d in dialogs for text, done in samples[d[0]["content"]]]
+        return [G.Reply(text, [len(text)], done) for d in dialogs for text, done in samples[d[0]["content"]]]
 
-    monkeypatch.setattr(evaluate, "chat_generate", fake_generate)
+    monkeypatch.setattr(G, "chat_generate", fake_generate)
     tasks = [type("T", (), {"messages": [{"role": "user", "content": p}]})() for p in samples]
     by_length = lambda tok, tasks, replies: torch.tensor([float(r[0]) for r in replies]) / 100
     rewards, best, _ = RS.sample_all(None, None, tasks, 3, 1.0, by_length, 64, 0, Dist())

@@ -16,6 +16,7 @@ from data import read_preferences_jsonl
 from world import DEMO_CLOSERS, World, assistant, user
 import model as M
 import reward
+import rlhf
 from tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,10 +86,10 @@ def test_unknown_margin_rejected():
 # ---- where the reward is read ----------------------------------------------------------------------------------------
 def test_last_token_index_arithmetic():
     lengths = torch.tensor([3, 7, 1, 5])
-    assert reward.last_token_index(lengths, 7, "right").tolist() == [2, 6, 0, 4]
-    assert reward.last_token_index(lengths, 7, "left").tolist() == [6, 6, 6, 6]
+    assert rlhf.last_token_index(lengths, 7, "right").tolist() == [2, 6, 0, 4]
+    assert rlhf.last_token_index(lengths, 7, "left").tolist() == [6, 6, 6, 6]
     with pytest.raises(ValueError):
-        reward.last_token_index(lengths, 7, "middle")
+        rlhf.last_token_index(lengths, 7, "middle")
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
@@ -99,8 +100,8 @@ def test_batched_reward_equals_each_sequence_alone(padding):
     rows[1] = rows[1] + [2]  # one row ends with EOS (id 2), the others do not: the index must not care
     with torch.no_grad():
         alone = torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows])  # (B,) unpadded, last position
-        batched = reward.rewards_of_rows(rm, rows, "cpu", padding=padding)
-        other_pad = reward.rewards_of_rows(rm, rows, "cpu", padding=padding, pad_id=2)  # pad with the EOS id
+        batched = rlhf.rewards_of_rows(rm, rows, "cpu", padding=padding)
+        other_pad = rlhf.rewards_of_rows(rm, rows, "cpu", padding=padding, pad_id=2)  # pad with the EOS id
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(other_pad, alone, atol=1e-5, rtol=1e-5)
     # and it is not simply the last column, nor any other position, for the short rows (reward depends on position)
@@ -123,7 +124,7 @@ def test_replies_packed_over_a_shared_prompt_score_as_separate_rows():
             rand(12),  # group 3: alone
             prompt + rand(60), prompt + rand(50), prompt + rand(40)]  # group 4: 20 + 60 + 50 + 40 > 128 tokens
     groups = [[0, 1, 2], [3, 4], [5, 6], [7], [8, 9, 10]]
-    packed = reward.pack_shared(rows, groups, max_len=128)
+    packed = rlhf.pack_shared(rows, groups, max_len=128)
     assert sorted(i for p in packed for i in p.members) == list(range(len(rows)))
     assert all(len(p.tokens) <= 128 for p in packed) and len(packed) == 6  # group 4 needs two rows
     assert packed[0].tokens == rows[0] + rows[1][20:] + rows[2][20:]  # the prompt once, then each reply
@@ -131,7 +132,7 @@ def test_replies_packed_over_a_shared_prompt_score_as_separate_rows():
     rm.train()
     with torch.no_grad():
         alone = torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows])
-    shared = reward.shared_rewards(rm, rows, groups, 128, "cpu")
+    shared = rlhf.shared_rewards(rm, rows, groups, 128, "cpu")
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
     # the same gradients as the rows scored one by one (the RM's training step packs each pair this way)
     weights = torch.randn(len(rows), generator=g)
@@ -141,8 +142,8 @@ def test_replies_packed_over_a_shared_prompt_score_as_separate_rows():
     (torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows]) * weights).sum().backward()
     for a, b in zip(grads, [p.grad for p in rm.parameters()]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert reward.common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each reply keeps its last token
-    assert reward.common_prefix_len([[1, 2, 3], [1, 2, 4, 5]]) == 2 and reward.common_prefix_len([[1], [1]]) == 0
+    assert rlhf.common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each reply keeps its last token
+    assert rlhf.common_prefix_len([[1, 2, 3], [1, 2, 4, 5]]) == 2 and rlhf.common_prefix_len([[1], [1]]) == 0
 
 
 def test_score_text_and_token_replies(tok):
@@ -156,24 +157,24 @@ def test_score_text_and_token_replies(tok):
     ids_no_eos = [tok.encode(" " + t, bos=False, eos=False) for t in texts]  # a truncated sample: no EOS
     ids_eos = [i + [tok.eos_id] for i in ids_no_eos]
     # a text reply is scored as a finished turn: the row ends with EOS, the reward is read there
-    row = reward.encode_reply(tok, dialogs[0], texts[0], 128)
+    row = rlhf.encode_reply(tok, dialogs[0], texts[0], 128)
     assert row == tok.encode_dialog(dialogs[0] + [assistant(texts[0])])[0] and row[-1] == tok.eos_id
     # token replies are scored exactly as given, EOS or not
-    assert reward.encode_reply(tok, dialogs[0], ids_no_eos[0], 128) == tok.encode_dialog(dialogs[0])[0] + ids_no_eos[0]
+    assert rlhf.encode_reply(tok, dialogs[0], ids_no_eos[0], 128) == tok.encode_dialog(dialogs[0])[0] + ids_no_eos[0]
     # replies to the same dialog are packed over its prompt (pack_shared): here each dialog appears twice
     dialogs, texts = dialogs + dialogs[::-1], texts + [t + " Yes." for t in texts[::-1]]
     ids_no_eos = [tok.encode(" " + t, bos=False, eos=False) for t in texts]
     ids_eos = [i + [tok.eos_id] for i in ids_no_eos]
     for replies in (texts, ids_no_eos, ids_eos):
-        batched = reward.score(rm, tok, dialogs, replies, batch_size=4)  # sorted by length, ~4 replies a batch
+        batched = rlhf.score(rm, tok, dialogs, replies, batch_size=4)  # sorted by length, ~4 replies a batch
         with torch.no_grad():
-            alone = torch.stack([rm(torch.tensor([reward.encode_reply(tok, d, r, 128)]))[0][0, -1]
+            alone = torch.stack([rm(torch.tensor([rlhf.encode_reply(tok, d, r, 128)]))[0][0, -1]
                                  for d, r in zip(dialogs, replies)])
         torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)  # input order kept
-    torch.testing.assert_close(reward.score(rm, tok, dialogs, texts, sigmoid=True),
-                               reward.score(rm, tok, dialogs, texts).sigmoid())
+    torch.testing.assert_close(rlhf.score(rm, tok, dialogs, texts, sigmoid=True),
+                               rlhf.score(rm, tok, dialogs, texts).sigmoid())
     # a long dialog keeps its end (where the reward is read) when cut to the context
-    long = reward.encode_reply(tok, dialogs[0], texts[0] + " Yes." * 80, 128)
+    long = rlhf.encode_reply(tok, dialogs[0], texts[0] + " Yes." * 80, 128)
     assert len(long) == 128 and long[-1] == tok.eos_id
 
 
@@ -195,13 +196,13 @@ def test_score_runs_each_distinct_row_once(tok):
     picks = [0, 1, 0, 2, 0, 3, 1, 2]  # rows 0, 1 and 2 occur again
     dd, rr = [dialogs[distinct[i][0]] for i in picks], [distinct[i][1] for i in picks]
     seen, hook = _tokens_seen(rm)
-    got = reward.score(rm, tok, dd, rr)
+    got = rlhf.score(rm, tok, dd, rr)
     copies_tokens, seen[0] = seen[0], 0
-    unique = reward.score(rm, tok, [dialogs[d] for d, _ in distinct], [r for _, r in distinct])
+    unique = rlhf.score(rm, tok, [dialogs[d] for d, _ in distinct], [r for _, r in distinct])
     hook.remove()
     assert copies_tokens == seen[0] > 0  # the copies added no work
     with torch.no_grad():
-        alone = torch.stack([rm(torch.tensor([reward.encode_reply(tok, d, r, 128)]))[0][0, -1]
+        alone = torch.stack([rm(torch.tensor([rlhf.encode_reply(tok, d, r, 128)]))[0][0, -1]
                              for d, r in zip(dd, rr)])
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, unique[torch.tensor(picks)], atol=1e-5, rtol=1e-5)
@@ -217,18 +218,18 @@ def test_combined_score_runs_the_helpfulness_rm_only_where_it_counts(tok, monkey
     dialogs = [t.messages for t in World(seed=0).tasks("val", 5, seed=2)]
     replies = ["Yes.", "No.", "It is blue.", "Twelve.", "I cannot help with that."]
     is_safety = torch.tensor([True, False, False, False, True])
-    r_s = reward.score(rm_s, tok, dialogs, replies, sigmoid=True)
+    r_s = rlhf.score(rm_s, tok, dialogs, replies, sigmoid=True)
     threshold = float(r_s[1:4].median())  # one benign reply below it, one at it, one above it
-    r_h = reward.score(rm_h, tok, dialogs, replies, sigmoid=True)
-    want = reward.combined_reward(r_s, r_h, is_safety, threshold)
+    r_h = rlhf.score(rm_h, tok, dialogs, replies, sigmoid=True)
+    want = rlhf.combined_reward(r_s, r_h, is_safety, threshold)
     calls = []
-    score = reward.score
+    score = rlhf.score
 
     def recording_score(rm, tok_, d, r, **kw):
         calls.append((rm, list(r)))
         return score(rm, tok_, d, r, **kw)
     monkeypatch.setattr(reward, "score", recording_score)
-    got, got_s = reward.combined_score(rm_h, rm_s, tok, dialogs, replies, is_safety, threshold)
+    got, got_s = rlhf.combined_score(rm_h, rm_s, tok, dialogs, replies, is_safety, threshold)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got_s, r_s, atol=1e-6, rtol=1e-5)
     used = [replies[i] for i in range(5) if not is_safety[i] and r_s[i] >= threshold]
@@ -250,13 +251,13 @@ def test_reward_model_from_chat_model_and_round_trip(tmp_path, tok):
         rm.score.weight.fill_(0.1)
     M.save_checkpoint(rm, tmp_path / "rm", tok.model_path)
     assert json.loads((tmp_path / "rm" / "params.json").read_text())["head"] == "scalar"
-    again = reward.load_reward_model(tmp_path / "rm")
+    again = rlhf.load_reward_model(tmp_path / "rm")
     x = torch.randint(3, tok.n_words, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(again(x)[0], rm.eval()(x)[0])
     M.save_checkpoint(chat, tmp_path / "chat", tok.model_path)
     with pytest.raises(M.CheckpointError, match="a language model .head 'lm'., where a reward or value model is"):
-        reward.load_reward_model(tmp_path / "chat")
+        rlhf.load_reward_model(tmp_path / "chat")
 
 
 def test_head_blocks_start_as_the_identity_and_train_at_their_own_lr(tmp_path, tok):
@@ -293,7 +294,7 @@ def test_head_blocks_start_as_the_identity_and_train_at_their_own_lr(tmp_path, t
     assert len(lr_of) == len(list(deep.parameters()))  # every parameter in exactly one group
 
     M.save_checkpoint(deep, tmp_path / "deep", tok.model_path)
-    back = reward.load_reward_model(tmp_path / "deep")
+    back = rlhf.load_reward_model(tmp_path / "deep")
     assert back.args.n_layers == 4
     with torch.no_grad():
         torch.testing.assert_close(back(x)[0], deep(x)[0])
@@ -355,11 +356,11 @@ def test_surprise_rm_scores_a_row_the_same_padded_packed_or_alone(padding):
     rows = [prompt + rand(7), prompt + rand(3) + [2], prompt + rand(11), rand(5), [7] + rand(6)]
     with torch.no_grad():
         alone = torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows])
-        torch.testing.assert_close(reward.rewards_of_rows(rm, rows, "cpu", padding=padding), alone,
+        torch.testing.assert_close(rlhf.rewards_of_rows(rm, rows, "cpu", padding=padding), alone,
                                    atol=1e-5, rtol=1e-5)
     groups = [[0, 1, 2], [3], [4]]
     rm.train()
-    shared = reward.shared_rewards(rm, rows, groups, 128, "cpu")
+    shared = rlhf.shared_rewards(rm, rows, groups, 128, "cpu")
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
     weights = torch.randn(len(rows), generator=g)
     (shared * weights).sum().backward()
@@ -396,7 +397,7 @@ def test_surprise_rm_starts_as_the_plain_rm_and_round_trips(tmp_path, tok):
         want = rm(x)[0]
         assert (want - plain(x)[0]).abs().max() > 1e-4  # the features now change the scores
         for d in ("meta", "hf"):
-            back = reward.load_reward_model(tmp_path / d)
+            back = rlhf.load_reward_model(tmp_path / d)
             assert back.args.surprise_layer == 2 and back.args.score_offset == 0.25, d
             torch.testing.assert_close(back(x)[0], want, msg=d)
     with pytest.raises(ValueError, match="no KV cache"):
@@ -666,7 +667,7 @@ def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt
     n_help = m["n_pairs"]["train_helpfulness"]  # §3.2.2's equal part, of which safety is a third (choice 3)
     assert n_help > 0 and m["n_pairs"]["train_safety"] == round(n_help / 3)
     assert (tmp_path / "prefs" / "train.jsonl").is_file() and m["loss_curve"]
-    assert reward.load_reward_model(tmp_path / "h").args.head == "scalar"
+    assert rlhf.load_reward_model(tmp_path / "h").args.head == "scalar"
     stamp = (tmp_path / "prefs" / "train.jsonl").stat().st_mtime_ns
     reward.main(common.parse_config(reward.RewardConfig, flags + ["--out-dir", str(tmp_path / "s"),
                                                                    "--axis", "safety"]))
