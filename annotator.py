@@ -5,7 +5,9 @@ import re
 from dataclasses import dataclass
 from random import Random
 
-from world import (ARITH_QUESTIONS, ATTRIBUTES, BORDERLINE, BORDERLINE_PERSONAL, CHAT_TAGS, CONSTRAINTS, FACT_QUESTIONS, FACT_QUESTIONS_SPECIFIC, FOLLOW_UPS, HARMFUL, NOUNS, STORY_REQUESTS, STORY_WORDS, VALUES, Constraint, Person, World)
+from world import (ARITH_QUESTIONS, ATTRIBUTES, BORDERLINE, BORDERLINE_PERSONAL, CHAT_TAGS, CONSTRAINTS, FACT_QUESTIONS,
+                   FACT_QUESTIONS_SPECIFIC, FOLLOW_UPS, HARMFUL, NOUNS, STORY_REQUESTS, STORY_WORDS, VALUES, Constraint,
+                   Person, World)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The annotator: the stand-in for the paper's human raters (§3.2.1 preference data, §3.4 human evaluation).
@@ -78,9 +80,13 @@ class Annotator:
 
     def __init__(self, world: World, seed: int = 0, noise: float = RATER_NOISE):
         self.world, self.noise, self.rng = world, noise, Random(f"annotator/{seed}")
-        self._names = set(world._by_name)
+        self._names = {p.name.lower() for p in world.people}
         self._value_attr = {v.lower(): a for a, vs in VALUES.items() for v in vs}
         self._index = self._build_index()
+        # how a reply is judged, by what identify() says the prompt asks ("unknown": a prompt not from the world)
+        self._judges = {"fact": self._judge_fact, "arith": self._judge_arith, "story": self._judge_story,
+                        "harmful": self._judge_harmful, "borderline": self._judge_borderline,
+                        "unknown": self._judge_unknown}
         self._arith = [re.compile(re.escape(_norm(t)).replace(r"\{a\}", r"(\d+)").replace(r"\{op\}", "([+-])")
                                   .replace(r"\{b\}", r"(\d+)") + "$") for t in ARITH_QUESTIONS]
         # every constraint's instruction text (both forms), longest first in one alternation: strip and detect at once
@@ -94,7 +100,7 @@ class Annotator:
         for i, (request, _) in enumerate(BORDERLINE):
             index[_norm(request)] = {"kind": "borderline", "request": i, "person": None}
         for p in w.people:
-            slots = w._slots[p.name]
+            slots = p.slots()
             for attr in ATTRIBUTES:
                 for t in FACT_QUESTIONS + (FACT_QUESTIONS_SPECIFIC[attr],):
                     index[_norm(t.format(noun=NOUNS[attr], **slots))] = {"kind": "fact", "person": p.name,
@@ -161,7 +167,7 @@ class Annotator:
         if not _WORD.search(content.lower()):
             return Score(0.0, True, "empty")
         kind = job["kind"] if job else "unknown"
-        correctness, need, safe, reason = getattr(self, f"_judge_{kind}")(content, job)
+        correctness, need, safe, reason = self._judges[kind](content, job)
         helpfulness = correctness * _form(content, need)
         if constraints and not all(c.check(reply) for c in constraints):  # §3.3: the instruction must hold
             helpfulness, reason = helpfulness * 0.5, reason + "; ignores the instruction"

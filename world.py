@@ -191,6 +191,16 @@ class World:
         self._by_name = {p.name.lower(): p for p in self.people}
         self._slots = {p.name: p.slots() for p in self.people}
         self._splits = self._build_splits()
+        # what writes each kind of pretraining document, chat task and flawed reply (the order of PRETRAIN_MIX, KINDS)
+        self._doc_makers = {"bio": self._doc_bio, "story": self._doc_story, "qa": self._doc_qa,
+                            "arith": self._doc_arith, "advice": self._doc_advice, "roleplay": self._doc_roleplay,
+                            "club": self._doc_club}
+        self._task_makers = {"fact": self._task_fact, "arith": self._task_arith, "story": self._task_story,
+                             "multiturn": self._task_multiturn, "harmful": self._task_harmful,
+                             "borderline": self._task_borderline}
+        self._variant_makers = {"fact": self._variants_fact, "arith": self._variants_arith,
+                                "story": self._variants_story, "multiturn": self._variants_fact,
+                                "harmful": self._variants_harmful, "borderline": self._variants_borderline}
 
     def person(self, name: str) -> Person:
         return self._by_name[name.lower()]
@@ -233,7 +243,7 @@ class World:
             raise ValueError(f"{', '.join(bad) or 'every weight 0'}: the kinds are {', '.join(PRETRAIN_MIX)}, each "
                              f"weight finite and >= 0, not all 0")
         rng = Random(f"pretrain/{self.seed}/{seed}")
-        makers = [getattr(self, f"_doc_{kind}") for kind in PRETRAIN_MIX]
+        makers = [self._doc_makers[kind] for kind in PRETRAIN_MIX]
         weights = list(mix.values())
         docs, total = [], 0
         while total < n_bytes:
@@ -371,7 +381,7 @@ class World:
         for _ in range(DEFAULT_N[split] if n is None else n):
             kind = rng.choices(kinds, weights)[0]
             key = rng.choice(self._splits[kind][split])
-            out.append(getattr(self, f"_task_{kind}")(key, rng))
+            out.append(self._task_makers[kind](key, rng))
         return out
 
     def _task_fact(self, key, rng: Random) -> Task:
@@ -496,7 +506,7 @@ class World:
                ("garbled", f"{ref} {junk}{rng.choice(['', '.'])}"),
                ("partial", " ".join(words[:max(1, len(words) // 2 if task.kind in ("story", "borderline", "harmful")
                                                 else len(words) - 1)]).rstrip(string.punctuation + " "))]
-        out += getattr(self, f"_variants_{'fact' if task.kind == 'multiturn' else task.kind}")(task, rng)
+        out += self._variant_makers[task.kind](task, rng)
         if task.kind != "harmful":
             out.append(("refusal", rng.choice(REFUSALS)))
         return out

@@ -1,14 +1,18 @@
-"""Tests of the miniature world (data.py): determinism, splits, corpus coverage, the annotator's judgments and noise,
-GAtt constraints, and the readers' error messages. All fast (a few seconds in total)."""
+"""Tests of the miniature world (world.py): determinism, splits, corpus coverage, GAtt constraints; its raters
+(annotator.py): judgments and noise; the readers (data.py): error messages, bounded input. All fast (seconds)."""
 import json
-import re
 import random
+import re
+import tracemalloc
 
 import pytest
 
 from annotator import Annotator, RATINGS, is_refusal, win_rate, win_tie_loss
-from data import DataError, read_dialogs_jsonl, read_preferences_jsonl, read_rl_prompts_jsonl, read_text_files
-from world import ARITH_ASKED, ATTRIBUTES, CONSTRAINTS, CONSTRAINT_KINDS, DEMO_BLIND_SPOT, HARMFUL, HOBBIES, KINDS, PRETRAIN_MIX, SPLITS, World, apply_all, combine, recall_correct, user
+import data
+from data import (MAX_LINE_BYTES, DataError, read_dialogs_jsonl, read_preferences_jsonl, read_rl_prompts_jsonl,
+                  read_text_files)
+from world import (ARITH_ASKED, ATTRIBUTES, CONSTRAINTS, CONSTRAINT_KINDS, DEMO_BLIND_SPOT, HARMFUL, HOBBIES, KINDS,
+                   PRETRAIN_MIX, SPLITS, World, apply_all, combine, recall_correct, user)
 
 
 @pytest.fixture(scope="module")
@@ -488,3 +492,53 @@ def test_empty_files_fail_clearly(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("Once upon a time.")
     assert read_text_files([text]) == ["Once upon a time."] == read_text_files(text)
+
+
+def _dialog_line(n_bytes: int) -> bytes:
+    """One SFT dialog as a JSONL line of exactly n_bytes (without its newline), the reply padded to fit."""
+    head, tail = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "', b'"}]}'
+    return head + b"a" * (n_bytes - len(head) - len(tail)) + tail
+
+
+def test_a_line_over_the_limit_is_refused_without_reading_it_whole(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:  # line 2: one 50 MB line, written in pieces
+        f.write(_dialog_line(100) + b"\n" + b'{"messages": "')
+        for _ in range(50):
+            f.write(b"a" * 1_000_000)
+        f.write(b'"}\n')
+    n = path.stat().st_size - 100 - 2
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=f"{path}:2: line of {n} bytes is longer than the limit of "
+                                            f"{MAX_LINE_BYTES} bytes"):
+            read_dialogs_jsonl(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_LINE_BYTES, peak  # the 50 MB line was never held
+
+
+def test_a_line_at_the_limit_still_parses(tmp_path):
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes(_dialog_line(MAX_LINE_BYTES) + b"\n" + _dialog_line(150) + b"\r\n" + _dialog_line(150))
+    dialogs = read_dialogs_jsonl(path)  # CRLF and no final newline are fine too
+    assert len(dialogs) == 3 and len(dialogs[0][1]["content"]) > MAX_LINE_BYTES - 100
+    path.write_bytes(_dialog_line(150) + b"\n" + _dialog_line(MAX_LINE_BYTES + 1))  # one byte over, at the end
+    with pytest.raises(DataError, match=f":2: line of {MAX_LINE_BYTES + 1} bytes"):
+        read_dialogs_jsonl(path)
+
+
+def test_bad_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(_dialog_line(200) + b"\n\n" + _dialog_line(200).replace(b"aaa", b"a\xe9a", 1) + b"\n")
+    with pytest.raises(DataError, match=f"{path}:3: not valid UTF-8"):
+        read_dialogs_jsonl(path)
+
+
+def test_a_text_file_over_the_limit_is_refused(tmp_path, monkeypatch):
+    text = tmp_path / "book.txt"
+    text.write_text("Once upon a time.")
+    monkeypatch.setattr(data, "MAX_TEXT_FILE_BYTES", 10)
+    with pytest.raises(DataError, match=f"{text}: file of 17 bytes is larger than the limit of 10 bytes"):
+        read_text_files([text])
