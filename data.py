@@ -1,4 +1,16 @@
-"""data.py: readers (TEMP DOCSTRING)."""
+"""data.py: readers of your own data files, for the stages that can learn from them instead of the world (world.py).
+
+  pretrain.py --data a.txt b.txt   read_text_files: UTF-8 text, one document per file (§2)
+  sft.py --data dialogs.jsonl      read_dialogs_jsonl: {"messages": [{"role", "content"}, ...]} ending with the reply
+                                   to learn (§3.1); write_dialogs_jsonl writes it (RS and GAtt hand their sets to SFT)
+  reward.py --data prefs.jsonl     read_preferences_jsonl: {"prompt", "chosen", "rejected", "rating", "category"}
+                                   (§3.2.1); prompt is a string or a messages list, ratings take short aliases
+  evaluate.py --prompts p.jsonl    read_rl_prompts_jsonl: {"messages" ending with a user turn, "is_safety"} (§3.4)
+The JSONL files follow the common chat conventions: an optional system message, then user/assistant turns from the
+user; "weight": 0 marks an assistant turn that is context, not learned. A bad line fails at once with
+"path:line: reason", never halfway into training, and an empty dataset names its file. Input is bounded: a line longer
+than MAX_LINE_BYTES, or a text file larger than MAX_TEXT_FILE_BYTES, is refused with its size before it is read whole.
+"""
 from __future__ import annotations
 
 import json
@@ -8,8 +20,6 @@ from typing import Callable
 from annotator import RATINGS, Preference
 from world import Task, user
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Readers for user data. A bad line fails with "path:line: reason"; an empty dataset names its file.
 
 class DataError(ValueError):
     pass

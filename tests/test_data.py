@@ -113,8 +113,8 @@ def test_corpus_role_play_pairs_figures_and_markers_at_random(world):
 
 
 def test_club_notices_write_every_hobby_in_capitals(world):
-    """The club notices (PRETRAIN_MIX, choice 7): every hobby of the constraints, held-out ones included, written
-    in capitals next to its ordinary spelling, so that "capitals + hobby" is a spelling the pretrained model has seen
+    """The club notices (world.py choice 4): every hobby of the constraints, held-out ones included, written in
+    capitals next to its ordinary spelling, so that "capitals + hobby" is a spelling the pretrained model has seen
     (World._doc_club). The corpus is seeded: deterministic (~34 per hobby)."""
     corpus = "\n".join(world.pretrain_documents(1_000_000))
     for h in HOBBIES:
@@ -156,7 +156,7 @@ def test_corpus_arithmetic_is_right(world):
 
 
 def test_arithmetic_documents_ask_a_share_of_their_sums(world):
-    """data.py choice 6: ARITH_ASKED of the arithmetic documents' sums are asked as a question whose answer repeats
+    """world.py choice 3: ARITH_ASKED of the arithmetic documents' sums are asked as a question whose answer repeats
     the operands ("Q: What is 22 + 31? A: 22 + 31 = 53."), the rest are bare worked sums, every one right. Seeded
     corpus, ~7.5k lines: deterministic; under the binomial (sd 0.005) the share is within 0.03 of ARITH_ASKED with
     odds of failing below 1e-8."""
