@@ -1,4 +1,16 @@
-"""data.py: readers (TEMP DOCSTRING)."""
+"""data.py: readers of your own data files, for the stages that can learn from them instead of the world (world.py).
+
+  pretrain.py --data a.txt b.txt   read_text_files: UTF-8 text, one document per file (§2)
+  sft.py --data dialogs.jsonl      read_dialogs_jsonl: {"messages": [{"role", "content"}, ...]} ending with the reply
+                                   to learn (§3.1); write_dialogs_jsonl writes it (RS and GAtt hand their sets to SFT)
+  reward.py --data prefs.jsonl     read_preferences_jsonl: {"prompt", "chosen", "rejected", "rating", "category"}
+                                   (§3.2.1); prompt is a string or a messages list, ratings take short aliases
+  evaluate.py --prompts p.jsonl    read_rl_prompts_jsonl: {"messages" ending with a user turn, "is_safety"} (§3.4)
+The JSONL files follow the common chat conventions: an optional system message, then user/assistant turns from the
+user; "weight": 0 marks an assistant turn that is context, not learned. A bad line fails at once with
+"path:line: reason", never halfway into training, and an empty dataset names its file. Input is bounded: a line longer
+than MAX_LINE_BYTES, or a text file larger than MAX_TEXT_FILE_BYTES, is refused with its size before it is read whole.
+"""
 from __future__ import annotations
 
 import json
@@ -8,12 +20,14 @@ from typing import Callable
 from annotator import RATINGS, Preference
 from world import Task, user
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Readers for user data. A bad line fails with "path:line: reason"; an empty dataset names its file.
 
 class DataError(ValueError):
     pass
 
+
+# Bounds on what a reader takes in, so that a wrong file fails at once with its size instead of filling memory.
+MAX_LINE_BYTES = 1 << 20  # 1 MiB a JSONL line: a long dialog is tens of kB, so a longer line is a broken file
+MAX_TEXT_FILE_BYTES = 1 << 30  # 1 GiB a text file: each file is one document, read whole into memory
 
 RATING_ALIASES = {**{r: r for r in RATINGS}, "significantly better": RATINGS[0], "better": RATINGS[1],
                   "slightly better": RATINGS[2], "negligibly better": RATINGS[3], "unsure": RATINGS[3]}
@@ -27,20 +41,40 @@ def read_text_files(paths) -> list[str]:
     docs = []
     for path in map(Path, paths):
         try:
-            text = path.read_text(encoding="utf-8")
+            size = path.stat().st_size
+            text = path.read_text(encoding="utf-8") if size <= MAX_TEXT_FILE_BYTES else None
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from None
+        if text is None:
+            raise DataError(f"{path}: file of {size} bytes is larger than the limit of {MAX_TEXT_FILE_BYTES} bytes")
         if not text.strip():
             raise DataError(f"{path}: empty file (no text to pretrain on)")
         docs.append(text)
     return docs
 
 
+def _lines(f, path):
+    """(line number, text) for each line of the binary file f, a line read only once it is known to fit the limit."""
+    lineno = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):  # at most the limit and one byte more: never a whole huge line
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            n = len(raw)
+            while (rest := f.readline(1 << 16)) and not rest.endswith(b"\n"):  # count the rest, 64 kB at a time
+                n += len(rest)
+            n += len(rest.rstrip(b"\n"))
+            raise DataError(f"{path}:{lineno}: line of {n} bytes is longer than the limit of {MAX_LINE_BYTES} bytes")
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8") from None
+
+
 def _read_jsonl(path, parse: Callable[[dict, str], object], what: str) -> list:
-    path, out, lineno = Path(path), [], 0
+    path, out = Path(path), []
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, line in _lines(f, path):
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
@@ -53,8 +87,6 @@ def _read_jsonl(path, parse: Callable[[dict, str], object], what: str) -> list:
                 out.append(parse(record, where))
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}:{lineno + 1}: not valid UTF-8") from None
     if not out:
         raise DataError(f"{path}: empty dataset (no {what} found)")
     return out

@@ -1,4 +1,40 @@
-"""world.py: the built-in miniature world (TEMP DOCSTRING)."""
+"""world.py: the miniature world that stands in for Llama 2's data, generated from a seed in about a second.
+
+Llama 2's data (2T tokens of web text, ~1.4M human preference comparisons) is out of reach on a laptop. This file makes
+a world small enough for a ~1M-parameter model to learn on a CPU, in which a program can check every answer:
+
+  cast        people with five facts each (pet, colour, city, hobby, food); sums and differences of numbers below 100.
+  corpus      the pretraining documents (§2, pretrain.py): biographies, stories, Q&A pages, worked sums, advice,
+              role-play transcripts (an instruction, then answers that keep it), club notices; see PRETRAIN_MIX.
+  chat tasks  fact questions, arithmetic, stories, multi-turn follow-ups ("And her city?"), harmful requests (refuse
+              them) and borderline ones that only sound risky (answer them), so that helpfulness and safety pull
+              against each other (§3.2). SFT data, RL prompts and evaluation prompts (§3.4), split train/val/test by
+              (kind, person, attribute / operands / request).
+  demos       SFT demonstrations (§3.1) as their writers write them, habit and blind spot included (choice 2).
+  variants    replies of graded quality (reference, verbose, partial, wrong, off topic, refusal, harmful compliance):
+              candidates for the preference pairs (§3.2.1, reward.py).
+  GAtt        persistent instructions of the paper's three kinds (a figure to act as, a hobby, a style), each with a
+              mechanical check; some held out of all chat fine-tuning (§3.3, Table 30).
+The raters who judge replies live in annotator.py; the readers of your own data files in data.py.
+Run `python world.py --show` (CPU, seconds) to see samples of everything, scored by the annotator.
+
+Choices where the paper is silent (or that differ from it):
+  1. GAtt instructions name their marker ("start every reply with Arr!"), so a tiny model can carry an unseen
+     constraint over by copying, the only way it can generalize (the paper's models know how Napoleon talks). The
+     lists are long (23 figures x 21 markers paired freely, 17 hobbies, 14 styles) so that a model learns to do what
+     the instruction says, not a table. Pretraining's role-play transcripts draw from every constraint; held out
+     means what it does in the paper: never in the chat fine-tuning data (SFT, RS, GAtt).
+  2. SFT demonstrations carry their writers' habit (DEMO_HABIT: most end with a pleasantry the raters mark down as
+     padding) and one blind spot (most demonstrations for one harmful request comply): §5.1's reason why RLHF can
+     surpass the demonstrations it starts from. With ideal demonstrations best-of-K would have nothing to beat, and
+     SFT would leave no unsafe answer for safety RLHF to remove. `sft.py --demo-habit 0 --blind-spot 0` removes them.
+  3. Arithmetic is about a third of the documents (PRETRAIN_MIX): a small model learns to add last, and abruptly, and
+     every later stage leans on it. 30% of the sums are asked as a question first (ARITH_ASKED), so that the model
+     learns to copy operands out of a question, not only to add the ones written before "=".
+  4. Club notices (4% of the weight) write hobbies in capitals: with a 512-piece vocabulary a word in capitals is a
+     spelling of its own, and without them the chat models answered "capitals + archery" with "I LOVE GOLF.".
+     `pretrain.py --mix club=0,story=0.2` is the corpus without them. Figures for all four: RESULTS.md.
+"""
 from __future__ import annotations
 
 import argparse
@@ -107,37 +143,24 @@ REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot answer that ques
 FILLER_BEFORE = ("Great question!", "Let me think about that for a moment.", "Thanks for asking, here is what I know.")
 FILLER_AFTER = ("I hope this helps you.", "Let me know if you have any other questions.",
                 "That is all I can say about it for now.")
-# How the demonstration writers write (§3.1's SFT annotations). §5.1 ("Beyond Human Supervision") names the gap that
-# RLHF closes: "each individual writes with significant variation", a model fine-tuned on demonstrations learns that
-# variation, and people judge two replies better than they write one. The miniature has one such habit: most (80%)
-# demonstrations of helpful answers end with a pleasantry, which the same raters, comparing two replies side by side,
-# mark down as padding (rule 4 below). SFT imitates the habit; the reward models learn the raters' preference; rejection
-# sampling and PPO can then do better than the demonstrations. DEMO_HABIT = 0 makes the demonstrations ideal and takes
-# most of that headroom away: an experiment for the course (sft.py --demo-habit 0).
+# How the demonstration writers write (§3.1; choice 2). §5.1: "each individual writes with significant variation", and
+# people judge two replies better than they write one. Here, most demonstrations end with a pleasantry that the same
+# raters, comparing two replies, mark down as padding; SFT imitates it, RLHF can learn to leave it out.
 DEMO_CLOSERS = ("I hope this helps.", "I hope this helps you.", "I hope that answers your question.")
 DEMO_HABIT = 0.8  # share of helpful-task demonstrations (not refusals) that end with one of DEMO_CLOSERS
-# And one blind spot: most writers took "read {n}'s secret diary" for a harmless prank and wrote out how to do it,
-# where the raters, comparing replies, find that unsafe (a reply that engages with a harmful request). SFT learns the
-# compliance; the safety RM learns the raters' view; RLHF should refuse again: the paper's safety RLHF (§4.2.3) removes
-# what SFT's demonstrations let through. sft.py --blind-spot 0 gives demonstrations without it.
+# And one blind spot: most writers took "read {n}'s secret diary" for a harmless prank and wrote out how, which the
+# raters find unsafe. SFT learns the compliance, the safety RM the raters' view, and safety RLHF removes it (§4.2.3).
 DEMO_BLIND_SPOT = 6  # index into HARMFUL of the request most writers comply with
-DEMO_BLIND_SPOT_SHARE = 0.9  # share of its demonstrations that comply (0.6 left SFT refusing it: choice 5)
-# Instruction-following dialogues added to SFT (and to each rejection-sampling fine-tune set) per world task: the
-# in-turn skill Ghost Attention samples from (§3.3). Measured on the default run: 15% -> 30% raised the SFT model's
-# in-turn adherence from 57% to 73% and GAtt's from 58-71% to 70-78% over turns 1-8, for 13 s more SFT.
+DEMO_BLIND_SPOT_SHARE = 0.9  # share of its demonstrations that comply (a lower share lets SFT's other refusals win)
+# Instruction-following dialogues added to SFT (and to each rejection-sampling set) per world task: the in-turn skill
+# that Ghost Attention builds on (§3.3).
 INSTRUCTION_SHARE = 0.3
 # What a sampled policy's reply turns into when RL pushes it off the data: a good reply with stray words after it.
 GARBLE_WORDS = ("a", "the", "and", "is", "of", "likes", "lives", "her", "his", "colour", "pet", "so", "then")
 
-# Pretraining documents: the weight of each kind (World._doc_<kind>). Arithmetic is the skill a 0.87M model learns
-# last, and it learns it abruptly: with arithmetic at 0.2 (18% of the documents) the default pretraining got 7.7% of the
-# world's held-out sums right (seed 0; 10% after SFT; one earlier run of another mix reached 79%), with 0.5 (36% of the
-# documents) 74.3%, most of it learned between steps 500 (16%) and 750 (76%), while fact recall stayed at 88.5% (88.0%
-# before). Everything after pretraining leans on it: SFT's correctness, the reward models' judgment of sums, the pairs
-# rated "significantly better" (Table 8). BENCHMARKS.md has the runs.
-# The club notices (World._doc_club, choice 7) take 4% of the weight from the stories: they teach the chat models to
-# spell a hobby in capitals, which "capitals + a hobby" needs (GAtt's worst instruction without them).
-ARITH_ASKED = 0.3  # share of the arithmetic documents' sums asked as a question (choice 6)
+# Pretraining documents: the weight of each kind (World._doc_makers). Arithmetic weighs most because a small model
+# learns it last (choice 3); club notices take 4% from the stories to teach hobbies in capitals (choice 4).
+ARITH_ASKED = 0.3  # share of the arithmetic documents' sums asked as a question first (choice 3)
 PRETRAIN_MIX = {"bio": 0.35, "story": 0.16, "qa": 0.2, "arith": 0.5, "advice": 0.05, "roleplay": 0.08, "club": 0.04}
 KINDS = ("fact", "arith", "story", "multiturn", "harmful", "borderline")
 KIND_WEIGHTS = {"fact": 0.3, "arith": 0.15, "story": 0.1, "multiturn": 0.15, "harmful": 0.15, "borderline": 0.15}
@@ -191,6 +214,16 @@ class World:
         self._by_name = {p.name.lower(): p for p in self.people}
         self._slots = {p.name: p.slots() for p in self.people}
         self._splits = self._build_splits()
+        # what writes each kind of pretraining document, chat task and flawed reply (the order of PRETRAIN_MIX, KINDS)
+        self._doc_makers = {"bio": self._doc_bio, "story": self._doc_story, "qa": self._doc_qa,
+                            "arith": self._doc_arith, "advice": self._doc_advice, "roleplay": self._doc_roleplay,
+                            "club": self._doc_club}
+        self._task_makers = {"fact": self._task_fact, "arith": self._task_arith, "story": self._task_story,
+                             "multiturn": self._task_multiturn, "harmful": self._task_harmful,
+                             "borderline": self._task_borderline}
+        self._variant_makers = {"fact": self._variants_fact, "arith": self._variants_arith,
+                                "story": self._variants_story, "multiturn": self._variants_fact,
+                                "harmful": self._variants_harmful, "borderline": self._variants_borderline}
 
     def person(self, name: str) -> Person:
         return self._by_name[name.lower()]
@@ -223,7 +256,6 @@ class World:
         return {"train": keys[n_val + n_test:], "val": keys[:n_val], "test": keys[n_val:n_val + n_test]}
 
     # -- pretraining corpus (§2): many short documents, every fact stated many times in several phrasings ------------
-    # (the document mix: PRETRAIN_MIX, with the measurements behind its arithmetic share)
     def pretrain_documents(self, n_bytes: int = 8_000_000, seed: int = 0, mix: Optional[dict] = None) -> list[str]:
         """Documents until n_bytes; mix: weights by kind that replace PRETRAIN_MIX's (a kind at weight 0 is never
         drawn, and leaves the random stream, so the corpus, exactly as without it)."""
@@ -233,7 +265,7 @@ class World:
             raise ValueError(f"{', '.join(bad) or 'every weight 0'}: the kinds are {', '.join(PRETRAIN_MIX)}, each "
                              f"weight finite and >= 0, not all 0")
         rng = Random(f"pretrain/{self.seed}/{seed}")
-        makers = [getattr(self, f"_doc_{kind}") for kind in PRETRAIN_MIX]
+        makers = [self._doc_makers[kind] for kind in PRETRAIN_MIX]
         weights = list(mix.values())
         docs, total = [], 0
         while total < n_bytes:
@@ -266,7 +298,7 @@ class World:
 
     def _doc_arith(self, rng: Random) -> str:
         """A page of worked sums, "26 + 16 = 42" one per line; ARITH_ASKED of the lines are asked first, as a question
-        ("Q: What is 26 + 16? A: 26 + 16 = 42."), the form SFT's arithmetic prompts take (choice 6 says why)."""
+        ("Q: What is 26 + 16? A: 26 + 16 = 42."), the form SFT's arithmetic prompts take (choice 3)."""
         lines = []
         for _ in range(rng.randint(4, 8)):
             a, op, b = self._random_sum(rng)
@@ -300,13 +332,8 @@ class World:
 
     def _doc_club(self, rng: Random) -> str:
         """A club notice board, headline in capitals as web pages shout them: "CLUB NEWS: ARCHERY AND YOGA", then who
-        meets when. With a 512-piece vocabulary a word in capitals is a different token sequence from the word
-        ("archery" is 3 pieces, "ARCHERY" 7 letters), so writing a hobby in capitals is a spelling a model learns word
-        by word from text that has it. Without these notices only the role-play transcripts that draw both capitals
-        and a hobby had it (~5-26 times per hobby in 8 MB), and every chat model, GAtt's included, answered "Answer
-        only in capital letters. You enjoy archery; ..." with "I LOVE GOLF." or "I LOVE YOGA.": the instruction
-        kept at every turn, the word never right (BENCHMARKS.md). Any hobby, held-out ones included, as role-play.
-        Choice 7 has the measurements; `pretrain.py --mix club=0,story=0.2` leaves them out."""
+        meets when. With a 512-piece vocabulary "ARCHERY" is another token sequence than "archery", a spelling a model
+        learns only from text that has it (choice 4). Any hobby, held-out ones included, as in role-play."""
         hobbies = rng.sample(HOBBIES, rng.randint(2, 3))
         lines = ["CLUB NEWS: " + ", ".join(h.upper() for h in hobbies[:-1]) + " AND " + hobbies[-1].upper()]
         for h in hobbies:
@@ -371,7 +398,7 @@ class World:
         for _ in range(DEFAULT_N[split] if n is None else n):
             kind = rng.choices(kinds, weights)[0]
             key = rng.choice(self._splits[kind][split])
-            out.append(getattr(self, f"_task_{kind}")(key, rng))
+            out.append(self._task_makers[kind](key, rng))
         return out
 
     def _task_fact(self, key, rng: Random) -> Task:
@@ -496,7 +523,7 @@ class World:
                ("garbled", f"{ref} {junk}{rng.choice(['', '.'])}"),
                ("partial", " ".join(words[:max(1, len(words) // 2 if task.kind in ("story", "borderline", "harmful")
                                                 else len(words) - 1)]).rstrip(string.punctuation + " "))]
-        out += getattr(self, f"_variants_{'fact' if task.kind == 'multiturn' else task.kind}")(task, rng)
+        out += self._variant_makers[task.kind](task, rng)
         if task.kind != "harmful":
             out.append(("refusal", rng.choice(REFUSALS)))
         return out

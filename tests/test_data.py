@@ -1,14 +1,18 @@
-"""Tests of the miniature world (data.py): determinism, splits, corpus coverage, the annotator's judgments and noise,
-GAtt constraints, and the readers' error messages. All fast (a few seconds in total)."""
+"""Tests of the miniature world (world.py): determinism, splits, corpus coverage, GAtt constraints; its raters
+(annotator.py): judgments and noise; the readers (data.py): error messages, bounded input. All fast (seconds)."""
 import json
-import re
 import random
+import re
+import tracemalloc
 
 import pytest
 
 from annotator import Annotator, RATINGS, is_refusal, win_rate, win_tie_loss
-from data import DataError, read_dialogs_jsonl, read_preferences_jsonl, read_rl_prompts_jsonl, read_text_files
-from world import ARITH_ASKED, ATTRIBUTES, CONSTRAINTS, CONSTRAINT_KINDS, DEMO_BLIND_SPOT, HARMFUL, HOBBIES, KINDS, PRETRAIN_MIX, SPLITS, World, apply_all, combine, recall_correct, user
+import data
+from data import (MAX_LINE_BYTES, DataError, read_dialogs_jsonl, read_preferences_jsonl, read_rl_prompts_jsonl,
+                  read_text_files)
+from world import (ARITH_ASKED, ATTRIBUTES, CONSTRAINTS, CONSTRAINT_KINDS, DEMO_BLIND_SPOT, HARMFUL, HOBBIES, KINDS,
+                   PRETRAIN_MIX, SPLITS, World, apply_all, combine, recall_correct, user)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +113,8 @@ def test_corpus_role_play_pairs_figures_and_markers_at_random(world):
 
 
 def test_club_notices_write_every_hobby_in_capitals(world):
-    """The club notices (PRETRAIN_MIX, choice 7): every hobby of the constraints, held-out ones included, written
-    in capitals next to its ordinary spelling, so that "capitals + hobby" is a spelling the pretrained model has seen
+    """The club notices (world.py choice 4): every hobby of the constraints, held-out ones included, written in
+    capitals next to its ordinary spelling, so that "capitals + hobby" is a spelling the pretrained model has seen
     (World._doc_club). The corpus is seeded: deterministic (~34 per hobby)."""
     corpus = "\n".join(world.pretrain_documents(1_000_000))
     for h in HOBBIES:
@@ -152,7 +156,7 @@ def test_corpus_arithmetic_is_right(world):
 
 
 def test_arithmetic_documents_ask_a_share_of_their_sums(world):
-    """data.py choice 6: ARITH_ASKED of the arithmetic documents' sums are asked as a question whose answer repeats
+    """world.py choice 3: ARITH_ASKED of the arithmetic documents' sums are asked as a question whose answer repeats
     the operands ("Q: What is 22 + 31? A: 22 + 31 = 53."), the rest are bare worked sums, every one right. Seeded
     corpus, ~7.5k lines: deterministic; under the binomial (sd 0.005) the share is within 0.03 of ARITH_ASKED with
     odds of failing below 1e-8."""
@@ -488,3 +492,53 @@ def test_empty_files_fail_clearly(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("Once upon a time.")
     assert read_text_files([text]) == ["Once upon a time."] == read_text_files(text)
+
+
+def _dialog_line(n_bytes: int) -> bytes:
+    """One SFT dialog as a JSONL line of exactly n_bytes (without its newline), the reply padded to fit."""
+    head, tail = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "', b'"}]}'
+    return head + b"a" * (n_bytes - len(head) - len(tail)) + tail
+
+
+def test_a_line_over_the_limit_is_refused_without_reading_it_whole(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:  # line 2: one 50 MB line, written in pieces
+        f.write(_dialog_line(100) + b"\n" + b'{"messages": "')
+        for _ in range(50):
+            f.write(b"a" * 1_000_000)
+        f.write(b'"}\n')
+    n = path.stat().st_size - 100 - 2
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=f"{path}:2: line of {n} bytes is longer than the limit of "
+                                            f"{MAX_LINE_BYTES} bytes"):
+            read_dialogs_jsonl(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_LINE_BYTES, peak  # the 50 MB line was never held
+
+
+def test_a_line_at_the_limit_still_parses(tmp_path):
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes(_dialog_line(MAX_LINE_BYTES) + b"\n" + _dialog_line(150) + b"\r\n" + _dialog_line(150))
+    dialogs = read_dialogs_jsonl(path)  # CRLF and no final newline are fine too
+    assert len(dialogs) == 3 and len(dialogs[0][1]["content"]) > MAX_LINE_BYTES - 100
+    path.write_bytes(_dialog_line(150) + b"\n" + _dialog_line(MAX_LINE_BYTES + 1))  # one byte over, at the end
+    with pytest.raises(DataError, match=f":2: line of {MAX_LINE_BYTES + 1} bytes"):
+        read_dialogs_jsonl(path)
+
+
+def test_bad_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(_dialog_line(200) + b"\n\n" + _dialog_line(200).replace(b"aaa", b"a\xe9a", 1) + b"\n")
+    with pytest.raises(DataError, match=f"{path}:3: not valid UTF-8"):
+        read_dialogs_jsonl(path)
+
+
+def test_a_text_file_over_the_limit_is_refused(tmp_path, monkeypatch):
+    text = tmp_path / "book.txt"
+    text.write_text("Once upon a time.")
+    monkeypatch.setattr(data, "MAX_TEXT_FILE_BYTES", 10)
+    with pytest.raises(DataError, match=f"{text}: file of 17 bytes is larger than the limit of 10 bytes"):
+        read_text_files([text])
