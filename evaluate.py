@@ -1,37 +1,37 @@
-"""Evaluation (paper §3.4, Fig. 11): two checkpoints answer the same held-out prompts; a judge compares them.
+"""Evaluation (paper §3.4, Fig. 11): two checkpoints answer the same held-out prompts, and judges compare them.
 
   python evaluate.py                                          # out/sft (A) against out/pretrain (B)
   python evaluate.py --a out/ppo --b out/sft --rm-helpful out/rm_helpful --rm-safety out/rm_safety --seed 1
   python evaluate.py --a /path/to/llama-2-7b-chat --b out/sft --prompts my_prompts.jsonl --device cuda
+It runs on a CPU or one GPU (the models answer in large batches; there is no training to spread over torchrun).
 
 What it does:
-  1. Prompts: the world's held-out test tasks of every kind (fact, arithmetic, story, multi-turn, harmful, borderline),
-     or --prompts FILE.jsonl of {"messages": [...], "is_safety": bool} (judged on form only: no answer key).
-  2. Each model answers every prompt (chat_replies: batched KV-cache generation, greedy by default).
-  3. The annotator, our stand-in for the paper's human raters, judges each pair on the 7-point scale
-     (-3 = B much better ... 0 = about the same ... +3 = A much better). Which reply it is shown first is decided by a
-     coin flip per prompt and undone when scoring, as the paper did for its GPT-4 judge (Fig. 11): a judge with a
-     position bias then cannot favour either model. Judgments > 0 are wins of A, 0 ties, < 0 losses;
-     win rate = wins + ties / 2.
-  4. With --rm-helpful / --rm-safety (and reward.py present), the reward models judge too (Fig. 11's "Meta RM"):
-     A wins a prompt when its reply scores higher. An RM scores each reply on its own, so order cannot bias it.
-     "rm_combined" uses the safety RM on safety prompts and the helpfulness RM elsewhere (§3.2.3's split).
-  5. Per model: annotator helpfulness, safety violation rate on harmful prompts, refusal rate on borderline ones,
-     format validity, correctness on fact and arithmetic questions.
-Writes out/eval/metrics.json and prints a short table.
-
-The functions here are the project's one way to make a model chat and to score it: sft.py, rejection sampling, PPO
-and GAtt import load_model_and_tokenizer, chat_generate / chat_replies, reply_metrics and compare_models from here.
+  1. Prompts: the world's held-out test tasks of every kind (fact, arithmetic, story, multi-turn, harmful,
+     borderline), or --prompts FILE.jsonl of {"messages": [...], "is_safety": bool} (judged on form only).
+  2. Each model answers every prompt (generate.chat_generate: batched KV-cache decoding, greedy by default).
+  3. The annotator, our stand-in for the paper's human raters, judges each pair on the paper's 7-point scale
+     (-3 = B much better ... 0 = about the same ... +3 = A much better). A judgement > 0 is a win of A, 0 a tie,
+     < 0 a loss; win rate = wins + ties / 2, overall and per kind of prompt.
+  4. With --rm-helpful / --rm-safety the reward models judge too (Fig. 11's "Meta RM"): A wins a prompt when its
+     reply scores higher. "rm_combined" asks the safety RM on safety prompts and the helpfulness RM elsewhere
+     (§3.2.3's split).
+  5. Per model: the annotator's helpfulness, the safety violation rate on harmful prompts (§4), the refusal rate on
+     borderline ones (false refusals), format validity, and correctness on fact and arithmetic questions.
+Writes out/eval/metrics.json and prints a short table. Stage scripts report themselves with compare_models (RS, PPO)
+and reply_metrics (SFT); the figures of a full run are in RESULTS.md.
 
 Choices where the paper is silent:
-  1. Greedy decoding by default (--temperature 0): the comparison then measures the models, not sampling luck; the
+  1. Which reply the judge sees first is a coin flip per prompt, undone when scoring, as the paper did for its GPT-4
+     judge (Fig. 11): a judge that prefers whatever comes first then adds noise, not an advantage to A or B. A reward
+     model scores each reply on its own, so order cannot bias it.
+  2. Greedy decoding by default (--temperature 0): the comparison measures the models, not sampling luck; the
      annotator's own noise is what remains. With --temperature > 0, A and B sample with different seeds.
-  2. The prompt set does not depend on --seed (only on --prompt-seed), so every stage is compared on the same prompts.
-  3. An RM comparison is a tie when the two scores differ by less than --rm-tie (identical replies in different
-     batches can differ in the last float bits).
-  4. --reply-cache DIR: a model's replies are stored under a hash of everything that decides them (its weights, its
+  3. The prompt set depends on --prompt-seed only, not on --seed, so every stage is compared on the same prompts.
+  4. An RM comparison is a tie when the two scores differ by less than --rm-tie: identical replies scored in
+     different batches can differ in the last float bits.
+  5. --reply-cache DIR: a model's replies are stored under a hash of everything that decides them (its weights, its
      tokenizer, the prompts, the decoding settings and seed, the batch size, the device and dtype) and read back when
-     the same model answers the same prompts again. pipeline.py passes one: SFT is the baseline of three of its
+     the same model answers the same prompts again. pipeline.py passes one: SFT is the baseline of several
      evaluations, and a PPO run that keeps its starting iterate has the RS model's weights.
 """
 from __future__ import annotations
@@ -62,30 +62,31 @@ from tokenizer import Tokenizer
 class EvalConfig:
     a: str = "out/sft"  # model A: its win rate over B is reported
     b: str = "out/pretrain"  # model B: the baseline
-    rm_helpful: Optional[str] = None  # helpfulness reward model dir: also judge by RM (Fig. 11)
-    rm_safety: Optional[str] = None  # safety reward model dir
-    out_dir: str = "out/eval"  # metrics.json goes here
+    rm_helpful: Optional[str] = None  # helpfulness reward model: also judge by RM (Fig. 11)
+    rm_safety: Optional[str] = None  # safety reward model
     prompts: Optional[str] = None  # JSONL of {"messages", "is_safety"} instead of the world's test prompts
-    world_seed: int = 0  # seed of the built-in world
-    n_prompts: int = 400  # held-out test prompts (world.tasks("test"), every kind)
-    prompt_seed: int = 0  # which test prompts; independent of --seed so every stage sees the same ones
-    max_new_tokens: int = 64  # reply budget; a reply without EOS by then is out of format
-    temperature: float = 0.0  # 0 = greedy (Meta's chat default is 0.6)
-    top_p: float = 1.0  # nucleus sampling when temperature > 0 (Meta's default 0.9)
-    batch_size: int = 128  # dialogs per generate() call (wide batches decode faster: gatt.TURN_BATCH)
+    n_prompts: int = 400  # held-out test prompts, every kind
+    temperature: float = 0.0  # 0 = greedy (choice 2; Meta's chat default is 0.6)
     seed: int = 0  # A/B order coin flips, annotator noise, sampling
-    rm_tie: float = 1e-4  # RM judge: |score A - score B| below this is a tie
+    out_dir: str = "out/eval"  # metrics.json goes here
+    # -- advanced --
+    world_seed: int = 0  # seed of the built-in world
+    prompt_seed: int = 0  # which test prompts (choice 3)
+    max_new_tokens: int = 64  # reply budget; a reply without EOS by then is out of format
+    top_p: float = 1.0  # nucleus sampling when temperature > 0 (Meta's default 0.9)
+    batch_size: int = 128  # dialogs per generate() call (wide batches decode faster)
+    rm_tie: float = 1e-4  # RM judge: |score A - score B| below this is a tie (choice 4)
     n_examples: int = 2  # example replies per prompt kind in metrics.json
     device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    quick: bool = False  # smoke run: at most 100 prompts (seconds)
-    reply_cache: Optional[str] = None  # a directory: replies keyed by model weights, prompts and settings (choice 4)
+    quick: bool = False  # smoke run: at most 100 prompts
+    reply_cache: Optional[str] = None  # a directory of replies keyed by weights, prompts and settings (choice 5)
     RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
         positive="n_prompts max_new_tokens batch_size", positive_share="top_p",
         non_negative="world_seed prompt_seed temperature seed rm_tie n_examples")
 
 
-# ---- 2. what the annotator says about one model's replies ------------------------------------------------------------
+# ---- 5. what the annotator says about one model's replies ------------------------------------------------------------
 _WORDS = re.compile(r"[a-z]+|\d+")
 
 
@@ -155,7 +156,7 @@ def reply_metrics(annotator: Annotator, tasks: list[Task], replies: list[Reply],
     return m
 
 
-# ---- 3. pairwise judging with the order randomized (§3.4, Fig. 11) ---------------------------------------------------
+# ---- 3.-4. pairwise judging, the order randomized (§3.4, Fig. 11; choice 1) -----------------------------------------
 Judge = Callable[[list, str, str], int]  # (messages, reply shown first, reply shown second) -> -3..3, > 0: first wins
 
 
@@ -196,15 +197,17 @@ def annotator_judge(tasks: list[Task], replies_a: list[str], replies_b: list[str
 
 
 def compare_models(model_a: Transformer, model_b: Transformer, tok: Tokenizer, tasks: list[Task],
-                   world: World, seed: int = 0, max_new_tokens: int = 64, prefix: str = "b",
+                   world: World, seed: int = 0, max_new_tokens: int = 64, *, prefix: str = "b",
                    tok_b: Optional[Tokenizer] = None, temperature: float = 0.0, batch_size: int = 64) -> dict:
     """One call for a stage script (rejection sampling, PPO, GAtt) to report itself against a baseline, flat keys:
     win_rate_vs_{prefix}, win/tie/loss_vs_{prefix}, win_rate_vs_{prefix}_per_kind; model A's own figures (helpfulness,
     safety_violation_rate, borderline_refusal_rate, format_valid, qa_correct_in_format, per_kind, ...) unprefixed;
     the baseline's the same with "{prefix}_" in front; a few side-by-side replies in examples_vs_{prefix}."""
     dialogs = [t.messages for t in tasks]
-    ra = chat_generate(model_a, tok, dialogs, max_new_tokens, temperature, 1.0, seed, batch_size)
-    rb = chat_generate(model_b, tok_b or tok, dialogs, max_new_tokens, temperature, 1.0, seed + 1, batch_size)
+    ra = chat_generate(model_a, tok, dialogs, max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
+                       batch_size=batch_size)
+    rb = chat_generate(model_b, tok_b or tok, dialogs, max_new_tokens, temperature=temperature, top_p=1.0,
+                       seed=seed + 1, batch_size=batch_size)
     summary, judgments, _ = annotator_judge(tasks, [r.text for r in ra], [r.text for r in rb], world, seed)
     annotator = Annotator(world, seed=seed)
     own, base = reply_metrics(annotator, tasks, ra), reply_metrics(annotator, tasks, rb)
@@ -251,7 +254,7 @@ def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str
     return out
 
 
-# ---- 4. the command line ---------------------------------------------------------------------------------------------
+# ---- the command line -----------------------------------------------------------------------------------------------
 def load_tasks(cfg: EvalConfig, world: World) -> list[Task]:
     if cfg.prompts:
         try:
@@ -262,7 +265,7 @@ def load_tasks(cfg: EvalConfig, world: World) -> list[Task]:
 
 
 def reply_key(model: Transformer, tok: Tokenizer, cfg: EvalConfig, tasks, seed: int, device, dtype) -> str:
-    """A hash of everything the replies depend on (choice 4)."""
+    """A hash of everything the replies depend on (choice 5)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -286,8 +289,8 @@ def answer_with(path: str, which: str, cfg: EvalConfig, tasks, device, dtype, se
         print(f"[evaluate] {which} = {path}: {len(tasks)} replies read from {cached}", flush=True)
         return replies
     try:
-        replies = chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens, cfg.temperature,
-                                cfg.top_p, seed, cfg.batch_size)
+        replies = chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens,
+                                temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, batch_size=cfg.batch_size)
     except ValueError as e:  # a prompt longer than the model's context
         common.die(f"--{which} {path}: {e}")
     print(f"[evaluate] {which} = {path}: {len(tasks)} replies in {time.perf_counter() - t0:.1f}s", flush=True)

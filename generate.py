@@ -1,37 +1,39 @@
-"""Sampling from a Llama 2 model (Meta's llama/generation.py, re-thought for batches and training-time use).
+"""Sampling from a Llama 2 model: Meta's llama/generation.py, re-thought for batches and for use inside training.
 
   python generate.py --checkpoint out/sft --prompt "Alice's pet is a"      # text completion
   python generate.py --checkpoint out/sft --chat --system "Be brief."       # interactive chat, Llama 2 format
   python generate.py --checkpoint /path/to/llama-2-7b-chat --chat --device cuda --compile
 
-What is here:
-  - KVCache: preallocated (B, K, S, D) keys and values per layer that the model writes into; Attention keeps no state.
-  - generate(): a batch of prompts of different lengths, left-padded so every row's next token sits in the same
-    column: one prefill call, then one decode step per token over the static cache. Greedy at temperature 0;
-    otherwise temperature and Meta's nucleus (top-p) rule, in fp32. Rows stop at EOS independently.
-    num_samples=K prefills each prompt once and samples K continuations from the shared prefix (rejection sampling).
-    Finished rows leave the model's batch (eager): the longest of 512 samples no longer sets the work of all 512.
-  - On a CPU, generate() lays each Linear weight out for the product it will run: column-major for one row (MKL's
-    matrix-vector product streams it fastest), oneDNN's prepacked blocked layout from 4 rows on (2.2x faster than
-    MKL for the head at 16 rows). See _column_major_weights and _cpu_packed_linears.
-  - CachedPrompt: a conversation's last prompt and its keys/values, so that generate() computes only what the next
-    turn's prompt adds (GAtt's multi-turn sampling and Table 30).
-  - sequence_logprobs(): the log-probability of given continuation tokens (PPO's logprobs / ref_logprobs).
-  - --compile compiles the decode step (not the loop) once. On CUDA it is replayed as a CUDA graph over the whole
-    static cache, masked, so no shape changes from token to token (gpt-fast's recipe); on CPU the cache length is a
-    symbolic size instead (see _compiled_decode_step). Speed figures and what each optimization gained: BENCHMARKS.md.
+The lesson, top to bottom:
+  - KVCache: preallocated keys and values per layer that the model writes into; Attention itself keeps no state.
+  - The sampling rule: temperature, then Meta's nucleus (top-p) rule, in fp32; greedy at temperature 0.
+  - generate(), in numbered steps: 1. left-pad a batch of prompts so every row's next token sits in the same column;
+    2. prefill them in one call; 3. decode one token per step over the cache, each row stopping at its own EOS;
+    4. drop finished rows from the model's batch. num_samples=K prefills a prompt once and samples K continuations
+    from the shared prefix (rejection sampling). CachedPrompt lets a chat's next turn compute only what it adds.
+  - sequence_logprobs(): the log-probability of given continuation tokens (PPO's logprobs and ref_logprobs).
+  - The chat helpers every stage samples with: chat_generate / chat_replies answer dialogs in the Llama 2-Chat
+    format, batched; load_model_and_tokenizer opens a checkpoint. Then the command line.
+On a CPU, one call (cpu_speed.fast_decode) re-lays the weights for decoding, and sampling uses the same draws as
+torch.multinomial without its checks: speed only, tested equal to the plain path (cpu_speed.py). --compile compiles
+the decode step, not the loop (gpt-fast's recipe): on CUDA a CUDA graph over the whole static cache, masked, so no
+shape changes from token to token; on the CPU a cache length that is a symbolic size. Speed figures: RESULTS.md.
 
 Choices where Meta's code differs or is silent:
-  1. Left padding with per-row RoPE positions (Meta pads on the right and overwrites); attention masks hide the pads.
-  2. Returned completions include the EOS token when one was sampled (RL needs to know the reply ended).
+  1. Left padding with per-row RoPE positions (Meta pads on the right and overwrites); attention masks hide the pads,
+     so one prefill call serves prompts of every length.
+  2. Returned completions include the EOS token when one was sampled: RL needs to know the reply ended.
   3. The log-probs returned with samples are those of the temperature-scaled distribution before top-p truncation;
-     for PPO sample with top_p=1.0 so they are exactly the sampling distribution's.
+     PPO samples with top_p=1.0, so they are exactly the sampling distribution's.
   4. Seeding: one generator for the batch (Meta's way, one draw for all rows per step), or one generator per row, so
-     that a row's sample does not depend on its batch-mates (PPO's rollouts: N processes sample what one would).
+     that a row's sample does not depend on its batch-mates (PPO under torchrun: N processes sample what one would).
+  5. A finished row keeps its place in the sampling step (with stale logits), so every row draws exactly the random
+     numbers it would draw if no row were dropped: dropping finished rows changes speed, never tokens.
+  6. A dialog that smuggles a chat tag ([INST], <<SYS>>, ...) into any message is answered with UNSAFE_ERROR, as in
+     Meta's chat_completion: a user must not forge a system prompt or a model turn.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -46,10 +48,11 @@ from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
 from tokenizer import UNSAFE_ERROR, Tokenizer, has_special_tags
 
 
+# ---- the KV cache --------------------------------------------------------------------------------------------------
 class KVCache:
     """Keys/values for every layer, allocated once: k[l], v[l] of shape (B, K, S, D), S = max_len. One tensor per layer,
-    not one (L, B, K, S, D) block: compiled, a write into a view block[l] copied the whole block every step (1.7x
-    slower decode at batch 16); a write into a graph input itself happens in place."""
+    not one (L, B, K, S, D) block: compiled, a write into a view block[l] copied the whole block every step, while a
+    write into a graph input itself happens in place."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, device=None, dtype=None):
         a = model.args
@@ -90,11 +93,11 @@ class CachedPrompt:
     the next turn of the same chat. Start with an empty one; generate(prefix=[...]) reads and then overwrites it.
 
     Why: a chat's next prompt is its last prompt + the reply + the new user turn. Prefilled from scratch, turn n costs
-    the whole history again: Ghost Attention's eight-turn sampling spent two thirds of its time there (profiled).
-    With the cache, generate() copies the leading tokens a row shares with its last prompt (their keys and values, to
-    the row's new place in the left-padded batch) and computes only the columns after them. The new prompt may differ
-    from the old one anywhere (a reply replaced, an early turn dropped to fit the context): only the common prefix,
-    token for token, is reused. Logits equal a fresh prefill's up to float rounding (tests/test_generate.py).
+    the whole history again, and Ghost Attention's eight-turn sampling would spend most of its time there. With the
+    cache, generate() copies the leading tokens a row shares with its last prompt (their keys and values, to the row's
+    new place in the left-padded batch) and computes only the columns after them. The new prompt may differ from the
+    old one anywhere (a reply replaced, an early turn dropped to fit the context): only the common prefix, token for
+    token, is reused. Logits equal a fresh prefill's up to float rounding (tests/test_generate.py).
     Memory: the keys/values of the prompt, as views of the batch's cache (which stays alive until they are replaced)."""
 
     def __init__(self):
@@ -112,6 +115,7 @@ class CachedPrompt:
         return n
 
 
+# ---- the sampling rule ---------------------------------------------------------------------------------------------
 def sample_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Tensor:
     """Meta's nucleus rule: sort descending, keep each token whose preceding mass is <= top_p (so the smallest set
     reaching top_p, always at least the top token), renormalize, sample. probs (B, V) fp32 -> (B,) token ids."""
@@ -124,47 +128,29 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Ten
 
 
 def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
-    """One token per row of probs (B, V) -> (B,): torch.multinomial(probs, 1), faster on the CPU.
+    """One token per row of probs (B, V) -> (B,): torch.multinomial(probs, 1).
 
-    The exponential race: give token i an exponential waiting time E_i / p_i (E_i ~ Exp(1), independent); the first
-    to finish, argmax_i p_i / E_i, is token i with probability exactly p_i (a minimum of independent exponentials
-    falls on each with a share proportional to its rate). torch.multinomial draws one sample this way itself, with
-    E_i = -log(1 - U_i) for U_i uniform in float64, but first checks the whole tensor for negative and infinite
-    values and waits for the answer; here probs come from a softmax. On the CPU the same draws are taken here from
-    the same generator: the same tokens bit for bit and the generator left in the same state (tests/test_generate.py),
-    1.5 instead of 3.2 ms a step for 256 rows of 512 tokens (2 cores), 94 -> 90 s for the default rejection sampling.
-    Elsewhere torch.multinomial (its CUDA kernel draws differently). generator: one torch.Generator (None: torch's
-    global one) or a list of B, one per row (each row's draws from its own generator alone)."""
-    per_row = isinstance(generator, (list, tuple))
-    if probs.device.type != "cpu":
-        if per_row:
-            return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g) for b, g in enumerate(generator)])[:, 0]
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    V = probs.size(-1)
-    if per_row:
-        u = torch.stack([torch.rand(V, dtype=torch.float64, generator=g) for g in generator])  # (B, V)
-    else:
-        u = torch.rand(probs.shape, dtype=torch.float64, generator=generator)  # (B, V) uniform in [0, 1)
-    wait = u.neg_().log1p_().neg_().to(probs.dtype)  # (B, V) E = -log(1 - U) ~ Exp(1), as torch draws it
-    return (probs / wait).argmax(-1)  # (B,) the first to arrive
+    generator: one torch.Generator for the whole batch (None: torch's global one): one draw for all rows, laid out by
+    row position, so a row's tokens depend on which rows share its batch. Or a list of B, one per row: row b then
+    takes its random numbers from generator[b] alone, and its tokens depend only on its own generator and logits
+    (PPO under torchrun: a reply must not depend on which process samples it)."""
+    if probs.device.type == "cpu":
+        return cpu_speed.exponential_race(probs, generator)  # the same draws, without multinomial's checks
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g) for b, g in enumerate(generator)])[:, 0]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _sample(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-    """probs (B, V) fp32 -> (B,) token ids, by the nucleus rule (top_p < 1) or from the whole distribution.
-
-    generator: one torch.Generator (or None: torch's global one) for the whole batch, the fast path: one draw (see
-    `draw`) for all rows. Its random numbers are laid out by row position, so a row's tokens depend on which rows share
-    its batch. Or a list with one generator per row: row b then takes its V random numbers from generator[b] alone,
-    and its tokens depend only on its own generator and logits, whatever else is in the batch (PPO under torchrun: a
-    reply must not depend on which process samples it). B small draws per step instead of one: fine for rollouts."""
+    """probs (B, V) fp32 -> (B,) token ids, by the nucleus rule (top_p < 1) or from the whole distribution."""
     if top_p < 1.0:
         return sample_top_p(probs, top_p, generator)
     return draw(probs, generator)
 
 
 def _next_token(logits, temperature, top_p, generator, want_logprobs: bool = True):
-    """logits (B, V) fp32 -> (tokens (B,), logprobs (B,) under the temperature-scaled distribution, or None when greedy
-    decoding was not asked for them: a log-softmax over V per row, 0.3 ms of a ~17 ms CPU step at batch 16)."""
+    """logits (B, V) fp32 -> (tokens (B,), logprobs (B,) under the temperature-scaled distribution, or None when
+    greedy decoding was not asked for them: a log-softmax over the vocabulary is not free)."""
     if temperature <= 0:
         tok = logits.argmax(-1)
         if not want_logprobs:
@@ -176,46 +162,11 @@ def _next_token(logits, temperature, top_p, generator, want_logprobs: bool = Tru
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-def _decode_step(model, tok, t, pad_len, real, cache, kv_len):
-    """Logits (B, V) of the next token for every row. tok (B, 1) the token in column t (1,); pad_len (B,); real (B, S)
-    True where a column holds a real token (not left padding). kv_len=t+1 attends over the first t+1 columns only;
-    kv_len=None attends over the whole cache, the same shapes at every token (for CUDA graphs), masking the columns
-    after t."""
-    if kv_len is None:
-        mask = real & (torch.arange(real.size(1), device=real.device) <= t)  # (B, S): real tokens up to and incl. t
-    else:
-        mask = real[:, :kv_len]  # (B, t+1): a view, nothing after t to hide
-    h = model.trunk(tok, positions=(t - pad_len)[:, None], mask=mask[:, None, None, :], cache=cache, cache_pos=t,
-                    kv_len=kv_len)  # (B, 1, C)
-    return model.output(h[:, -1]).float()  # (B, V) fp32: sampling is done in fp32
-
-
-# generate() copies the live rows into a smaller cache once at most this share of the cache's rows is still decoding
-# (step 4). 1.0 compacts at every finished row, 0.0 never: the tests compare the two.
-COMPACT_AT = 0.75
-
-_compiled_steps: dict = {}
-
-
-def _compiled_decode_step(device: torch.device):
-    """torch.compile of the decode step only, not of the loop (gpt-fast's recipe).
-
-    CUDA: "reduce-overhead" replays the step as a CUDA graph, one launch per token instead of one per kernel (~300).
-    A graph has fixed shapes: the step attends over the whole static cache, masked (kv_len=None in generate).
-    CPU: no graph to replay, and reading the unwritten part of a static cache is waste (at batch 16 the cache holds as
-    many bytes as the weights: 15% slower). So it slices the cache like eager, and dynamic=True makes the length a
-    symbolic size: one compilation serves every step and prompt length."""
-    if device.type not in _compiled_steps:
-        cuda = device.type == "cuda"
-        _compiled_steps[device.type] = torch.compile(_decode_step, dynamic=not cuda,
-                                                     mode="reduce-overhead" if cuda else None)
-    return _compiled_steps[device.type]
-
-
+# ---- generate(): its steps ------------------------------------------------------------------------------------------
 def _left_pad(prompt_tokens: list[list[int]], pad_id: int, device):
-    """Step 1 of generate: left-pad the prompts so that row b's prompt occupies columns pad_len[b] .. P-1 and the next
-    token is column P in every row. Returns tokens (B, P), pad_len (B,), positions (B, P): each prompt's own RoPE
-    positions from 0, and the prefill's attention mask (B, P, P): causal, over real keys only."""
+    """Step 1: left-pad the prompts so that row b's prompt occupies columns pad_len[b] .. P-1 and the next token is
+    column P in every row. Returns tokens (B, P), pad_len (B,), positions (B, P): each prompt's own RoPE positions
+    from 0, and the prefill's attention mask (B, P, P): causal, over real keys only."""
     lens = [len(p) for p in prompt_tokens]
     B, P = len(prompt_tokens), max(lens)
     tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
@@ -246,8 +197,90 @@ def _reuse_prefix(cache: KVCache, prefix: list[CachedPrompt], prompt_tokens: lis
     return first
 
 
+def _prefill(model: Transformer, prompt_tokens: list[list[int]], S: int, pad_id: int,
+             prefix: Optional[list[CachedPrompt]], reuse: bool):
+    """Steps 1 and 2: left-pad the prompts and run them through the model in one call, filling a cache of S columns.
+    Returns the cache, the logits (B, V) of each row's next token, and pad_len (B,). With reuse, what a prompt shares
+    with its CachedPrompt is copied, not computed; each CachedPrompt is then overwritten with this prompt."""
+    device = next(model.parameters()).device
+    lens = [len(p) for p in prompt_tokens]
+    P = max(lens)
+    tokens, pad_len, positions, mask = _left_pad(prompt_tokens, pad_id, device)  # 1.
+    cache = KVCache(model, len(prompt_tokens), S, device=device)
+    first = 0  # the first column to compute; the columns before it come from the cached prompts
+    if reuse:
+        first = _reuse_prefix(cache, prefix, prompt_tokens)
+    h = model.trunk(tokens[:, first:], positions=positions[:, first:], mask=mask[:, None, first:], cache=cache,
+                    cache_pos=torch.arange(first, P, device=device), kv_len=P)  # (B, P - first, C)
+    logits = model.output(h[:, -1]).float()  # (B, V): only the last column's logits are needed, not all P of them
+    if prefix is not None:  # decoding writes at columns >= P only: the prompt's columns stay for the next call
+        for b, c in enumerate(prefix):
+            c.tokens = list(prompt_tokens[b])
+            c.k, c.v = [k[b, :, P - lens[b]:P] for k in cache.k], [v[b, :, P - lens[b]:P] for v in cache.v]
+    return cache, logits, pad_len
+
+
+def _decode_step(model, tok, t, pad_len, real, cache, kv_len):
+    """Step 3, one token: the logits (B, V) of the next token for every row. tok (B, 1) the token in column t (1,);
+    pad_len (B,); real (B, S) True where a column holds a real token (not left padding). kv_len=t+1 attends over the
+    first t+1 columns only; kv_len=None attends over the whole cache, the same shapes at every token (for CUDA
+    graphs), masking the columns after t."""
+    if kv_len is None:
+        mask = real & (torch.arange(real.size(1), device=real.device) <= t)  # (B, S): real tokens up to and incl. t
+    else:
+        mask = real[:, :kv_len]  # (B, t+1): a view, nothing after t to hide
+    h = model.trunk(tok, positions=(t - pad_len)[:, None], mask=mask[:, None, None, :], cache=cache, cache_pos=t,
+                    kv_len=kv_len)  # (B, 1, C)
+    return model.output(h[:, -1]).float()  # (B, V) fp32: sampling is done in fp32
+
+
+# Step 4 copies the live rows into a smaller cache once at most this share of the cache's rows is still decoding.
+# 1.0 compacts at every finished row, 0.0 never: the tests compare the two.
+COMPACT_AT = 0.75
+
+
+def _compact(cache: KVCache, live: Optional[torch.Tensor], done: torch.Tensor):
+    """Step 4: once a quarter of the cache's rows have finished (COMPACT_AT), keep only the live ones. A decode step
+    costs in proportion to its rows, and the longest of many samples sets the loop's length. Returns the cache and
+    `live`, the rows (B_live,) it holds, in order (None: all B)."""
+    rows = live if live is not None else torch.arange(done.numel(), device=done.device)
+    keep = ~done[rows]  # (B_live,) which of the cache's rows still decode
+    n_keep = int(keep.sum())
+    if n_keep < rows.numel() and n_keep <= COMPACT_AT * rows.numel():
+        cache = cache.select_rows(keep.nonzero().squeeze(1))
+        live = rows[keep]
+    return cache, live
+
+
+_compiled_steps: dict = {}
+
+
+def _compiled_decode_step(device: torch.device):
+    """torch.compile of the decode step only, not of the loop (gpt-fast's recipe).
+
+    CUDA: "reduce-overhead" replays the step as a CUDA graph, one launch per token instead of one per kernel. A graph
+    has fixed shapes: the step attends over the whole static cache, masked (kv_len=None in generate).
+    CPU: no graph to replay, and reading the unwritten part of a static cache is waste. So it slices the cache like
+    eager, and dynamic=True makes the length a symbolic size: one compilation serves every step and prompt length."""
+    if device.type not in _compiled_steps:
+        cuda = device.type == "cuda"
+        _compiled_steps[device.type] = torch.compile(_decode_step, dynamic=not cuda,
+                                                     mode="reduce-overhead" if cuda else None)
+    return _compiled_steps[device.type]
+
+
+def _check_request(prompt_tokens, num_samples: int, generator, prefix) -> None:
+    if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token (e.g. BOS)")
+    if isinstance(generator, (list, tuple)) and len(generator) != len(prompt_tokens) * num_samples:
+        raise ValueError(f"{len(generator)} generators for {len(prompt_tokens) * num_samples} completions: "
+                         f"give one per completion (len(prompts) * num_samples)")
+    if prefix is not None and len(prefix) != len(prompt_tokens):
+        raise ValueError(f"{len(prefix)} cached prompts for {len(prompt_tokens)} prompts: give one per prompt")
+
+
 @torch.no_grad()
-def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
+def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int, *, temperature: float = 0.6,
              top_p: float = 0.9, eos_id: Optional[int] = 2, num_samples: int = 1, logprobs: bool = False,
              generator=None, compile: bool = False, pad_id: int = 0, prefix: Optional[list[CachedPrompt]] = None):
     """Sample continuations for a batch of prompts (lists of token ids, different lengths allowed).
@@ -256,50 +289,29 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     (included) or after max_new_tokens; with logprobs=True also the per-token log-probs, as (tokens, logprobs).
     Defaults are Meta's chat sampling (temperature 0.6, top_p 0.9); temperature 0 is greedy.
     generator: a torch.Generator for the whole batch (None: torch's global one), or a list of len(prompts) *
-    num_samples generators, one per completion, in the output's order: then a completion's tokens depend only on its
-    prompt and its own generator, not on the other rows in the batch (see _sample; PPO's rollouts under torchrun).
+    num_samples generators, one per completion, in the output's order (see draw).
     prefix: one CachedPrompt per prompt (eager, num_samples 1): what a prompt shares with its cached one is not
     computed again, and each is overwritten with this call's prompt for the next call.
     """
-    if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
-        raise ValueError("generate needs at least one prompt, and every prompt at least one token (e.g. BOS)")
-    if isinstance(generator, (list, tuple)) and len(generator) != len(prompt_tokens) * num_samples:
-        raise ValueError(f"{len(generator)} generators for {len(prompt_tokens) * num_samples} completions: "
-                         f"give one per completion (len(prompts) * num_samples)")
-    if prefix is not None and len(prefix) != len(prompt_tokens):
-        raise ValueError(f"{len(prefix)} cached prompts for {len(prompt_tokens)} prompts: give one per prompt")
+    _check_request(prompt_tokens, num_samples, generator, prefix)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        cpu_speed.column_major_weights(model)
-    max_seq = model.args.max_seq_len
-    lens = [len(p) for p in prompt_tokens]
-    P = max(lens)
-    if P >= max_seq:
-        raise ValueError(f"prompt of {P} tokens does not fit the model's context of {max_seq} tokens")
-    total = min(max_seq, P + max_new_tokens)
     B = len(prompt_tokens)
-    tokens, pad_len, positions, mask = _left_pad(prompt_tokens, pad_id, device)  # 1.
+    # CPU only, speed only: weights re-laid out and packed for decoding (cpu_speed.py), the same numbers
+    with cpu_speed.fast_decode(model, B * num_samples, compile):
+        max_seq = model.args.max_seq_len
+        P = max(len(p) for p in prompt_tokens)
+        if P >= max_seq:
+            raise ValueError(f"prompt of {P} tokens does not fit the model's context of {max_seq} tokens")
+        total = min(max_seq, P + max_new_tokens)
 
-    # CPU, eager, several rows: oneDNN's prepacked weights for this call (see _cpu_packed_linears)
-    pack = device.type == "cpu" and not compile
-    with cpu_speed.packed_linears(model, B * num_samples) if pack else contextlib.nullcontext():
-        # 2. prefill all prompts in one call, then share each prefix among its num_samples continuations
+        # 1.-2. left-pad and prefill all prompts in one call, then share each prefix among its num_samples continuations
         static = compile and device.type == "cuda"  # attend over the whole cache with fixed shapes (CUDA graphs)
         # a static cache's length is rounded up to a power of two: other prompt lengths reuse the recorded graph
         S = min(max_seq, 1 << (total - 1).bit_length()) if static else total
-        cache = KVCache(model, B, S, device=device)
-        first = 0  # the first column to compute; the columns before it come from the cached prompts
-        if prefix is not None and num_samples == 1 and not compile:
-            first = _reuse_prefix(cache, prefix, prompt_tokens)
-        h = model.trunk(tokens[:, first:], positions=positions[:, first:], mask=mask[:, None, first:], cache=cache,
-                        cache_pos=torch.arange(first, P, device=device), kv_len=P)  # (B, P - first, C)
-        logits = model.output(h[:, -1]).float()  # (B, V): only the last column's logits are needed, not all P of them
-        if prefix is not None:  # decoding writes at columns >= P only: the prompt's columns stay for the next call
-            for b, c in enumerate(prefix):
-                c.tokens = list(prompt_tokens[b])
-                c.k, c.v = [k[b, :, P - lens[b]:P] for k in cache.k], [v[b, :, P - lens[b]:P] for v in cache.v]
+        reuse = prefix is not None and num_samples == 1 and not compile
+        cache, logits, pad_len = _prefill(model, prompt_tokens, S, pad_id, prefix, reuse)
         if num_samples > 1:
             cache = cache.repeat_rows(num_samples)
             logits, pad_len = logits.repeat_interleave(num_samples, 0), pad_len.repeat_interleave(num_samples, 0)
@@ -308,7 +320,7 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
 
         # 3. decode: one token per step. Finished rows drop out of the model's batch (step 4, `live`); the sampling
         # below still sees all B rows, finished ones with stale logits, so each row draws exactly the random numbers it
-        # would draw if nothing were dropped (see _sample: the draws are laid out by row position)
+        # would draw if nothing were dropped (choice 5)
         step = _compiled_decode_step(device) if compile else _decode_step
         if static:  # the CUDA graph writes into the cache in place: the cache's address must not move
             for buf in cache.k + cache.v:
@@ -339,17 +351,8 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
                     break
             if t == total - 1:
                 break
-            # 4. compaction: once a quarter of the cache's rows have finished (COMPACT_AT), copy the live ones into a
-            # smaller cache. A decode step costs in proportion to its rows, and the longest of 512 samples sets the
-            # loop's length: rejection sampling's replies average ~35 of 64 tokens. Eager only (CUDA graphs need fixed
-            # shapes). Tokens are the same as without it (tests/test_generate.py), so it is a speed-up and nothing else.
-            if eos_id is not None and not compile:
-                rows = live if live is not None else torch.arange(B, device=device)
-                keep = ~done[rows]  # (B_live,) which of the cache's rows still decode
-                n_keep = int(keep.sum())
-                if n_keep < rows.numel() and n_keep <= COMPACT_AT * rows.numel():
-                    cache = cache.select_rows(keep.nonzero().squeeze(1))
-                    live = rows[keep]
+            if eos_id is not None and not compile:  # 4. eager only: CUDA graphs need fixed shapes
+                cache, live = _compact(cache, live, done)
             if live is None:
                 logits = step(model, tok[:, None], columns[t:t + 1], pad_len, real, cache, None if static else t + 1)
             else:
@@ -389,8 +392,7 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], completions:
     return out
 
 
-# ---- command line ------------------------------------------------------------------------------------------------
-# ---- chat: the Llama 2 chat format on top of generate() (used by every stage that samples replies) ------------
+# ---- chat: the Llama 2 chat format on top of generate() (every stage that samples replies uses these) -------------
 def load_model_and_tokenizer(path, device="cpu", dtype: Optional[torch.dtype] = None,
                              head: str = "lm") -> tuple[Transformer, Tokenizer]:
     """A checkpoint directory (ours, Meta's or Hugging Face's) and its tokenizer.model (model.find_tokenizer: inside
@@ -413,21 +415,20 @@ class Reply:
 
 
 @torch.no_grad()
-def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
+def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int, *,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
                   num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None,
                   progress: Optional[str] = None) -> list[Reply]:
     """Answer each dialog (a list of messages ending with a user turn) in the Llama 2 chat format.
 
     Returns len(dialogs) * num_samples Replies, prompt-major (the num_samples replies of dialog 0 first), in the order
-    of `dialogs`. Batched through generate.generate (KV cache, left padding); prompts are sorted by length first, so
-    each batch pads little and its longest prompt leaves the most room for the reply. As in Meta's chat_completion, a
-    dialog that smuggles a chat tag into any message is answered with UNSAFE_ERROR and not generated.
-    prefixes: one generate.CachedPrompt per dialog, kept by the caller from one turn of these dialogs to the next: each
-    holds its dialog's last prompt and keys/values, so the next turn computes only what its prompt adds (the reply and
-    the new user message). Batches then group the dialogs by how many tokens they add, so one dialog that must be
-    computed whole (its early turns dropped to fit) does not make its batch-mates compute theirs. gatt.py's multi-turn
-    sampling and Table 30 pass them.
+    of `dialogs`. Batched through generate(); prompts are sorted by length first, so each batch pads little and its
+    longest prompt leaves the most room for the reply. A dialog with a chat tag in any message is answered with
+    UNSAFE_ERROR and not generated (choice 6).
+    prefixes: one CachedPrompt per dialog, kept by the caller from one turn of these dialogs to the next, so the next
+    turn computes only what its prompt adds (the reply and the new user message). Batches then group the dialogs by
+    how many tokens they add, so one dialog that must be computed whole (its early turns dropped to fit) does not make
+    its batch-mates compute theirs. gatt.py's multi-turn sampling and Table 30 pass them.
     progress: a name for common.Ticker's lines (replies done, rate, ETA) while a long call runs; None: silent."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -469,25 +470,25 @@ def chat_generate(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]],
 
 
 def chat_replies(model: Transformer, tok: Tokenizer, dialogs: list[list[dict]], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 num_samples: int = 1, prefixes: Optional[list[CachedPrompt]] = None,
-                 progress: Optional[str] = None) -> list[str]:
-    """chat_generate, text only: one reply string per dialog (num_samples per dialog, prompt-major)."""
-    return [r.text for r in chat_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, batch_size,
-                                          num_samples, prefixes, progress)]
+                 **options) -> list[str]:
+    """chat_generate, text only: one reply string per dialog (num_samples per dialog, prompt-major); the same
+    keyword options."""
+    return [r.text for r in chat_generate(model, tok, dialogs, max_new_tokens, **options)]
 
 
+# ---- command line --------------------------------------------------------------------------------------------------
 @dataclass
 class GenerateConfig:
     checkpoint: str = "out/sft"  # a checkpoint directory: ours, Meta's or Hugging Face's
-    tokenizer: Optional[str] = None  # tokenizer.model; default: the one in --checkpoint
     prompt: str = ""  # text to complete (ignored with --chat)
     chat: bool = False  # interactive chat in the Llama 2 format
     system: Optional[str] = None  # system prompt for --chat
     max_new_tokens: int = 128  # tokens generated per reply at most
-    temperature: float = 0.6  # sampling temperature, 0 = greedy (Meta's chat default)
-    top_p: float = 0.9  # nucleus sampling: the smallest set of tokens with this much probability (Meta's chat default)
+    temperature: float = 0.6  # 0 = greedy (Meta's chat default: 0.6)
+    top_p: float = 0.9  # nucleus sampling's probability mass (Meta's chat default: 0.9)
     seed: int = 0
+    # -- advanced --
+    tokenizer: Optional[str] = None  # tokenizer.model; default: the one in --checkpoint
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
     compile: bool = False  # torch.compile the decode step
@@ -514,22 +515,15 @@ def load_for_inference(cfg):
 
 def _complete(model, tok, cfg, prompt_ids, gen):
     t0 = time.perf_counter()
-    out = generate(model, [prompt_ids], cfg.max_new_tokens, cfg.temperature, cfg.top_p, tok.eos_id,
-                   generator=gen, compile=cfg.compile)[0]
+    out = generate(model, [prompt_ids], cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                   eos_id=tok.eos_id, generator=gen, compile=cfg.compile)[0]
     dt = time.perf_counter() - t0
     print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return [t for t in out if t != tok.eos_id]
 
 
-def main(cfg: GenerateConfig):
-    model, tok = load_for_inference(cfg)
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
-    if not cfg.chat:
-        ids = tok.encode(cfg.prompt, bos=True, eos=False)
-        if len(ids) >= model.args.max_seq_len:
-            common.die(f"--prompt is {len(ids)} tokens; the context is {model.args.max_seq_len}")
-        print(cfg.prompt + tok.decode(_complete(model, tok, cfg, ids, gen)))
-        return
+def chat(model, tok, cfg, gen):
+    """The --chat loop: read a user turn, answer it, keep both in the dialog; an empty line or Ctrl-D ends it."""
     dialog = [{"role": "system", "content": cfg.system}] if cfg.system else []
     print("Chat in the Llama 2 format. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -548,9 +542,23 @@ def main(cfg: GenerateConfig):
             continue
         reply = tok.decode(_complete(model, tok, cfg, ids, gen)).strip()
         if has_special_tags(dialog):  # Meta generates but answers with this error when a tag is smuggled in
-            reply = UNSAFE_ERROR
+            print(f"assistant> {UNSAFE_ERROR}")
+            dialog.pop()  # the refused turn leaves the history, or every later turn would be refused too
+            continue
         print(f"assistant> {reply}")
         dialog.append({"role": "assistant", "content": reply})
+
+
+def main(cfg: GenerateConfig):
+    model, tok = load_for_inference(cfg)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    if not cfg.chat:
+        ids = tok.encode(cfg.prompt, bos=True, eos=False)
+        if len(ids) >= model.args.max_seq_len:
+            common.die(f"--prompt is {len(ids)} tokens; the context is {model.args.max_seq_len}")
+        print(cfg.prompt + tok.decode(_complete(model, tok, cfg, ids, gen)))
+        return
+    chat(model, tok, cfg, gen)
 
 
 if __name__ == "__main__":

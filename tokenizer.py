@@ -1,39 +1,37 @@
 """The Llama 2 tokenizer and chat format: text <-> token ids, and a dialog -> (tokens, loss_mask).
 
-What it does
+What it does:
 - `Tokenizer` wraps a SentencePiece model. It loads Meta's own Llama 2 tokenizer.model unchanged and gives exactly the
-  ids sentencepiece gives, so checkpoints of real Llama 2 models can be used with it.
+  ids sentencepiece gives, so real Llama 2 checkpoints can be used with it.
 - `train_tokenizer` trains a new SentencePiece BPE model on our own corpus with Meta's trainer settings (§2.2), only
   with a much smaller vocabulary (a few hundred to a few thousand pieces instead of 32k).
 - `Tokenizer.encode_dialog` renders a chat in the Llama 2-Chat format of Meta's generation.py (chat_completion), token
-  for token, and returns with it the loss mask that SFT, rejection sampling and GAtt train on (§3.1: loss only on
-  answer tokens).
+  for token, together with the loss mask that SFT, rejection sampling and GAtt train on (§3.1: loss on answers only).
 
-Paper: §2.2 "Tokenizer": the same tokenizer as Llama 1, BPE as implemented by SentencePiece, all numbers split into
-single digits, unknown UTF-8 characters decomposed into bytes (byte fallback), 32k vocabulary. The chat format is not
-in the paper; it comes from Meta's reference code (llama/generation.py). See ../shared/PAPER.md.
+Paper: §2.2 "Tokenizer": the tokenizer of Llama 1, BPE as implemented by SentencePiece, every number split into single
+digits, unknown UTF-8 characters decomposed into bytes (byte fallback), a 32k vocabulary. The chat format is not in
+the paper; it comes from Meta's reference code (llama/generation.py).
 
 Run it (a teaching aid: look at what the model actually sees):
     python tokenizer.py --model ../shared/llama2/tokenizer.model --text "In 2023, Llama 2 👋"
     echo '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]' | \
         python tokenizer.py --model ../shared/llama2/tokenizer.model --chat
 
-Choices where the paper is silent
-1. Training input is split into lines; each non-empty line is one SentencePiece "sentence" (Meta trained from text
-   files, which sentencepiece reads line by line). So "\n" is never merged into a piece and becomes the byte piece
-   <0x0A>, exactly as in Meta's model. Lines longer than max_sentence_length (4192 bytes, sentencepiece's default,
-   which Meta kept) are skipped by sentencepiece.
+Choices where the paper is silent:
+1. Training input is split into lines; each non-empty line is one SentencePiece "sentence", as sentencepiece reads
+   Meta's text files. So "\n" is never merged into a piece and becomes the byte piece <0x0A>, as in Meta's model.
+   Lines longer than max_sentence_length (sentencepiece's default, which Meta kept) are skipped by sentencepiece.
 2. A corpus too small for the requested vocabulary: sentencepiece refuses and says the largest size it can build;
    we retrain at that size and print the reduction to stderr, rather than fail a miniature run.
 3. Determinism: at most `max_sentences` lines are used, sampled by us with a seeded RNG (sentencepiece's own sampler
-   cannot be reseeded within a process); the BPE merges themselves are deterministic. Same corpus + seed -> same
-   model file, byte for byte.
+   cannot be reseeded within a process); the BPE merges are deterministic. Same corpus + seed -> the same model file,
+   byte for byte.
 4. Loss mask: 1 on every token of an assistant answer, on the space token that separates "[/INST]" from the answer
    (the generation prompt ends at "[/INST]", so the model must produce that space itself), on the trailing space Meta
    appends, and on the pair's EOS (the model must learn to stop). 0 on BOS, tags, system prompt and user text.
 5. A dialog may end with an assistant message (a complete training example) or with a user message (a prompt for
    generation, as in Meta's chat_completion). Special tags are not rejected here: see has_special_tags.
-6. No pad piece (pad_id -1, as Meta): batching code pads with an id of its choice and masks it out.
+6. No pad piece (pad_id -1, as Meta's): batching code pads with an id of its choice and masks it out.
 """
 import argparse
 import io

@@ -1,4 +1,6 @@
 """generate.py: the cached, batched, left-padded path against plain full recomputation, and the sampling rules."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,6 +208,22 @@ def test_per_row_generators_make_a_row_independent_of_its_batch(top_p):
                                        generator=torch.Generator().manual_seed(11))[0] for b, p in enumerate(PROMPTS))
     with pytest.raises(ValueError, match="one per completion"):
         G.generate(m, PROMPTS, 4, temperature=1.0, generator=gens(seeds[:2]))
+
+
+
+def test_cpu_speed_is_speed_only(monkeypatch):
+    """With cpu_speed's switch and sampler replaced by the plain path (contiguous weights, no packing, torch.multinomial),
+    generate() samples the same tokens with the same log-probs to fp32 rounding: 6 rows, so the packing is on."""
+    def run():
+        return G.generate(tiny(), PROMPTS * 2, 10, temperature=1.0, top_p=0.9, eos_id=None, logprobs=True,
+                          generator=torch.Generator().manual_seed(5))
+    fast_toks, fast_lp = run()
+    monkeypatch.setattr(cpu_speed, "fast_decode", lambda model, rows, compile: contextlib.nullcontext())
+    monkeypatch.setattr(cpu_speed, "exponential_race",
+                        lambda probs, g: torch.multinomial(probs, 1, generator=g).squeeze(-1))
+    plain_toks, plain_lp = run()
+    assert plain_toks == fast_toks
+    torch.testing.assert_close(torch.tensor(plain_lp), torch.tensor(fast_lp), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
