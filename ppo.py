@@ -31,8 +31,8 @@ Choices where the paper is silent:
      training stops after --patience evaluations without gain. --select-by annotator asks the raters (§3.4's human
      evaluation), rm the reward models (§3.4's model-based one): the RMs cannot see their own blind spots (a polite
      refusal of a sum scores like an answer).
-  5. Miniature scale: batch 64, minibatch 16, constant lr 5e-5, replies up to 64 tokens; beta 0.01 as the 7B's. A
-     larger lr lets the policy drift far from pi_0 and game the RMs within a few dozen iterations.
+  5. Miniature scale: batch 64, minibatch 16, constant lr 5e-5 (larger, the policy drifts far from pi_0 and games the
+     RMs within a few dozen iterations), replies up to 64 tokens; beta 0.01 as the 7B's.
   6. A reply cut off at the length limit (no EOS) is scored at a state the RMs never saw, so its score is arbitrary:
      it loses a fixed 1.0 (one standard deviation of R~c), as TRL's missing_eos_penalty, so PPO cannot learn to ramble.
   7. Minibatches: the batch is split once per iteration (its random order); later epochs visit the same minibatches
@@ -104,7 +104,7 @@ class PPOConfig:
         share="gamma lam", open_share="safety_threshold")
 
 
-# ---- the pieces of the objective, each a small function the tests check by hand ---------------------------------------
+# ---- the pieces of the objective, each a small function the tests check by hand --------------------------------------
 def whiten(x: torch.Tensor, mask: Optional[torch.Tensor] = None, shift_mean: bool = True, eps: float = 1e-8,
            dist: Optional[common.Dist] = None):
     """(x - mean) / std over the entries where mask is 1 (all entries without a mask), choice 3. dist (torchrun): the
@@ -203,7 +203,7 @@ def value_forward(value_model, tokens, index):
     return values.gather(1, index)
 
 
-# ---- one iteration -----------------------------------------------------------------------------------------------------
+# ---- one iteration ---------------------------------------------------------------------------------------------------
 RewardFn = Callable[[list, list], torch.Tensor]  # (tasks, reply token lists) -> (B,) R~c, before the KL term
 
 
@@ -290,9 +290,9 @@ def rollout(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int, gen,
 
 def ppo_epochs(m: PPOModels, ro: Rollouts, cfg: PPOConfig, dist: Optional[common.Dist],
                shuffle: Optional[random.Random]) -> torch.Tensor:
-    """Step 5: --ppo-epochs passes over the minibatches, one step each. This rank's rows arrive in minibatch order:
-    its part of minibatch k is rows k*M' .. k*M'+M'-1, M' = minibatch_size / world size (in one process simply
-    consecutive rows). Returns, per step (S, 4): policy loss, value loss, clip fraction, entropy (this rank's share)."""
+    """Step 5: --ppo-epochs passes over the minibatches, one step each; minibatch k is this rank's rows k*M'..k*M'+M'-1,
+    M' = minibatch_size / world size. Returns per step (S, 4) this rank's share of: policy loss, value loss, clip
+    fraction, entropy."""
     world = dist.world_size if dist is not None else 1
     rows = cfg.minibatch_size // world  # this rank's rows per minibatch
     starts = list(range(0, ro.mask.size(0), rows))
@@ -323,8 +323,8 @@ def ppo_step(m: PPOModels, ro: Rollouts, mb: slice, n: torch.Tensor, cfg: PPOCon
 
 def iteration_stats(parts: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor, t_roll: float,
                     dist: Optional[common.Dist]) -> dict:
-    """Step 6: the global batch's statistics, from the ranks' partial sums (one all-reduce for the steps, one for the
-    rest): the per-step losses averaged over the steps, score, KL, reply length, rollout throughput."""
+    """Step 6: the global batch's statistics from the ranks' partial sums: the losses averaged over the steps, score,
+    KL, reply length, rollout throughput."""
     per_step = common.all_reduce_sum(parts, dist).mean(0).tolist()  # (4,) mean over the steps
     n_tok = mask.sum()
     totals = common.all_reduce_sum(torch.stack([torch.tensor(float(mask.size(0)), device=mask.device), n_tok,
@@ -336,7 +336,7 @@ def iteration_stats(parts: torch.Tensor, mask: torch.Tensor, scores: torch.Tenso
     return out
 
 
-# ---- the reward models as the reward function, and the held-out judge -----------------------------------------------------
+# ---- the reward models as the reward function, and the held-out judge ------------------------------------------------
 def rm_reward_fn(rm_helpful, rm_safety, tok, threshold: float, stats: dict,
                  dist: Optional[common.Dist] = None) -> RewardFn:
     """R~c of this rank's replies, whitened with the statistics of the global batch (all ranks'); `stats` receives the
@@ -370,7 +370,7 @@ def heldout_scores(policy, tok, tasks, rms: tuple, cfg: PPOConfig, annotator=Non
     return scores
 
 
-# ---- the script --------------------------------------------------------------------------------------------------------
+# ---- the script ------------------------------------------------------------------------------------------------------
 def main(cfg: PPOConfig):
     check_flags(cfg)
     dist = common.setup_distributed(cfg.device)
@@ -497,7 +497,7 @@ def final_report(model, tok, cfg, world, device) -> dict:
     return E.compare_models(model, sft, tok, tasks, world, cfg.seed, cfg.max_new_tokens, prefix="sft")
 
 
-# ==== under torchrun: N processes run the same PPO as one process ========================================================
+# ==== under torchrun: N processes run the same PPO as one process =====================================================
 # The policy and the value model train data-parallel (DDP, or FSDP2 with --fsdp); the frozen reference and both reward
 # models are held whole on every rank and only run forward passes; under FSDP a rollout gathers the policy's weights
 # once (common.consolidated_copy). N processes give one process's run with the same global batch, up to the order of

@@ -82,7 +82,7 @@ class RSConfig:
         non_negative="instruction_share n_test world_seed seed", open_share="safety_threshold")
 
 
-# ---- selection and Fig. 7, small functions the tests check by hand ----------------------------------------------------
+# ---- selection and Fig. 7, small functions the tests check by hand ---------------------------------------------------
 def best_of_k(rewards: torch.Tensor) -> torch.Tensor:
     """rewards (P, K) -> index of the best sample per prompt (P,): the argmax, first one on ties."""
     return rewards.argmax(dim=1)
@@ -117,7 +117,7 @@ def max_median_by_n(rewards: torch.Tensor) -> tuple[list[int], list[float], list
     return ns, maxes, medians
 
 
-# ---- sampling and scoring ---------------------------------------------------------------------------------------------
+# ---- sampling and scoring --------------------------------------------------------------------------------------------
 class Scorer:
     """The combined reward R_c (sigmoid scale) of replies, from the two frozen reward models."""
 
@@ -164,7 +164,7 @@ def sample_all(model, tok, tasks, k: int, temperature: float, scorer, max_new_to
     return torch.tensor([r[0] for r in records]), [r[1] for r in records], sum(r[2] for r in records)
 
 
-# ---- the script --------------------------------------------------------------------------------------------------------
+# ---- the script ------------------------------------------------------------------------------------------------------
 def main(cfg: RSConfig):
     check_flags(cfg)
     t0 = time.perf_counter()
@@ -284,13 +284,14 @@ def fine_tune(cfg: RSConfig, out: Path, path: Path, it: int, dist):
     return model
 
 
-# ==== under torchrun ====================================================================================================
+# ==== under torchrun ==================================================================================================
 # Each rank samples and scores the prompts at positions rank, rank + W, ... (common.rank_shard: disjoint, together all
 # of them) from its own seed (sample_shard), and common.all_gather_shards hands every rank all the records in the
 # prompts' order: keep_best, the files and the statistics are then the same on every rank.
 def prompts_by_rank(ids: list, dist) -> list[int]:
     """How many of an iteration's prompts each rank samples (logged)."""
-    return [len(common.rank_shard(ids, common.Dist(rank=r, world_size=dist.world_size))) for r in range(dist.world_size)]
+    W = dist.world_size
+    return [len(common.rank_shard(ids, common.Dist(rank=r, world_size=W))) for r in range(W)]
 
 
 if __name__ == "__main__":

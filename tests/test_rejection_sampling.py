@@ -23,7 +23,7 @@ def test_best_of_k_picks_the_argmax_of_the_combined_reward():
 def test_keep_best_keeps_the_best_of_all_iterations_not_the_last():
     """§3.2.3 from RLHF-V4 on: per prompt, the highest-reward reply over every iteration so far. Three iterations by
     hand: prompt 1's best comes from the first, prompt 2's from the last; keeping only the last iteration's best
-    would give prompt 1 "1c" (0.3). A tie keeps the earlier reply; a prompt without a finished sample keeps nothing new."""
+    would give prompt 1 "1c" (0.3). A tie keeps the earlier reply; a prompt without a finished sample keeps nothing."""
     iterations = [
         [(1, 0.9, "1a"), (2, 0.2, "2a"), (3, 0.5, "3a")],
         [(1, 0.4, "1b"), (2, 0.3, "2b"), (3, 0.5, "3b"), (4, 0.7, None)],  # 3: a tie; 4: no finished sample
