@@ -5,20 +5,14 @@ best, fine-tune on the kept replies as on SFT data. Iterate.
   python rejection_sampling.py --iterations 3 --k 16
   torchrun --nproc_per_node=8 rejection_sampling.py --device cuda [--fsdp]   # data parallel; --fsdp for the fine-tuning
 
-Under torchrun every rank holds the whole model and both reward models and samples and scores its own share of the
-prompts (common.rank_shard: disjoint, together all of them); the kept (prompt, best reply, reward) records are gathered
-to every rank, so the best-of-all-iterations bookkeeping is the same everywhere; the fine-tuning (sft.main, in the same
-processes) is data-parallel, DDP or FSDP2 with --fsdp; only rank 0 writes files and evaluates against SFT at the end.
-
 One iteration:
   1. temperature: the best temperature shifts as the model changes (Fig. 8), so each iteration re-tunes it on a few
      prompts: the one whose samples give the highest mean best-of-K reward;
-  2. sample: K replies per prompt in one batched call (each prompt is prefilled once and its K samples continue from
-     the shared cache);
+  2. sample: K replies per prompt in one batched call (each prompt is prefilled once, its K samples share the cache);
   3. score: the paper's combined reward (safety RM on safety prompts or when it scores below 0.15, helpfulness RM
      otherwise; rlhf.combined_reward), and keep the argmax per prompt;
-  4. keep the best of ALL iterations so far per prompt: §3.2.3's fix for the regressions seen when only the last
-     iteration's samples were used;
+  4. keep the best of ALL iterations so far per prompt (keep_best): from RLHF-V4 on, §3.2.3's fix for the regressions
+     seen when only the last iteration's samples were used;
   5. fine-tune with sft.py's recipe on the kept (prompt, best reply) dialogues.
 Fig. 7: the max and median reward among N samples, N = 1, 2, 4, ... K: the max grows with N, the median does not;
 their gap is what rejection sampling can harvest. Fig. 8: the max-of-N curve at several temperatures, for the SFT
@@ -28,18 +22,18 @@ Choices where the paper is silent:
   1. Every iteration fine-tunes the starting (SFT) model on the kept set, rather than the last RS model on it again,
      so that no reply is trained on twice; the samples of iteration i+1 come from the model of iteration i.
   2. K = 8 (the paper's figures go up to N = 100); 600 prompts per iteration, from the world's training prompts.
-  3. The fine-tuning set also holds the SFT data's share (30%, INSTRUCTION_SHARE) of instruction-following dialogues
-     (World.instruction_dialogs), unchanged: the world's RL prompts carry no persistent instruction and the reward
-     models never judged one, so a fine-tune on kept replies alone erodes a skill no RLHF step asks for. Measured
-     before this mix: an SFT model that kept an instruction in the current turn 43% of the time kept it 35% after RS
-     (and 28% after PPO), and Ghost Attention, which samples from the RLHF model (§3.3), had to replace 82% of its
-     samples by the reference. The paper's RLHF prompts included system-prompted ones; ours are not rated by the RMs.
+  3. The fine-tuning set also holds the SFT data's share (30%, INSTRUCTION_SHARE) of instruction-following dialogues,
+     unchanged: our RL prompts carry no persistent instruction and the reward models never judged one, so a fine-tune
+     on kept replies alone would erode a skill no RLHF step asks for (and Ghost Attention, §3.3, samples from the RLHF
+     model).
   4. A sample cut off at --max-new-tokens (no EOS) is not a reply: it scores UNFINISHED_REWARD (0, the bottom of the
-     sigmoid scale) in the selection and in Figs. 7-8, and is never kept. The reward models read such a sample at a
-     state they never saw in training (reward.py choice 1) and rated cut-off stories above finished ones, whose
-     closing pleasantry they had learned to mark down: measured on the default run before this rule, 7% of the kept
-     replies were cut off ("... I hope this hel"), fine-tuning taught the model to stop mid-word, and the RS model's
-     stories were out of format 53% of the time (SFT's 5%), its win rate against SFT 57.5% (stories 24%).
+     sigmoid scale) in the selection and in Figs. 7-8, and is never kept. The reward models read it at a state they
+     never saw in training and may rate it above a finished reply; kept, it would teach the model to stop mid-word.
+
+Under torchrun every rank holds the whole model and both reward models and samples and scores its own share of the
+prompts (the last section); the kept records are gathered to every rank, so keep_best gives the same set everywhere;
+the fine-tuning (sft.main, in the same processes) is data-parallel, DDP or FSDP2 with --fsdp; rank 0 alone writes files
+and evaluates against SFT at the end.
 """
 from __future__ import annotations
 
@@ -52,26 +46,27 @@ from typing import Optional
 import torch
 
 import common
-import generate as G
 import rlhf
 from data import write_dialogs_jsonl
-from world import INSTRUCTION_SHARE, World
+from generate import chat_generate, load_model_and_tokenizer
 from model import CheckpointError
+from world import INSTRUCTION_SHARE, World
 
 
 @dataclass
 class RSConfig:
-    init_from: str = "out/sft"  # the model to start from (and fine-tune each iteration)
-    rm_helpful: str = "out/rm_helpful"
-    rm_safety: str = "out/rm_safety"
-    out_dir: str = "out/rs"
     iterations: int = 2  # RLHF-V1..V4 used rejection sampling; V4 on kept the best of all iterations
     k: int = 8  # samples per prompt (not stated; the paper's Fig. 7 goes to N = 100)
     n_prompts: int = 600  # training prompts per iteration
     temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])  # Fig. 8's sweep
+    safety_threshold: float = 0.15  # §3.2.3
+    # -- advanced --
+    init_from: str = "out/sft"  # the model to start from (and fine-tune each iteration)
+    rm_helpful: str = "out/rm_helpful"
+    rm_safety: str = "out/rm_safety"
+    out_dir: str = "out/rs"
     n_sweep: int = 48  # prompts used to pick each iteration's temperature and for Figs. 7-8
     max_new_tokens: int = 64  # stories with the demonstrations' closer need ~55 tokens
-    safety_threshold: float = 0.15  # §3.2.3
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2
     instruction_share: float = INSTRUCTION_SHARE  # instruction dialogues per kept reply in each fine-tune (choice 3)
@@ -87,9 +82,26 @@ class RSConfig:
         non_negative="instruction_share n_test world_seed seed", open_share="safety_threshold")
 
 
+# ---- selection and Fig. 7, small functions the tests check by hand ---------------------------------------------------
 def best_of_k(rewards: torch.Tensor) -> torch.Tensor:
     """rewards (P, K) -> index of the best sample per prompt (P,): the argmax, first one on ties."""
     return rewards.argmax(dim=1)
+
+
+def keep_best(kept: dict, candidates: list) -> tuple[dict, int]:
+    """Step 4, the best reply per prompt over ALL iterations so far (§3.2.3, from RLHF-V4 on).
+    kept: prompt id -> (reward, reply), the best of the earlier iterations; candidates: this iteration's best of K per
+    prompt, (prompt id, reward, reply, or None when none of its K samples finished: nothing to keep, choice 4).
+    A candidate replaces a kept reply only with a strictly higher reward (a tie keeps the earlier one). Returns the new
+    dict (kept prompts in their order, new ones after them in the candidates' order) and how many prompts were new or
+    improved."""
+    kept, improved = dict(kept), 0
+    for key, r, reply in candidates:
+        if reply is None:
+            continue
+        if key not in kept or r > kept[key][0]:
+            kept[key], improved = (r, reply), improved + 1
+    return kept, improved
 
 
 def max_median_by_n(rewards: torch.Tensor) -> tuple[list[int], list[float], list[float]]:
@@ -105,6 +117,7 @@ def max_median_by_n(rewards: torch.Tensor) -> tuple[list[int], list[float], list
     return ns, maxes, medians
 
 
+# ---- sampling and scoring --------------------------------------------------------------------------------------------
 class Scorer:
     """The combined reward R_c (sigmoid scale) of replies, from the two frozen reward models."""
 
@@ -122,29 +135,21 @@ class Scorer:
 UNFINISHED_REWARD = 0.0  # choice 4: a reply cut off at the budget scores the bottom of the sigmoid scale
 
 
-def sample_and_score(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int,
-                     progress: Optional[str] = None):
-    """K samples per task (prompt-major) and their rewards (P, K); replies as token lists (EOS included). A reply
-    that did not end within max_new_tokens gets UNFINISHED_REWARD whatever the reward models say (choice 4).
-    progress: a name for the sampling's progress lines (G.chat_generate)."""
-    from generate import chat_generate
-    out = chat_generate(model, tok, [t.messages for t in tasks], max_new_tokens, temperature=temperature, top_p=1.0,
-                        seed=seed, num_samples=k, progress=progress)
-    rewards = scorer(tok, [t for t in tasks for _ in range(k)], [r.tokens for r in out]).view(len(tasks), k)
-    finished = torch.tensor([r.finished for r in out]).view(len(tasks), k)
-    return out, rewards.masked_fill(~finished, UNFINISHED_REWARD)
-
-
 def sample_shard(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int, dist,
                  progress: Optional[str] = None) -> list:
-    """This rank's share of `tasks` (common.rank_shard), K samples each, scored: one record per task, (rewards of its
-    K samples, the best sample's text or None when not one of the K finished, tokens sampled). Each rank draws from
-    its own seed (rank 0 from `seed` itself, so one process samples exactly as before torchrun existed here)."""
+    """This rank's share of `tasks` (common.rank_shard), K samples each (prompt-major), scored: one record per task,
+    (rewards of its K samples, the best sample's text or None when not one of the K finished, tokens sampled). A
+    sample that did not end within max_new_tokens gets UNFINISHED_REWARD whatever the RMs say (choice 4). Each rank
+    draws from its own seed (rank 0 from `seed` itself, so one process samples as it always did); progress: a name for
+    the sampling's progress lines (rank 0's)."""
     mine = common.rank_shard(tasks, dist)
     if not mine:
         return []
-    replies, rewards = sample_and_score(model, tok, mine, k, temperature, scorer, max_new_tokens,
-                                        seed + 7919 * dist.rank, progress if dist.is_main else None)
+    replies = chat_generate(model, tok, [t.messages for t in mine], max_new_tokens, temperature=temperature, top_p=1.0,
+                            seed=seed + 7919 * dist.rank, num_samples=k, progress=progress if dist.is_main else None)
+    rewards = scorer(tok, [t for t in mine for _ in range(k)], [r.tokens for r in replies]).view(len(mine), k)
+    finished = torch.tensor([r.finished for r in replies]).view(len(mine), k)
+    rewards = rewards.masked_fill(~finished, UNFINISHED_REWARD)
     best = [replies[p * k + b] for p, b in enumerate(best_of_k(rewards).tolist())]
     return [(rewards[p].tolist(), best[p].text if best[p].finished else None,
              sum(len(r.tokens) for r in replies[p * k:(p + 1) * k])) for p in range(len(mine))]
@@ -153,20 +158,15 @@ def sample_shard(model, tok, tasks, k: int, temperature: float, scorer, max_new_
 def sample_all(model, tok, tasks, k: int, temperature: float, scorer, max_new_tokens: int, seed: int, dist,
                progress: Optional[str] = None):
     """sample_shard on every rank, gathered: (rewards (P, K), best reply text per task (None: no finished sample),
-    tokens sampled), the same on every rank and in the order of `tasks`; progress lines (rank 0's) named `progress`."""
+    tokens sampled), the same on every rank and in the order of `tasks`."""
     records = common.all_gather_shards(sample_shard(model, tok, tasks, k, temperature, scorer, max_new_tokens, seed,
                                                     dist, progress), dist)
     return torch.tensor([r[0] for r in records]), [r[1] for r in records], sum(r[2] for r in records)
 
 
+# ---- the script ------------------------------------------------------------------------------------------------------
 def main(cfg: RSConfig):
-    import evaluate as E
-    import sft
-    if cfg.quick:
-        cfg.iterations, cfg.k, cfg.n_prompts, cfg.n_sweep, cfg.n_test, cfg.epochs = 1, 4, 32, 8, min(cfg.n_test, 16), 1
-        cfg.temperatures = [0.8, 1.2]
-    if not cfg.temperatures:
-        common.die("--temperatures: give at least one (Fig. 8's sweep picks each iteration's temperature among them)")
+    check_flags(cfg)
     t0 = time.perf_counter()
     common.check_checkpoints(init_from=(cfg.init_from, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
                              rm_safety=(cfg.rm_safety, "scalar"))
@@ -177,7 +177,7 @@ def main(cfg: RSConfig):
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        start, tok = G.load_model_and_tokenizer(cfg.init_from, device)
+        start, tok = load_model_and_tokenizer(cfg.init_from, device)
         scorer = Scorer(cfg, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(str(e))
@@ -201,60 +201,35 @@ def main(cfg: RSConfig):
             metrics.update(n_values=ns, max_reward_by_n=maxes, median_reward_by_n=medians)
         # 2-3. K samples per prompt, scored, argmax: each rank its share, the records gathered to every rank
         ids = Random(f"rs/{cfg.seed}/{it}").sample(range(len(all_train)), min(cfg.n_prompts, len(all_train)))
-        tasks = [all_train[i] for i in ids]
         ts = time.perf_counter()
-        rewards, best_replies, n_tok = sample_all(model, tok, tasks, cfg.k, temp, scorer, cfg.max_new_tokens,
-                                                  cfg.seed + it, dist, progress=f"rs sampling T={temp}")
+        rewards, best_replies, n_tok = sample_all(model, tok, [all_train[i] for i in ids], cfg.k, temp, scorer,
+                                                  cfg.max_new_tokens, cfg.seed + it, dist,
+                                                  progress=f"rs sampling T={temp}")
         dt = time.perf_counter() - ts
         best = best_of_k(rewards)
         # 4. the best per prompt over all iterations so far (the same records, hence the same dict, on every rank)
-        improved = 0
-        for p, key in enumerate(ids):
-            r, reply = rewards[p, best[p]].item(), best_replies[p]
-            if reply is None:  # none of its K samples finished: nothing to keep (choice 4)
-                continue
-            if key not in kept or r > kept[key][0]:
-                kept[key], improved = (r, reply), improved + 1
+        kept, improved = keep_best(kept, [(key, rewards[p, best[p]].item(), best_replies[p])
+                                          for p, key in enumerate(ids)])
         rows = [all_train[key].messages + [{"role": "assistant", "content": reply}] for key, (_, reply) in kept.items()]
-        # the fine-tuning set: the kept set (rs_iter<i>.jsonl) + instruction dialogues (choice 3), shuffled
-        mix = world.instruction_dialogs("train", round(cfg.instruction_share * len(rows)), seed=cfg.seed + it)
-        train_rows = rows + mix
-        Random(f"rs-mix/{cfg.seed}/{it}").shuffle(train_rows)
-        path = out / f"rs_train{it}.jsonl"
-        if dist.is_main:
-            write_dialogs_jsonl(out / f"rs_iter{it}.jsonl", rows)
-            write_dialogs_jsonl(path, train_rows)
+        path, n_mix = write_training_set(rows, world, cfg, out, it, dist.is_main)
         stats = {"iteration": it, "temperature": temp, "mean_reward": rewards.mean().item(),
                  "mean_best_reward": rewards.max(1).values.mean().item(), "kept": len(kept), "improved": improved,
-                 "instruction_dialogs": len(mix),
-                 "sampled_tokens_per_sec": n_tok / max(dt, 1e-9),
-                 "prompts_by_rank": [len(common.rank_shard(ids, common.Dist(rank=r, world_size=dist.world_size)))
-                                     for r in range(dist.world_size)]}
+                 "instruction_dialogs": n_mix, "sampled_tokens_per_sec": n_tok / max(dt, 1e-9),
+                 "prompts_by_rank": prompts_by_rank(ids, dist)}
         metrics["iterations"].append(stats)
         if dist.is_main:
             print(f"[rs] iteration {it}: T={temp}, mean reward {stats['mean_reward']:.3f}, best-of-{cfg.k} "
                   f"{stats['mean_best_reward']:.3f}, kept {len(kept)} ({improved} new or better), "
                   f"{stats['sampled_tokens_per_sec']:,.0f} sampled tokens/s", flush=True)
-        # 5. fine-tune the starting model on the kept replies (choice 1); under torchrun sft.main runs in these same
-        # processes, data-parallel, in the process group started here (it leaves the group open for us)
-        if dist.world_size > 1:
-            torch.distributed.barrier()  # rank 0 has written the kept set that every rank's sft.main reads
-        sft.main(sft.SFTConfig(init_from=cfg.init_from, out_dir=str(out), data=str(path), lr=cfg.lr,
-                               epochs=cfg.epochs, eval_n=0, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed + it,
-                               val_frac=0.02, fsdp=cfg.fsdp))
-        if dist.is_main:
-            (out / "resume.pt").unlink(missing_ok=True)  # the next iteration trains from the start, not from here
-            common.write_metrics(out, {"complete": False})  # sft.main marked its part done; RS is done at the end
-        if dist.world_size > 1:
-            torch.distributed.barrier()
-        model, _ = G.load_model_and_tokenizer(out, device)
-
+        # 5. fine-tune the starting model on the kept replies (choice 1)
+        model = fine_tune(cfg, out, path, it, dist)
     # Fig. 8 for the RS model, and the score against SFT (rank 0 alone)
     sweep = {T: sample_all(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed, dist)[0]
              for T in cfg.temperatures}
     metrics["fig8_rs"] = {str(T): max_median_by_n(r)[1] for T, r in sweep.items()}
     if dist.is_main:
         if cfg.n_test:
+            import evaluate as E
             test = world.tasks("test", cfg.n_test, seed=cfg.seed)
             metrics.update(E.compare_models(model, start, tok, test, world, cfg.seed, cfg.max_new_tokens,
                                             prefix="sft"))
@@ -266,6 +241,57 @@ def main(cfg: RSConfig):
               f"{[round(x, 3) for x in metrics['median_reward_by_n']]}; wrote {out} "
               f"({common.fmt_time(metrics['rs_seconds'])})", flush=True)
     common.cleanup_distributed(dist)
+
+
+def check_flags(cfg: RSConfig):
+    """--quick's sizes, and one clear error for an empty temperature sweep, before any work."""
+    if cfg.quick:
+        cfg.iterations, cfg.k, cfg.n_prompts, cfg.n_sweep, cfg.n_test, cfg.epochs = 1, 4, 32, 8, min(cfg.n_test, 16), 1
+        cfg.temperatures = [0.8, 1.2]
+    if not cfg.temperatures:
+        common.die("--temperatures: give at least one (Fig. 8's sweep picks each iteration's temperature among them)")
+
+
+def write_training_set(rows: list, world: World, cfg: RSConfig, out: Path, it: int, is_main: bool) -> tuple[Path, int]:
+    """The kept set (rs_iter<it>.jsonl) and the fine-tuning set (rs_train<it>.jsonl): the kept set plus the SFT mix's
+    share of instruction dialogues (choice 3), shuffled. Returns the latter's path and the number of those dialogues."""
+    mix = world.instruction_dialogs("train", round(cfg.instruction_share * len(rows)), seed=cfg.seed + it)
+    train_rows = rows + mix
+    Random(f"rs-mix/{cfg.seed}/{it}").shuffle(train_rows)
+    path = out / f"rs_train{it}.jsonl"
+    if is_main:
+        write_dialogs_jsonl(out / f"rs_iter{it}.jsonl", rows)
+        write_dialogs_jsonl(path, train_rows)
+    return path, len(mix)
+
+
+def fine_tune(cfg: RSConfig, out: Path, path: Path, it: int, dist):
+    """Step 5: sft.py's recipe from the starting model on the training set at `path`; returns the fine-tuned model.
+    Under torchrun sft.main runs in these same processes, data-parallel, in the process group started here (it leaves
+    the group open for us)."""
+    import sft
+    if dist.world_size > 1:
+        torch.distributed.barrier()  # rank 0 has written the kept set that every rank's sft.main reads
+    sft.main(sft.SFTConfig(init_from=cfg.init_from, out_dir=str(out), data=str(path), lr=cfg.lr,
+                           epochs=cfg.epochs, eval_n=0, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed + it,
+                           val_frac=0.02, fsdp=cfg.fsdp))
+    if dist.is_main:
+        (out / "resume.pt").unlink(missing_ok=True)  # the next iteration trains from the start, not from here
+        common.write_metrics(out, {"complete": False})  # sft.main marked its part done; RS is done at the end
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    model, _ = load_model_and_tokenizer(out, dist.device)
+    return model
+
+
+# ==== under torchrun ==================================================================================================
+# Each rank samples and scores the prompts at positions rank, rank + W, ... (common.rank_shard: disjoint, together all
+# of them) from its own seed (sample_shard), and common.all_gather_shards hands every rank all the records in the
+# prompts' order: keep_best, the files and the statistics are then the same on every rank.
+def prompts_by_rank(ids: list, dist) -> list[int]:
+    """How many of an iteration's prompts each rank samples (logged)."""
+    W = dist.world_size
+    return [len(common.rank_shard(ids, common.Dist(rank=r, world_size=W))) for r in range(W)]
 
 
 if __name__ == "__main__":

@@ -149,8 +149,8 @@ def test_ppo_raises_a_toy_reward_and_kl_grows_from_zero():
     gen = torch.Generator().manual_seed(0)
     kls = []
     for _ in range(25):
-        s = ppo.ppo_iteration(policy, ref, value, pol_opt, val_opt, [None] * len(prompts), prompts, reward_fn, cfg,
-                              eos_id=2, gen=gen)
+        s = ppo.ppo_iteration(ppo.PPOModels(policy, ref, value, pol_opt, val_opt),
+                              ppo.Batch([None] * len(prompts), prompts, gen), reward_fn, cfg, eos_id=2)
         kls.append(s["kl"])
     assert abs(kls[0]) < 1e-4  # the first rollout comes from pi_0 itself
     assert sum(seen[-5:]) / 5 > sum(seen[:5]) / 5 + 0.25, seen

@@ -1,7 +1,8 @@
-"""rejection_sampling.py: best-of-K selection, Fig. 7's statistics, and the combined reward it selects with."""
+"""rejection_sampling.py: best-of-K selection, the best of all iterations, Fig. 7's statistics, and the combined reward
+it selects with."""
 import torch
 
-import generate as G
+from generate import Reply
 import rejection_sampling as RS
 import rlhf
 
@@ -17,6 +18,26 @@ def test_best_of_k_picks_the_argmax_of_the_combined_reward():
     # a safety prompt is judged by the safety RM alone
     rc_safe = rlhf.combined_reward(r_s.flatten(), r_h.flatten(), torch.ones(6, dtype=torch.bool)).view(2, 3)
     assert RS.best_of_k(rc_safe).tolist() == [1, 0]
+
+
+def test_keep_best_keeps_the_best_of_all_iterations_not_the_last():
+    """§3.2.3 from RLHF-V4 on: per prompt, the highest-reward reply over every iteration so far. Three iterations by
+    hand: prompt 1's best comes from the first, prompt 2's from the last; keeping only the last iteration's best
+    would give prompt 1 "1c" (0.3). A tie keeps the earlier reply; a prompt without a finished sample keeps nothing."""
+    iterations = [
+        [(1, 0.9, "1a"), (2, 0.2, "2a"), (3, 0.5, "3a")],
+        [(1, 0.4, "1b"), (2, 0.3, "2b"), (3, 0.5, "3b"), (4, 0.7, None)],  # 3: a tie; 4: no finished sample
+        [(2, 0.8, "2c"), (1, 0.3, "1c"), (4, 0.1, "4c")],
+    ]
+    kept, improved = {}, []
+    for candidates in iterations:
+        before, copy = kept, dict(kept)
+        kept, n = RS.keep_best(kept, candidates)
+        improved.append(n)
+        assert before == copy  # a pure function: the earlier dict is left as it was
+    assert kept == {1: (0.9, "1a"), 2: (0.8, "2c"), 3: (0.5, "3a"), 4: (0.1, "4c")}
+    assert list(kept) == [1, 2, 3, 4]  # the order of the written dialogues: first kept first
+    assert improved == [3, 1, 2]  # iteration 2: prompt 2 only; iteration 3: prompts 2 and 4
 
 
 def test_max_and_median_by_n():
@@ -48,9 +69,9 @@ def test_a_reply_cut_off_at_the_budget_is_never_kept(monkeypatch):
     }
 
     def fake_generate(model, tok, dialogs, max_new_tokens, temperature, top_p, seed, num_samples, progress=None):
-        return [G.Reply(text, [len(text)], done) for d in dialogs for text, done in samples[d[0]["content"]]]
+        return [Reply(text, [len(text)], done) for d in dialogs for text, done in samples[d[0]["content"]]]
 
-    monkeypatch.setattr(G, "chat_generate", fake_generate)
+    monkeypatch.setattr(RS, "chat_generate", fake_generate)
     tasks = [type("T", (), {"messages": [{"role": "user", "content": p}]})() for p in samples]
     by_length = lambda tok, tasks, replies: torch.tensor([float(r[0]) for r in replies]) / 100
     rewards, best, _ = RS.sample_all(None, None, tasks, 3, 1.0, by_length, 64, 0, Dist())
