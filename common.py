@@ -354,7 +354,6 @@ def consolidated_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = Non
     if not is_sharded(model):
         return model
     from torch.distributed.tensor import DTensor
-    from model import Transformer
     inner = getattr(model, "_orig_mod", model)
     sd = {}
     with torch.no_grad():
@@ -363,7 +362,7 @@ def consolidated_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = Non
                 v = v.to(dtype)  # cast the shard, then gather: half the bytes sent for bf16, no fp32 full copy
             sd[k] = v.full_tensor() if isinstance(v, DTensor) else v  # one all-gather, every rank gets it all
     with torch.device("meta"):  # no memory, no random init: load_state_dict(assign=True) puts the gathered tensors in
-        full = Transformer(inner.args)
+        full = type(inner)(inner.args)  # Transformer, or a subclass (rlhf.RewardModel)
     full.load_state_dict(sd, assign=True, strict=True)
     for name, buf in inner.named_buffers():  # the RoPE tables: not weights, never sharded, shared with the original
         full.register_buffer(name, buf, persistent=False)
