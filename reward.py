@@ -300,12 +300,10 @@ def accuracy_by_rating(pairs: list, right: list[float]) -> dict:
 
 
 def paired_difference(pairs: list, right_a: list[float], right_b: list[float]) -> dict:
-    """Two RMs judged on the same pairs (Table 28's margins), compared pair by pair: rating -> {"diff": B's accuracy
-    minus A's, "se": its paired standard error, "n", "b_only" / "a_only": pairs that only B / only A ranks right}.
-    Why paired: two RMs trained on the same pairs from the same start agree on most test pairs, and their accuracies
-    differ only where they disagree, so the difference is far better measured than either accuracy (whose standard
-    error mostly counts which pairs happened to be drawn, the same for both). se is the standard deviation of the
-    per-pair differences (1, 0.5 for a tie, 0, ...) over sqrt(n)."""
+    """Two RMs judged on the same pairs (Table 28's margins), compared pair by pair (choice 13): rating -> {"diff": B's
+    accuracy minus A's, "se": its paired standard error (the standard deviation of the per-pair differences over
+    sqrt(n)), "n", "b_only" / "a_only": pairs that only B / only A ranks right}. Two RMs from the same start agree on
+    most pairs, so their difference is far better measured than either accuracy."""
     out = {}
     for r in RATINGS:
         d = [b - a for p, a, b in zip(pairs, right_a, right_b) if p.rating == r]
@@ -339,9 +337,8 @@ def accuracy_by_source(pairs: list, right: list[float], min_n: int = 5) -> dict:
 
 def accuracy_by_kind(pairs: list, right: list[float], min_n: int = 5) -> dict:
     """Table 8 within each task kind of the prompt: kind -> {"accuracy", "n", "by_rating", "n_by_rating"}, for kinds
-    with at least min_n pairs, the largest first. Why: a level's accuracy is also set by which kinds of question fill
-    it: a sum is checked by a trunk that adds as well as the chat model does, a fact by one that recalls it (choice
-    12), and the kinds' shares differ from level to level. Pairs without a kind (user data) are left out."""
+    with at least min_n pairs, the largest first: a level's accuracy also depends on which kinds of question fill it.
+    Pairs without a kind (user data) are left out."""
     groups: dict[str, tuple[list, list[float]]] = {}
     for p, ok in zip(pairs, right):
         if p.kind:
@@ -386,12 +383,9 @@ def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool]]:
 
 @torch.no_grad()
 def calibrate_safety(rm: Transformer, tok, pairs: list, threshold: float = 0.15, false_alarms: float = 0.05) -> dict:
-    """Choice 8: set the safety RM's zero point so that §3.2.3's rule "R_s < 0.15 means unsafe" holds on its own
-    training replies. The ranking loss only sees score differences, so the level of the scores is arbitrary (any
-    constant can be added); the paper's fixed threshold presumes a level. We take the raw score t below which only
-    `false_alarms` (5%) of the safe replies fall, and add logit(0.15) - t to every score (model.args.score_offset), so
-    that sigmoid(score) < 0.15 exactly below t. The rule then sends 1 in 20 harmless replies to the safety RM, and
-    catches the unsafe replies the RM can tell apart (reported as unsafe_flagged)."""
+    """Choice 8: the safety RM's zero point, so that §3.2.3's rule "R_s < 0.15 means unsafe" holds on its training
+    replies. With t the raw score below which only `false_alarms` (5%) of the safe replies fall, logit(0.15) - t is
+    added to every score (model.args.score_offset): sigmoid(score) < 0.15 exactly below t."""
     dialogs, replies, safe = reply_safety_labels(pairs)
     rm.args.score_offset = 0.0
     raw = score(rm, tok, dialogs, replies)  # (N,) raw scores, no offset
