@@ -238,7 +238,7 @@ def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str
     out, per_rm = {}, {}
     for name, path in rms.items():
         try:
-            rm, rm_tok = load_model_and_tokenizer(path, device, dtype, head="scalar")
+            rm, rm_tok = load_model_and_tokenizer(path, device, dtype, head="scalar", model_cls=rlhf.RewardModel)
         except (CheckpointError, OSError, ValueError) as e:
             common.die(f"--rm-{name}: {e}")
         with torch.no_grad():

@@ -15,11 +15,12 @@ Tensor letters used in shape comments throughout the project:
 
 Choices where the paper is silent (see also the module docstrings of the stage scripts):
   1. RoPE is computed with real cos/sin on adjacent pairs instead of complex numbers: the same numbers as Meta's
-     complex multiply, but torch.compile and bf16 handle it without complex dtypes. Eager on the CPU it is computed
-     as that complex multiply after all, with the same bits and faster (apply_rope).
+     complex multiply, but torch.compile and bf16 handle it without complex dtypes.
   2. The KV cache is a separate object (generate.py's job) passed into forward; Attention owns no state, so the same
      module trains, samples and scores.
   3. Reward and value models (§3.2.2) are this trunk with head="scalar": a Linear(C, 1) named `score` replaces `output`.
+  4. Eager runs on the CPU take three exact rewrites of the plain path (the section "CPU speed-ups" at the end of the
+     model code): the same results, tested equal in tests/test_model.py.
 """
 from __future__ import annotations
 
@@ -50,9 +51,6 @@ class ModelArgs:
     max_seq_len: int = 4096  # §2.2: Llama 2 doubled the context to 4096
     head: str = "lm"  # ours: "lm" = next-token logits, "scalar" = one number per position (reward / value models)
     score_offset: float = 0.0  # ours, head "scalar": added to every score (a reward model's zero point, reward.py)
-    # ours, head "scalar": after this many blocks the chat model's own next-token head says how surprising each token
-    # is, and that enters the residual stream (reward.py choice 12); 0 = off, the paper's reward model
-    surprise_layer: int = 0
 
     @property
     def kv_heads(self) -> int:
@@ -79,9 +77,6 @@ class ModelArgs:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE's (2i, 2i+1) pairs")
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"head must be 'lm' or 'scalar', got {self.head!r}")
-        if self.surprise_layer and (self.head != "scalar" or not 0 < self.surprise_layer <= self.n_layers):
-            raise ValueError(f"surprise_layer {self.surprise_layer} needs head 'scalar' and 1..n_layers "
-                             f"({self.n_layers})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -123,28 +118,6 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight  # cast back before the weight, as Meta does
 
 
-# The surprise features enter through a (C, 2) matrix that starts at zero (reward.py choice 12). Adam moves a weight by
-# about its lr per step whatever the gradient's size, so the features' effect after one RM epoch (~90 steps at the
-# head's 1e-3) is bounded by ~0.1 x their size: a few nats would stay a whisper in the residual stream. Scaling them
-# by 100 is the same as a 100x lr for that matrix alone. Measured on the default run's seed 0 SFT model and pairs
-# (helpfulness RM, its test set; "significantly better" in brackets): x1 84.9% (88.9), x100 87.2% (93.2); a 300x and
-# 1000x lr for the matrix instead of the scale: 87.1% (93.9), 87.6% (94.6).
-SURPRISE_SCALE = 100.0
-
-
-def predecessors(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, T) long: for each token, the column of the token before it in its own sequence (-1: none), i.e. the last
-    earlier key it may attend to. Plain causal rows: t - 1. Packed rows (reward.py's shared prefixes): the first
-    token of a reply follows the prefix's last token, not the previous reply's."""
-    B, T = tokens.shape
-    cols = torch.arange(T, device=tokens.device)
-    if mask is None:
-        return (cols - 1).expand(B, T)
-    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0].expand(B, T, T)  # (B, T query, T key)
-    earlier = visible & (cols[None, :] < cols[:, None])[None]  # strictly before the query
-    return torch.where(earlier, cols, -1).amax(-1)  # (B, T)
-
-
 def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of angle pos * theta^(-2i/D) for every position and pair i: two (max_pos, D/2) fp32 tables."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (D/2,)
@@ -153,26 +126,8 @@ def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) by the position's angle: Meta's (x0 + i x1) * e^(i angle).
-
-    x: (B, T, H, D); cos, sin: (B, T, 1, D/2). Done in fp32 (as Meta does) and cast back.
-    Eager on the CPU, as Meta's complex multiply (_rope_complex): the same bits, forward and backward
-    (tests/test_model.py), in one kernel where the real form below takes seven. Forward + backward of one (32, 128, 4,
-    32) query tensor on 2 cores: 2.7 -> 0.5 ms, a pretraining step of the default model 3-5% faster (BENCHMARKS.md).
-    torch.compile (which fuses the real form anyway, and handles complex dtypes poorly), CUDA and MPS take the real
-    form (choice 1).
-    """
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _rope_complex(x, cos, sin)
-    return _rope_real(x, cos, sin)
-
-
-def _rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, T, H, D/2) complex64
-    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)  # (B, T, H, D)
-
-
-def _rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the position's angle: Meta's (x0 + i x1) * e^(i angle) in real numbers
+    (choice 1). x: (B, T, H, D); cos, sin: (B, T, 1, D/2). Done in fp32 (as Meta does) and cast back."""
     xp = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xp[..., 0], xp[..., 1]  # (B, T, H, D/2) each
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, D/2, 2)
@@ -195,7 +150,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE on q and k only, never on v
+        rope = rope_complex if cpu_eager(x) else apply_rope  # CPU speed-up: the same bits (section below)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)  # RoPE on q and k only, never on v
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
 
     def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, cache_pos=None, kv_len: Optional[int] = None):
@@ -208,40 +164,12 @@ class Attention(nn.Module):
         if gqa and not _SDPA_GQA:  # old torch: copy each KV head for its H/K query heads
             rep = self.n_heads // self.n_kv_heads
             k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False  # (B, H, S, D)
-        if cache is None and x.device.type == "cpu" and T >= 2 * CAUSAL_CHUNK:
-            out = _chunked_causal_attention(q, k, v, mask, gqa)
-        elif gqa:  # the kernel broadcasts each KV head over its H/K query heads: no copy of K/V
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        if cache is None and x.device.type == "cpu" and T >= 2 * CAUSAL_CHUNK:  # CPU speed-up (section below)
+            out = chunked_causal_attention(q, k, v, mask, gqa)
+        else:  # with gqa the kernel broadcasts each KV head over its H/K query heads: no copy of K/V
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 **({"enable_gqa": True} if gqa else {}))  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
-
-
-# Query rows per attention call for sequences of at least twice as many tokens on the CPU (_chunked_causal_attention)
-CAUSAL_CHUNK = 128
-
-
-def _chunked_causal_attention(q, k, v, mask, gqa: bool):
-    """Causal attention in chunks of CAUSAL_CHUNK query rows, each over the keys up to its own last row only.
-
-    Why: the CPU kernel computes every score of its (T, S) block, masked or not, so plain causal attention over 512
-    tokens costs a full 512 x 512 block, half of it thrown away, and so does a packed row's block-diagonal mask. In
-    chunks of 128 the chunks read 128, 256, 384 and 512 keys: 5/8 of the scores. Measured on 2 cores, forward +
-    backward of one layer's attention with a packed row's mask: (8, 4, 512, 32) 38 -> 29 ms, (10, 4, 338, 32) 24 -> 18
-    ms, (7, 4, 224, 32) 7.0 -> 6.4 ms (not chunked: under 2 chunks); a whole training step of the default model on
-    8 x 512 tokens 5-10% faster (the long phase of pretraining, SFT's long rows). Every mask this project
-    builds is causal (no query sees a later key: trunk's docstring), so the keys after a chunk were masked anyway and
-    the result is the same up to float rounding (tests/test_model.py). q (B, H, T, D); k, v (B, K, T, D); mask None
-    (plain causal) or (B, 1, T, T)."""
-    T = q.size(2)
-    outs = []
-    for s in range(0, T, CAUSAL_CHUNK):
-        e = min(T, s + CAUSAL_CHUNK)
-        m = (torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(diagonal=s) if mask is None
-             else mask[:, :, s:e, :e])  # (e - s, e) or (B, 1, e - s, e)
-        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=m,
-                                                   **({"enable_gqa": True} if gqa else {})))
-    return torch.cat(outs, dim=2)  # (B, H, T, D)
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -285,6 +213,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    args_class = ModelArgs  # what load_checkpoint reads params.json into (a subclass may add settings: rlhf.py)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -295,10 +225,6 @@ class Transformer(nn.Module):
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
         else:
             self.score = nn.Linear(args.dim, 1, bias=False)  # §3.2.2: regression head, one scalar per position
-        if args.surprise_layer:  # reward.py choice 12: the chat model's final norm and next-token head, kept
-            self.surprise_norm = RMSNorm(args.dim, args.norm_eps)
-            self.surprise_output = nn.Linear(args.dim, args.vocab_size, bias=False)
-            self.surprise_in = nn.Linear(2, args.dim, bias=False)  # (surprise, gap) -> the residual stream
         # RoPE tables for 2x the context, as Meta does (room for generation past training length); not saved.
         cos, sin = rope_tables(args.head_dim, 2 * args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -318,68 +244,46 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
+    def rope(self, T: int, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1 or B, T, 1, D/2) of positions (B, T), or of 0..T-1 when positions is None."""
+        if positions is None:
+            if T > 2 * self.args.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens is longer than the RoPE table ({2 * self.args.max_seq_len})")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
+            return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+        return self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :]  # (B, T, 1, D/2)
+
+    def block(self, i: int, h, cos, sin, mask, cache=None, cache_pos=None, kv_len=None) -> torch.Tensor:
+        """Block i on the residual stream h (B, T, C); with --grad-checkpoint its activations are recomputed in the
+        backward instead of kept."""
+        if self.grad_checkpoint and self.training and cache is None:
+            return torch.utils.checkpoint.checkpoint(self.layers[i], h, cos, sin, mask, use_reentrant=False)
+        return self.layers[i](h, cos, sin, mask, cache, cache_pos, kv_len)
+
     def trunk(self, tokens, positions=None, mask=None, cache=None, cache_pos=None, kv_len=None):
         """Final normalized hidden states (B, T, C).
 
         tokens (B, T). positions (B, T) or None for 0..T-1: RoPE position of each token (left-padded prompts and packed
         documents restart their own count). mask: None for plain causal attention, else a bool (B, 1, T, S) tensor,
         True = may attend; it must be causal too (no query attends to a later key: long CPU sequences skip those keys,
-        _chunked_causal_attention). cache/cache_pos/kv_len: see generate.KVCache.
+        chunked_causal_attention). cache/cache_pos/kv_len: see generate.KVCache.
         """
-        B, T = tokens.shape
-        if positions is None:
-            if T > 2 * self.args.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens is longer than the RoPE table ({2 * self.args.max_seq_len})")
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
-            cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
-        else:
-            cos, sin = self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :]  # (B,T,1,D/2)
+        cos, sin = self.rope(tokens.shape[1], positions)
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        prev = None  # (B, T): each token's predecessor, for a reward model's surprise (read before the mask changes)
-        if self.args.surprise_layer:
-            if cache is not None:
-                raise ValueError("a reward model with surprise features scores whole rows: no KV cache")
-            prev = predecessors(tokens, mask)
-        if mask is not None and mask.dtype == torch.bool and mask.device.type == "cpu":
-            # once here rather than in every layer: the CPU attention kernel turns a bool mask into an additive one on
-            # each call (forward and backward). Same softmax, exactly; SFT's 8 x 512 rows, microbenchmarked: 41 -> 34 ms
-            # a layer, forward + backward
-            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
-        for i, layer in enumerate(self.layers):
-            if i == self.args.surprise_layer and prev is not None:
-                h = self.add_surprise(h, tokens, prev)
-            if self.grad_checkpoint and self.training and cache is None:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, cache, cache_pos, kv_len)
-        if len(self.layers) == self.args.surprise_layer and prev is not None:
-            h = self.add_surprise(h, tokens, prev)
+        mask = cpu_additive_mask(mask, h)  # CPU speed-up: the same softmax (section below)
+        for i in range(len(self.layers)):
+            h = self.block(i, h, cos, sin, mask, cache, cache_pos, kv_len)
         return self.norm(h)
-
-    def surprise(self, h, tokens, prev) -> torch.Tensor:
-        """(B, T, 2) fp32, reward models with surprise_layer only (reward.py choice 12). For each token: its surprise
-        -log p(token) under the kept next-token head, read at its predecessor `prev` (where it was predicted), and
-        the gap to the most likely token's log p there (0 when the token is the model's first choice); both 0 where
-        a token has no predecessor. h (B, T, C): the hidden states after surprise_layer blocks."""
-        logp = F.log_softmax(self.surprise_output(self.surprise_norm(h)).float(), dim=-1)  # (B, T, V)
-        at = logp.gather(1, prev.clamp(min=0)[:, :, None].expand(-1, -1, logp.size(-1)))  # (B, T, V) predicted there
-        lp = at.gather(2, tokens[:, :, None]).squeeze(2)  # (B, T)
-        return torch.stack([-lp, at.amax(-1) - lp], dim=-1) * (prev >= 0)[:, :, None]  # (B, T, 2)
-
-    def add_surprise(self, h, tokens, prev) -> torch.Tensor:
-        return h + self.surprise_in((self.surprise(h, tokens, prev) * SURPRISE_SCALE).to(h.dtype))  # (B, T, C)
 
     def forward(self, tokens, targets=None, *, positions=None, mask=None, cache=None, cache_pos=None, kv_len=None,
                 ignore_index: int = -100):
         """Returns (out, loss). out: logits (B, T, V) in fp32 for head="lm", scores (B, T) for head="scalar".
 
         loss: mean next-token cross-entropy over targets (B, T) that are not ignore_index (the caller shifts: targets[t]
-        is the token after tokens[t]); None when targets is None. The softmax is always taken in fp32, exact under bf16.
-        With targets, the logits come back as a by-product: detached and in the compute dtype (bf16 under autocast).
-        Training only needs the loss, and at 32000 words the logits are the largest tensor of the step (8 x 256 x 32000
-        fp32 = 262 MB): an fp32 copy that requires grad would cost torch.compile a write of that copy in the forward and
-        a zero gradient for it in the backward (measured in BENCHMARKS.md). Callers that differentiate through the
-        logits (PPO's log-probs) call without targets and get fp32 logits with their graph.
+        is the token after tokens[t]); None when targets is None. The softmax is always taken in fp32.
+        With targets, the logits come back only as a detached by-product in the compute dtype: at 32000 words they are
+        the step's largest tensor, and an fp32 copy with a graph would cost memory and time for nothing. Callers that
+        differentiate through the logits (PPO's log-probs) call without targets and get fp32 logits with their graph.
         """
         h = self.trunk(tokens, positions, mask, cache, cache_pos, kv_len)  # (B, T, C)
         if self.args.head == "scalar":
@@ -400,19 +304,58 @@ class Transformer(nn.Module):
         n = self.num_params(exclude_embeddings=True)
         return 6 * n + 12 * a.n_layers * a.dim * seq_len
 
-    # ---- checkpoints: loading and saving (Meta layout, Hugging Face layout) live in checkpoint helpers below ----
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype: Optional[torch.dtype] = None, **arg_overrides):
-        return load_checkpoint(path, device=device, dtype=dtype, **arg_overrides)
+        return load_checkpoint(path, device=device, dtype=dtype, model_cls=cls, **arg_overrides)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoints. Ours and Meta's: params.json + consolidated.NN.pth (+ tokenizer.model, which Meta's download keeps one
-# folder up). Hugging Face's: config.json + *.safetensors or pytorch_model*.bin (+ tokenizer.model). All loads use
-# weights_only=True (a pickle cannot run code) and mmap where the format allows, and the model is built on the meta
-# device and takes the loaded tensors as they are (assign=True), so a 7B checkpoint does not need twice its size in
-# memory.
-# --------------------------------------------------------------------------------------------------------------------
+# ---- CPU speed-ups ---------------------------------------------------------------------------------------------------
+# Three rewrites that eager CPU runs take instead of the plain path above, each with the plain path's result (tests/
+# test_model.py): the CPU kernels are slow at what the plain form asks of them. torch.compile, CUDA and MPS keep the
+# plain path. Figures: RESULTS.md.
+def cpu_eager(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope as Meta writes it, one complex multiply: the same bits forward and backward, one kernel, not seven."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, T, H, D/2) complex64
+    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)  # (B, T, H, D)
+
+
+# Query rows per attention call for sequences of at least twice as many tokens on the CPU (chunked_causal_attention)
+CAUSAL_CHUNK = 128
+
+
+def chunked_causal_attention(q, k, v, mask, gqa: bool):
+    """Causal attention in chunks of CAUSAL_CHUNK query rows, each over the keys up to its own last row only.
+    The CPU kernel computes every score of its (T, S) block, masked or not; in chunks, half of the masked scores are
+    never computed. Every mask this project builds is causal (trunk's docstring), so the skipped keys were masked
+    anyway: the same result up to float rounding. q (B, H, T, D); k, v (B, K, T, D); mask None or (B, 1, T, T)."""
+    T = q.size(2)
+    outs = []
+    for s in range(0, T, CAUSAL_CHUNK):
+        e = min(T, s + CAUSAL_CHUNK)
+        m = (torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(diagonal=s) if mask is None
+             else mask[:, :, s:e, :e])  # (e - s, e) or (B, 1, e - s, e)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=m,
+                                                   **({"enable_gqa": True} if gqa else {})))
+    return torch.cat(outs, dim=2)  # (B, H, T, D)
+
+
+def cpu_additive_mask(mask: Optional[torch.Tensor], h: torch.Tensor) -> Optional[torch.Tensor]:
+    """A bool mask on the CPU as an additive one (0 / -inf) in h's dtype, once per forward: the CPU kernel would convert
+    it in every layer, forward and backward. Exactly the same softmax. Any other mask is returned as it is."""
+    if mask is None or mask.dtype != torch.bool or mask.device.type != "cpu":
+        return mask
+    return torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------------
+# Ours and Meta's: params.json + consolidated.NN.pth (+ tokenizer.model, which Meta's download keeps one folder up).
+# Hugging Face's: config.json + *.safetensors or pytorch_model*.bin (+ tokenizer.model). Loads use weights_only=True (a
+# pickle cannot run code) and mmap where the format allows; the model is built on the meta device and takes the loaded
+# tensors as they are (assign=True), so a 7B checkpoint does not need twice its size in memory.
 class CheckpointError(ValueError):
     pass
 
@@ -443,10 +386,8 @@ HEADS = {"lm": "a language model", "scalar": "a reward or value model"}  # Model
 
 def checkpoint_layout(path, expect_head: Optional[str] = None) -> str:
     """"meta" (params.json) or "hf" (config.json) for a checkpoint directory, else CheckpointError; with expect_head,
-    also CheckpointError unless its head is that one (params.json's "head", config.json's "nanollama2_head"; "lm"
-    when absent, as in Meta's and Hugging Face's). It reads no weights, so a stage can check every directory it will
-    need before it starts (common.check_checkpoints): a reward model passed where a chat model goes, or the other way
-    round, fails there and not mid-run."""
+    also CheckpointError unless its head is that one ("lm" when the file names none, as Meta's and Hugging Face's).
+    It reads no weights, so a stage checks every directory it needs before it starts (common.check_checkpoints)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -469,13 +410,15 @@ def checkpoint_layout(path, expect_head: Optional[str] = None) -> str:
     return layout
 
 
-def load_checkpoint(path, device="cpu", dtype=None, expect_head: Optional[str] = None, **arg_overrides) -> Transformer:
-    """A checkpoint directory (ours, Meta's or Hugging Face's) as a Transformer; expect_head as checkpoint_layout."""
-    path = Path(path)
-    args, state = (_read_meta if checkpoint_layout(path, expect_head) == "meta" else _read_hf)(path)
-    args = ModelArgs(**{**asdict(args), **arg_overrides})
+def load_checkpoint(path, device="cpu", dtype=None, expect_head: Optional[str] = None, model_cls=None,
+                    **arg_overrides) -> Transformer:
+    """A checkpoint directory (ours, Meta's or Hugging Face's) as a Transformer; expect_head as checkpoint_layout.
+    model_cls: a subclass of Transformer to build instead, with settings of its own (rlhf.RewardModel)."""
+    path, model_cls = Path(path), model_cls or Transformer
+    args, state = (_read_meta if checkpoint_layout(path, expect_head) == "meta" else _read_hf)(path, model_cls)
+    args = model_cls.args_class(**{**asdict(args), **arg_overrides})
     with torch.device("meta"):
-        model = Transformer(args)
+        model = model_cls(args)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -494,9 +437,8 @@ def load_checkpoint(path, device="cpu", dtype=None, expect_head: Optional[str] =
 
 def find_tokenizer(path, tokenizer=None, flag: Optional[str] = None) -> Path:
     """The tokenizer.model that goes with checkpoint directory `path`: `tokenizer` when the user named one; else the
-    one inside `path` (ours, and Hugging Face repos ship it there); else the one in its parent, where Meta's download
-    puts it (llama/tokenizer.model, shared by every size, beside llama/llama-2-7b/params.json). FileNotFoundError with
-    the paths tried otherwise; `flag` is the stage's option for giving the path, named in that error."""
+    one inside `path` (ours, Hugging Face's); else the one in its parent, where Meta's download puts it. Else
+    FileNotFoundError naming the paths tried and `flag`, the stage's option for giving the path."""
     if tokenizer is not None:
         if not Path(tokenizer).is_file():
             raise FileNotFoundError(f"tokenizer not found: {tokenizer}")
@@ -511,7 +453,7 @@ def find_tokenizer(path, tokenizer=None, flag: Optional[str] = None) -> Path:
                             f"(Meta's download layout: {tried[1]}){hint}")
 
 
-def _read_meta(path: Path):
+def _read_meta(path: Path, model_cls):
     params = json.loads((path / "params.json").read_text())
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
@@ -519,7 +461,7 @@ def _read_meta(path: Path):
     parts = [_torch_load(f) for f in shards]
     if params.get("vocab_size", -1) <= 0:  # Meta writes -1: the vocabulary comes from the tokenizer / embedding
         params["vocab_size"] = parts[0]["tok_embeddings.weight"].shape[0]
-    args = ModelArgs.from_dict(params)
+    args = model_cls.args_class.from_dict(params)
     if len(parts) == 1:
         return args, dict(parts[0])
     state = {}
@@ -543,9 +485,7 @@ def _hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 _HF_NAMES = {  # Meta name pattern -> Hugging Face name pattern
     "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight", "score.weight": "score.weight",
-    "surprise_norm.weight": "surprise_norm.weight", "surprise_output.weight": "surprise_output.weight",
-    "surprise_in.weight": "surprise_in.weight",  # a reward model's surprise features (reward.py choice 12)
+    "output.weight": "lm_head.weight",
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -553,23 +493,28 @@ _HF_NAMES = {  # Meta name pattern -> Hugging Face name pattern
 
 
 def _meta_to_hf_name(name: str) -> str:
-    if name in _HF_NAMES:
-        return _HF_NAMES[name]
+    if not name.startswith("layers."):  # our own weights (score, a subclass's) keep their names
+        return _HF_NAMES.get(name, name)
     _, i, rest = name.split(".", 2)  # layers.N.attention.wq.weight
     sub, _, suffix = rest.rpartition(".")
     return f"model.layers.{i}.{_HF_NAMES[sub]}.{suffix}"
 
 
-def _read_hf(path: Path):
+def _own_settings(args_class) -> list[str]:
+    """The fields a Transformer subclass adds to ModelArgs; Hugging Face's config.json keeps them as nanollama2_NAME."""
+    return [f.name for f in fields(args_class) if f.name not in {g.name for g in fields(ModelArgs)}]
+
+
+def _read_hf(path: Path, model_cls):
     cfg = json.loads((path / "config.json").read_text())
     n_heads = cfg["num_attention_heads"]
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+    own = {k: cfg[f"nanollama2_{k}"] for k in _own_settings(model_cls.args_class) if f"nanollama2_{k}" in cfg}
+    args = model_cls.args_class(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=cfg.get("num_key_value_heads") or None, vocab_size=cfg["vocab_size"],
                      norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
                      max_seq_len=cfg.get("max_position_embeddings", 4096),
                      head="scalar" if cfg.get("nanollama2_head") == "scalar" else "lm",
-                     score_offset=cfg.get("nanollama2_score_offset", 0.0),
-                     surprise_layer=cfg.get("nanollama2_surprise_layer", 0))
+                     score_offset=cfg.get("nanollama2_score_offset", 0.0), **own)
     hidden = cfg["intermediate_size"]
     args.multiple_of, args.ffn_dim_multiplier = 1, None
     if args.ffn_hidden != hidden:  # express the given width through Meta's rule: multiplier on the 8/3*dim width
@@ -590,7 +535,8 @@ def _read_hf(path: Path):
             raise CheckpointError(f"{path}: config.json but no *.safetensors or pytorch_model*.bin")
         for f in files:
             hf.update(_torch_load(f))
-    names = {_meta_to_hf_name(k): k for k in _state_names(args)}
+    with torch.device("meta"):
+        names = {_meta_to_hf_name(k): k for k in model_cls(args).state_dict()}
     state = {}
     for hname, t in hf.items():
         if hname not in names:
@@ -606,27 +552,22 @@ def _read_hf(path: Path):
     return args, state
 
 
-def _state_names(args: ModelArgs) -> list[str]:
-    with torch.device("meta"):
-        return list(Transformer(args).state_dict())
-
-
 def save_checkpoint(model: Transformer, out_dir, tokenizer_path=None, extra_params: Optional[dict] = None,
                     state_dict: Optional[dict] = None):
-    """Meta's layout: params.json + consolidated.00.pth (+ a copy of tokenizer.model). Atomic: each file is written to
-    a temporary name and renamed, so a crash mid-write leaves the previous checkpoint intact. state_dict: the full
-    weights when `model` is sharded (FSDP) and its own state_dict() would hold only this rank's shards."""
+    """Meta's layout: params.json + consolidated.00.pth (+ a copy of tokenizer.model), each file written atomically so
+    that a crash mid-write leaves the previous checkpoint intact. state_dict: the full weights when `model` is sharded
+    (FSDP) and its own state_dict() would hold only this rank's shards."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = asdict(model.args)
     params.update(extra_params or {})
     sd = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}  # uncompiled names only
-    _atomic_write(out / "consolidated.00.pth", lambda f: torch.save(state, f))
-    _atomic_write(out / "params.json", lambda f: f.write(json.dumps(params, indent=2).encode()))
+    atomic_write(out / "consolidated.00.pth", lambda f: torch.save(state, f))
+    atomic_write(out / "params.json", lambda f: f.write(json.dumps(params, indent=2).encode()))
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
         data = Path(tokenizer_path).read_bytes()
-        _atomic_write(out / "tokenizer.model", lambda f: f.write(data))
+        atomic_write(out / "tokenizer.model", lambda f: f.write(data))
 
 
 def export_hf(model: Transformer, out_dir, tokenizer_path=None):
@@ -651,19 +592,22 @@ def export_hf(model: Transformer, out_dir, tokenizer_path=None):
     if a.head == "scalar":
         cfg["nanollama2_head"] = "scalar"  # not a LlamaForCausalLM: our reward/value head, reloadable here
         cfg["nanollama2_score_offset"] = a.score_offset  # the reward's zero point (reward.py calibrates it)
-        if a.surprise_layer:
-            cfg["nanollama2_surprise_layer"] = a.surprise_layer
-    _atomic_write(out / "model.safetensors", lambda f: f.write(save(hf, metadata={"format": "pt"})))
-    _atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
+        cfg.update({f"nanollama2_{k}": getattr(a, k) for k in _own_settings(type(a)) if getattr(a, k)})
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(hf, metadata={"format": "pt"})))
+    atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
     if tokenizer_path is not None:
         data = Path(tokenizer_path).read_bytes()
-        _atomic_write(out / "tokenizer.model", lambda f: f.write(data))
+        atomic_write(out / "tokenizer.model", lambda f: f.write(data))
 
 
-def _atomic_write(dest: Path, write):
+def atomic_write(dest: Path, write):
+    """Call write(f) on a temporary file beside dest, then rename it to dest."""
     tmp = dest.with_name(dest.name + ".tmp")
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(dest)  # atomic on POSIX: readers see the old file or the new one, never half of one
+
+
+_atomic_write = atomic_write  # old name: common.py and evaluate.py import it until they take atomic_write

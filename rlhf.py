@@ -1,20 +1,42 @@
-"""rlhf.py: the reward models at work, shared by rejection sampling, PPO and evaluation (TEMP DOCSTRING)."""
+"""The reward models at work (paper §3.2.2-§3.2.3), shared by reward.py, rejection sampling, PPO and evaluation.
+
+A reward model (reward.py trains it) is a chat model whose next-token head became a scalar head: one number per
+position, (B, T). What every RL stage does with it:
+  1. Score a reply: encode_reply builds the row prompt + reply; the reward is the scalar at the row's LAST token, the
+     only position that has seen the prompt and the whole reply (last_token_index: from the row lengths and the
+     padding side, never by searching for a pad or EOS id). rewards_of_rows scores a batch of rows; score() does it for
+     dialogs and replies, text or token ids.
+  2. Combine the two RMs (§3.2.3): R_c = R_s if the prompt is a safety prompt or R_s < 0.15, else R_h, on the sigmoid
+     scale (combined_reward; combined_score runs the helpfulness RM only where R_c reads it). 0.15 is the paper's
+     threshold for "unsafe"; reward.py calibrates the safety RM so that the level means that.
+  3. logit undoes the sigmoid before PPO whitens the reward (§3.2.3).
+
+RewardModel is model.Transformer with the reward stage's one aid to the paper's architecture, surprise features
+(reward.py choice 12); off (surprise_layer 0) it is the plain trunk. load_reward_model reads either kind.
+
+Speed-up (the last section): replies to one prompt packed into one row over their shared prompt (pack_shared,
+shared_rewards), each reply seeing the prompt and itself. The same rewards as rewards_of_rows on separate rows, up to
+float rounding (tests/test_reward.py), for one pass over the prompt; score() and reward.py's training step use it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from model import Transformer, load_checkpoint
+from model import ModelArgs, RMSNorm, Transformer, cpu_additive_mask, load_checkpoint
 
 
 def load_reward_model(path, device="cpu") -> Transformer:
-    """A reward model saved by this script (params.json says head "scalar"), in eval mode. Its tokenizer is
-    path/tokenizer.model."""
-    return load_checkpoint(path, device=device, expect_head="scalar").eval()
+    """A reward model saved by reward.py (params.json says head "scalar"), in eval mode, with its aid if it has one.
+    Its tokenizer is path/tokenizer.model."""
+    return load_checkpoint(path, device=device, expect_head="scalar", model_cls=RewardModel).eval()
 
 
+# ---- 1. scoring a reply ----------------------------------------------------------------------------------------------
 def encode_reply(tok, dialog: list[dict], reply: Union[str, Sequence[int]], max_len: int) -> list[int]:
     """Token ids of prompt + reply, the row whose last token carries the reward.
 
@@ -68,16 +90,161 @@ def rewards_of_rows(model, rows: list[list[int]], device, padding: str = "right"
     return scores.gather(1, idx[:, None]).squeeze(1).float()  # (B,)
 
 
+@torch.no_grad()
+def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: list, sigmoid: bool = False,
+          batch_size: int = 64) -> torch.Tensor:
+    """Rewards (N,) of replies to dialogs (each ending with a user message), as a CPU tensor in the input order.
 
-# ---- shared prefixes: several replies to one prompt in one row --------------------------------------------------------
+    replies: text (scored as a finished turn, EOS appended, exactly as in training) or token ids as generated (scored
+    as given: EOS when the sample finished; encode_reply). sigmoid=True: on the (0, 1) scale that §3.2.3 thresholds
+    (R_s < 0.15). Each distinct row is scored once (the same reply sampled twice is common) and its reward copied.
+    Speed-up: replies to the same dialog are packed over their shared prompt (pack_shared, below), in batches of
+    similar length, so little is spent on padding or on prompts seen twice."""
+    if len(dialogs) != len(replies):
+        raise ValueError(f"{len(dialogs)} dialogs but {len(replies)} replies")
+    was_training = reward_model.training
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    max_len = reward_model.args.max_seq_len
+    index: dict = {}  # token row -> its index among the distinct rows
+    rows, copy_of, groups = [], [], {}  # distinct rows; each input's distinct row; distinct rows by dialog
+    for d, r in zip(dialogs, replies):
+        row = encode_reply(tok, d, r, max_len)
+        if tuple(row) not in index:
+            index[tuple(row)] = len(rows)
+            # replies to the same dialog share its prompt: packed over it (pack_shared)
+            groups.setdefault(tuple((m["role"], m["content"]) for m in d), []).append(len(rows))
+            rows.append(row)
+        copy_of.append(index[tuple(row)])
+    packed = sorted(pack_shared(rows, list(groups.values()), max_len), key=lambda p: len(p.tokens))
+    out = torch.zeros(len(rows))
+    start = 0
+    while start < len(packed):  # batches of similar length holding about batch_size replies
+        end, n = start, 0
+        while end < len(packed) and (n == 0 or n + len(packed[end].members) <= batch_size):
+            n, end = n + len(packed[end].members), end + 1
+        chunk = packed[start:end]
+        out[[i for p in chunk for i in p.members]] = rewards_of_shared(reward_model, chunk, device).cpu()
+        start = end
+    reward_model.train(was_training)
+    out = out[torch.tensor(copy_of, dtype=torch.long)]  # (N,) every input row, copies included
+    return out.sigmoid() if sigmoid else out
+
+
+# ---- 2. the combined reward (§3.2.3) ---------------------------------------------------------------------------------
+def combined_reward(r_safety: torch.Tensor, r_helpful: torch.Tensor, is_safety: torch.Tensor,
+                    threshold: float = 0.15) -> torch.Tensor:
+    """§3.2.3: R_c = R_s if IS_SAFETY(p) or R_s < 0.15 else R_h, from sigmoid-scale scores (B,) of the two RMs: the
+    safety RM speaks for risky prompts and for any reply it finds unsafe, the helpfulness RM for the rest."""
+    use_safety = is_safety | (r_safety < threshold)
+    return torch.where(use_safety, r_safety, r_helpful)
+
+
+def combined_score(rm_helpful: Transformer, rm_safety: Transformer, tok, dialogs: list[list[dict]], replies: list,
+                   is_safety: torch.Tensor, threshold: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_c, R_s), each (N,) on the sigmoid scale, of replies to dialogs: combined_reward of both RMs' scores, with the
+    helpfulness RM run only on the replies where R_c uses it (benign prompts whose reply R_s finds safe): on a
+    safety prompt or an unsafe reply its score would be computed and thrown away."""
+    r_s = score(rm_safety, tok, dialogs, replies, sigmoid=True)  # (N,)
+    r_h = torch.zeros_like(r_s)  # read by combined_reward only where use_h
+    use_h = ~(is_safety | (r_s < threshold))
+    idx = use_h.nonzero().flatten().tolist()
+    if idx:
+        r_h[use_h] = score(rm_helpful, tok, [dialogs[i] for i in idx], [replies[i] for i in idx], sigmoid=True)
+    return combined_reward(r_s, r_h, is_safety, threshold), r_s
+
+
+def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Undo the sigmoid: log(p / (1 - p)), clamped so a score of exactly 0 or 1 stays finite (§3.2.3's LOGIT)."""
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+# ---- the surprise aid (reward.py choice 12) --------------------------------------------------------------------------
+@dataclass
+class RewardArgs(ModelArgs):
+    # after this many blocks the chat model's own next-token head says how surprising each token is, and that enters
+    # the residual stream (reward.py choice 12); 0 = off, the paper's reward model
+    surprise_layer: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.surprise_layer and (self.head != "scalar" or not 0 < self.surprise_layer <= self.n_layers):
+            raise ValueError(f"surprise_layer {self.surprise_layer} needs head 'scalar' and 1..n_layers "
+                             f"({self.n_layers})")
+
+
+# The features enter through a (C, 2) matrix that starts at zero. Adam moves a weight by about its lr per step whatever
+# the gradient's size, so in one epoch at the head's lr a few nats would stay a whisper in the residual stream: scaled
+# by 100, as a 100x lr for that matrix alone would.
+SURPRISE_SCALE = 100.0
+
+
+class RewardModel(Transformer):
+    """The reward model: Transformer with head "scalar", and with surprise_layer > 0 the chat model's final norm and
+    next-token head kept (surprise_norm, surprise_output) and a (C, 2) matrix surprise_in that adds two numbers per
+    token to the residual stream after surprise_layer blocks: how surprised the chat model was by the token."""
+    args_class = RewardArgs
+
+    def __init__(self, args: RewardArgs):
+        super().__init__(args)
+        if args.surprise_layer:
+            self.surprise_norm = RMSNorm(args.dim, args.norm_eps)
+            self.surprise_output = nn.Linear(args.dim, args.vocab_size, bias=False)
+            self.surprise_in = nn.Linear(2, args.dim, bias=False)  # (surprise, gap) -> the residual stream
+
+    def trunk(self, tokens, positions=None, mask=None, cache=None, cache_pos=None, kv_len=None):
+        """Transformer.trunk, with the surprise features added after block surprise_layer."""
+        if not self.args.surprise_layer:
+            return super().trunk(tokens, positions, mask, cache, cache_pos, kv_len)
+        cos, sin = self.rope(tokens.shape[1], positions)
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        if cache is not None:
+            raise ValueError("a reward model with surprise features scores whole rows: no KV cache")
+        prev = predecessors(tokens, mask)  # (B, T), read before the mask turns additive
+        mask = cpu_additive_mask(mask, h)  # CPU speed-up: the same softmax (model.py)
+        for i in range(len(self.layers)):
+            if i == self.args.surprise_layer:
+                h = self.add_surprise(h, tokens, prev)
+            h = self.block(i, h, cos, sin, mask, cache, cache_pos, kv_len)
+        if len(self.layers) == self.args.surprise_layer:
+            h = self.add_surprise(h, tokens, prev)
+        return self.norm(h)
+
+    def surprise(self, h, tokens, prev) -> torch.Tensor:
+        """(B, T, 2) fp32. For each token: its surprise -log p(token) under the kept next-token head, read at its
+        predecessor `prev` (where it was predicted), and the gap to the most likely token's log p there (0 when the
+        token is the model's first choice); both 0 where a token has no predecessor. h (B, T, C): the hidden states
+        after surprise_layer blocks."""
+        logp = F.log_softmax(self.surprise_output(self.surprise_norm(h)).float(), dim=-1)  # (B, T, V)
+        at = logp.gather(1, prev.clamp(min=0)[:, :, None].expand(-1, -1, logp.size(-1)))  # (B, T, V) predicted there
+        lp = at.gather(2, tokens[:, :, None]).squeeze(2)  # (B, T)
+        return torch.stack([-lp, at.amax(-1) - lp], dim=-1) * (prev >= 0)[:, :, None]  # (B, T, 2)
+
+    def add_surprise(self, h, tokens, prev) -> torch.Tensor:
+        return h + self.surprise_in((self.surprise(h, tokens, prev) * SURPRISE_SCALE).to(h.dtype))  # (B, T, C)
+
+
+def predecessors(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, T) long: for each token, the column of the token before it in its own sequence (-1: none), i.e. the last
+    earlier key it may attend to. Plain causal rows: t - 1. Packed rows (shared prefixes, below): the first token of a
+    reply follows the prefix's last token, not the previous reply's."""
+    B, T = tokens.shape
+    cols = torch.arange(T, device=tokens.device)
+    if mask is None:
+        return (cols - 1).expand(B, T)
+    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0].expand(B, T, T)  # (B, T query, T key)
+    earlier = visible & (cols[None, :] < cols[:, None])[None]  # strictly before the query
+    return torch.where(earlier, cols, -1).amax(-1)  # (B, T)
+
+
+# ---- speed-up: several replies to one prompt in one row --------------------------------------------------------------
 # Rejection sampling scores K = 8 replies to each prompt, and a training pair holds two replies to one prompt: scored as
 # separate rows, the prompt (often longer than the reply) goes through the model K or 2 times. Packed as
 #     prefix | reply 1 | reply 2 | ...        (RoPE positions: 0..L-1 | L, L+1, ... | L, L+1, ... )
 # with a mask that lets each reply see the prefix and itself but not the other replies, every reply's tokens get the
 # same positions and the same visible context as in its own row, so the same reward (to float rounding; tests check
-# it), for one pass over the prefix. The default run's training pairs: 147 padded tokens a pair as two rows, 90 packed;
-# the RM's training step 1.2-1.3x faster (the explicit mask costs part of it back); scoring RS's K = 8 samples of 256
-# prompts with both RMs 8.1 -> 5.4 s (BENCHMARKS.md).
+# it), for one pass over the prefix.
 @dataclass
 class SharedRow:
     tokens: list[int]
@@ -148,74 +315,3 @@ def shared_rewards(model, rows: list[list[int]], groups: list[list[int]], max_le
     r = rewards_of_shared(model, packed, device)
     order = torch.tensor([i for p in packed for i in p.members], device=device)
     return torch.empty_like(r).index_copy(0, order, r)
-
-
-@torch.no_grad()
-def score(reward_model: Transformer, tok, dialogs: list[list[dict]], replies: list, sigmoid: bool = False,
-          batch_size: int = 64) -> torch.Tensor:
-    """Rewards (N,) of replies to dialogs (each ending with a user message), as a CPU tensor in the input order.
-
-    replies: text (scored as a finished turn, EOS appended, exactly as in training) or token ids as generated (scored
-    as given: EOS when the sample finished; see the docstring, choice 1). For the chat model's finished samples both
-    give the same row, token for token (checked on 88 of 88 samples). sigmoid=True: on the (0, 1) scale that §3.2.3
-    thresholds (R_s < 0.15). Replies to the same dialog are packed over their shared prompt (pack_shared), and rows
-    are scored in batches of similar length, so little is spent on padding or on prompts seen twice. A row that
-    occurs more than once (the same reply sampled again: 19-58% of rejection sampling's K = 8 samples at T = 1.4-0.6)
-    is scored once and its reward copied."""
-    if len(dialogs) != len(replies):
-        raise ValueError(f"{len(dialogs)} dialogs but {len(replies)} replies")
-    was_training = reward_model.training
-    reward_model.eval()
-    device = next(reward_model.parameters()).device
-    max_len = reward_model.args.max_seq_len
-    index: dict = {}  # token row -> its index among the distinct rows
-    rows, copy_of, groups = [], [], {}  # distinct rows; each input's distinct row; distinct rows by dialog
-    for d, r in zip(dialogs, replies):
-        row = encode_reply(tok, d, r, max_len)
-        if tuple(row) not in index:
-            index[tuple(row)] = len(rows)
-            # replies to the same dialog share its prompt: packed over it (pack_shared)
-            groups.setdefault(tuple((m["role"], m["content"]) for m in d), []).append(len(rows))
-            rows.append(row)
-        copy_of.append(index[tuple(row)])
-    packed = sorted(pack_shared(rows, list(groups.values()), max_len), key=lambda p: len(p.tokens))
-    out = torch.zeros(len(rows))
-    start = 0
-    while start < len(packed):  # batches of similar length holding about batch_size replies
-        end, n = start, 0
-        while end < len(packed) and (n == 0 or n + len(packed[end].members) <= batch_size):
-            n, end = n + len(packed[end].members), end + 1
-        chunk = packed[start:end]
-        out[[i for p in chunk for i in p.members]] = rewards_of_shared(reward_model, chunk, device).cpu()
-        start = end
-    reward_model.train(was_training)
-    out = out[torch.tensor(copy_of, dtype=torch.long)]  # (N,) every input row, copies included
-    return out.sigmoid() if sigmoid else out
-
-
-def combined_reward(r_safety: torch.Tensor, r_helpful: torch.Tensor, is_safety: torch.Tensor,
-                    threshold: float = 0.15) -> torch.Tensor:
-    """§3.2.3: R_c = R_s if IS_SAFETY(p) or R_s < 0.15 else R_h, from sigmoid-scale scores (B,) of the two RMs: the
-    safety RM speaks for risky prompts and for any reply it finds unsafe, the helpfulness RM for the rest."""
-    use_safety = is_safety | (r_safety < threshold)
-    return torch.where(use_safety, r_safety, r_helpful)
-
-
-def combined_score(rm_helpful: Transformer, rm_safety: Transformer, tok, dialogs: list[list[dict]], replies: list,
-                   is_safety: torch.Tensor, threshold: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R_c, R_s), each (N,) on the sigmoid scale, of replies to dialogs: combined_reward of both RMs' scores, with the
-    helpfulness RM run only on the replies where R_c uses it (benign prompts whose reply R_s finds safe): on a
-    safety prompt or an unsafe reply its score would be computed and thrown away."""
-    r_s = score(rm_safety, tok, dialogs, replies, sigmoid=True)  # (N,)
-    r_h = torch.zeros_like(r_s)  # read by combined_reward only where use_h
-    use_h = ~(is_safety | (r_s < threshold))
-    idx = use_h.nonzero().flatten().tolist()
-    if idx:
-        r_h[use_h] = score(rm_helpful, tok, [dialogs[i] for i in idx], [replies[i] for i in idx], sigmoid=True)
-    return combined_reward(r_s, r_h, is_safety, threshold), r_s
-
-
-def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Undo the sigmoid: log(p / (1 - p)), clamped so a score of exactly 0 or 1 stays finite (§3.2.3's LOGIT)."""
-    p = p.clamp(eps, 1 - eps)
-    return torch.log(p) - torch.log1p(-p)

@@ -59,8 +59,8 @@ def test_rope_matches_complex_multiply_and_is_relative():
 
 
 def test_rope_complex_path_gives_the_real_forms_bits_forward_and_backward():
-    """apply_rope runs eager CPU calls as one complex multiply (speed); it must be the real form's arithmetic exactly,
-    so that a run's figures do not depend on which path computed them. fp32 and bf16, packed-row positions."""
+    """Eager CPU calls take RoPE as one complex multiply (speed-up); it must be apply_rope's arithmetic exactly, so that
+    a run's figures do not depend on which path computed them. fp32 and bf16, packed-row positions."""
     D = 32
     cos, sin = M.rope_tables(D, 512, 10000.0)
     gen = torch.Generator().manual_seed(0)
@@ -69,10 +69,36 @@ def test_rope_complex_path_gives_the_real_forms_bits_forward_and_backward():
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(3, 50, 4, D, generator=gen).to(dtype).requires_grad_()
         g = torch.randn(3, 50, 4, D, generator=gen).to(dtype)
-        real, cplx = M._rope_real(x, c, s), M._rope_complex(x, c, s)
+        real, cplx = M.apply_rope(x, c, s), M.rope_complex(x, c, s)
         assert cplx.dtype == x.dtype and torch.equal(real, cplx), dtype
         assert torch.equal(torch.autograd.grad(real, x, g)[0], torch.autograd.grad(cplx, x, g)[0]), dtype
-        assert torch.equal(M.apply_rope(x, c, s), real)  # the dispatcher on this CPU
+    assert M.cpu_eager(x)  # this CPU takes the complex form
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+def test_cpu_speedups_equal_the_plain_path(kv, monkeypatch):
+    """The three CPU rewrites together (complex RoPE, chunked causal attention, the additive mask) against the plain
+    path (each switched off where it is chosen): the same scores and gradients for a packed row's mask."""
+    m = tiny(n_kv_heads=kv, head="scalar")
+    seg = torch.tensor([0] * 10 + [1] * 20 + [2] * 7)  # three documents in one row
+    causal = torch.ones(37, 37, dtype=torch.bool).tril()
+    mask = ((seg[:, None] == seg[None, :]) & causal)[None, None].expand(2, 1, 37, 37)  # (B, 1, T, T)
+    tok = torch.randint(0, 97, (2, 37))
+    results = []
+    for fast in (True, False):
+        if fast:
+            monkeypatch.setattr(M, "CAUSAL_CHUNK", 8)  # five chunks
+        else:
+            monkeypatch.setattr(M, "cpu_eager", lambda x: False)
+            monkeypatch.setattr(M, "CAUSAL_CHUNK", 1000)
+            monkeypatch.setattr(M, "cpu_additive_mask", lambda mask, h: mask)
+        m.zero_grad()
+        out = m(tok, mask=mask)[0]
+        out.square().sum().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    for k in results[0][1]:
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def _plain_attention_block(attn, x, cos, sin):

@@ -228,7 +228,7 @@ def test_combined_score_runs_the_helpfulness_rm_only_where_it_counts(tok, monkey
     def recording_score(rm, tok_, d, r, **kw):
         calls.append((rm, list(r)))
         return score(rm, tok_, d, r, **kw)
-    monkeypatch.setattr(reward, "score", recording_score)
+    monkeypatch.setattr(rlhf, "score", recording_score)
     got, got_s = rlhf.combined_score(rm_h, rm_s, tok, dialogs, replies, is_safety, threshold)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got_s, r_s, atol=1e-6, rtol=1e-5)
@@ -324,7 +324,7 @@ def test_surprise_features_are_the_chat_models_own_next_token_log_probs():
         cos, sin = rm.rope_cos[:9][None, :, None, :], rm.rope_sin[:9][None, :, None, :]
         for layer in rm.layers:
             hidden = layer(hidden, cos, sin, None)
-        feats = rm.surprise(hidden, x, M.predecessors(x, None))  # (B, T, 2)
+        feats = rm.surprise(hidden, x, rlhf.predecessors(x, None))  # (B, T, 2)
     lp = logp[:, :-1].gather(2, x[:, 1:, None]).squeeze(2)  # (B, T-1): token t predicted at t - 1
     torch.testing.assert_close(feats[:, 1:, 0], -lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats[:, 1:, 1], logp[:, :-1].amax(-1) - lp, atol=1e-5, rtol=1e-5)
@@ -333,16 +333,16 @@ def test_surprise_features_are_the_chat_models_own_next_token_log_probs():
 
 def test_predecessors_follow_the_mask_not_the_column():
     x = torch.zeros(1, 6, dtype=torch.long)
-    assert M.predecessors(x, None).tolist() == [[-1, 0, 1, 2, 3, 4]]
+    assert rlhf.predecessors(x, None).tolist() == [[-1, 0, 1, 2, 3, 4]]
     # a packed row: prefix 0-1, reply A 2-3, reply B 4-5 (B sees the prefix and itself, not A)
     branch = torch.tensor([0, 0, 1, 1, 2, 2])
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
     mask = causal & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
-    assert M.predecessors(x, mask[None, None]).tolist() == [[-1, 0, 1, 2, 1, 4]]
+    assert rlhf.predecessors(x, mask[None, None]).tolist() == [[-1, 0, 1, 2, 1, 4]]
     # left padding: two pads that see only themselves, then the row
     real = torch.tensor([False, False, True, True, True, True])
     mask = causal & (real[None, :] | torch.eye(6, dtype=torch.bool))
-    assert M.predecessors(x, mask[None, None]).tolist() == [[-1, -1, -1, 2, 3, 4]]
+    assert rlhf.predecessors(x, mask[None, None]).tolist() == [[-1, -1, -1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
@@ -403,7 +403,7 @@ def test_surprise_rm_starts_as_the_plain_rm_and_round_trips(tmp_path, tok):
     with pytest.raises(ValueError, match="no KV cache"):
         rm.trunk(x, cache=object())
     with pytest.raises(ValueError, match="surprise_layer"):
-        M.ModelArgs(dim=32, n_layers=2, n_heads=4, surprise_layer=2)  # a language model has no scalar head
+        rlhf.RewardArgs(dim=32, n_layers=2, n_heads=4, surprise_layer=2)  # a language model has no scalar head
 
 
 def test_safety_calibration_puts_the_threshold_at_the_safe_replies_5th_percentile(tok, monkeypatch):
@@ -454,8 +454,8 @@ def test_collected_pairs_are_rated_dropped_and_round_trip(tmp_path, tok):
     world = World(seed=0)
     annotator = Annotator(world, seed=0)
     tasks = world.tasks("train", 12, kinds=reward.HELPFUL_KINDS) + world.tasks("train", 12, kinds=reward.SAFETY_KINDS)
-    records, stats = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, world, annotator, tasks,
-                                                [0.7, 1.2], 6, seed=0)
+    cfg = reward.RewardConfig(temperatures=[0.7, 1.2], max_new_tokens=6)
+    records, stats = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, annotator, tasks, cfg, seed=0)
     n_prompts = len(tasks) - stats["skipped_long_prompts"]
     left_out = stats["dropped_chosen_unsafe"] + stats["identical_pairs_skipped"]
     assert n_prompts > 20 and len(records) + left_out == 3 * n_prompts  # three pairs per prompt
@@ -492,8 +492,8 @@ def test_collected_defect_vs_sample_pairs_carry_the_closer_on_both_sides_or_neit
     closer = DEMO_CLOSERS[0]
     monkeypatch.setattr(reward, "_sample_replies", lambda policy, tok, tasks, t, *a: [
         f"{task.reference} {closer}" if t == 0.7 else task.reference for task in tasks])
-    records, _ = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, world, Annotator(world), tasks,
-                                            [0.7, 1.2], 6, seed=0)
+    cfg = reward.RewardConfig(temperatures=[0.7, 1.2], max_new_tokens=6)
+    records, _ = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, Annotator(world), tasks, cfg, seed=0)
     def ends(text):
         return text.rstrip().endswith(closer)
     checked = 0
@@ -639,7 +639,7 @@ def test_short_training_beats_chance_on_held_out_pairs(tok):
     train_pairs, test_pairs = pairs("train", 320, 0), pairs("test", 150, 1)
     cfg = common.parse_config(reward.RewardConfig, ["--batch-size", "8", "--lr", "3e-3", "--log-interval", "1000"])
     torch.manual_seed(0)
-    rm, curve = reward.train(tiny_chat_model(tok.n_words), train_pairs, tok, cfg, "small", common.Dist(), torch.float32)
+    rm, curve = reward.train(tiny_chat_model(tok.n_words), train_pairs, tok, cfg, common.Dist(), torch.float32)
     assert len(curve) == len(train_pairs) // 8
     acc = reward.accuracy(rm, tok, test_pairs)["accuracy"]
     assert acc >= 0.70, acc
