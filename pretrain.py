@@ -1,28 +1,29 @@
 """Pretraining (paper §2): a SentencePiece BPE tokenizer, then next-token prediction on a corpus.
 
-  python pretrain.py                                   # the miniature world, ~5-6 minutes on a 2-core laptop CPU
-  python pretrain.py --mix club=0,story=0.2            # another document mix (PRETRAIN_MIX): no club notices
-  python pretrain.py --data my1.txt my2.txt --vocab-size 8000 --model 15M
-  python pretrain.py --init-from /path/to/llama-2-7b --data more.txt --device cuda --fsdp   # continued pretraining
+  python pretrain.py                                  # the miniature world: ~5-6 minutes on a 2-core CPU
+  python pretrain.py --mix club=0,story=0.2           # another document mix (world.PRETRAIN_MIX)
+  python pretrain.py --data my1.txt my2.txt --vocab-size 8000 --model 15M --device cuda     # your text, one GPU
+  python pretrain.py --init-from /path/to/llama-2-7b --data more.txt --device cuda --fsdp  # continued pretraining
   torchrun --nproc_per_node=8 pretrain.py --model 110M --device cuda --compile --batch-size 256
 
-Steps: 1. tokenizer (trained with Llama 2's settings, or taken from --tokenizer / --init-from); 2. the corpus tokenized
-once into a uint16 memory-mapped file (cached by content hash); 3. the training loop: random windows of seq_len tokens,
-AdamW, warmup + cosine, clipping; periodic validation loss and checkpoints (resumable at any moment: rerun the same
-command); 4. evaluation of the final checkpoint: validation loss against the unigram entropy, fact recall from
-completion prompts, a few samples. Writes out/pretrain/ (params.json, consolidated.00.pth, tokenizer.model,
-metrics.json).
+Steps: 1. the tokenizer (trained with Llama 2's settings, or taken from --tokenizer / --init-from); 2. the corpus,
+tokenized once into a memory-mapped uint16 file (cached by content hash); 3. the training loop, close to nanoGPT's:
+random windows of seq_len tokens, AdamW, warmup + cosine, clipping, periodic validation loss and checkpoints
+(resumable at any moment: rerun the same command); 4. evaluation of the saved checkpoint: validation loss against the
+unigram entropy, fact recall and held-out sums from completion prompts, a few samples. Writes out/pretrain/
+(params.json, consolidated.00.pth, tokenizer.model, metrics.json).
 
-Paper defaults and how the miniature scales them (§2.2):
+Choices (§2.2 gives the recipe; the miniature scales it):
   1. AdamW beta1 0.9, beta2 0.95, eps 1e-5, weight decay 0.1, clipping 1.0: as the paper.
   2. Peak lr 3e-3 instead of 3e-4, warmup 50 steps instead of 2000, cosine to 10% of the peak: a 1M-parameter model
      tolerates (and needs) a 10x larger rate, and 1000 steps cannot spend 2000 on warmup.
   3. Batch 32 x 128 tokens (4k tokens) instead of 4M, ~4M tokens in all instead of 2T: what a CPU does in minutes.
-  4. Context: trained at 128 tokens, then the last 10% of steps at 512 (same tokens per step) so that later stages'
-     long dialogues (Ghost Attention's 8 turns) sit at positions the model has seen; long-context training does the
-     same at scale. RoPE does not extrapolate to positions never trained.
-  5. Data is sampled as random windows of the token stream (every document starts with BOS and ends with EOS), a
-     function of (seed, step) only: the same global batch whatever the number of processes, and exact resume.
+  4. Context: 128 tokens, then the last 10% of steps at 512 (same tokens per step), so that the later stages' long
+     dialogues (Ghost Attention's 8 turns) sit at positions the model has trained on: RoPE does not extrapolate.
+  5. Batches are random windows of the token stream (each document is BOS ... EOS), a function of (seed, step) only:
+     the same global batch whatever the number of processes, and an exact resume.
+  6. The tokenizer also reads chat-formatted dialogs (never the model): a 512-piece vocabulary must learn "[INST]"
+     and "[/INST]" as pieces, or every turn would spend ~6 pieces on each tag.
 """
 from __future__ import annotations
 
@@ -38,43 +39,46 @@ import torch
 
 import common
 from data import DataError, read_text_files
-from world import PRETRAIN_MIX, World, arith_question, arith_reply, recall_correct
+from generate import generate
 from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint, preset
+from tokenizer import B_INST, B_SYS, E_INST, E_SYS, Tokenizer, train_tokenizer
+from world import PRETRAIN_MIX, World, arith_question, arith_reply, recall_correct
 
 
 @dataclass
 class PretrainConfig:
     out_dir: str = "out/pretrain"  # checkpoint + metrics.json
-    init_from: Optional[str] = None  # continue from a checkpoint (ours, Meta's or Hugging Face's); None = from scratch
-    data: list[str] = field(default_factory=list)  # text files to pretrain on (one document each); empty = the world
+    data: list[str] = field(default_factory=list)  # text files, one document each; empty = the built-in world
+    init_from: Optional[str] = None  # continue from a checkpoint (ours, Meta's, Hugging Face's); None = from scratch
+    model: str = "1M"  # a model.py preset (1M, 15M, 110M, 7B, ...); ignored with --init-from
+    vocab_size: int = 512  # §2.2: 32k
+    seq_len: int = 128  # tokens per training sequence (choice 4)
+    batch_size: int = 32  # sequences per step, all processes together (§2.2: 4M tokens)
+    max_steps: int = 1000  # optimizer steps (§2.2: 2T tokens)
+    lr: float = 3e-3  # peak lr (§2.2: 3e-4 for 7B/13B; choice 2)
+    warmup: int = 50  # §2.2: 2000 steps
+    mix: str = ""  # the world's document mix, KIND=WEIGHT,... over PRETRAIN_MIX (e.g. club=0,story=0.2)
+    device: str = "auto"  # auto, cpu, cuda, mps
+    seed: int = 0
+    # -- advanced --
     world_seed: int = 0  # seed of the built-in world
     corpus_bytes: int = 8_000_000  # size of the generated world corpus
-    mix: str = ""  # the world's document mix, KIND=WEIGHT,... over PRETRAIN_MIX (e.g. club=0,story=0.2)
     tokenizer: Optional[str] = None  # an existing tokenizer.model; default: train one (or take --init-from's)
-    vocab_size: int = 512  # §2.2: 32k; 512 for the miniature world
-    model: str = "1M"  # a preset of model.py (1M, 15M, 110M, 7B, ...); ignored with --init-from
-    seq_len: int = 128  # tokens per training sequence
     long_seq_len: int = 512  # the final phase's sequence length (0 = no long phase)
     long_frac: float = 0.1  # share of the steps spent at long_seq_len
-    batch_size: int = 32  # sequences per optimizer step, all processes together (§2.2: 4M tokens)
     grad_accum: int = 1  # micro-batches per step on each process
-    max_steps: int = 1000  # optimizer steps (§2.2: 2T tokens)
-    lr: float = 3e-3  # peak lr (§2.2: 3e-4 for 7B/13B)
-    warmup: int = 50  # §2.2: 2000 steps
     final_lr_ratio: float = 0.1  # §2.2: cosine decay to 10% of the peak
     weight_decay: float = 0.1  # §2.2
     grad_clip: float = 1.0  # §2.2
     eval_interval: int = 200  # steps between validation losses
     eval_batches: int = 8  # validation windows = eval_batches x batch_size
     ckpt_interval: int = 250  # steps between checkpoints (resume points)
-    stop_at: int = 0  # stop after this step as if killed (after its checkpoint); for tests and time-boxing
+    stop_at: int = 0  # stop after this step as if killed (after its checkpoint); for tests
     recall_eval: bool = True  # fact recall of the built-in world at the end
-    device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     grad_checkpoint: bool = False  # recompute each block's activations in backward
-    seed: int = 0
     log_interval: int = 50
     RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
         positive="corpus_bytes vocab_size seq_len batch_size grad_accum max_steps lr grad_clip eval_interval "
@@ -82,7 +86,7 @@ class PretrainConfig:
         non_negative="world_seed long_seq_len warmup weight_decay stop_at seed", share="long_frac final_lr_ratio")
 
 
-# ---- 1-2. tokenizer and the tokenized corpus ------------------------------------------------------------------------
+# ---- 1-2. tokenizer and the tokenized corpus -------------------------------------------------------------------------
 def load_documents(cfg) -> tuple[list[str], str]:
     if cfg.mix and cfg.data:
         common.die("--mix: the document mix is the built-in world's; with --data the documents are your files")
@@ -115,7 +119,6 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def get_tokenizer(cfg, docs, out: Path):
-    from tokenizer import Tokenizer, train_tokenizer
     if cfg.tokenizer or cfg.init_from:
         try:
             return Tokenizer(find_tokenizer(cfg.init_from, cfg.tokenizer, flag="--tokenizer"))
@@ -133,11 +136,8 @@ def get_tokenizer(cfg, docs, out: Path):
 
 
 def chat_texts(world_seed: int, n: int = 3000) -> list[str]:
-    """Dialogs rendered in the Llama 2 chat format, for the TOKENIZER's training text only (never the language model's).
-    With a 512-piece vocabulary, "[INST]" and "[/INST]" would otherwise cost ~6 pieces each, every turn: an 8-turn
-    Ghost Attention dialogue would overflow the context. Llama 2's 32k vocabulary has room to spare; ours must learn
-    the tags as pieces, as a vocabulary trained on chat-heavy text would."""
-    from tokenizer import B_INST, B_SYS, E_INST, E_SYS
+    """Dialogs in the Llama 2 chat format, for the tokenizer's training text only (choice 6): so that a 512-piece
+    vocabulary learns the tags as pieces and an 8-turn Ghost Attention dialogue fits the context."""
     out = []
     # blind_spot=0: the tokenizer, and so pretraining, stay the same whatever sft.py --blind-spot is
     for i, d in enumerate(World(seed=world_seed).sft_dialogs("train", n=n, blind_spot=0)):
@@ -167,6 +167,23 @@ def tokenize_corpus(docs, tok, cache_dir: Path, key: str) -> tuple[np.ndarray, n
     return tuple(np.memmap(files[s], dtype=dtype, mode="r") for s in ("train", "val"))
 
 
+def prepare_data(cfg, dist, out: Path):
+    """Steps 1-2: (tokenizer, train stream, val stream). Rank 0 trains the tokenizer and writes the token cache; the
+    other ranks wait for it, then read both."""
+    docs, key = load_documents(cfg)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tok = get_tokenizer(cfg, docs, out)
+        train, val = tokenize_corpus(docs, tok, out / "data", key)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    if not dist.is_main:
+        given = cfg.tokenizer or cfg.init_from
+        tok = get_tokenizer(cfg, docs, out) if given else Tokenizer(str(out / "tokenizer.model"))
+        train, val = tokenize_corpus(docs, tok, out / "data", key)
+    return tok, train, val
+
+
 def unigram_entropy(stream: np.ndarray) -> float:
     """Entropy (nats/token) of the token frequencies: the loss of a model that ignores all context."""
     counts = np.bincount(np.asarray(stream[:5_000_000], dtype=np.int64)).astype(np.float64)
@@ -190,7 +207,7 @@ def phase(cfg, step: int) -> tuple[int, int]:
     return cfg.seq_len, cfg.batch_size
 
 
-# ---- 4. evaluation ------------------------------------------------------------------------------------------------
+# ---- 4. evaluation ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def val_loss(net, stream, cfg, dist, device, dtype) -> float:
     net.eval()
@@ -207,7 +224,6 @@ def val_loss(net, stream, cfg, dist, device, dtype) -> float:
 @torch.no_grad()
 def completion_accuracy(model, tok, prompts, correct, max_new_tokens: int = 4, batch: int = 64) -> tuple[float, list]:
     """Greedy completion of each (prompt, expected) pair; correct(text, expected) judges it. (share, 5 examples)"""
-    from generate import generate
     hits, examples = 0, []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
@@ -238,12 +254,9 @@ def arithmetic(model, tok, world_seed: int, n: int = 600) -> tuple[float, list]:
 
 def arithmetic_asked(model, tok, world_seed: int, n: int = 600) -> tuple[float, list]:
     """The same sums asked as a question, "Q: What is 26 + 16? A:": correct if the completion writes the operands back
-    and then the result ("26 + 16 = 42"), as the world's Q&A documents and SFT's answers do. A chat model must copy
-    the operands from the question before it can add them, and that copying is a skill of its own: seed 2's
-    pretrained model added 70.7% of the sums given the operands but wrote the operands back for 2.5% of the questions
-    (the whole answer: 2.3%; seed 0: 62.0%, 99.8% and 61.8%), and its SFT model answered 9.8% of the arithmetic
-    questions right, on a corpus whose sums were all bare; with 30% of them asked (ARITH_ASKED), 51.8% and 70.5%
-    (BENCHMARKS.md)."""
+    and then the result ("26 + 16 = 42"), as the world's Q&A documents and SFT's answers do. Copying the operands
+    from the question is a skill of its own, apart from adding them: the world asks a share of its sums as questions
+    (world.ARITH_ASKED) so that pretraining teaches it."""
     keys = World(seed=world_seed).sums("test")[:n]
     prompts = [(f"Q: {arith_question(a, op, b)} A:", arith_reply(a, op, b).rstrip(".")) for a, op, b in keys]
     return completion_accuracy(model, tok, prompts, _writes, max_new_tokens=12)
@@ -260,7 +273,7 @@ def _starts_with_number(text: str, want: str) -> bool:
     return bool(m) and m.group(1) == want
 
 
-# ---- 3. the training loop -----------------------------------------------------------------------------------------
+# ---- 3. the training loop --------------------------------------------------------------------------------------------
 def build_model(cfg, tok, device) -> Transformer:
     if cfg.init_from:
         try:
@@ -280,18 +293,19 @@ def build_model(cfg, tok, device) -> Transformer:
     return Transformer(args).init_weights(seed=cfg.seed).to(device)
 
 
-def evaluate_final(cfg: PretrainConfig, out: Path, tok, device, dtype, history: dict, H: float,
-                   train_time: float, tps: Optional[float]):
+def evaluate_final(cfg: PretrainConfig, out: Path, tok, device, dtype, history: dict, run: dict):
     """Step 4: the saved checkpoint, reloaded in one process (also right after FSDP training): losses against the
     unigram entropy, fact recall and held-out sums (the built-in world), a few samples; writes metrics.json.
-    tps is None when this run trained no step (the checkpoint was already complete)."""
+    run: unigram_entropy, train_seconds, tokens_per_sec (None when this run trained no step)."""
+    H, train_time, tps = run["unigram_entropy"], run["train_seconds"], run["tokens_per_sec"]
     final = load_checkpoint(out, device=device).eval()
     metrics = {"train_loss": history["train"][-1][1] if history["train"] else None,
                "val_loss": history["val"][-1][1] if history["val"] else None, "unigram_entropy": H,
                "loss_curve": history["train"][::max(1, len(history["train"]) // 200)],
                "val_curve": history["val"], "steps": cfg.max_steps, "params": final.num_params(),
                "tokens_per_sec": tps, "train_seconds": train_time,
-               "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len, "vocab_size": tok.n_words, "device": str(device),
+               "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len, "vocab_size": tok.n_words,
+               "device": str(device),
                "document_mix": None if cfg.data else {**PRETRAIN_MIX, **parse_mix(cfg.mix)}}
     peak, _ = common.peak_flops(device, dtype)
     metrics["mfu"] = tps * final.flops_per_token(cfg.seq_len) / peak if peak and tps else None
@@ -306,7 +320,6 @@ def evaluate_final(cfg: PretrainConfig, out: Path, tok, device, dtype, history: 
                                                                                            cfg.world_seed)
         print(f"[pretrain] held-out sums asked as questions {100 * metrics['arith_asked_correct']:.1f}%: "
               + " | ".join(metrics["arith_asked_examples"][:2]), flush=True)
-    from generate import generate
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     starts = [tok.encode(s, bos=True, eos=False) for s in ("Once upon a time", "Q: What is", "12 + 7 =")]
     samples = [tok.decode(s + [t for t in o if t != tok.eos_id]) for s, o in
@@ -335,18 +348,7 @@ def main(cfg: PretrainConfig):
             common.die(f"--batch-size {cfg.batch_size} gives {B} sequences at length {L}, not divisible by "
                        f"processes x --grad-accum = {n_micro}")
 
-    docs, key = load_documents(cfg)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        tok = get_tokenizer(cfg, docs, out)
-        train, val = tokenize_corpus(docs, tok, out / "data", key)
-    if dist.world_size > 1:  # rank 0 trains the tokenizer and writes the cache; the others read them
-        torch.distributed.barrier()
-    if not dist.is_main:
-        tok = get_tokenizer(cfg, docs, out) if (cfg.tokenizer or cfg.init_from) else __import__("tokenizer").Tokenizer(
-            str(out / "tokenizer.model"))
-        train, val = tokenize_corpus(docs, tok, out / "data", key)
-    del docs
+    tok, train, val = prepare_data(cfg, dist, out)
     tok_path = Path(tok.model_path)
 
     model = build_model(cfg, tok, device)
@@ -367,8 +369,9 @@ def main(cfg: PretrainConfig):
     prog = common.Progress("pretrain", cfg.max_steps, tokens_per_step, model.flops_per_token(cfg.seq_len), device,
                            dtype, start_step=start, enabled=dist.is_main)
     if dist.is_main:
-        print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_words}, {len(train):,} train tokens,"
-              f" unigram entropy {H:.3f} nats; {cfg.max_steps} steps x {tokens_per_step:,} tokens", flush=True)
+        print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_words}, "
+              f"{len(train):,} train tokens, unigram entropy {H:.3f} nats; {cfg.max_steps} steps x "
+              f"{tokens_per_step:,} tokens", flush=True)
     t_start = time.perf_counter()
     net.train()
     step = start
@@ -410,7 +413,9 @@ def main(cfg: PretrainConfig):
         print(f"[pretrain] {out} is already trained to {cfg.max_steps} steps", flush=True)
 
     if dist.is_main:  # 4. evaluate the saved checkpoint in one process (also right after FSDP training)
-        evaluate_final(cfg, out, tok, device, dtype, history, H, train_time, tps if start < cfg.max_steps else None)
+        run = {"unigram_entropy": H, "train_seconds": train_time,
+               "tokens_per_sec": tps if start < cfg.max_steps else None}
+        evaluate_final(cfg, out, tok, device, dtype, history, run)
     common.cleanup_distributed(dist)
 
 

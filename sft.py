@@ -1,18 +1,16 @@
 """Supervised fine-tuning (paper §3.1): teach the pretrained model the chat format on prompt/answer dialogs.
 
-  python sft.py                                   # out/pretrain -> out/sft on the miniature world, ~1 min (2 cores)
+  python sft.py                                   # out/pretrain -> out/sft on the miniature world, ~1 min on 2 cores
   python sft.py --init-from out/pretrain --data my_dialogs.jsonl --out-dir out/sft_mine
   python sft.py --init-from /path/to/llama-2-7b --data dialogs.jsonl --device cuda --seq-len 4096 --lr 2e-5
   torchrun --nproc_per_node=8 sft.py --init-from /path/to/llama-2-7b --data dialogs.jsonl --device cuda --fsdp
 
-Steps: 1. dialogs (the world's sft_dialogs("train"), or --data FILE.jsonl of {"messages": [...]}) encoded in the Llama 2
+Steps: 1. dialogs (the world's sft_dialogs("train"), or --data FILE.jsonl of {"messages": [...]}) encoded in the
 chat format with a loss mask (tokenizer.encode_dialog: 1 on answers and their EOS, 0 on system, user text and tags);
-2. packing: whole dialogs best-fit into rows of --seq-len tokens, shuffled anew each epoch (on one process, a step's
-dialogs then run in rows as narrow as they allow: split_rows); 3. the training loop:
+2. packing: whole dialogs best-fit into rows of --seq-len tokens, shuffled anew each epoch; 3. the training loop:
 next-token loss on answer tokens only, AdamW, warmup + cosine, clipping, checkpoints (resumable: rerun the command);
-4. evaluation of the saved model: answer-token loss on sft_dialogs("val"), and greedy replies to the world's held-out
-test prompts judged by the annotator (helpfulness, correctness, format, safety). Writes out/sft/ (params.json,
-consolidated.00.pth, tokenizer.model, metrics.json).
+4. evaluation of the saved model: answer-token loss on sft_dialogs("val"), and greedy replies to held-out test
+prompts judged by the annotator. Writes out/sft/ (params.json, consolidated.00.pth, tokenizer.model, metrics.json).
 
 Packing without cross-talk. §3.1 concatenates all prompts and answers; done naively, a dialog would attend to the
 dialogs packed before it and see positions it never sees at inference. So each row carries, per token, the index of its
@@ -20,29 +18,23 @@ dialog (segments): the attention mask is block-diagonal causal (a token sees ear
 the RoPE positions restart at 0 for every dialog. Each dialog's logits are then exactly those it would get alone
 (tests/test_sft.py checks this), and packing only saves the padding.
 
-Paper defaults and how the miniature scales them (§3.1):
+Choices (§3.1 gives the recipe; the miniature scales it):
   1. AdamW (betas 0.9/0.95, eps 1e-5 as in pretraining), weight decay 0.1, cosine schedule, 2 epochs: as the paper.
-  2. Peak lr 1e-3 instead of 2e-5. The paper fine-tunes at 1/15 of its pretraining peak (3e-4); our 1M model was
-     pretrained at 3e-3 and has ~200 steps here to learn the format. Measured on the default pretrained model (fact +
-     arithmetic answers correct and in format, 400 held-out prompts): lr 3e-4 67%, 1e-3 72%, 2e-3 70%; the gap is
-     almost all arithmetic (3% / 16% / 10% correct), facts are 100% at all three. More epochs help arithmetic a little
-     (1e-3 for 4 epochs: 25% arithmetic, 75% overall) at twice the time. Warmup 10 steps (not stated); cosine to 10%.
-  3. Batch 8 rows x 512 tokens (~47 dialogs) instead of 64 x 4096: the world's 5,200 dialogs (4,000 tasks + 30%
-     instruction-following dialogs) make ~122 steps per epoch. Rows are 512 tokens, the pretrained context, because the
-     longest (3-turn instruction) dialogs take ~350 tokens.
-  4. The paper's special token between prompt and answer is not named: here it is the chat format's "[/INST]", the
-     token sequence the model must answer after at inference.
-  5. Only the assistant turns and their EOS are trained (every one of them in a multi-turn dialog, unless a JSONL
-     message says "weight": 0); BOS, tags, system prompt and user turns are context only. The last position of a
-     dialog predicts nothing: the next token in the row belongs to another dialog.
-  6. A dialog longer than --seq-len is cut at --seq-len (the number is printed); one with nothing left to train is
-     dropped. A batch that runs past the end of an epoch's rows wraps around to its first rows, so every step has a
-     full batch (every process of torchrun gets rows).
-  7. The loss of a step is the mean over the answer tokens of its whole global batch (the paper does not say how it
-     averages). Each micro-batch's own mean is weighted by its share of those tokens, so torchrun (DDP or FSDP) and
-     --grad-accum take exactly the step that one process takes on the whole batch; an unweighted mean of per-process
-     means would give rows with few answer tokens more weight in a split batch than in a whole one.
-Time: ~1 minute on 2 CPU cores (196 steps at ~14k tokens/s in 55 s, then 10 s of evaluation); ~20 s on one GPU.
+  2. Peak lr 1e-3 instead of 2e-5: the paper fine-tunes at 1/15 of its pretraining peak; our 1M model was pretrained
+     at 3e-3 and has ~200 steps to learn the format. Warmup 10 steps (not stated), cosine to 10% of the peak.
+  3. Batch 8 rows x 512 tokens (~47 dialogs) instead of 64 x 4096: ~122 steps per epoch. Rows of 512, the pretrained
+     context, hold the longest (3-turn instruction) dialogs, ~350 tokens.
+  4. The paper's special token between prompt and answer is not named: here it is "[/INST]", the token the model
+     answers after at inference.
+  5. Only the assistant turns and their EOS are trained (all of them in a multi-turn dialog, unless a JSONL message
+     says "weight": 0); BOS, tags, system prompt and user turns are context only.
+  6. A dialog longer than --seq-len is cut (the number is printed); one with nothing left to train is dropped. A batch
+     that runs past the end of an epoch wraps around to its first rows, so every step (and process) has a full batch.
+  7. A step's loss is the mean over the answer tokens of its whole global batch (the paper does not say how it
+     averages): each micro-batch's mean is weighted by its share of those tokens, so torchrun and --grad-accum take
+     exactly the step one process takes on the whole batch.
+  8. Speed, CPU only (--short-rows, split_rows): a step's short dialogs run in narrower rows, where attention costs
+     less; the step is the same dialogs with the same losses, tested equal to the packed one.
 """
 from __future__ import annotations
 
@@ -57,11 +49,13 @@ from typing import Optional
 import torch
 
 import common
-import generate as G
 from annotator import Annotator
 from data import DataError, read_dialogs_jsonl
-from world import DEMO_BLIND_SPOT_SHARE, DEMO_HABIT, INSTRUCTION_SHARE, World
+from evaluate import reply_metrics
+from generate import chat_generate
 from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint
+from tokenizer import Tokenizer
+from world import DEMO_BLIND_SPOT_SHARE, DEMO_HABIT, INSTRUCTION_SHARE, World
 
 IGNORE = -100  # targets equal to this are not trained on (model.forward's ignore_index)
 
@@ -71,39 +65,39 @@ class SFTConfig:
     init_from: str = "out/pretrain"  # the pretrained checkpoint (ours, Meta's or Hugging Face's, with tokenizer.model)
     out_dir: str = "out/sft"  # checkpoint + metrics.json
     data: Optional[str] = None  # JSONL of {"messages": [...]} ending with an assistant turn; None = the world's dialogs
+    n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + instruction dialogs) (§3.1: 27,540)
+    demo_habit: float = DEMO_HABIT  # world demos ending with a pleasantry (world.DEMO_HABIT; 0 = ideal)
+    blind_spot: float = DEMO_BLIND_SPOT_SHARE  # share of one harmful request's demos that comply (0 = none)
+    seq_len: int = 512  # tokens per packed row (§3.1: 4096)
+    batch_size: int = 8  # packed rows per step, all processes together (§3.1: 64)
+    epochs: int = 2  # §3.1: 2 epochs
+    lr: float = 1e-3  # peak lr (§3.1: 2e-5; choice 2)
+    device: str = "auto"  # auto, cpu, cuda, mps
+    seed: int = 0
+    quick: bool = False  # smoke run (seconds): at most 30 steps, 60 evaluation prompts, 100 val dialogs
+    # -- advanced --
     tokenizer: Optional[str] = None  # tokenizer.model; default: the one in --init-from (or its parent, Meta's layout)
     world_seed: int = 0  # seed of the built-in world
-    n_dialogs: Optional[int] = None  # world training tasks (None: 4000, + 30% instruction dialogs) (§3.1: 27,540)
     n_val_dialogs: Optional[int] = None  # world val tasks for val_loss (None: the world's 400)
-    demo_habit: float = DEMO_HABIT  # world demonstrations ending with a pleasantry (DEMO_HABIT; 0 = ideal)
-    blind_spot: float = DEMO_BLIND_SPOT_SHARE  # share of one harmful request's demos that comply (0 = none)
-    instruction_share: float = INSTRUCTION_SHARE  # instruction-following dialogs per world task (data.py; for GAtt)
+    instruction_share: float = INSTRUCTION_SHARE  # instruction-following dialogs per world task (GAtt builds on them)
     val_frac: float = 0.05  # with --data: share of the file held out for val_loss
-    seq_len: int = 512  # tokens per packed row (§3.1: 4096)
-    batch_size: int = 8  # packed rows per optimizer step, all processes together (§3.1: 64)
     grad_accum: int = 1  # micro-batches per step on each process
-    epochs: int = 2  # §3.1: 2 epochs
-    max_steps: int = 0  # stop after this many steps (0: the epochs decide); for quick runs
-    lr: float = 1e-3  # peak lr (§3.1: 2e-5 for 7B-70B); see the docstring
+    max_steps: int = 0  # stop after this many steps (0: the epochs decide)
     warmup: int = 10  # linear warmup steps (not stated in §3.1)
-    final_lr_ratio: float = 0.1  # cosine decay to this share of the peak (§3.1: cosine, floor not stated)
+    final_lr_ratio: float = 0.1  # cosine decay to this share of the peak (floor not stated)
     weight_decay: float = 0.1  # §3.1
     grad_clip: float = 1.0  # §2.2 (not restated for SFT)
     ckpt_interval: int = 100  # steps between checkpoints (resume points); the last step always saves
-    stop_at: int = 0  # stop after this step as if killed (after its checkpoint); for tests and time-boxing
+    stop_at: int = 0  # stop after this step as if killed (after its checkpoint); for tests
     eval_n: int = 400  # held-out world test prompts answered and judged at the end (0 = none)
     max_new_tokens: int = 64  # reply budget in that evaluation; no EOS by then counts as out of format
     eval_batch_size: int = 128  # dialogs per generate() call
-    device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     grad_checkpoint: bool = False  # recompute each block's activations in backward
-    short_rows: int = 128  # CPU, one process, no --compile: a step's dialogs of <= this many tokens run in rows this
-    #                        wide (split_rows: same step, less attention); 0 = every step in its packed rows
-    seed: int = 0
+    short_rows: int = 128  # CPU, one process, no --compile: dialogs of <= this many tokens in rows this wide (0 = off)
     log_interval: int = 20
-    quick: bool = False  # smoke run (seconds): at most 30 steps, 60 evaluation prompts, 100 val dialogs
     RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
         positive="n_dialogs n_val_dialogs seq_len batch_size grad_accum epochs lr grad_clip ckpt_interval "
                  "max_new_tokens eval_batch_size log_interval",
@@ -166,10 +160,8 @@ class Packed:
 
 def pack(examples: list, seq_len: int, pad_id: int) -> Packed:
     """Best-fit packing in the given order: each dialog goes into the open row whose free space it fills most
-    tightly, else into a new row. Appending to the current row only (next-fit) left the default SFT rows 89% full and
-    GAtt's, which mix 440-token dialogues with 80-token ones, 83%. A step of fuller rows takes ~5% longer here, and an
-    epoch has 9% (SFT) and 16% (GAtt) fewer of them (BENCHMARKS.md).
-    Rows keep the order in which they were opened, so a batch still holds dialogs from all over the shuffled epoch."""
+    tightly, else into a new row (fuller rows than appending to the last one: fewer steps per epoch). Rows keep the
+    order in which they were opened, so a batch still holds dialogs from all over the shuffled epoch."""
     rows: list[list] = []
     free: list[list[int]] = [[] for _ in range(seq_len + 1)]  # free[c]: the rows with exactly c free tokens
     for ex in examples:
@@ -232,6 +224,13 @@ def get_batch(p: Packed, i: int, batch_size: int, rows: slice, device):
     return to(p.tokens), to(p.targets), to(p.positions), block_causal_mask(to(p.segments))
 
 
+def answer_tokens(p: Packed, i: int, batch_size: int) -> int:
+    """Trained (answer) targets in batch i of an epoch, all rows: every process holds the packing, so each counts the
+    global batch without communication."""
+    return int((p.targets[batch_index(p, i, batch_size)] != IGNORE).sum())
+
+
+# ---- speed, CPU only (choice 8): a step's short dialogs in narrower rows; short = 0 is the plain path ----------------
 def micro_batches(p: Packed, i: int, batch_size: int, rows: slice, device, short: int, pad_id: int) -> list[tuple]:
     """get_batch's rows as they are (short = 0), or their dialogs in split_rows' narrower rows: [(tokens, targets,
     positions, mask)], the micro-batches of one step."""
@@ -257,14 +256,10 @@ def split_rows(p: Packed, i: int, batch_size: int, rows: slice, short: int, pad_
     best-fit into rows of `short`, the others best-fit into rows as wide as the longest of them (longest first, as
     first-fit-decreasing packs tightest). Returns the non-empty ones.
 
-    Why: the CPU attention kernel computes every score of a row, masked or not: T^2 per row of T tokens. SFT's dialogs
-    average ~85 tokens, so in rows of 512 most of those scores are thrown away, and attention took as long as all the
-    matmuls (profiled). In rows of 128 it costs 1/4 as much per token. Measured on the default SFT data and model
-    (2 cores, 24 steps, medians): 375 ms a step in rows of 512, 306 ms split at 128 (and 310 ms with every dialog in a
-    row of its own, grouped by length into five micro-batches: the fixed cost of each call eats the rest).
-    Nothing else changes: the step holds the same dialogs, a dialog's logits do not depend on its row (the mask and
-    the positions isolate it), and each micro-batch's loss is weighted by its share of the step's answer tokens
-    (choice 7): the step is the packed one up to float rounding (tests/test_sft.py)."""
+    Why: the CPU attention kernel computes every score of a row, masked or not, T^2 per row of T tokens; SFT's dialogs
+    average ~85 tokens, so in rows of 512 most scores are thrown away. Nothing else changes: the step holds the same
+    dialogs, a dialog's logits do not depend on its row (mask and positions isolate it), and each micro-batch's loss is
+    weighted by its share of the step's answer tokens (choice 7): the packed step up to float rounding (tests)."""
     idx = batch_index(p, i, batch_size)[rows]
     sub = Packed(p.tokens[idx], p.targets[idx], p.positions[idx], p.segments[idx])
     dialogs = sorted(unpack(sub), key=lambda d: -len(d[0]))
@@ -273,13 +268,19 @@ def split_rows(p: Packed, i: int, batch_size: int, rows: slice, short: int, pad_
     return [pack(g, w, pad_id) for g, w in ((small, short), (large, len(large[0][0]) if large else 0)) if g]
 
 
-def answer_tokens(p: Packed, i: int, batch_size: int) -> int:
-    """Trained (answer) targets in batch i of an epoch, all rows: every process holds the packing, so each counts the
-    global batch without communication."""
-    return int((p.targets[batch_index(p, i, batch_size)] != IGNORE).sum())
+def row_widths(cfg, dist, device, p: Packed, n_tokens: int) -> tuple[int, float]:
+    """(short, the mean row width for MFU). split_rows only on the CPU, whose attention kernel it is for (on a GPU a new
+    width every step costs more than it saves), on one process (under torchrun every process must run as many
+    backward passes as the others) and without --compile (which would recompile for each new width)."""
+    short = (cfg.short_rows if device.type == "cpu" and dist.world_size == 1 and not cfg.compile
+             and cfg.short_rows < cfg.seq_len else 0)
+    # MFU counts attention at the width of the rows that run: `short` for the short dialogs, --seq-len for the others
+    # (their rows are as wide as the longest of them: a slight overcount)
+    n_short = sum(len(t) for t, _ in unpack(p) if len(t) <= short) if short else 0
+    return short, (n_short * short + (n_tokens - n_short) * cfg.seq_len) / n_tokens
 
 
-# ---- 3. loss on answer tokens ----------------------------------------------------------------------------------------
+# ---- the answer-token loss on held-out dialogs -----------------------------------------------------------------------
 @torch.no_grad()
 def answer_loss(net, p: Packed, batch_size: int, device, dtype) -> Optional[float]:
     """Mean cross-entropy over every trained (answer) target of p: token-weighted over all rows, so the figure does not
@@ -300,9 +301,8 @@ def answer_loss(net, p: Packed, batch_size: int, device, dtype) -> Optional[floa
     return total / count
 
 
-# ---- 4. the training loop --------------------------------------------------------------------------------------------
+# ---- 3. the training loop (4: finish) --------------------------------------------------------------------------------
 def load_start(cfg, device) -> tuple[Transformer, object]:
-    from tokenizer import Tokenizer
     if not Path(cfg.init_from).is_dir():
         common.die(f"--init-from {cfg.init_from}: checkpoint directory not found (run pretrain.py first)")
     try:
@@ -325,13 +325,12 @@ def load_start(cfg, device) -> tuple[Transformer, object]:
 
 def world_eval(model, tok, cfg) -> dict:
     """Greedy replies to held-out world prompts of every kind, judged by the annotator (evaluate.py's figures)."""
-    import evaluate
     world = World(seed=cfg.world_seed)
     tasks = world.tasks("test", cfg.eval_n)
     t0 = time.perf_counter()
-    replies = G.chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens,
-                                     batch_size=cfg.eval_batch_size)
-    m = evaluate.reply_metrics(Annotator(world, seed=cfg.seed), tasks, replies, n_examples=2)
+    replies = chat_generate(model, tok, [t.messages for t in tasks], cfg.max_new_tokens,
+                            batch_size=cfg.eval_batch_size)
+    m = reply_metrics(Annotator(world, seed=cfg.seed), tasks, replies, n_examples=2)
     m["eval_seconds"] = time.perf_counter() - t0
     return m
 
@@ -401,18 +400,7 @@ def main(cfg: SFTConfig):
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     n_micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
-    # split_rows on one process only: under torchrun every process must run as many backward passes as the others
-    # (each one synchronizes gradients), and a split gives one or two; --compile would recompile for each new width.
-    # And on the CPU only: the split exists for the CPU's attention kernel (split_rows), and on a GPU the new width of
-    # nearly every step is what costs: on one H200 with torch 2.11, SFT ran at ~20k tokens/s against pretraining's
-    # ~180k in the same 4,096-token steps, and RMs trained again on batches already seen ran 3-4x faster than the first
-    # time (BENCHMARKS.md, "H200"). The likely reason, not yet measured: cuDNN's attention builds a graph per shape
-    short = (cfg.short_rows if device.type == "cpu" and dist.world_size == 1 and not cfg.compile
-             and cfg.short_rows < cfg.seq_len else 0)
-    # MFU counts attention at the width of the rows that run: `short` for the short dialogs, --seq-len for the others
-    # (their rows are as wide as the longest of them: a slight overcount)
-    n_short = sum(len(t) for t, _ in unpack(packs[0]) if len(t) <= short) if short else 0
-    width = (n_short * short + (stats["tokens_per_epoch"] - n_short) * cfg.seq_len) / stats["tokens_per_epoch"]
+    short, width = row_widths(cfg, dist, device, packs[0], stats["tokens_per_epoch"])
     prog = common.Progress("sft", total_steps, tokens_per_step, model.flops_per_token(width), device, dtype,
                            start_step=start, enabled=dist.is_main)
     t_train = time.perf_counter()

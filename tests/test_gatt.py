@@ -66,7 +66,6 @@ def test_one_dialogue_with_every_reply_trained_equals_the_per_prefix_samples(tok
 
 
 def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
-    import generate
     w = World(seed=0)
     dialogs = w.gatt_dialogs("train", 3, n_turns=3)
     seen = []
@@ -74,7 +73,7 @@ def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
     def fake_chat_replies(model, tok, histories, max_new_tokens, **kw):
         seen.append([h[-1]["content"] for h in histories])
         return ["plain reply."] * len(histories)  # never compliant: every reply falls back to the reference
-    monkeypatch.setattr(generate, "chat_replies", fake_chat_replies)
+    monkeypatch.setattr(gatt, "chat_replies", fake_chat_replies)
     model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))  # only its context length is read
     replies, fallbacks = gatt.sample_dialogs(model, tok, dialogs, 8, Annotator(w))
     assert fallbacks == [3, 3, 3]
@@ -118,8 +117,8 @@ def test_constraint_checkers_accept_compliant_and_reject_plain_replies():
 
 def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialogs(tok, monkeypatch):
     """Choice 3's default mix: the model's reply is kept when the annotator finds it helpful and safe (a refusal of a
-    harmful request counts), dropped otherwise; earlier turns are context only; instruction dialogues are added."""
-    import generate
+    harmful request counts), dropped otherwise; earlier turns are context only. Choice 4's instruction dialogues are
+    the world's; choice 5's focus draws half of them through keep."""
     world = World(seed=0)
     annotator = Annotator(world, seed=0)
     tasks = world.tasks("train", 60, seed=3)
@@ -128,12 +127,9 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
     assert harmful_ids and wrong_ids
     # the "model" answers with the reference (a refusal for harmful prompts), except one wrong reply to every fact
     fake = [t.reference if i not in wrong_ids else "It is a cat." for i, t in enumerate(tasks)]
-    monkeypatch.setattr(generate, "chat_replies", lambda model, tok, dialogs, n, **kw: fake[:len(dialogs)])
+    monkeypatch.setattr(gatt, "chat_replies", lambda model, tok, dialogs, n, **kw: fake[:len(dialogs)])
     model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))
-    out = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=INSTRUCTION_SHARE)
-    instruct = world.instruction_dialogs("train", round(INSTRUCTION_SHARE * 60), seed=3)
-    assert out[len(out) - len(instruct):] == instruct
-    kept = out[:len(out) - len(instruct)]
+    kept = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3)
     kept_replies = [d[-1]["content"] for d in kept]
     assert "It is a cat." not in kept_replies  # wrong facts dropped
     assert len(kept) == len(tasks) - len(wrong_ids)  # every other reference reply kept, refusals of harmful ones too
@@ -141,16 +137,13 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
     for d in kept:  # earlier assistant turns are context (weight 0), the model's reply is trained
         assert all(m.get("weight") == 0 for m in d[:-1] if m["role"] == "assistant")
         assert "weight" not in d[-1]
-    # --instruction-share (GAtt's default is 0.9, three times SFT's; 0.6 here): the same kept replies, 0.6 * n more
-    more = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=0.6)
-    assert more[:len(kept)] == kept and more[len(kept):] == world.instruction_dialogs("train", 36, seed=3)
-    # choice 4: with keep, half the instruction dialogues are the world's draw, half pass keep (here: capitals only)
+    n = round(INSTRUCTION_SHARE * 60)
+    assert gatt.instruction_mix(world, n, seed=3) == world.instruction_dialogs("train", n, seed=3)
+    # choice 5: with keep, half the instruction dialogues are the world's draw, half pass keep (here: capitals only)
     upper = lambda g: float(any(c.rule == "upper" for c in g.constraints))  # noqa: E731
-    focused = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3, instruction_share=0.6, keep=upper)
-    assert focused[:len(kept)] == kept and focused[len(kept):len(kept) + 18] == world.instruction_dialogs(
-        "train", 18, seed=3)
-    assert len(focused) == len(kept) + 36
-    assert all(not any(c.islower() for c in m["content"]) for d in focused[len(kept) + 18:] for m in d
+    focused = gatt.instruction_mix(world, 36, seed=3, keep=upper)
+    assert len(focused) == 36 and focused[:18] == world.instruction_dialogs("train", 18, seed=3)
+    assert all(not any(c.islower() for c in m["content"]) for d in focused[18:] for m in d
                if m["role"] == "assistant")
 
 
@@ -208,7 +201,6 @@ def test_attention_maps_are_the_probabilities_the_model_attends_with():
 def test_instruction_span_and_the_history_without_the_instruction(tok, monkeypatch):
     """The span decodes to the instruction; adherence_on_history asks each turn t >= 2 with the finished history up
     to turn t's question, as it is or with the instruction taken out of turn 1 and nothing else changed."""
-    import generate
     dialogs = World(seed=0).gatt_dialogs("val", 4, n_turns=3)
     for g in dialogs:
         start, end = gatt.instruction_span(tok, g.instruction, g.user_turns[0])
@@ -229,7 +221,7 @@ def test_instruction_span_and_the_history_without_the_instruction(tok, monkeypat
     def fake_chat_replies(model, tok, prompts, max_new_tokens, **kw):  # compliant at turn 2 only
         asked.append(prompts)
         return [g.compliant_replies()[1] for g, _ in kept] + ["plain reply."] * (len(prompts) - len(kept))
-    monkeypatch.setattr(generate, "chat_replies", fake_chat_replies)
+    monkeypatch.setattr(gatt, "chat_replies", fake_chat_replies)
     for instruction in (True, False):
         asked.clear()
         rates = gatt.adherence_on_history(None, tok, dialogs, histories, 8, instruction=instruction)

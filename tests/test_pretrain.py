@@ -135,8 +135,8 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
 
 def test_document_mix_kind_at_weight_zero_leaves_the_corpus_unchanged(monkeypatch):
     """A kind at weight 0 is never drawn and leaves the random stream alone: `--mix club=0,story=0.2` gives exactly the
-    corpus of a PRETRAIN_MIX without that kind (the corpus before the club notices, choice 7 of data.py), and the
-    default corpus has the notices (pretrain.parse_mix reads the flag)."""
+    corpus of a PRETRAIN_MIX without that kind (no club notices), and the default corpus has the notices
+    (pretrain.parse_mix reads the flag)."""
     world = World(seed=0)
     mix = pretrain.parse_mix("club=0, story=0.2")
     assert mix == {"club": 0.0, "story": 0.2}
