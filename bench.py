@@ -38,21 +38,22 @@ class BenchConfig:
     what: str = "all"  # decode, train or all
     model: str = "15M"  # a preset of model.py (15M, 110M, ...)
     device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU. Decode: the weights' dtype; train: the autocast dtype
-    threads: int = 0  # CPU: torch.set_num_threads; 0 keeps torch's default (one per core)
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (decode: the weights; train: autocast)
     batches: list[int] = field(default_factory=lambda: [1, 16])  # decode batch sizes
     new_tokens: int = 128  # decode: tokens generated per row
     train_batch: int = 8  # train: sequences per step
     train_seq: int = 256  # train: tokens per sequence
+    plan: bool = False  # print a memory plan instead of measuring (meta device: nothing allocated)
+    stage: str = "ppo"  # --plan: pretrain, sft, reward, rs or ppo (which models the stage holds)
+    world_size: int = 8  # --plan: GPUs that FSDP shards over
+    # -- advanced --
+    threads: int = 0  # CPU: torch.set_num_threads; 0 keeps torch's default (one per core)
     train_steps: int = 5  # train: timed steps per repeat
     repeats: int = 3  # timed repeats; the median is reported
     compile: bool = True  # also measure the torch.compile variants
     hf: bool = True  # also measure Hugging Face's LlamaForCausalLM on the same weights (when installed)
     json: Optional[str] = None  # also write the rows, machine and config to this JSON file
     seed: int = 0
-    plan: bool = False  # print a memory plan instead of measuring (meta device: no memory is allocated)
-    stage: str = "ppo"  # --plan: pretrain, sft, reward, rs or ppo (which models the stage holds)
-    world_size: int = 8  # --plan: GPUs that FSDP shards over
     gpu_gib: float = 80.0  # --plan: memory of one GPU
     plan_micro_batch: int = 1  # --plan: sequences per GPU per forward
     plan_seq: int = 4096  # --plan: tokens per sequence (§2.2: 4096)

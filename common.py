@@ -24,17 +24,33 @@ import torch
 
 
 # ---- configuration: one @dataclass per script, its fields are the flags -------------------------------------------
-def _field_comments(cls) -> dict[str, str]:
-    """The comment after each field in the dataclass source becomes its --help text (nanoGPT's readable config block,
-    without exec): `lr: float = 2e-5  # §3.1: initial lr` -> help "§3.1: initial lr"."""
+ADVANCED = "# -- advanced --"  # the line in a config's body that ends the paper's knobs and starts the rest
+
+
+def _field_source(cls) -> tuple[dict[str, str], set[str]]:
+    """Read from the dataclass source: the comment after each field (its --help text, nanoGPT's readable config block
+    without exec: `lr: float = 2e-5  # §3.1: initial lr` -> "§3.1: initial lr"), and the fields after ADVANCED."""
     try:
         src = inspect.getsource(cls)
     except (OSError, TypeError):
-        return {}
-    out = {}
-    for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M):
-        out[m.group(1)] = m.group(2).strip()
-    return out
+        return {}, set()
+    comments, advanced, past_marker = {}, set(), False
+    for line in src.splitlines():
+        if line.strip() == ADVANCED:
+            past_marker = True
+            continue
+        m = re.match(r"^\s+(\w+)\s*:([^#\n]*)(?:#\s*(.+))?$", line)
+        if not m:
+            continue
+        if m.group(3):
+            comments[m.group(1)] = m.group(3).strip()
+        if past_marker:
+            advanced.add(m.group(1))
+    return comments, advanced
+
+
+def _field_comments(cls) -> dict[str, str]:
+    return _field_source(cls)[0]
 
 
 def _parse_optional(inner):
@@ -45,11 +61,16 @@ def _parse_optional(inner):
 
 
 def build_parser(cls, description: Optional[str] = None) -> argparse.ArgumentParser:
+    """One flag per field of `cls`, in two groups of --help: the paper's knobs, then (after the ADVANCED line in the
+    class body) the advanced ones. Each flag's help is its field's comment, its default and its range."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = _field_comments(cls)
+    helps, advanced = _field_source(cls)
+    knobs = p.add_argument_group("the paper's knobs")
+    rest = p.add_argument_group("advanced") if advanced else knobs
     hints = typing.get_type_hints(cls)
     rules = getattr(cls, "RANGES", {})
     for f in dataclasses.fields(cls):
+        g = rest if f.name in advanced else knobs
         flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -58,13 +79,13 @@ def build_parser(cls, description: Optional[str] = None) -> argparse.ArgumentPar
         args = typing.get_args(typ)
         if typing.get_origin(typ) is typing.Union and type(None) in args:  # Optional[X]
             inner = next(a for a in args if a is not type(None))
-            p.add_argument(flag, type=_parse_optional(inner), default=default, help=help_text, metavar=inner.__name__.upper())
+            g.add_argument(flag, type=_parse_optional(inner), default=default, help=help_text, metavar=inner.__name__.upper())
         elif typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(typ) is list:
-            p.add_argument(flag, type=args[0], nargs="*", default=default, help=help_text)
+            g.add_argument(flag, type=args[0], nargs="*", default=default, help=help_text)
         else:
-            p.add_argument(flag, type=typ, default=default, help=help_text, metavar=typ.__name__.upper())
+            g.add_argument(flag, type=typ, default=default, help=help_text, metavar=typ.__name__.upper())
     return p
 
 

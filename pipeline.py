@@ -81,9 +81,10 @@ STAGES = [
 class PipelineConfig:
     out: str = "out"  # output root: one directory per stage, and report.md
     quick: bool = False  # a seconds-to-minutes smoke version of every stage
-    force: bool = False  # rerun stages whose outputs are complete
     only: list[str] = field(default_factory=list)  # run only these stages (names: pretrain sft rm_helpful ...)
+    force: bool = False  # rerun stages whose outputs are complete
     seed: int = 0  # passed to every stage
+    # -- advanced --
     device: str = "auto"  # passed to every stage
     pretrain_mix: str = ""  # pretrain.py --mix, the world's document mix (e.g. club=0,story=0.2)
     RANGES = common.ranges(non_negative="seed")
