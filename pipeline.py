@@ -1,18 +1,30 @@
-"""The main job: the whole Llama 2-Chat recipe on the built-in miniature world, stage by stage (paper Fig. 4), then
-out/report.md with the paper's tables and figures in miniature.
+"""The main job: the whole Llama 2-Chat recipe on the built-in miniature world, stage by stage (paper Fig. 4:
+pretraining, SFT, the two reward models, rejection sampling, PPO, Ghost Attention, evaluation), then out/report.md
+with the paper's tables and figures in miniature.
 
-  python pipeline.py            # every stage, defaults (minutes on a laptop CPU)
+  python pipeline.py            # every stage, defaults (minutes on a laptop CPU; a GPU is used when there is one)
   python pipeline.py --quick    # the same path in seconds-to-a-minute per stage: a smoke test
   python pipeline.py --force    # rerun stages even when their outputs are complete
   python pipeline.py --only pretrain sft
   python pipeline.py --pretrain-mix club=0,story=0.2 --out out_noclub     # another pretraining document mix
 
-Each stage runs as its own process (`python pretrain.py ...`, on Linux forked from one that has imported torch:
-launch() says why), exactly as a student would run it alone, reading the previous stage's directory. A stage whose
-metrics.json says complete, run with the same arguments, is skipped unless a stage it reads runs again (or has run
-since), so an interrupted pipeline picks up where it stopped (and a stage interrupted mid-training resumes from its
-checkpoint), and `--only pretrain --force` makes the next call redo the rest.
-The report is built only from the stages' metrics.json files: every number in it comes from this run.
+Every stage is a script a student can run alone; the pipeline runs them in order, each reading the directory of the
+stage before, and writes the report. For several GPUs, run the stage scripts under torchrun yourself (each says how).
+
+Choices:
+  1. Each stage runs as its own process, `python pretrain.py ...`, exactly as a student would run it: its memory,
+     threads, seeds and CUDA context end with it, so nothing one stage does leaks into the next.
+  2. A stage whose metrics.json says complete, run with the same arguments (its pipeline_command.json), is skipped,
+     unless a stage it reads runs again or finished after it. So an interrupted pipeline picks up where it stopped,
+     a stage interrupted mid-training resumes from its checkpoint, and `--only pretrain --force` makes the next call
+     redo every stage after pretraining. A stage run with other arguments starts from a clean directory.
+  3. The report is built only from the stages' metrics.json files: every number in it comes from this run, with the
+     paper's own numbers quoted beside ours for the pattern to compare. Plots need matplotlib (optional).
+  4. The ETA is each stage's expected time (the default run on a 2-core CPU), rescaled by how fast this machine has
+     run the stages so far.
+  5. Speed lives in one marked section: on Linux a stage is forked from a server that has imported torch once, which
+     saves each stage the ~2 s a new interpreter spends importing it. FORK_SERVER switches it; the tests check that
+     both ways run a stage alike.
 """
 from __future__ import annotations
 
@@ -39,7 +51,7 @@ class Stage:
     out: str  # directory under the output root
     args: list  # flags for the default run ({out} is replaced by the output root)
     quick: list  # extra flags for --quick
-    seconds: float  # expected wall time of the default run on a 2-core CPU (for the ETA; the Zen 3 runs, BENCHMARKS.md)
+    seconds: float  # expected wall time of the default run on a 2-core CPU (for the ETA)
 
 
 def _eval(name: str, a: str) -> Stage:
@@ -122,40 +134,16 @@ def to_run(stages: list[Stage], cfg: PipelineConfig) -> set[str]:
     return todo
 
 
-def _run_script(script: str, args: list[str]):
-    """In launch()'s child: what `python script args` does once Python has started (the script as __main__, its
-    argv, the working directory the stages run in)."""
-    os.chdir(REPO)
-    sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
-
-
-# What the fork server imports before it forks the stages (launch). `import torch` leaves torch._dynamo out; torch
-# imports it on first use, and every stage uses it (an nn.Module built under `with torch.device(...)`, an optimizer's
-# step): preloaded, a stage's child reaches its first line of work in ~0.1 s instead of ~1.5 s (BENCHMARKS.md)
-PRELOAD = ["torch", "torch._dynamo"]
+# ---- running a stage ---------------------------------------------------------------------------------------------
+FORK_SERVER = sys.platform == "linux"  # the speed switch: False starts every stage as a new interpreter
 
 
 def launch(cmd: list[str]) -> int:
-    """Runs a stage's command `python script.py ...` as a process of its own; returns its exit status.
-
-    On Linux the process comes from multiprocessing's fork server, which imports torch once, at the first stage, and
-    forks a child per stage: a child starts with torch imported, which a new interpreter spends ~2 s on (11 stages:
-    ~20 s of the default run on a 2-core CPU, BENCHMARKS.md), and torch._dynamo too (PRELOAD). It is a process all the
-    same: its memory, threads, seeds and CUDA context end with it, and it exits with its status. Why a fork server
-    and not a fork of this process: a fork is safe only from a process that has run no torch operation (a child forked
-    after OpenMP's threads started waits forever for threads it does not have), and this process runs some (importing
-    model.py runs a small attention call); the server runs none. Elsewhere (macOS, whose system libraries do not
-    support fork without exec, and Windows, which has no fork) the stage starts in a new interpreter."""
-    if sys.platform != "linux":
-        return subprocess.run(cmd, cwd=REPO).returncode
-    import multiprocessing
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # importing these runs no torch operation: the server stays safe to fork
-    child = ctx.Process(target=_run_script, args=(cmd[1], cmd[2:]))
-    child.start()
-    child.join()
-    return child.exitcode  # 0, the script's sys.exit status (1 for an exception), or -N if signal N ended it
+    """Runs a stage's command `python script.py ...` as a process of its own; returns its exit status (0, the
+    script's sys.exit status, 1 for an uncaught exception, or -N if signal N ended it)."""
+    if FORK_SERVER:
+        return launch_forked(cmd)  # the same, started faster: see the speed section below
+    return subprocess.run(cmd, cwd=REPO).returncode
 
 
 def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
@@ -186,8 +174,7 @@ def main(cfg: PipelineConfig):
     t_all = time.perf_counter()
     print(f"[pipeline] stages: {', '.join(s.name + ('' if s.name in todo else ' (done)') for s in stages)}; "
           f"estimated {common.fmt_time(remaining)}", flush=True)
-    # the ETAs are the default run's times on a 2-core laptop CPU, rescaled by how fast this machine has run the
-    # stages so far (a machine half as fast sees a 30-minute estimate after pretraining, not 15)
+    # the default run's times, rescaled by how fast this machine has run the stages so far (choice 4)
     spent = expected = 0.0
     for i, s in enumerate(stages, 1):
         cmd = stage_command(s, cfg)
@@ -203,10 +190,38 @@ def main(cfg: PipelineConfig):
         spent, expected = spent + dt, expected + s.seconds * scale
         print(f"[pipeline] {s.name} done in {common.fmt_time(dt)} ({dt / (s.seconds * scale):.1f}x the estimate); "
               f"remaining ETA {common.fmt_time(max(0.0, remaining) * spent / expected)}", flush=True)
-    # the report covers every stage with results in --out, not only those of this call: `--only gatt` must not drop
-    # the other sections
+    # every stage with results in --out, not only this call's: `--only gatt` keeps the other sections
     path = write_report(Path(cfg.out), [s.name for s in available])
     print(f"\n[pipeline] all stages done in {common.fmt_time(time.perf_counter() - t_all)}; report: {path}", flush=True)
+
+
+# ---- speed: stages forked from a server that has imported torch ------------------------------------------------------
+# multiprocessing's fork server imports torch once and forks a child per stage: the child starts with torch imported
+# and is still a process of its own (its memory, threads and CUDA context end with it; it exits with its status).
+# Why not fork this process: a child forked after OpenMP's threads have run waits forever for threads it does not
+# have, and this process has run torch ops (importing model.py does); the server runs none. Linux only: macOS's
+# libraries do not support fork without exec, and Windows has no fork.
+# torch._dynamo too: every stage imports it on first use (~1.5 s); importing it runs no torch op either.
+PRELOAD = ["torch", "torch._dynamo"]
+
+
+def _run_script(script: str, args: list[str]):
+    """In the forked child: what `python script args` does once Python has started (the script as __main__, its
+    argv, the working directory the stages run in)."""
+    os.chdir(REPO)
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+def launch_forked(cmd: list[str]) -> int:
+    """launch(cmd), with the process forked from the fork server instead of started as a new interpreter."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    child = ctx.Process(target=_run_script, args=(cmd[1], cmd[2:]))
+    child.start()
+    child.join()
+    return child.exitcode
 
 
 # ---- the report: one section per stage, the paper's numbers beside ours --------------------------------------------
@@ -272,8 +287,8 @@ def _pct(v):
 
 
 def _stderr(p: float, n: int) -> float:
-    """One standard error, in points, of a share p measured on n items (binomial: sqrt(p (1 - p) / n)). The
-    miniature's test sets are small (~100-300 items per cell), so the report says how far a figure could move."""
+    """One standard error, in points, of a share p measured on n items: sqrt(p (1 - p) / n). The test sets are
+    small, so the report says how far a figure could move."""
     return 100 * math.sqrt(p * (1 - p) / n)
 
 
@@ -524,8 +539,8 @@ def section_eval(evals: dict) -> list[str]:
 
 
 def section_targets(get) -> list[str]:
-    """The issues' targets at a glance: each with this run's figure and whether it holds, read to the digit (the
-    sections below give the standard errors that say how firm each reading is). get(stage) -> its metrics or {}."""
+    """The targets at a glance: each with this run's figure and whether it holds, read to the digit.
+    get(stage) -> its metrics or {}."""
     from annotator import RATINGS
     R, rows = RATINGS, []
 

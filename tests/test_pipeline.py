@@ -168,14 +168,16 @@ def test_report_lists_the_targets_at_a_glance():
     assert pipeline.section_targets(lambda n: {}) == []
 
 
-@pytest.mark.parametrize("platform", ["linux", "darwin"])
-def test_launch_runs_a_script_as_python_would_and_returns_its_exit_status(tmp_path, monkeypatch, platform):
-    """pipeline.launch: on Linux a fork that runs the script (runpy), elsewhere a new interpreter; the same behaviour
-    either way: the script runs as __main__ with its argv, from the repository, and its exit status comes back (the
-    status sys.exit gives, 1 for an uncaught exception). The scripts use no torch: a fork of this test process, whose
-    OpenMP threads have run, is safe only for them (the pipeline itself forks before any torch operation)."""
+@pytest.mark.parametrize("fork_server", [False, True])
+def test_launch_runs_a_script_as_python_would_and_returns_its_exit_status(tmp_path, monkeypatch, fork_server):
+    """pipeline.launch, the plain way (a new interpreter) and the fast one (a child of the fork server, the default on
+    Linux): the same behaviour either way: the script runs as __main__ with its argv, from the repository, and its
+    exit status comes back (the status sys.exit gives, 1 for an uncaught exception). The scripts use no torch: a fork
+    of this test process, whose OpenMP threads have run, is safe only for them (the pipeline forks from a server)."""
     import pipeline
-    monkeypatch.setattr(sys, "platform", platform)
+    if fork_server and sys.platform != "linux":
+        pytest.skip("the fork server is the Linux path")
+    monkeypatch.setattr(pipeline, "FORK_SERVER", fork_server)
     script = tmp_path / "stage.py"
     script.write_text(
         "import json, os, sys\n"
