@@ -13,7 +13,8 @@ stage before, and writes the report. For several GPUs, run the stage scripts und
 
 Choices:
   1. Each stage runs as its own process, `python pretrain.py ...`, exactly as a student would run it: its memory,
-     threads, seeds and CUDA context end with it, so nothing one stage does leaks into the next.
+     threads, seeds and CUDA context end with it, so nothing one stage does leaks into the next. It also dies with
+     the pipeline: Ctrl-C stops both with one line, and a killed pipeline leaves no stage running on.
   2. A stage whose metrics.json says complete, run with the same arguments (its pipeline_command.json), is skipped,
      unless a stage it reads runs again or finished after it. So an interrupted pipeline picks up where it stopped,
      a stage interrupted mid-training resumes from its checkpoint, and `--only pretrain --force` makes the next call
@@ -28,13 +29,18 @@ Choices:
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import runpy
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +149,40 @@ def launch(cmd: list[str]) -> int:
     script's sys.exit status, 1 for an uncaught exception, or -N if signal N ended it)."""
     if FORK_SERVER:
         return launch_forked(cmd)  # the same, started faster: see the speed section below
-    return subprocess.run(cmd, cwd=REPO).returncode
+    parent = os.getpid()
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, preexec_fn=lambda: die_with_parent(parent))
+    return wait_or_stop(proc.pid, proc.wait)
+
+
+# A stage dies with the pipeline. It runs in a session (so a process group) of its own: Ctrl-C reaches the pipeline
+# only, which stops the stage's group and exits with one line. And on Linux the kernel sends the stage SIGTERM when
+# its parent dies, even of kill -9 (prctl PR_SET_PDEATHSIG), so no stage trains on, orphaned, after the pipeline
+# (a forked stage watches the pipeline instead: _die_with).
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
+
+
+def die_with_parent(parent: int):
+    """In a stage's process, before it runs: ask for SIGTERM when the parent dies (Linux), and take it now if the
+    parent (pid `parent`) died already."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def wait_or_stop(pid: int, wait) -> int:
+    """wait() for the stage `pid`; on Ctrl-C stop its process group (SIGTERM), wait for it, and pass the Ctrl-C on."""
+    try:
+        return wait()
+    except KeyboardInterrupt:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:  # not yet in its own group (it got the Ctrl-C itself then)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        wait()
+        raise
 
 
 def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
@@ -205,12 +244,35 @@ def main(cfg: PipelineConfig):
 PRELOAD = ["torch", "torch._dynamo"]
 
 
-def _run_script(script: str, args: list[str]):
+def _run_script(script: str, args: list[str], pipeline_pid: int):
     """In the forked child: what `python script args` does once Python has started (the script as __main__, its
-    argv, the working directory the stages run in)."""
+    argv, the working directory the stages run in), in a session of its own, dying with the pipeline."""
+    os.setsid()
+    _die_with(pipeline_pid)
     os.chdir(REPO)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
+
+
+def _die_with(pid: int):
+    """SIGTERM this process when process `pid` ends. A forked stage's parent is the fork server, which outlives the
+    pipeline while a child of it runs (the child holds the server's keep-alive pipe): a thread watches the pipeline."""
+    def watch():
+        try:
+            select.select([os.pidfd_open(pid)], [], [])  # readable once the process has exited (Linux >= 5.3)
+        except OSError:  # no pidfd, or the pipeline is gone already: poll
+            while _alive(pid):
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def launch_forked(cmd: list[str]) -> int:
@@ -218,10 +280,9 @@ def launch_forked(cmd: list[str]) -> int:
     import multiprocessing
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
-    child = ctx.Process(target=_run_script, args=(cmd[1], cmd[2:]))
+    child = ctx.Process(target=_run_script, args=(cmd[1], cmd[2:], os.getpid()))
     child.start()
-    child.join()
-    return child.exitcode
+    return wait_or_stop(child.pid, lambda: child.join() or child.exitcode)
 
 
 # ---- the report: one section per stage, the paper's numbers beside ours --------------------------------------------
@@ -632,5 +693,14 @@ def write_report(out: Path, stage_names: list[str]) -> Path:
     return path
 
 
+def cli(argv=None):
+    """`python pipeline.py ...`: main, with Ctrl-C as one line (launch has stopped the running stage by then)."""
+    cfg = common.parse_config(PipelineConfig, argv, description=__doc__)
+    try:
+        main(cfg)
+    except KeyboardInterrupt:
+        common.die("interrupted: the running stage was stopped; the same command resumes from where it stopped", 130)
+
+
 if __name__ == "__main__":
-    main(common.parse_config(PipelineConfig, description=__doc__))
+    cli()

@@ -213,3 +213,52 @@ def test_launch_is_safe_after_this_process_ran_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(r.stdout.split()) == 2
+
+
+def _gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie (an orphan's is reaped by init, which a container may not run)."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+@pytest.mark.parametrize("fork_server", [False, True])
+def test_a_stage_dies_with_the_pipeline(tmp_path, fork_server, how):
+    """A stand-in stage that would sleep for two minutes: when the pipeline is killed (kill -9, no chance to clean
+    up) or interrupted (Ctrl-C: SIGINT to the terminal's foreground group), the stage is gone within seconds, and
+    Ctrl-C ends the pipeline with one line on stderr, no traceback, either way a stage is launched."""
+    import os
+    import signal
+    import time
+    stage, pid_file = tmp_path / "stage.py", tmp_path / "stage.pid"
+    stage.write_text(f"import os, time\nopen({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+                     f"os.replace({str(pid_file)!r} + '.tmp', {str(pid_file)!r})\ntime.sleep(120)\n")
+    parent = (f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport pipeline\npipeline.FORK_SERVER = {fork_server}\n"
+              f"pipeline.STAGES[:] = [pipeline.Stage('standin', {str(stage)!r}, 'standin', [], [], 1.0)]\n"
+              f"pipeline.cli(['--out', {str(tmp_path / 'out')!r}])\n")
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", parent], stdout=out, stderr=err, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not pid_file.exists():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr").read_text()[-2000:]
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+        if how == "kill -9":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C (the pipeline leads its group here)
+        code = proc.wait(timeout=30)
+        deadline = time.time() + 5
+        while not _gone(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _gone(pid), f"the stage (pid {pid}) outlived the pipeline"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if how == "Ctrl-C":
+        err = (tmp_path / "stderr").read_text().strip()
+        assert code == 130 and err.startswith("error: interrupted") and len(err.splitlines()) == 1, err
