@@ -262,3 +262,19 @@ def test_a_stage_dies_with_the_pipeline(tmp_path, fork_server, how):
     if how == "Ctrl-C":
         err = (tmp_path / "stderr").read_text().strip()
         assert code == 130 and err.startswith("error: interrupted") and len(err.splitlines()) == 1, err
+
+
+def test_a_quick_report_shows_the_targets_without_grading_them(tmp_path):
+    """A --quick run is a smoke test: its targets table keeps every figure but grades none against the full run's
+    targets; the full run's report is graded as before."""
+    import pipeline
+    m = {"sft": {"qa_correct_in_format": 0.7}, "eval_ppo": {"win_rate": 0.649}}
+    quick = "\n".join(pipeline.section_targets(lambda n: m.get(n) or {}, quick=True))
+    assert "| SFT: held-out fact and arithmetic answers right, in format >= 70% | 70.0% | not graded (quick run) |" \
+        in quick and "| PPO wins against SFT >= 65% (annotator, ties half) | 64.9% | not graded (quick run) |" in quick
+    assert "| yes |" not in quick and "**no**" not in quick and "was a --quick run" in quick
+    full = "\n".join(pipeline.section_targets(lambda n: m.get(n) or {}))
+    assert "| 70.0% | yes |" in full and "| 64.9% | **no** |" in full and "quick" not in full
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "metrics.json").write_text(json.dumps(m["sft"]))
+    assert "not graded (quick run)" in pipeline.write_report(tmp_path, ["sft"], quick=True).read_text()
