@@ -294,21 +294,25 @@ def _fmt(v, pct=False):
     return f"{v:,.4g}" if isinstance(v, float) else str(v)
 
 
-def _plot(out: Path, name: str, series: dict, xlabel: str, ylabel: str) -> str:
-    """A PNG line plot when matplotlib is installed (optional), else nothing."""
+def _plot(out: Path, name: str, title: str, xlabel: str, panels: list[tuple[str, dict]]) -> str:
+    """A PNG when matplotlib is installed (optional), else nothing. One axes per panel (ylabel, {label: [(x, y)]}),
+    stacked over a shared x axis: quantities on different scales (PPO's reward and KL) each get their own."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return ""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for label, pts in series.items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(5.5, 1 + 2.4 * len(panels)), sharex=True, squeeze=False)
+    for ax, (ylabel, series) in zip(axes[:, 0], panels):
+        for label, pts in series.items():
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+        ax.set_ylabel(ylabel)
+        if ax.lines:
+            ax.legend()
+    axes[0, 0].set_title(title, fontsize=10)
+    axes[-1, 0].set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=100)
     plt.close(fig)
@@ -336,8 +340,8 @@ def section_pretrain(out: Path, m: dict) -> list[str]:
     if curve:
         pts = [curve[int(i * (len(curve) - 1) / 5)] for i in range(6)]
         lines += ["Loss curve (Fig. 5 in miniature): " + ", ".join(f"step {s}: {v:.3f}" for s, v in pts), ""]
-        lines.append(_plot(out, "fig5_pretrain_loss", {"train": curve, "validation": m.get("val_curve")}, "step",
-                           "loss"))
+        lines.append(_plot(out, "fig5_pretrain_loss", "Fig. 5 in miniature: pretraining loss", "training step",
+                           [("loss (nats per token)", {"train": curve, "validation": m.get("val_curve")})]))
     if m.get("samples"):
         lines += ["Samples:", ""] + [f"    {s!r}" for s in m["samples"]] + [""]
     return lines
@@ -493,16 +497,18 @@ def section_rs(out: Path, m: dict, ev: dict) -> list[str]:
     for n, mx, md in zip(ns, m.get("max_reward_by_n") or [], m.get("median_reward_by_n") or []):
         lines.append(f"| {n} | {mx:.3f} | {md:.3f} |")
     if ns:
-        lines.append(_plot(out, "fig7_max_median", {"max of N": list(zip(ns, m.get("max_reward_by_n") or [])),
-                                                    "median of N": list(zip(ns, m.get("median_reward_by_n") or []))},
-                           "N samples per prompt", "reward"))
+        lines.append(_plot(out, "fig7_max_median", "Fig. 7 in miniature: best and median of N samples",
+                           "N samples per prompt", [("reward of the reward models", {
+                               "max of N": list(zip(ns, m.get("max_reward_by_n") or [])),
+                               "median of N": list(zip(ns, m.get("median_reward_by_n") or []))})]))
     for key, who in (("fig8_sft", "SFT"), ("fig8_rs", "RS")):
         if m.get(key):
             lines += ["", f"Fig. 8 in miniature ({who} model): mean max-of-N reward at each temperature.", "",
                       "| temperature | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
             lines += [f"| {T} | " + " | ".join(f"{x:.3f}" for x in xs) + " |" for T, xs in m[key].items()]
-            lines.append(_plot(out, key, {f"T = {T}": list(zip(ns, xs)) for T, xs in m[key].items()},
-                               "N samples per prompt", "mean max-of-N reward"))
+            lines.append(_plot(out, key, f"Fig. 8 in miniature ({who} model): best of N by temperature",
+                               "N samples per prompt", [("mean max-of-N reward", {
+                                   f"T = {T}": list(zip(ns, xs)) for T, xs in m[key].items()})]))
     lines += ["", "| iteration | temperature | mean reward | best-of-K | kept prompts |", "|---|---|---|---|---|"]
     lines += [f"| {i['iteration']} | {i['temperature']} | {i['mean_reward']:.3f} | {i['mean_best_reward']:.3f} | "
               f"{i['kept']} |" for i in m.get("iterations", [])]
@@ -519,8 +525,9 @@ def section_ppo(out: Path, m: dict, ev: dict) -> list[str]:
     for it in (m.get("iters") or [])[::max(1, len(m.get("iters") or []) // 10)]:
         lines.append(f"| {it['iter']} | {it['rm_reward']:.3f} | {it['kl']:.3f} | {it['clip_frac']:.3f} | "
                      f"{it['value_loss']:.3f} | {it['reply_len']:.1f} |")
-    lines.append(_plot(out, "ppo_reward_kl", {"RM reward": m.get("reward_by_iter"), "KL": m.get("kl_by_iter")},
-                       "iteration", "value"))
+    lines.append(_plot(out, "ppo_reward_kl", "PPO: reward and KL to the initial policy", "PPO iteration",
+                       [("RM reward (sigmoid scale)", {"RM reward": m.get("reward_by_iter")}),
+                        ("KL to the initial policy", {"KL": m.get("kl_by_iter")})]))
     a, b = ev.get("model_a") or {}, ev.get("model_b") or {}
     lines += ["", f"Against SFT (the eval_ppo stage, {ev.get('n_prompts', '-')} test prompts):", "",
               "| measure | PPO | SFT |", "|---|---|---|",
@@ -546,8 +553,9 @@ def section_gatt(out: Path, m: dict) -> list[str]:
                   "|---|" + "---|" * n]
         lines += [f"| {who} | " + " | ".join(_pct(x) for x in a.get(who, [])) + " |" for who in ("baseline", "gatt")]
         lines.append(_plot(out, "table30_" + ("seen" if key == "adherence_by_turn" else "unseen"),
-                           {who: list(enumerate(a.get(who) or [], 1)) for who in ("baseline", "gatt")},
-                           "turn", "share keeping the instruction"))
+                           f"Table 30 in miniature: {title}", "dialogue turn",
+                           [("share of replies keeping the instruction",
+                             {who: list(enumerate(a.get(who) or [], 1)) for who in ("baseline", "gatt")})]))
         n_dialogs = m.get("n_eval_seen" if key == "adherence_by_turn" else "n_eval_unseen")
         if n_dialogs and a.get("gatt"):
             p = sum(a["gatt"]) / len(a["gatt"])
@@ -577,8 +585,9 @@ def section_gatt(out: Path, m: dict) -> list[str]:
                       + " | ".join(_pct(x) for x in on_history.get(who, {}).get("with_instruction", [])) + " |",
                       f"| {who} | kept, instruction taken out | - | "
                       + " | ".join(_pct(x) for x in on_history.get(who, {}).get("without_instruction", [])) + " |"]
-        lines.append(_plot(out, "gatt_attention", {who: list(enumerate(att[who]["mean"], 1)) for who in att},
-                           "turn", "attention on the instruction"))
+        lines.append(_plot(out, "gatt_attention", "Fig. 10 in numbers: attention on the turn-1 instruction",
+                           "dialogue turn", [("share of attention (mean of layers, heads)",
+                                              {who: list(enumerate(att[who]["mean"], 1)) for who in att})]))
     return lines + [""]
 
 

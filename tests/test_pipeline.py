@@ -278,3 +278,30 @@ def test_a_quick_report_shows_the_targets_without_grading_them(tmp_path):
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "metrics.json").write_text(json.dumps(m["sft"]))
     assert "not graded (quick run)" in pipeline.write_report(tmp_path, ["sft"], quick=True).read_text()
+
+
+def test_plots_say_what_they_measure(tmp_path, monkeypatch):
+    """Every plot has a title and labelled axes; PPO's reward and KL, on different scales, get an axes each rather
+    than one axis labelled "value"."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    import pipeline
+    seen = {}
+    save = Figure.savefig
+
+    def record(fig, path, **kw):
+        seen[Path(path).stem] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), [line.get_label() for line in
+                                                                                  ax.lines]) for ax in fig.axes]
+        return save(fig, path, **kw)
+    monkeypatch.setattr(Figure, "savefig", record)
+    ppo = {"iters": [], "reward_by_iter": [[0, 0.4], [1, 0.5]], "kl_by_iter": [[0, 0.0], [1, 0.02]]}
+    pipeline.section_ppo(tmp_path, ppo, {})
+    pipeline.section_pretrain(tmp_path, {"loss_curve": [[0, 5.0], [10, 4.0]], "val_curve": [[10, 4.1]]})
+    pipeline.section_gatt(tmp_path, {"adherence_by_turn": {"baseline": [0.9, 0.4], "gatt": [1.0, 0.95]}})
+    (reward, kl) = seen["ppo_reward_kl"]
+    assert reward[0] and "reward" in reward[2] and reward[3] == ["RM reward"]
+    assert "KL" in kl[2] and kl[3] == ["KL"] and kl[1] == "PPO iteration"
+    for name in ("fig5_pretrain_loss", "table30_seen"):
+        title, xlabel, ylabel, _ = seen[name][0]
+        assert title and xlabel and ylabel and ylabel != "value", seen[name]
+    assert (tmp_path / "ppo_reward_kl.png").is_file()
