@@ -104,7 +104,8 @@ def build_parser(cls, description: Optional[str] = None) -> argparse.ArgumentPar
         args = typing.get_args(typ)
         if typing.get_origin(typ) is typing.Union and type(None) in args:  # Optional[X]
             inner = next(a for a in args if a is not type(None))
-            g.add_argument(flag, type=_parse_optional(inner), default=default, help=help_text, metavar=inner.__name__.upper())
+            g.add_argument(flag, type=_parse_optional(inner), default=default, help=help_text,
+                           metavar=inner.__name__.upper())
         elif typ is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(typ) is list:

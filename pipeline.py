@@ -150,7 +150,8 @@ def launch(cmd: list[str]) -> int:
     if FORK_SERVER:
         return launch_forked(cmd)  # the same, started faster: see the speed section below
     parent = os.getpid()
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, preexec_fn=lambda: die_with_parent(parent))
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True,
+                            preexec_fn=(lambda: die_with_parent(parent)) if _LIBC else None)
     return wait_or_stop(proc.pid, proc.wait)
 
 
@@ -177,7 +178,7 @@ def wait_or_stop(pid: int, wait) -> int:
         return wait()
     except KeyboardInterrupt:
         try:
-            os.killpg(pid, signal.SIGTERM)
+            getattr(os, "killpg", os.kill)(pid, signal.SIGTERM)  # the stage's group (Windows: the process)
         except ProcessLookupError:  # not yet in its own group (it got the Ctrl-C itself then)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
