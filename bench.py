@@ -1,19 +1,24 @@
-"""Throughput: decode tokens/s and training tokens/s + MFU, side by side with Hugging Face's Llama on the same weights.
+"""Throughput and memory: decode tokens/s and training tokens/s + MFU, side by side with Hugging Face's Llama on the
+same weights; and, without measuring anything, the memory plan of a paper-sized run (§2.2: 7B-70B, 4096 tokens).
 
   python bench.py                                  # decode + train, 15M preset, this machine's default device
   python bench.py --what decode --batches 1 16     # decode tokens/s at batch 1 and 16, eager and compiled
   python bench.py --what train --model 110M --device cuda --dtype bfloat16 --json out/bench.json
-Every figure is the median of --repeats timed runs after a warm-up (which also compiles); ratios are taken within one
-run, so the noise of a shared machine cancels as far as it can. Figures go to BENCHMARKS.md by hand, with the machine,
-command and date.
+  python bench.py --plan --model 70B --stage ppo --world-size 8     # which setups fit on 8 GPUs of 80 GiB
+One process on one device (CPU or one GPU); the plan computes what torchrun with DDP or FSDP would hold per GPU.
+Measured figures go to RESULTS.md with the machine, command and date.
 
-What is compared, and why it is a fair comparison:
-  1. Decode: generate() (greedy, no EOS, one BOS prompt per row: pure decode speed) against transformers' generate()
+Choices:
+  1. Every figure is the median of --repeats timed runs after a warm-up (which also compiles); the variants take turns,
+     and ratios are taken within one run, so the noise of a shared machine cancels as far as it can.
+  2. Decode: generate() (greedy, no EOS, one BOS prompt per row: pure decode speed) against transformers' generate()
      with the same weights (model.export_hf), the same dtype and greedy decoding of the same number of tokens.
-  2. Train: one step = forward, cross-entropy over fp32 logits, backward, AdamW (common.make_optimizer, the settings
+  3. Train: one step = forward, cross-entropy over fp32 logits, backward, AdamW (common.make_optimizer, the settings
      pretrain.py uses) for both models. Hugging Face gets shift_labels, so both compute the loss over the same
-     256 targets per row (its default shift would drop the last one); the first step's losses are printed side by side.
+     targets per row (its default shift would drop the last one); the first step's losses are printed side by side.
      Weights are fp32 in both; --dtype bfloat16 runs both under the same autocast.
+  4. The memory plan counts bytes on the meta device (nothing is allocated): 16 per trained parameter (fp32 weights,
+     gradients, AdamW's two moments), 2 per frozen one (bf16), plus activations and the KV cache of the rollouts.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from typing import Optional
 import torch
 
 import common
-import generate as G
+from generate import generate
 import model as M
 
 
@@ -38,21 +43,22 @@ class BenchConfig:
     what: str = "all"  # decode, train or all
     model: str = "15M"  # a preset of model.py (15M, 110M, ...)
     device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU. Decode: the weights' dtype; train: the autocast dtype
-    threads: int = 0  # CPU: torch.set_num_threads; 0 keeps torch's default (one per core)
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (decode: the weights; train: autocast)
     batches: list[int] = field(default_factory=lambda: [1, 16])  # decode batch sizes
     new_tokens: int = 128  # decode: tokens generated per row
     train_batch: int = 8  # train: sequences per step
     train_seq: int = 256  # train: tokens per sequence
+    plan: bool = False  # print a memory plan instead of measuring (meta device: nothing allocated)
+    stage: str = "ppo"  # --plan: pretrain, sft, reward, rs or ppo (which models the stage holds)
+    world_size: int = 8  # --plan: GPUs that FSDP shards over
+    # -- advanced --
+    threads: int = 0  # CPU: torch.set_num_threads; 0 keeps torch's default (one per core)
     train_steps: int = 5  # train: timed steps per repeat
     repeats: int = 3  # timed repeats; the median is reported
     compile: bool = True  # also measure the torch.compile variants
     hf: bool = True  # also measure Hugging Face's LlamaForCausalLM on the same weights (when installed)
     json: Optional[str] = None  # also write the rows, machine and config to this JSON file
     seed: int = 0
-    plan: bool = False  # print a memory plan instead of measuring (meta device: no memory is allocated)
-    stage: str = "ppo"  # --plan: pretrain, sft, reward, rs or ppo (which models the stage holds)
-    world_size: int = 8  # --plan: GPUs that FSDP shards over
     gpu_gib: float = 80.0  # --plan: memory of one GPU
     plan_micro_batch: int = 1  # --plan: sequences per GPU per forward
     plan_seq: int = 4096  # --plan: tokens per sequence (§2.2: 4096)
@@ -113,10 +119,10 @@ def bench_decode(cfg, args, device, dtype):
     for bs in cfg.batches:
         prompts = [[1]] * bs  # BOS only: the figure is pure decode speed
         ids = torch.ones((bs, 1), dtype=torch.long, device=device)
-        fns = {"nanollama2 eager": lambda: G.generate(model, prompts, cfg.new_tokens, temperature=0.0, eos_id=None)}
+        fns = {"nanollama2 eager": lambda: generate(model, prompts, cfg.new_tokens, temperature=0.0, eos_id=None)}
         if cfg.compile:
-            fns["nanollama2 compiled"] = lambda: G.generate(model, prompts, cfg.new_tokens, temperature=0.0,
-                                                            eos_id=None, compile=True)
+            fns["nanollama2 compiled"] = lambda: generate(model, prompts, cfg.new_tokens, temperature=0.0,
+                                                          eos_id=None, compile=True)
         if hf is not None:
             fns["HF generate"] = torch.no_grad()(lambda: hf.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.new_tokens,
@@ -187,13 +193,11 @@ def _x(v):
 
 
 # ---- memory plan (python bench.py --plan --model 7B --stage ppo --world-size 8) -------------------------------------
-# Bytes per parameter. Trainable under mixed precision: fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32
-# moments (8) = 16; autocast makes bf16 copies of each layer's weights on the fly (transient, not counted). Frozen
-# models (reference policy, reward models) are held in bf16 without gradients: 2.
+# Bytes per parameter. Trained under mixed precision: fp32 weights, gradients and AdamW's two moments (autocast's
+# bf16 copies of a layer's weights are transient, not counted). Frozen models (reference policy, reward models): bf16.
 TRAINABLE_BYTES = {"params": 4, "grads": 4, "optimizer": 8}
 FROZEN_BYTES = 2
-# Which models each stage holds at once: (role, trainable). RS samples with the policy and scores with both RMs, then
-# fine-tunes: the larger of its two phases is the sampling one only when K samples' KV cache dominates.
+# Which models each stage holds at once: (role, trainable).
 STAGE_MODELS = {
     "pretrain": [("policy", True)], "sft": [("policy", True)], "reward": [("reward model", True)],
     "rs": [("policy", True), ("rm_helpful", False), ("rm_safety", False)],
@@ -221,7 +225,6 @@ def kv_cache_bytes(args, batch: int, seq: int) -> int:
 
 def memory_plan(model_name: str, stage: str, world_size: int, micro_batch: int, seq: int, rollout_batch: int,
                 gpu_gib: float) -> list[str]:
-    import model as M
     args = M.preset(model_name)
     with torch.device("meta"):
         n = M.Transformer(args).num_params()

@@ -1,28 +1,46 @@
-"""The main job: the whole Llama 2-Chat recipe on the built-in miniature world, stage by stage (paper Fig. 4), then
-out/report.md with the paper's tables and figures in miniature.
+"""The main job: the whole Llama 2-Chat recipe on the built-in miniature world, stage by stage (paper Fig. 4:
+pretraining, SFT, the two reward models, rejection sampling, PPO, Ghost Attention, evaluation), then out/report.md
+with the paper's tables and figures in miniature.
 
-  python pipeline.py            # every stage, defaults (minutes on a laptop CPU)
+  python pipeline.py            # every stage, defaults (minutes on a laptop CPU; a GPU is used when there is one)
   python pipeline.py --quick    # the same path in seconds-to-a-minute per stage: a smoke test
   python pipeline.py --force    # rerun stages even when their outputs are complete
   python pipeline.py --only pretrain sft
   python pipeline.py --pretrain-mix club=0,story=0.2 --out out_noclub     # another pretraining document mix
 
-Each stage runs as its own process (`python pretrain.py ...`, on Linux forked from one that has imported torch:
-launch() says why), exactly as a student would run it alone, reading the previous stage's directory. A stage whose
-metrics.json says complete, run with the same arguments, is skipped unless a stage it reads runs again (or has run
-since), so an interrupted pipeline picks up where it stopped (and a stage interrupted mid-training resumes from its
-checkpoint), and `--only pretrain --force` makes the next call redo the rest.
-The report is built only from the stages' metrics.json files: every number in it comes from this run.
+Every stage is a script a student can run alone; the pipeline runs them in order, each reading the directory of the
+stage before, and writes the report. For several GPUs, run the stage scripts under torchrun yourself (each says how).
+
+Choices:
+  1. Each stage runs as its own process, `python pretrain.py ...`, exactly as a student would run it: its memory,
+     threads, seeds and CUDA context end with it, so nothing one stage does leaks into the next. It also dies with
+     the pipeline: Ctrl-C stops both with one line, and a killed pipeline leaves no stage running on.
+  2. A stage whose metrics.json says complete, run with the same arguments (its pipeline_command.json), is skipped,
+     unless a stage it reads runs again or finished after it. So an interrupted pipeline picks up where it stopped,
+     a stage interrupted mid-training resumes from its checkpoint, and `--only pretrain --force` makes the next call
+     redo every stage after pretraining. A stage run with other arguments starts from a clean directory.
+  3. The report is built only from the stages' metrics.json files: every number in it comes from this run, with the
+     paper's own numbers quoted beside ours for the pattern to compare. Plots need matplotlib (optional).
+  4. The ETA is each stage's expected time (the default run on a 2-core CPU), rescaled by how fast this machine has
+     run the stages so far.
+  5. Speed lives in one marked section: on Linux a stage is forked from a server that has imported torch once, which
+     saves each stage the ~2 s a new interpreter spends importing it. FORK_SERVER switches it; the tests check that
+     both ways run a stage alike.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import runpy
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +57,7 @@ class Stage:
     out: str  # directory under the output root
     args: list  # flags for the default run ({out} is replaced by the output root)
     quick: list  # extra flags for --quick
-    seconds: float  # expected wall time of the default run on a 2-core CPU (for the ETA; the Zen 3 runs, BENCHMARKS.md)
+    seconds: float  # expected wall time of the default run on a 2-core CPU (for the ETA)
 
 
 def _eval(name: str, a: str) -> Stage:
@@ -81,9 +99,10 @@ STAGES = [
 class PipelineConfig:
     out: str = "out"  # output root: one directory per stage, and report.md
     quick: bool = False  # a seconds-to-minutes smoke version of every stage
-    force: bool = False  # rerun stages whose outputs are complete
     only: list[str] = field(default_factory=list)  # run only these stages (names: pretrain sft rm_helpful ...)
+    force: bool = False  # rerun stages whose outputs are complete
     seed: int = 0  # passed to every stage
+    # -- advanced --
     device: str = "auto"  # passed to every stage
     pretrain_mix: str = ""  # pretrain.py --mix, the world's document mix (e.g. club=0,story=0.2)
     RANGES = common.ranges(non_negative="seed")
@@ -121,40 +140,50 @@ def to_run(stages: list[Stage], cfg: PipelineConfig) -> set[str]:
     return todo
 
 
-def _run_script(script: str, args: list[str]):
-    """In launch()'s child: what `python script args` does once Python has started (the script as __main__, its
-    argv, the working directory the stages run in)."""
-    os.chdir(REPO)
-    sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
-
-
-# What the fork server imports before it forks the stages (launch). `import torch` leaves torch._dynamo out; torch
-# imports it on first use, and every stage uses it (an nn.Module built under `with torch.device(...)`, an optimizer's
-# step): preloaded, a stage's child reaches its first line of work in ~0.1 s instead of ~1.5 s (BENCHMARKS.md)
-PRELOAD = ["torch", "torch._dynamo"]
+# ---- running a stage ---------------------------------------------------------------------------------------------
+FORK_SERVER = sys.platform == "linux"  # the speed switch: False starts every stage as a new interpreter
 
 
 def launch(cmd: list[str]) -> int:
-    """Runs a stage's command `python script.py ...` as a process of its own; returns its exit status.
+    """Runs a stage's command `python script.py ...` as a process of its own; returns its exit status (0, the
+    script's sys.exit status, 1 for an uncaught exception, or -N if signal N ended it)."""
+    if FORK_SERVER:
+        return launch_forked(cmd)  # the same, started faster: see the speed section below
+    parent = os.getpid()
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True,
+                            preexec_fn=(lambda: die_with_parent(parent)) if _LIBC else None)
+    return wait_or_stop(proc.pid, proc.wait)
 
-    On Linux the process comes from multiprocessing's fork server, which imports torch once, at the first stage, and
-    forks a child per stage: a child starts with torch imported, which a new interpreter spends ~2 s on (11 stages:
-    ~20 s of the default run on a 2-core CPU, BENCHMARKS.md), and torch._dynamo too (PRELOAD). It is a process all the
-    same: its memory, threads, seeds and CUDA context end with it, and it exits with its status. Why a fork server
-    and not a fork of this process: a fork is safe only from a process that has run no torch operation (a child forked
-    after OpenMP's threads started waits forever for threads it does not have), and this process runs some (importing
-    model.py runs a small attention call); the server runs none. Elsewhere (macOS, whose system libraries do not
-    support fork without exec, and Windows, which has no fork) the stage starts in a new interpreter."""
-    if sys.platform != "linux":
-        return subprocess.run(cmd, cwd=REPO).returncode
-    import multiprocessing
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # importing these runs no torch operation: the server stays safe to fork
-    child = ctx.Process(target=_run_script, args=(cmd[1], cmd[2:]))
-    child.start()
-    child.join()
-    return child.exitcode  # 0, the script's sys.exit status (1 for an exception), or -N if signal N ended it
+
+# A stage dies with the pipeline. It runs in a session (so a process group) of its own: Ctrl-C reaches the pipeline
+# only, which stops the stage's group and exits with one line. And on Linux the kernel sends the stage SIGTERM when
+# its parent dies, even of kill -9 (prctl PR_SET_PDEATHSIG), so no stage trains on, orphaned, after the pipeline
+# (a forked stage watches the pipeline instead: _die_with).
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
+
+
+def die_with_parent(parent: int):
+    """In a stage's process, before it runs: ask for SIGTERM when the parent dies (Linux), and take it now if the
+    parent (pid `parent`) died already."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def wait_or_stop(pid: int, wait) -> int:
+    """wait() for the stage `pid`; on Ctrl-C stop its process group (SIGTERM), wait for it, and pass the Ctrl-C on."""
+    try:
+        return wait()
+    except KeyboardInterrupt:
+        try:
+            getattr(os, "killpg", os.kill)(pid, signal.SIGTERM)  # the stage's group (Windows: the process)
+        except ProcessLookupError:  # not yet in its own group (it got the Ctrl-C itself then)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        wait()
+        raise
 
 
 def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
@@ -185,8 +214,7 @@ def main(cfg: PipelineConfig):
     t_all = time.perf_counter()
     print(f"[pipeline] stages: {', '.join(s.name + ('' if s.name in todo else ' (done)') for s in stages)}; "
           f"estimated {common.fmt_time(remaining)}", flush=True)
-    # the ETAs are the default run's times on a 2-core laptop CPU, rescaled by how fast this machine has run the
-    # stages so far (a machine half as fast sees a 30-minute estimate after pretraining, not 15)
+    # the default run's times, rescaled by how fast this machine has run the stages so far (choice 4)
     spent = expected = 0.0
     for i, s in enumerate(stages, 1):
         cmd = stage_command(s, cfg)
@@ -202,10 +230,60 @@ def main(cfg: PipelineConfig):
         spent, expected = spent + dt, expected + s.seconds * scale
         print(f"[pipeline] {s.name} done in {common.fmt_time(dt)} ({dt / (s.seconds * scale):.1f}x the estimate); "
               f"remaining ETA {common.fmt_time(max(0.0, remaining) * spent / expected)}", flush=True)
-    # the report covers every stage with results in --out, not only those of this call: `--only gatt` must not drop
-    # the other sections
-    path = write_report(Path(cfg.out), [s.name for s in available])
+    # every stage with results in --out, not only this call's: `--only gatt` keeps the other sections
+    path = write_report(Path(cfg.out), [s.name for s in available], cfg.quick)
     print(f"\n[pipeline] all stages done in {common.fmt_time(time.perf_counter() - t_all)}; report: {path}", flush=True)
+
+
+# ---- speed: stages forked from a server that has imported torch ------------------------------------------------------
+# multiprocessing's fork server imports torch once and forks a child per stage: the child starts with torch imported
+# and is still a process of its own (its memory, threads and CUDA context end with it; it exits with its status).
+# Why not fork this process: a child forked after OpenMP's threads have run waits forever for threads it does not
+# have, and this process has run torch ops (importing model.py does); the server runs none. Linux only: macOS's
+# libraries do not support fork without exec, and Windows has no fork.
+# torch._dynamo too: every stage imports it on first use (~1.5 s); importing it runs no torch op either.
+PRELOAD = ["torch", "torch._dynamo"]
+
+
+def _run_script(script: str, args: list[str], pipeline_pid: int):
+    """In the forked child: what `python script args` does once Python has started (the script as __main__, its
+    argv, the working directory the stages run in), in a session of its own, dying with the pipeline."""
+    os.setsid()
+    _die_with(pipeline_pid)
+    os.chdir(REPO)
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+def _die_with(pid: int):
+    """SIGTERM this process when process `pid` ends. A forked stage's parent is the fork server, which outlives the
+    pipeline while a child of it runs (the child holds the server's keep-alive pipe): a thread watches the pipeline."""
+    def watch():
+        try:
+            select.select([os.pidfd_open(pid)], [], [])  # readable once the process has exited (Linux >= 5.3)
+        except OSError:  # no pidfd, or the pipeline is gone already: poll
+            while _alive(pid):
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def launch_forked(cmd: list[str]) -> int:
+    """launch(cmd), with the process forked from the fork server instead of started as a new interpreter."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    child = ctx.Process(target=_run_script, args=(cmd[1], cmd[2:], os.getpid()))
+    child.start()
+    return wait_or_stop(child.pid, lambda: child.join() or child.exitcode)
 
 
 # ---- the report: one section per stage, the paper's numbers beside ours --------------------------------------------
@@ -217,21 +295,25 @@ def _fmt(v, pct=False):
     return f"{v:,.4g}" if isinstance(v, float) else str(v)
 
 
-def _plot(out: Path, name: str, series: dict, xlabel: str, ylabel: str) -> str:
-    """A PNG line plot when matplotlib is installed (optional), else nothing."""
+def _plot(out: Path, name: str, title: str, xlabel: str, panels: list[tuple[str, dict]]) -> str:
+    """A PNG when matplotlib is installed (optional), else nothing. One axes per panel (ylabel, {label: [(x, y)]}),
+    stacked over a shared x axis: quantities on different scales (PPO's reward and KL) each get their own."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return ""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for label, pts in series.items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(5.5, 1 + 2.4 * len(panels)), sharex=True, squeeze=False)
+    for ax, (ylabel, series) in zip(axes[:, 0], panels):
+        for label, pts in series.items():
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+        ax.set_ylabel(ylabel)
+        if ax.lines:
+            ax.legend()
+    axes[0, 0].set_title(title, fontsize=10)
+    axes[-1, 0].set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=100)
     plt.close(fig)
@@ -259,8 +341,8 @@ def section_pretrain(out: Path, m: dict) -> list[str]:
     if curve:
         pts = [curve[int(i * (len(curve) - 1) / 5)] for i in range(6)]
         lines += ["Loss curve (Fig. 5 in miniature): " + ", ".join(f"step {s}: {v:.3f}" for s, v in pts), ""]
-        lines.append(_plot(out, "fig5_pretrain_loss", {"train": curve, "validation": m.get("val_curve")}, "step",
-                           "loss"))
+        lines.append(_plot(out, "fig5_pretrain_loss", "Fig. 5 in miniature: pretraining loss", "training step",
+                           [("loss (nats per token)", {"train": curve, "validation": m.get("val_curve")})]))
     if m.get("samples"):
         lines += ["Samples:", ""] + [f"    {s!r}" for s in m["samples"]] + [""]
     return lines
@@ -271,8 +353,8 @@ def _pct(v):
 
 
 def _stderr(p: float, n: int) -> float:
-    """One standard error, in points, of a share p measured on n items (binomial: sqrt(p (1 - p) / n)). The
-    miniature's test sets are small (~100-300 items per cell), so the report says how far a figure could move."""
+    """One standard error, in points, of a share p measured on n items: sqrt(p (1 - p) / n). The test sets are
+    small, so the report says how far a figure could move."""
     return 100 * math.sqrt(p * (1 - p) / n)
 
 
@@ -416,16 +498,18 @@ def section_rs(out: Path, m: dict, ev: dict) -> list[str]:
     for n, mx, md in zip(ns, m.get("max_reward_by_n") or [], m.get("median_reward_by_n") or []):
         lines.append(f"| {n} | {mx:.3f} | {md:.3f} |")
     if ns:
-        lines.append(_plot(out, "fig7_max_median", {"max of N": list(zip(ns, m.get("max_reward_by_n") or [])),
-                                                    "median of N": list(zip(ns, m.get("median_reward_by_n") or []))},
-                           "N samples per prompt", "reward"))
+        lines.append(_plot(out, "fig7_max_median", "Fig. 7 in miniature: best and median of N samples",
+                           "N samples per prompt", [("reward of the reward models", {
+                               "max of N": list(zip(ns, m.get("max_reward_by_n") or [])),
+                               "median of N": list(zip(ns, m.get("median_reward_by_n") or []))})]))
     for key, who in (("fig8_sft", "SFT"), ("fig8_rs", "RS")):
         if m.get(key):
             lines += ["", f"Fig. 8 in miniature ({who} model): mean max-of-N reward at each temperature.", "",
                       "| temperature | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
             lines += [f"| {T} | " + " | ".join(f"{x:.3f}" for x in xs) + " |" for T, xs in m[key].items()]
-            lines.append(_plot(out, key, {f"T = {T}": list(zip(ns, xs)) for T, xs in m[key].items()},
-                               "N samples per prompt", "mean max-of-N reward"))
+            lines.append(_plot(out, key, f"Fig. 8 in miniature ({who} model): best of N by temperature",
+                               "N samples per prompt", [("mean max-of-N reward", {
+                                   f"T = {T}": list(zip(ns, xs)) for T, xs in m[key].items()})]))
     lines += ["", "| iteration | temperature | mean reward | best-of-K | kept prompts |", "|---|---|---|---|---|"]
     lines += [f"| {i['iteration']} | {i['temperature']} | {i['mean_reward']:.3f} | {i['mean_best_reward']:.3f} | "
               f"{i['kept']} |" for i in m.get("iterations", [])]
@@ -442,8 +526,9 @@ def section_ppo(out: Path, m: dict, ev: dict) -> list[str]:
     for it in (m.get("iters") or [])[::max(1, len(m.get("iters") or []) // 10)]:
         lines.append(f"| {it['iter']} | {it['rm_reward']:.3f} | {it['kl']:.3f} | {it['clip_frac']:.3f} | "
                      f"{it['value_loss']:.3f} | {it['reply_len']:.1f} |")
-    lines.append(_plot(out, "ppo_reward_kl", {"RM reward": m.get("reward_by_iter"), "KL": m.get("kl_by_iter")},
-                       "iteration", "value"))
+    lines.append(_plot(out, "ppo_reward_kl", "PPO: reward and KL to the initial policy", "PPO iteration",
+                       [("RM reward (sigmoid scale)", {"RM reward": m.get("reward_by_iter")}),
+                        ("KL to the initial policy", {"KL": m.get("kl_by_iter")})]))
     a, b = ev.get("model_a") or {}, ev.get("model_b") or {}
     lines += ["", f"Against SFT (the eval_ppo stage, {ev.get('n_prompts', '-')} test prompts):", "",
               "| measure | PPO | SFT |", "|---|---|---|",
@@ -469,8 +554,9 @@ def section_gatt(out: Path, m: dict) -> list[str]:
                   "|---|" + "---|" * n]
         lines += [f"| {who} | " + " | ".join(_pct(x) for x in a.get(who, [])) + " |" for who in ("baseline", "gatt")]
         lines.append(_plot(out, "table30_" + ("seen" if key == "adherence_by_turn" else "unseen"),
-                           {who: list(enumerate(a.get(who) or [], 1)) for who in ("baseline", "gatt")},
-                           "turn", "share keeping the instruction"))
+                           f"Table 30 in miniature: {title}", "dialogue turn",
+                           [("share of replies keeping the instruction",
+                             {who: list(enumerate(a.get(who) or [], 1)) for who in ("baseline", "gatt")})]))
         n_dialogs = m.get("n_eval_seen" if key == "adherence_by_turn" else "n_eval_unseen")
         if n_dialogs and a.get("gatt"):
             p = sum(a["gatt"]) / len(a["gatt"])
@@ -500,8 +586,9 @@ def section_gatt(out: Path, m: dict) -> list[str]:
                       + " | ".join(_pct(x) for x in on_history.get(who, {}).get("with_instruction", [])) + " |",
                       f"| {who} | kept, instruction taken out | - | "
                       + " | ".join(_pct(x) for x in on_history.get(who, {}).get("without_instruction", [])) + " |"]
-        lines.append(_plot(out, "gatt_attention", {who: list(enumerate(att[who]["mean"], 1)) for who in att},
-                           "turn", "attention on the instruction"))
+        lines.append(_plot(out, "gatt_attention", "Fig. 10 in numbers: attention on the turn-1 instruction",
+                           "dialogue turn", [("share of attention (mean of layers, heads)",
+                                              {who: list(enumerate(att[who]["mean"], 1)) for who in att})]))
     return lines + [""]
 
 
@@ -522,14 +609,15 @@ def section_eval(evals: dict) -> list[str]:
     return lines + [""]
 
 
-def section_targets(get) -> list[str]:
-    """The issues' targets at a glance: each with this run's figure and whether it holds, read to the digit (the
-    sections below give the standard errors that say how firm each reading is). get(stage) -> its metrics or {}."""
+def section_targets(get, quick: bool = False) -> list[str]:
+    """The targets at a glance: each with this run's figure and whether it holds, read to the digit.
+    get(stage) -> its metrics or {}. quick: a smoke run, whose figures are shown but not graded against targets set
+    for the full run."""
     from annotator import RATINGS
     R, rows = RATINGS, []
 
     def row(target, value, ok):
-        rows.append(f"| {target} | {value} | {'yes' if ok else '**no**'} |")
+        rows.append(f"| {target} | {value} | {'not graded (quick run)' if quick else 'yes' if ok else '**no**'} |")
 
     sft, h, s = get("sft"), get("rm_helpful"), get("rm_safety")
     if sft.get("qa_correct_in_format") is not None:
@@ -584,10 +672,12 @@ def section_targets(get) -> list[str]:
     return ["## Targets at a glance", "",
             "Each target of the issues that built this recipe, with this run's figure, read to the digit; the "
             "sections below give the standard errors that say how firm each reading is (Tables 8 and 28 with their "
-            "steps and paired differences).", "", "| target | this run | holds |", "|---|---|---|", *rows, ""]
+            "steps and paired differences)." + (" This was a --quick run, a smoke test: its figures are not graded "
+                                                "against the full run's targets." if quick else ""),
+            "", "| target | this run | holds |", "|---|---|---|", *rows, ""]
 
 
-def write_report(out: Path, stage_names: list[str]) -> Path:
+def write_report(out: Path, stage_names: list[str], quick: bool = False) -> Path:
     lines = ["# nanollama2: the Llama 2-Chat recipe in miniature", "",
              "Every number below was measured by this run (pipeline.py); the paper's own numbers are quoted beside "
              "them for the pattern to compare.", "", "| stage | wall time |", "|---|---|"]
@@ -595,7 +685,7 @@ def write_report(out: Path, stage_names: list[str]) -> Path:
     metrics = {name: m for name, m in metrics.items() if m}  # stages not run yet: no row, no section
     lines += [f"| {n} | {common.fmt_time(m.get('stage_seconds', 0))} |" for n, m in metrics.items()] + [""]
     get = lambda n: metrics.get(n) or {}  # noqa: E731
-    lines += section_targets(get)
+    lines += section_targets(get, quick)
     if get("pretrain"):
         lines += section_pretrain(out, get("pretrain"))
     if get("sft"):
@@ -616,5 +706,14 @@ def write_report(out: Path, stage_names: list[str]) -> Path:
     return path
 
 
+def cli(argv=None):
+    """`python pipeline.py ...`: main, with Ctrl-C as one line (launch has stopped the running stage by then)."""
+    cfg = common.parse_config(PipelineConfig, argv, description=__doc__)
+    try:
+        main(cfg)
+    except KeyboardInterrupt:
+        common.die("interrupted: the running stage was stopped; the same command resumes from where it stopped", 130)
+
+
 if __name__ == "__main__":
-    main(common.parse_config(PipelineConfig, description=__doc__))
+    cli()

@@ -126,3 +126,35 @@ def test_every_checkpoint_directory_is_checked_before_any_work(tmp_path, monkeyp
                      (ppo.main, ppo.PPOConfig(**good, sft="nope", n_test=0))):  # --n-test 0: --sft never read
         with pytest.raises(Started):  # every directory right: the stage starts
             run(cfg)
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    lr: float = 2e-5  # §3.1: initial lr
+    epochs: int = 2  # §3.1: passes over the data
+    # -- advanced --
+    log_every: int = 10  # steps between log lines
+    tag: str = "x"
+    RANGES = common.ranges(positive="lr epochs log_every")
+
+
+def test_help_shows_the_papers_knobs_apart_from_the_advanced_flags():
+    """Fields above the `# -- advanced --` line are the first group of --help, those below it the second; flags,
+    defaults, parsing and range checks are what they were without the line."""
+    p = common.build_parser(ToyConfig)
+    groups = {g.title: [a.dest for a in g._group_actions] for g in p._action_groups}
+    assert groups["the paper's knobs"] == ["lr", "epochs"] and groups["advanced"] == ["log_every", "tag"]
+    text = p.format_help().split("options:")[1]  # after the usage line
+    assert text.index("the paper's knobs:") < text.index("--epochs") < text.index("advanced:") < text.index("--tag")
+    assert "steps between log lines (default: 10, > 0)" in " ".join(text.split())
+    assert common.parse_config(ToyConfig, []) == ToyConfig()
+    assert common.parse_config(ToyConfig, ["--tag", "y", "--lr", "0.1"]) == ToyConfig(lr=0.1, tag="y")
+    with pytest.raises(SystemExit):
+        common.parse_config(ToyConfig, ["--log-every", "0"])
+
+    @dataclasses.dataclass
+    class NoMarker:
+        a: int = 1  # first
+        b: int = 2  # second
+    groups = {g.title: [a.dest for a in g._group_actions] for g in common.build_parser(NoMarker)._action_groups}
+    assert groups["the paper's knobs"] == ["a", "b"] and "advanced" not in groups

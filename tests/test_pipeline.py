@@ -168,14 +168,16 @@ def test_report_lists_the_targets_at_a_glance():
     assert pipeline.section_targets(lambda n: {}) == []
 
 
-@pytest.mark.parametrize("platform", ["linux", "darwin"])
-def test_launch_runs_a_script_as_python_would_and_returns_its_exit_status(tmp_path, monkeypatch, platform):
-    """pipeline.launch: on Linux a fork that runs the script (runpy), elsewhere a new interpreter; the same behaviour
-    either way: the script runs as __main__ with its argv, from the repository, and its exit status comes back (the
-    status sys.exit gives, 1 for an uncaught exception). The scripts use no torch: a fork of this test process, whose
-    OpenMP threads have run, is safe only for them (the pipeline itself forks before any torch operation)."""
+@pytest.mark.parametrize("fork_server", [False, True])
+def test_launch_runs_a_script_as_python_would_and_returns_its_exit_status(tmp_path, monkeypatch, fork_server):
+    """pipeline.launch, the plain way (a new interpreter) and the fast one (a child of the fork server, the default on
+    Linux): the same behaviour either way: the script runs as __main__ with its argv, from the repository, and its
+    exit status comes back (the status sys.exit gives, 1 for an uncaught exception). The scripts use no torch: a fork
+    of this test process, whose OpenMP threads have run, is safe only for them (the pipeline forks from a server)."""
     import pipeline
-    monkeypatch.setattr(sys, "platform", platform)
+    if fork_server and sys.platform != "linux":
+        pytest.skip("the fork server is the Linux path")
+    monkeypatch.setattr(pipeline, "FORK_SERVER", fork_server)
     script = tmp_path / "stage.py"
     script.write_text(
         "import json, os, sys\n"
@@ -211,3 +213,95 @@ def test_launch_is_safe_after_this_process_ran_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(r.stdout.split()) == 2
+
+
+def _gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie (an orphan's is reaped by init, which a container may not run)."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+@pytest.mark.parametrize("fork_server", [False, True])
+def test_a_stage_dies_with_the_pipeline(tmp_path, fork_server, how):
+    """A stand-in stage that would sleep for two minutes: when the pipeline is killed (kill -9, no chance to clean
+    up) or interrupted (Ctrl-C: SIGINT to the terminal's foreground group), the stage is gone within seconds, and
+    Ctrl-C ends the pipeline with one line on stderr, no traceback, either way a stage is launched."""
+    import os
+    import signal
+    import time
+    stage, pid_file = tmp_path / "stage.py", tmp_path / "stage.pid"
+    stage.write_text(f"import os, time\nopen({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+                     f"os.replace({str(pid_file)!r} + '.tmp', {str(pid_file)!r})\ntime.sleep(120)\n")
+    parent = (f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport pipeline\npipeline.FORK_SERVER = {fork_server}\n"
+              f"pipeline.STAGES[:] = [pipeline.Stage('standin', {str(stage)!r}, 'standin', [], [], 1.0)]\n"
+              f"pipeline.cli(['--out', {str(tmp_path / 'out')!r}])\n")
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", parent], stdout=out, stderr=err, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not pid_file.exists():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr").read_text()[-2000:]
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+        if how == "kill -9":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C (the pipeline leads its group here)
+        code = proc.wait(timeout=30)
+        deadline = time.time() + 5
+        while not _gone(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _gone(pid), f"the stage (pid {pid}) outlived the pipeline"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if how == "Ctrl-C":
+        err = (tmp_path / "stderr").read_text().strip()
+        assert code == 130 and err.startswith("error: interrupted") and len(err.splitlines()) == 1, err
+
+
+def test_a_quick_report_shows_the_targets_without_grading_them(tmp_path):
+    """A --quick run is a smoke test: its targets table keeps every figure but grades none against the full run's
+    targets; the full run's report is graded as before."""
+    import pipeline
+    m = {"sft": {"qa_correct_in_format": 0.7}, "eval_ppo": {"win_rate": 0.649}}
+    quick = "\n".join(pipeline.section_targets(lambda n: m.get(n) or {}, quick=True))
+    assert "| SFT: held-out fact and arithmetic answers right, in format >= 70% | 70.0% | not graded (quick run) |" \
+        in quick and "| PPO wins against SFT >= 65% (annotator, ties half) | 64.9% | not graded (quick run) |" in quick
+    assert "| yes |" not in quick and "**no**" not in quick and "was a --quick run" in quick
+    full = "\n".join(pipeline.section_targets(lambda n: m.get(n) or {}))
+    assert "| 70.0% | yes |" in full and "| 64.9% | **no** |" in full and "quick" not in full
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "metrics.json").write_text(json.dumps(m["sft"]))
+    assert "not graded (quick run)" in pipeline.write_report(tmp_path, ["sft"], quick=True).read_text()
+
+
+def test_plots_say_what_they_measure(tmp_path, monkeypatch):
+    """Every plot has a title and labelled axes; PPO's reward and KL, on different scales, get an axes each rather
+    than one axis labelled "value"."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    import pipeline
+    seen = {}
+    save = Figure.savefig
+
+    def record(fig, path, **kw):
+        seen[Path(path).stem] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), [line.get_label() for line in
+                                                                                  ax.lines]) for ax in fig.axes]
+        return save(fig, path, **kw)
+    monkeypatch.setattr(Figure, "savefig", record)
+    ppo = {"iters": [], "reward_by_iter": [[0, 0.4], [1, 0.5]], "kl_by_iter": [[0, 0.0], [1, 0.02]]}
+    pipeline.section_ppo(tmp_path, ppo, {})
+    pipeline.section_pretrain(tmp_path, {"loss_curve": [[0, 5.0], [10, 4.0]], "val_curve": [[10, 4.1]]})
+    pipeline.section_gatt(tmp_path, {"adherence_by_turn": {"baseline": [0.9, 0.4], "gatt": [1.0, 0.95]}})
+    (reward, kl) = seen["ppo_reward_kl"]
+    assert reward[0] and "reward" in reward[2] and reward[3] == ["RM reward"]
+    assert "KL" in kl[2] and kl[3] == ["KL"] and kl[1] == "PPO iteration"
+    for name in ("fig5_pretrain_loss", "table30_seen"):
+        title, xlabel, ylabel, _ = seen[name][0]
+        assert title and xlabel and ylabel and ylabel != "value", seen[name]
+    assert (tmp_path / "ppo_reward_kl.png").is_file()
