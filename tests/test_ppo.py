@@ -155,3 +155,35 @@ def test_ppo_raises_a_toy_reward_and_kl_grows_from_zero():
     assert abs(kls[0]) < 1e-4  # the first rollout comes from pi_0 itself
     assert sum(seen[-5:]) / 5 > sum(seen[:5]) / 5 + 0.25, seen
     assert sum(kls[-5:]) / 5 > 0.05, kls
+
+
+def test_whiten_against_hand_values_ignores_masked_entries():
+    """Real entries 1, 2, 6 (the 100 is masked out): mean 3, variance (4 + 1 + 9) / 3 = 14/3 (over the mask, divided
+    by the count), so (x - 3) / sqrt(14/3); masked positions come back 0. Asymmetric on purpose: a sign flip of every
+    advantage keeps mean 0 and mean square 1 but not these values."""
+    x = torch.tensor([[1.0, 2.0, 6.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    s = (14 / 3) ** 0.5
+    want = torch.tensor([[-2 / s, -1 / s, 3 / s, 0.0]])
+    assert torch.allclose(ppo.whiten(x, m), want, atol=1e-6)
+    # shift_mean=False adds the mean back on the real entries; the masked one stays 0
+    want_unshifted = torch.tensor([[3 - 2 / s, 3 - 1 / s, 3 + 3 / s, 0.0]])
+    assert torch.allclose(ppo.whiten(x, m, shift_mean=False), want_unshifted, atol=1e-6)
+
+
+def test_gae_ignores_whatever_lies_past_each_reply():
+    """Replies of 3 and 1 tokens, with large junk rewards and values past their ends (the mask must cut them off),
+    gamma 0.9, lambda 0.8 (gamma * lambda = 0.72), against the recursion written out by hand:
+      row 0, r = (1, 0, 2), V = (0.5, -0.5, 1.0):
+        t=2: delta = 2 + 0.9 * 0 - 1.0 = 1.0               A = 1.0
+        t=1: delta = 0 + 0.9 * 1.0 + 0.5 = 1.4             A = 1.4 + 0.72 * 1.0 = 2.12
+        t=0: delta = 1 + 0.9 * (-0.5) - 0.5 = 0.05         A = 0.05 + 0.72 * 2.12 = 1.5764
+      row 1, r = (-1,), V = (2,):  t=0: delta = -1 - 2 = -3  A = -3
+    returns = A + V on reply tokens, 0 elsewhere."""
+    junk = 1000.0
+    rewards = torch.tensor([[1.0, 0.0, 2.0, junk], [-1.0, junk, -junk, junk]])
+    values = torch.tensor([[0.5, -0.5, 1.0, -junk], [2.0, junk, junk, -junk]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert torch.allclose(adv, torch.tensor([[1.5764, 2.12, 1.0, 0.0], [-3.0, 0.0, 0.0, 0.0]]), atol=1e-5)
+    assert torch.allclose(ret, torch.tensor([[2.0764, 1.62, 2.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]), atol=1e-5)
