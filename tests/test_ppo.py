@@ -187,3 +187,37 @@ def test_gae_ignores_whatever_lies_past_each_reply():
     adv, ret = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
     assert torch.allclose(adv, torch.tensor([[1.5764, 2.12, 1.0, 0.0], [-3.0, 0.0, 0.0, 0.0]]), atol=1e-5)
     assert torch.allclose(ret, torch.tensor([[2.0764, 1.62, 2.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]), atol=1e-5)
+
+
+def test_clipped_losses_ignore_masked_tokens_and_divide_by_n_tokens():
+    """A third, masked token with junk (ratio 3, advantage 100, value 50, return -50): the losses and the clip fraction
+    are those of the two real tokens (the by-hand tests above, all-ones masks, cannot tell), divided by the real-token
+    count, or by n_tokens when given (the global minibatch's count under torchrun)."""
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.1, 1.5, 3.0]]))
+    adv = torch.tensor([[2.0, 1.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, frac = ppo.policy_loss(new, old, adv, mask, 0.2)
+    # min(2.2, 2.2) = 2.2 and min(1.5, 1.2) = 1.2 over 2 tokens; the clip is active on the second only
+    assert loss.item() == pytest.approx(-(2.2 + 1.2) / 2, abs=1e-6) and frac.item() == pytest.approx(1 / 2)
+    loss, frac = ppo.policy_loss(new, old, adv, mask, 0.2, n_tokens=4)
+    assert loss.item() == pytest.approx(-(2.2 + 1.2) / 4, abs=1e-6) and frac.item() == pytest.approx(1 / 4)
+    v, old_v, ret = torch.tensor([[1.0, 0.0, 50.0]]), torch.zeros(1, 3), torch.tensor([[2.0, 0.5, -50.0]])
+    # 0.5 * (max(1, 3.24) + max(0.25, 0.25)) / 2 tokens
+    assert ppo.value_loss(v, old_v, ret, mask, 0.2).item() == pytest.approx(0.5 * (3.24 + 0.25) / 2)
+    assert ppo.value_loss(v, old_v, ret, mask, 0.2, n_tokens=4).item() == pytest.approx(0.5 * (3.24 + 0.25) / 4)
+
+
+def test_logit_by_hand_and_finite_at_0_and_1():
+    """logit(p) = log(p / (1 - p)): logit(0.9999) = log 9999 = 9.2102 (a score a clamp at 1e-3 would cut to 6.9068);
+    0 and 1 clamp at 1e-6: -+log((1 - 1e-6) / 1e-6) = -+13.8155."""
+    got = rlhf.logit(torch.tensor([0.9999, 0.25, 1.0, 0.0], dtype=torch.float64))
+    assert got.tolist() == pytest.approx([9.2102, -1.0986, 13.8155, -13.8155], abs=1e-4)
+
+
+def test_combined_reward_uses_the_threshold_it_is_given():
+    """The 0.15 of §3.2.3 is the default, not a constant: at threshold 0.5, R_s = 0.3 on a benign prompt already
+    counts as unsafe (R_s used), and 0.6 does not (R_h used)."""
+    r_s, r_h = torch.tensor([0.3, 0.6]), torch.tensor([0.9, 0.8])
+    got = rlhf.combined_reward(r_s, r_h, torch.tensor([False, False]), 0.5)
+    assert got.tolist() == pytest.approx([0.3, 0.8])
