@@ -3,6 +3,8 @@ stage scripts start from (a chat model, two reward models), built once per test 
 
 Also a torchrun entry point of its own for checks that need code, not a stage script, inside the processes:
   python -m torch.distributed.run --nproc_per_node=2 tests/dist_util.py generate OUT.json
+  python -m torch.distributed.run --nproc_per_node=2 tests/dist_util.py sgd_step OUT.pt
+  python -m torch.distributed.run --nproc_per_node=2 tests/dist_util.py pretrain OUT.json PRETRAIN_FLAGS...
 """
 import gc
 import json
@@ -120,5 +122,70 @@ def _check_generate(out_path: str):
     common.cleanup_distributed(dist)
 
 
+def sgd_batch():
+    """The global batch of the sgd_step check: 4 rows of 12 tokens (every token a target: equal counts per rank)."""
+    import torch
+    x = torch.randint(0, 40, (4, 13), generator=torch.Generator().manual_seed(5))
+    return x[:, :-1], x[:, 1:]
+
+
+def full_tensor(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 holds DTensors, one shard per rank
+
+
+def sgd_step(raw, net, dist) -> tuple:
+    """One plain SGD step (lr 1, no momentum, clipping off) of `net` (raw as common.wrap_model wrapped it) on this
+    rank's rows of sgd_batch, through common.optimizer_step. Returns (the gradient norm it reports, the full weights
+    after the step). Adam with clipping would hide a wrong global scale of the gradient (twice the gradient, the same
+    step); plain SGD moves each weight by exactly the gradient, so summed instead of averaged gradients show."""
+    import torch
+    import common
+    x, y = sgd_batch()
+    rows = slice(dist.rank, None, dist.world_size)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    net(x[rows], y[rows])[1].backward()
+    norm = common.optimizer_step(opt, None, net, grad_clip=1e9)
+    return full_tensor(norm).item(), {k: full_tensor(v).detach().clone() for k, v in raw.state_dict().items()}
+
+
+def _check_sgd_step(out_path: str):
+    """sgd_step under DDP and under FSDP2, each from the same seed-0 tiny model; rank 0 writes {mode: (norm, weights)}
+    for the test to compare with one process on the whole batch."""
+    import torch
+    import common
+    import model as M
+    dist = common.setup_distributed("cpu")
+    rec = {}
+    for mode in ("ddp", "fsdp"):
+        raw = M.Transformer(tiny_args(40, max_seq_len=64)).init_weights(seed=0)
+        rec[mode] = sgd_step(raw, common.wrap_model(raw, dist, fsdp=mode == "fsdp"), dist)
+        del raw
+        gc.collect()
+    if dist.rank == 0:
+        torch.save(rec, out_path)
+    common.cleanup_distributed(dist)
+
+def recording_grad_norms(common_module) -> list:
+    """Replace common.optimizer_step by one that also appends each step's gradient norm (before clipping) to the
+    returned list. The stages call it as common.optimizer_step, so the stage records its norms unchanged."""
+    norms, step = [], common_module.optimizer_step
+
+    def recorded(*args, **kw):
+        norm = step(*args, **kw)
+        norms.append(full_tensor(norm).item())
+        return norm
+    common_module.optimizer_step = recorded
+    return norms
+
+
+def _pretrain(out_path: str, *flags):
+    """pretrain.py with these flags (what its __main__ runs), its gradient norms written by rank 0 to out_path."""
+    import common
+    import pretrain
+    norms = recording_grad_norms(common)
+    pretrain.main(common.parse_config(pretrain.PretrainConfig, list(flags)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out_path).write_text(json.dumps(norms))
+
 if __name__ == "__main__":
-    {"generate": _check_generate}[sys.argv[1]](*sys.argv[2:])
+    {"generate": _check_generate, "sgd_step": _check_sgd_step, "pretrain": _pretrain}[sys.argv[1]](*sys.argv[2:])

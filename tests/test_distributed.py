@@ -196,3 +196,22 @@ def test_rejection_sampling_under_torchrun_keeps_the_union_of_the_ranks(tmp_path
     assert it["mean_reward"] == pytest.approx(rewards.mean().item(), abs=1e-5)
     # the fine-tuned result loads in one process
     assert M.load_checkpoint(tmp_path / "rs").args.head == "lm" and max_weight_diff(tmp_path / "rs", stack["chat"]) > 0
+
+
+def test_gradients_are_averaged_across_processes_not_summed(tmp_path):
+    """common.wrap_model under DDP and FSDP2: one plain SGD step (no clipping, lr 1) on two processes' halves of a
+    batch equals one process's step on the whole batch, and optimizer_step reports the same gradient norm. The stage
+    comparisons above train with AdamW and clipping, which ignore a global scale of the gradient: gradients summed over
+    the ranks instead of averaged (twice the mean here) pass them, but move these weights by a whole extra gradient and
+    double this norm. Measured (CPU, gloo, fp32): norms within 6e-8 relative, weights within 2.3e-8 of a step of 0.14; the bounds,
+    1e-5, are the file's (other CPUs and thread counts)."""
+    from dist_util import sgd_step, tiny_args
+    check(torchrun(REPO / "tests" / "dist_util.py", "sgd_step", tmp_path / "sgd.pt", cwd=tmp_path))
+    two = torch.load(tmp_path / "sgd.pt", weights_only=True)
+    raw = M.Transformer(tiny_args(40, max_seq_len=64)).init_weights(seed=0)
+    start = {k: v.clone() for k, v in raw.state_dict().items()}
+    norm, weights = sgd_step(raw, raw, common.Dist())
+    assert norm > 0.1 and max((weights[k] - start[k]).abs().max().item() for k in start) > 1e-3  # a real step
+    for mode, (n2, w2) in two.items():
+        assert n2 == pytest.approx(norm, rel=1e-5), mode
+        assert max((w2[k] - weights[k]).abs().max().item() for k in weights) < 1e-5, mode

@@ -155,3 +155,69 @@ def test_ppo_raises_a_toy_reward_and_kl_grows_from_zero():
     assert abs(kls[0]) < 1e-4  # the first rollout comes from pi_0 itself
     assert sum(seen[-5:]) / 5 > sum(seen[:5]) / 5 + 0.25, seen
     assert sum(kls[-5:]) / 5 > 0.05, kls
+
+
+def test_whiten_against_hand_values_ignores_masked_entries():
+    """Real entries 1, 2, 6 (the 100 is masked out): mean 3, variance (4 + 1 + 9) / 3 = 14/3 (over the mask, divided
+    by the count), so (x - 3) / sqrt(14/3); masked positions come back 0. Asymmetric on purpose: a sign flip of every
+    advantage keeps mean 0 and mean square 1 but not these values."""
+    x = torch.tensor([[1.0, 2.0, 6.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    s = (14 / 3) ** 0.5
+    want = torch.tensor([[-2 / s, -1 / s, 3 / s, 0.0]])
+    assert torch.allclose(ppo.whiten(x, m), want, atol=1e-6)
+    # shift_mean=False adds the mean back on the real entries; the masked one stays 0
+    want_unshifted = torch.tensor([[3 - 2 / s, 3 - 1 / s, 3 + 3 / s, 0.0]])
+    assert torch.allclose(ppo.whiten(x, m, shift_mean=False), want_unshifted, atol=1e-6)
+
+
+def test_gae_ignores_whatever_lies_past_each_reply():
+    """Replies of 3 and 1 tokens, with large junk rewards and values past their ends (the mask must cut them off),
+    gamma 0.9, lambda 0.8 (gamma * lambda = 0.72), against the recursion written out by hand:
+      row 0, r = (1, 0, 2), V = (0.5, -0.5, 1.0):
+        t=2: delta = 2 + 0.9 * 0 - 1.0 = 1.0               A = 1.0
+        t=1: delta = 0 + 0.9 * 1.0 + 0.5 = 1.4             A = 1.4 + 0.72 * 1.0 = 2.12
+        t=0: delta = 1 + 0.9 * (-0.5) - 0.5 = 0.05         A = 0.05 + 0.72 * 2.12 = 1.5764
+      row 1, r = (-1,), V = (2,):  t=0: delta = -1 - 2 = -3  A = -3
+    returns = A + V on reply tokens, 0 elsewhere."""
+    junk = 1000.0
+    rewards = torch.tensor([[1.0, 0.0, 2.0, junk], [-1.0, junk, -junk, junk]])
+    values = torch.tensor([[0.5, -0.5, 1.0, -junk], [2.0, junk, junk, -junk]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert torch.allclose(adv, torch.tensor([[1.5764, 2.12, 1.0, 0.0], [-3.0, 0.0, 0.0, 0.0]]), atol=1e-5)
+    assert torch.allclose(ret, torch.tensor([[2.0764, 1.62, 2.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]), atol=1e-5)
+
+
+def test_clipped_losses_ignore_masked_tokens_and_divide_by_n_tokens():
+    """A third, masked token with junk (ratio 3, advantage 100, value 50, return -50): the losses and the clip fraction
+    are those of the two real tokens (the by-hand tests above, all-ones masks, cannot tell), divided by the real-token
+    count, or by n_tokens when given (the global minibatch's count under torchrun)."""
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.1, 1.5, 3.0]]))
+    adv = torch.tensor([[2.0, 1.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, frac = ppo.policy_loss(new, old, adv, mask, 0.2)
+    # min(2.2, 2.2) = 2.2 and min(1.5, 1.2) = 1.2 over 2 tokens; the clip is active on the second only
+    assert loss.item() == pytest.approx(-(2.2 + 1.2) / 2, abs=1e-6) and frac.item() == pytest.approx(1 / 2)
+    loss, frac = ppo.policy_loss(new, old, adv, mask, 0.2, n_tokens=4)
+    assert loss.item() == pytest.approx(-(2.2 + 1.2) / 4, abs=1e-6) and frac.item() == pytest.approx(1 / 4)
+    v, old_v, ret = torch.tensor([[1.0, 0.0, 50.0]]), torch.zeros(1, 3), torch.tensor([[2.0, 0.5, -50.0]])
+    # 0.5 * (max(1, 3.24) + max(0.25, 0.25)) / 2 tokens
+    assert ppo.value_loss(v, old_v, ret, mask, 0.2).item() == pytest.approx(0.5 * (3.24 + 0.25) / 2)
+    assert ppo.value_loss(v, old_v, ret, mask, 0.2, n_tokens=4).item() == pytest.approx(0.5 * (3.24 + 0.25) / 4)
+
+
+def test_logit_by_hand_and_finite_at_0_and_1():
+    """logit(p) = log(p / (1 - p)): logit(0.9999) = log 9999 = 9.2102 (a score a clamp at 1e-3 would cut to 6.9068);
+    0 and 1 clamp at 1e-6: -+log((1 - 1e-6) / 1e-6) = -+13.8155."""
+    got = rlhf.logit(torch.tensor([0.9999, 0.25, 1.0, 0.0], dtype=torch.float64))
+    assert got.tolist() == pytest.approx([9.2102, -1.0986, 13.8155, -13.8155], abs=1e-4)
+
+
+def test_combined_reward_uses_the_threshold_it_is_given():
+    """The 0.15 of §3.2.3 is the default, not a constant: at threshold 0.5, R_s = 0.3 on a benign prompt already
+    counts as unsafe (R_s used), and 0.6 does not (R_h used)."""
+    r_s, r_h = torch.tensor([0.3, 0.6]), torch.tensor([0.9, 0.8])
+    got = rlhf.combined_reward(r_s, r_h, torch.tensor([False, False]), 0.5)
+    assert got.tolist() == pytest.approx([0.3, 0.8])
