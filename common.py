@@ -47,6 +47,8 @@ from typing import Callable, Optional
 
 import torch
 
+from model import atomic_write  # temp file + fsync + rename: the one way every file here is written
+
 
 # ---- configuration: one @dataclass per script, its fields are the flags -------------------------------------------
 ADVANCED = "# -- advanced --"  # the line in a config's body that ends the paper's knobs and starts the rest
@@ -495,16 +497,6 @@ def save_training_checkpoint(out_dir, wrapped, raw, opt, step: int, dist: Dist, 
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     atomic_write(out / "resume.pt", lambda f: torch.save(state, f))
-
-
-def atomic_write(dest: Path, write):
-    """write(file) into dest.tmp, flushed to disk, then renamed over dest: readers see the old file or the new one."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(dest)
 
 
 def load_resume_state(out_dir) -> Optional[dict]:

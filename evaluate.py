@@ -54,7 +54,7 @@ from annotator import Annotator, is_refusal, win_rate, win_tie_loss
 from data import DataError, read_rl_prompts_jsonl
 from world import CHAT_TAGS, Task, VALUES, World
 from generate import Reply, chat_generate, load_model_and_tokenizer
-from model import CheckpointError, Transformer, _atomic_write
+from model import CheckpointError, Transformer, atomic_write
 from tokenizer import Tokenizer
 
 
@@ -296,7 +296,7 @@ def answer_with(path: str, which: str, cfg: EvalConfig, tasks, device, dtype, se
     print(f"[evaluate] {which} = {path}: {len(tasks)} replies in {time.perf_counter() - t0:.1f}s", flush=True)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cached, lambda fh: fh.write(json.dumps([dataclasses.asdict(r) for r in replies]).encode()))
+        atomic_write(cached, lambda fh: fh.write(json.dumps([dataclasses.asdict(r) for r in replies]).encode()))
     return replies
 
 

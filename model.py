@@ -609,5 +609,3 @@ def atomic_write(dest: Path, write):
         os.fsync(f.fileno())
     tmp.replace(dest)  # atomic on POSIX: readers see the old file or the new one, never half of one
 
-
-_atomic_write = atomic_write  # old name: common.py and evaluate.py import it until they take atomic_write

@@ -203,8 +203,10 @@ def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
 
 
 def main(cfg: PipelineConfig):
-    available = [s for s in STAGES if (REPO / s.script).is_file()]
-    stages = [s for s in available if not cfg.only or s.name in cfg.only]
+    missing = [s.script for s in STAGES if not (REPO / s.script).is_file()]
+    if missing:  # a lost or renamed script would otherwise leave its stage unrun and the pipeline green
+        common.die(f"stage script(s) not found in {REPO}: {', '.join(sorted(set(missing)))}")
+    stages = [s for s in STAGES if not cfg.only or s.name in cfg.only]
     unknown = set(cfg.only) - {s.name for s in STAGES}
     if unknown:
         common.die(f"--only: unknown stage(s) {sorted(unknown)}; stages: {' '.join(s.name for s in STAGES)}")

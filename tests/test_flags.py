@@ -15,7 +15,7 @@ import common
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("pretrain", "sft", "reward", "rejection_sampling", "ppo", "gatt", "evaluate", "generate", "bench",
-           "pipeline")
+           "pipeline", "rate")
 # values just outside each rule's range; float flags also get NaN, which no comparison admits (argparse itself
 # refuses "nan" for an int flag)
 OUTSIDE = {"positive": ["0"], "non_negative": ["-1"], "share": ["1.5", "-0.1"], "open_share": ["1", "0"],
