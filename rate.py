@@ -353,8 +353,8 @@ class Rater:
         for k, (path, temperature, which) in enumerate(self.sides):
             model, tok = self.models[path]
             try:
-                reply = chat_generate(model, tok, [messages], self.cfg.max_new_tokens, temperature, self.cfg.top_p,
-                                      seed=self.cfg.seed * 1_000_003 + 2 * number + k)[0]
+                reply = chat_generate(model, tok, [messages], self.cfg.max_new_tokens, temperature=temperature,
+                                      top_p=self.cfg.top_p, seed=self.cfg.seed * 1_000_003 + 2 * number + k)[0]
             except ValueError as e:  # a prompt longer than the context
                 raise BadRequest(f"prompt: {e}") from None
             replies.append(reply.text)
@@ -470,6 +470,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send(404, {"error": f"no page {url.path}"})
         except BadRequest as e:
             self.send(400, {"error": str(e)})
+        except Exception as e:  # a bug must not drop the connection: the page shows one line, the log the traceback
+            self.server_error(e)
 
     def do_POST(self):
         url = urlparse(self.path)
@@ -496,6 +498,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send(404, {"error": f"no endpoint {url.path}"})
         except BadRequest as e:
             self.send(400, {"error": str(e)})
+        except Exception as e:
+            self.server_error(e)
+
+    def server_error(self, e: Exception):
+        import traceback
+        traceback.print_exc()
+        self.send(500, {"error": f"server error: {type(e).__name__}: {e}"})
 
 
 class Server(ThreadingHTTPServer):

@@ -1,5 +1,5 @@
 """The GPU paths: bf16 autocast training with torch.compile, the cached and compiled decode on CUDA. Skipped on machines
-without CUDA (CI is CPU-only; these run when a GPU is lent, see BENCHMARKS.md)."""
+without CUDA (CI is CPU-only; these run when a GPU is lent, see RESULTS.md)."""
 import pytest
 import torch
 
