@@ -11,9 +11,9 @@ main(cfg), and calls these for the parts that are the same everywhere.
                      once for generation (§3.2.3); rank_shard / all_gather_shards split and rejoin sampling work.
   optimizer          make_optimizer: AdamW with Llama 2's settings (§2.2); lr_at: linear warmup, then cosine decay to
                      10% of the peak; optimizer_step: unscale, clip the gradient norm, step.
-  checkpoints        save_training_checkpoint: the model in Meta's layout plus resume.pt (optimizer, step, RNG), every
-                     file written under a temporary name and renamed, so a killed run leaves a complete checkpoint;
-                     load_resume_state picks it up again.
+  checkpoints        save_training_checkpoint: weights and resume state (optimizer, step, RNG) as one unit swapped in
+                     by renames, so a killed run leaves the old or the new checkpoint whole; the weights also published
+                     in Meta's layout; load_resume_state picks the unit up again.
   progress, metrics  Progress (step, loss, tokens/s, MFU against this device's peak, ETA) and Ticker (long loops that
                      are not training steps); write_metrics merges into a stage's metrics.json, which the pipeline's
                      report reads.
@@ -33,11 +33,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import typing
@@ -47,7 +49,7 @@ from typing import Callable, Optional
 
 import torch
 
-from model import atomic_write  # temp file + fsync + rename: the one way every file here is written
+from model import atomic_write, fsync_dir  # temp file + fsync + rename: the one way every file here is written
 
 
 # ---- configuration: one @dataclass per script, its fields are the flags -------------------------------------------
@@ -480,30 +482,117 @@ def load_full_state_dicts(wrapped: torch.nn.Module, opt: Optional[torch.optim.Op
         set_state_dict(inner, opt, model_state_dict=model_sd, optim_state_dict=opt_sd, options=opts)
 
 
+# A checkpoint is two things that must agree: the weights, and the state to go on from them (optimizer, step, data
+# position). They travel as one unit, the directory OUT/.checkpoint = {consolidated.00.pth, resume.pt}: written whole
+# as .checkpoint.tmp, then swapped in by renames. A directory cannot be renamed over a full one, so the swap is two
+# renames (the old unit aside to .checkpoint.old, the new one in) and a reader that finds no .checkpoint takes
+# .checkpoint.old: after a crash at any instant it reads one complete unit, all old or all new, never new weights with
+# an old step. A resume reads only the unit. The stage's published checkpoint (Meta's layout in OUT, what later
+# stages read) is hard-linked from the new unit's weights before the swap, so it is never older than the unit; one
+# checkpoint newer at most, which the resumed run writes again. The hard link keeps one copy of the weights on disk.
+UNIT, UNIT_TMP, UNIT_OLD = ".checkpoint", ".checkpoint.tmp", ".checkpoint.old"
+
+
 def save_training_checkpoint(out_dir, wrapped, raw, opt, step: int, dist: Dist, tokenizer_path=None,
                              extra: Optional[dict] = None, extra_params: Optional[dict] = None):
-    """The model in Meta's layout (model.save_checkpoint) + resume.pt beside it (optimizer, step, RNG, extra such as
-    the data position). Every file is written to a temp name and renamed, resume.pt last: a run killed at any moment
-    leaves either the previous checkpoint or the new one complete."""
+    """Write the resume unit (weights + optimizer, step, RNG, `extra` such as the data position) and publish the
+    weights in Meta's layout, as described above. A full disk keeps the previous checkpoint and stops with one line."""
     from model import save_checkpoint
     model_sd, opt_sd = full_state_dicts(wrapped, opt)
     if not dist.is_main:
         return
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(raw, out, tokenizer_path, extra_params, state_dict=model_sd)
+    out, tmp = Path(out_dir), Path(out_dir) / UNIT_TMP
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_sd.items()}
     state = {"step": step, "optimizer": opt_sd, "rng_cpu": torch.get_rng_state(), "extra": extra or {},
              "world_size": dist.world_size}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
-    atomic_write(out / "resume.pt", lambda f: torch.save(state, f))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a crashed write left
+        tmp.mkdir(parents=True)
+        atomic_write(tmp / "consolidated.00.pth", lambda f: torch.save(weights, f))
+        atomic_write(tmp / "resume.pt", lambda f: torch.save(state, f))
+        save_checkpoint(raw, out, tokenizer_path, extra_params, weights_file=tmp / "consolidated.00.pth")
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            need, free = tensor_bytes([weights, state]) / 1e6, shutil.disk_usage(out).free / 1e6
+            die(f"disk full writing the step-{step} checkpoint to {out}: it needs {need:,.1f} MB, {free:,.1f} MB are "
+                f"free; the previous checkpoint (if any) is kept: free space and rerun to resume from it")
+        raise
+    swap_in(out)
+    (out / "resume.pt").unlink(missing_ok=True)  # the layout before units: never read again
+
+
+def swap_in(out: Path):
+    """Put the complete .checkpoint.tmp in place of .checkpoint (see above)."""
+    unit, tmp, old = out / UNIT, out / UNIT_TMP, out / UNIT_OLD
+    fsync_dir(tmp)
+    if unit.is_dir():
+        shutil.rmtree(old, ignore_errors=True)  # a swap that crashed after its second rename left it: garbage
+        os.replace(unit, old)
+    os.replace(tmp, unit)  # a crash before this line: readers take .checkpoint.old, whole
+    fsync_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_resume_state(out_dir) -> Optional[dict]:
-    f = Path(out_dir) / "resume.pt"
-    if not f.is_file():
+    """The resume unit's state, its weights under "model"; None when out_dir has no unit (a fresh start). Only reads,
+    so every rank may call it. A unit that cannot be read (truncated, foreign, a pickle that would run code) stops the
+    run with one line naming the file and what to delete, not a traceback and not a silent fresh start."""
+    out = Path(out_dir)
+    unit = next((d for d in (out / UNIT, out / UNIT_OLD) if d.is_dir()), None)
+    if unit is None:
+        if (out / "resume.pt").is_file():
+            print(f"[checkpoint] {out / 'resume.pt'} is from an older layout whose weights and step may not match: "
+                  f"starting this stage over", flush=True)
         return None
-    return torch.load(f, map_location="cpu", weights_only=True)
+    f = unit / "resume.pt"
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("extra"), dict)
+                and "optimizer" in state):
+            raise ValueError("not a resume state written by save_training_checkpoint")
+        f = unit / "consolidated.00.pth"
+        state["model"] = torch.load(f, map_location="cpu", weights_only=True)
+        if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+            raise ValueError("not a dict of tensors")
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        die(f"{f} cannot be read to resume ({reason}); delete {unit} to start this stage over")
+    return state
+
+
+def forget_resume(out_dir):
+    """Remove the resume unit, so that the next run in out_dir starts from step 0; the published checkpoint stays."""
+    out = Path(out_dir)
+    for name in (UNIT_TMP, UNIT_OLD):
+        shutil.rmtree(out / name, ignore_errors=True)
+    if (out / UNIT).is_dir():
+        os.replace(out / UNIT, out / UNIT_TMP)  # gone in one step (.checkpoint.tmp is garbage to every reader)
+    shutil.rmtree(out / UNIT_TMP, ignore_errors=True)
+    (out / "resume.pt").unlink(missing_ok=True)
+
+
+def disk_full(e: Optional[BaseException]) -> bool:
+    """e, or an error it was raised while handling, is a full disk or quota. torch.save reports one as RuntimeError
+    "unexpected pos", raised while handling the OSError that says why."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in nested dicts/lists: what writing a state needs on disk, give or take its index."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 # ---- progress, metrics -------------------------------------------------------------------------------------------------

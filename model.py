@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -553,17 +554,20 @@ def _read_hf(path: Path, model_cls):
 
 
 def save_checkpoint(model: Transformer, out_dir, tokenizer_path=None, extra_params: Optional[dict] = None,
-                    state_dict: Optional[dict] = None):
+                    weights_file: Optional[Path] = None):
     """Meta's layout: params.json + consolidated.00.pth (+ a copy of tokenizer.model), each file written atomically so
-    that a crash mid-write leaves the previous checkpoint intact. state_dict: the full weights when `model` is sharded
-    (FSDP) and its own state_dict() would hold only this rank's shards."""
+    that a crash mid-write leaves the previous checkpoint intact. weights_file: a consolidated.00.pth already written
+    (a training checkpoint's, common.py), put in place by link_or_copy instead of writing the weights again; `model`
+    then only gives params.json, so it may be sharded (FSDP)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = asdict(model.args)
     params.update(extra_params or {})
-    sd = state_dict if state_dict is not None else model.state_dict()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}  # uncompiled names only
-    atomic_write(out / "consolidated.00.pth", lambda f: torch.save(state, f))
+    if weights_file is None:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # uncompiled names only
+        atomic_write(out / "consolidated.00.pth", lambda f: torch.save(state, f))
+    else:
+        link_or_copy(weights_file, out / "consolidated.00.pth")
     atomic_write(out / "params.json", lambda f: f.write(json.dumps(params, indent=2).encode()))
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
         data = Path(tokenizer_path).read_bytes()
@@ -601,11 +605,41 @@ def export_hf(model: Transformer, out_dir, tokenizer_path=None):
 
 
 def atomic_write(dest: Path, write):
-    """Call write(f) on a temporary file beside dest, then rename it to dest."""
+    """Call write(f) on a temporary file beside dest, fsync it, then rename it to dest: readers see the old file or the
+    new one, never half of one. A failed write (a crash, a full disk) removes the temporary file and re-raises."""
     tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(dest)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)  # atomic on POSIX
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
 
+
+def fsync_dir(path: Path):
+    """Make a rename inside `path` durable: without it a power cut may undo the rename though the file's bytes are on
+    disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def link_or_copy(src: Path, dest: Path):
+    """dest becomes the file src: a hard link (one copy on disk, two names) where the filesystem allows, else a copy;
+    renamed into place either way, so readers of dest never see half a file."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (FAT, some network filesystems)
+        with open(src, "rb") as s:
+            atomic_write(dest, lambda f: shutil.copyfileobj(s, f))
+        return
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)

@@ -352,13 +352,13 @@ def main(cfg: PretrainConfig):
     tok_path = Path(tok.model_path)
 
     model = build_model(cfg, tok, device)
-    resume = common.load_resume_state(out) if (out / "consolidated.00.pth").is_file() else None
+    resume = common.load_resume_state(out)  # None: a fresh start
     net = common.wrap_model(model, dist, cfg.fsdp, cfg.compile, cfg.grad_checkpoint,
                             param_dtype=dtype if device.type == "cuda" else None)
     opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay)
     start, history = 0, {"train": [], "val": []}
     if resume is not None:  # pick up the last checkpoint: same weights, optimizer, step, loss history
-        common.load_full_state_dicts(net, opt, load_checkpoint(out).state_dict(), resume["optimizer"])
+        common.load_full_state_dicts(net, opt, resume["model"], resume["optimizer"])
         start, history = resume["step"], resume["extra"]["history"]
         if dist.is_main:
             print(f"[pretrain] resuming from step {start} in {out}", flush=True)

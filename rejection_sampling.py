@@ -276,7 +276,7 @@ def fine_tune(cfg: RSConfig, out: Path, path: Path, it: int, dist):
                            epochs=cfg.epochs, eval_n=0, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed + it,
                            val_frac=0.02, fsdp=cfg.fsdp))
     if dist.is_main:
-        (out / "resume.pt").unlink(missing_ok=True)  # the next iteration trains from the start, not from here
+        common.forget_resume(out)  # the next iteration trains from the start, not from here
         common.write_metrics(out, {"complete": False})  # sft.main marked its part done; RS is done at the end
     if dist.world_size > 1:
         torch.distributed.barrier()

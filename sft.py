@@ -385,13 +385,13 @@ def main(cfg: SFTConfig):
     net = common.wrap_model(model, dist, cfg.fsdp, cfg.compile, cfg.grad_checkpoint,
                             param_dtype=dtype if device.type == "cuda" else None)
     opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay)
-    resume = common.load_resume_state(out) if (out / "consolidated.00.pth").is_file() else None
+    resume = common.load_resume_state(out)  # None: a fresh start
     start, history = 0, {"train": [], "val": []}
     if resume is not None:  # the same weights, optimizer, step and loss history as when the last checkpoint was saved
         if resume["extra"].get("init_from") != cfg.init_from:
             common.die(f"{out} holds an SFT run from --init-from {resume['extra'].get('init_from')}, not "
                        f"{cfg.init_from}: pass another --out-dir or delete it")
-        common.load_full_state_dicts(net, opt, load_checkpoint(out).state_dict(), resume["optimizer"])
+        common.load_full_state_dicts(net, opt, resume["model"], resume["optimizer"])
         start, history = resume["step"], resume["extra"]["history"]
         if dist.is_main:
             print(f"[sft] resuming from step {start} in {out}", flush=True)

@@ -28,7 +28,7 @@ def run_main(out, *flags):
 
 
 def history(out):
-    return torch.load(Path(out) / "resume.pt", weights_only=True)["extra"]["history"]["train"]
+    return common.load_resume_state(out)["extra"]["history"]["train"]
 
 
 def test_lr_schedule_warmup_and_cosine_floor():
