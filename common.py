@@ -25,8 +25,9 @@ Choices:
   1. Plain functions, not a framework: the reader of pretrain.py sees its loop, and each helper is a few lines to read.
   2. Save the raw model, never the wrapped one: no "_orig_mod." or "module." prefixes to strip when loading.
   3. MFU against a peak looked up per device (an unknown GPU gets none), not one hard-coded A100 figure.
-  4. Errors the user can fix (a flag out of range, a wrong checkpoint directory) are one line before any work, not a
-     traceback after minutes of it (die, check_ranges, check_checkpoints).
+  4. Errors the user can fix (a flag out of range, a wrong or damaged checkpoint, an output directory it cannot write
+     or that another run is using) are one line before any work, not a traceback after minutes of it (die,
+     check_ranges, check_checkpoints, preflight); a full disk or Ctrl-C mid-run is one line too (run_main).
 """
 from __future__ import annotations
 
