@@ -2,7 +2,6 @@
 its output directory and that no other run writes there; every mistake found is one line on stderr naming the file or
 flag, never a traceback. Nothing here trains: each case stops before the first step."""
 import errno
-import json
 import os
 import subprocess
 import sys
