@@ -25,12 +25,14 @@ Choices:
   1. Plain functions, not a framework: the reader of pretrain.py sees its loop, and each helper is a few lines to read.
   2. Save the raw model, never the wrapped one: no "_orig_mod." or "module." prefixes to strip when loading.
   3. MFU against a peak looked up per device (an unknown GPU gets none), not one hard-coded A100 figure.
-  4. Errors the user can fix (a flag out of range, a wrong checkpoint directory) are one line before any work, not a
-     traceback after minutes of it (die, check_ranges, check_checkpoints).
+  4. Errors the user can fix (a flag out of range, a wrong or damaged checkpoint, an output directory it cannot write
+     or that another run is using) are one line before any work, not a traceback after minutes of it (die,
+     check_ranges, check_checkpoints, preflight); a full disk or Ctrl-C mid-run is one line too (run_main).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -40,7 +42,9 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import dataclass
@@ -48,6 +52,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+try:
+    import fcntl  # flock: one run per output directory (lock_output_dir); not on Windows
+except ImportError:
+    fcntl = None
 
 from model import atomic_write, fsync_dir  # temp file + fsync + rename: the one way every file here is written
 
@@ -176,7 +185,10 @@ def pick_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: choose auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: CUDA is not available on this machine")
     return dev
@@ -227,6 +239,99 @@ def check_checkpoints(**dirs: tuple[Optional[str], str]):
                 checkpoint_layout(path, head)
             except CheckpointError as e:
                 die(f"--{name.replace('_', '-')}: {e}")
+
+
+# ---- preflight: before any work ------------------------------------------------------------------------------------
+def preflight(out, dist: Optional[Dist] = None, flag: str = "--out-dir", **checkpoints):
+    """What every stage checks before its first real work, so that nothing it can foresee fails minutes into a run:
+    each checkpoint it will read loads (model.check_checkpoint: the settings parse and every weights file is whole);
+    it can write its output directory; and no other run writes there (lock_output_dir). checkpoints: as
+    check_checkpoints, flag name -> (directory or None, head or None)."""
+    from model import CheckpointError, check_checkpoint
+    for name, (path, head) in checkpoints.items():
+        if path is not None:
+            try:
+                check_checkpoint(path, head)
+            except CheckpointError as e:
+                die(f"--{name.replace('_', '-')}: {e}")
+    check_writable(out, flag)
+    if dist is None or dist.is_main:  # torchrun: rank 0 speaks for the run
+        lock_output_dir(out, flag)
+
+
+def check_writable(path, flag: str):
+    """Create `path` and a file in it (removed at once): a read-only disk or a file in the way is one line now."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        die(f"{flag} {path}: is a file, not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=p).close()
+    except OSError as e:
+        die(f"{flag} {path}: cannot write there ({e.strerror or e})")
+
+
+_LOCKS: dict[str, int] = {}  # directory -> open lock file, held while this process lives (the kernel drops it after)
+
+
+def lock_output_dir(path, flag: str = "--out-dir", hold: bool = True):
+    """One run per output directory: an exclusive flock on path/.lock, which holds the owner's PID for the message.
+    A second run stops at once, naming the holder; a run that died (even of kill -9) held no lock after its death, and
+    the next one takes its directory over, saying so. hold=False: only check that no other run holds it."""
+    if fcntl is None:  # Windows: no flock; one run per directory is then up to the user
+        return
+    key = os.path.realpath(path)
+    if key in _LOCKS:  # this process holds it already (a stage's main run twice in one process, as tests do)
+        return
+    fd = os.open(os.path.join(key, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    owner = os.read(fd, 200).decode(errors="replace").strip()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        die(f"{path} is in use by {owner or 'another run'}; wait for it or stop it, or pass another {flag}")
+    if not hold:
+        os.close(fd)
+        return
+    if owner:  # the lock is free but names its last owner: that run ended without releasing it
+        print(f"[lock] {path}: the run that held it ({owner}) is gone; taking it over", flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+              .encode(), 0)
+    _LOCKS[key] = fd
+
+
+@atexit.register
+def release_output_dirs():
+    """Empty every lock file this process holds before it exits, so that the next run does not report a dead owner."""
+    while _LOCKS:
+        fd = _LOCKS.popitem()[1]
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def run_main(main, cfg, interrupted: str = "interrupted"):
+    """`python X.py`: main(cfg), with what the machine did rather than the code as one line instead of a traceback:
+    a full disk (naming the file and the free space) and Ctrl-C (the line `interrupted`)."""
+    try:
+        return main(cfg)
+    except KeyboardInterrupt:
+        die(interrupted, 130)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = e.filename or getattr(cfg, "out_dir", None) or getattr(cfg, "out", None) or "."
+        die(f"disk full while writing {where}: {disk_free(where)}", 1)
+
+
+def disk_free(path) -> str:
+    """"12 MB free on /data": the space left on the file system that holds `path`."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() or not os.path.ismount(p):
+        if p == p.parent:
+            break
+        p = p.parent
+    return f"{shutil.disk_usage(p).free / 1e6:,.0f} MB free on {p}"
 
 
 # ---- model FLOPs utilization: achieved FLOP/s over the device's peak, the peak looked up per device ----------------

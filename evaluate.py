@@ -326,6 +326,10 @@ def main(cfg: EvalConfig) -> dict:
     # every directory now, not B's after A has answered, nor an RM's after both have
     common.check_checkpoints(a=(cfg.a, "lm"), b=(cfg.b, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
                              rm_safety=(cfg.rm_safety, "scalar"))
+    common.preflight(cfg.out_dir, a=(cfg.a, "lm"), b=(cfg.b, "lm"), rm_helpful=(cfg.rm_helpful or None, "scalar"),
+                     rm_safety=(cfg.rm_safety or None, "scalar"))
+    if cfg.reply_cache:
+        common.check_writable(cfg.reply_cache, "--reply-cache")
     device = common.pick_device(cfg.device)
     dtype = common.pick_dtype(cfg.dtype, device)
     world = World(seed=cfg.world_seed)
@@ -358,4 +362,4 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(common.parse_config(EvalConfig, description=__doc__))
+    common.run_main(main, common.parse_config(EvalConfig, description=__doc__))

@@ -413,7 +413,7 @@ def main(cfg: GattConfig):
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    common.preflight(out, init_from=(cfg.init_from, "lm"))
     try:
         model, tok = load_model_and_tokenizer(cfg.init_from, device)
     except (CheckpointError, OSError, ValueError) as e:
@@ -452,4 +452,4 @@ def _fmt_turns(rates: list[float], digits: int = 0) -> str:
 
 
 if __name__ == "__main__":
-    main(common.parse_config(GattConfig, description=__doc__))
+    common.run_main(main, common.parse_config(GattConfig, description=__doc__))

@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -371,15 +373,70 @@ def _shard_dim(name: str) -> Optional[int]:
 
 
 def _torch_load(f: Path):
+    """A weights file as a dict of tensors, or CheckpointError with one line (never torch's advice to lift
+    weights_only: a file that needs it could run code)."""
     try:
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:  # an old (non-zip) file cannot be memory-mapped; a zip one can
-        if "mmap" not in str(e):
-            raise CheckpointError(f"{f}: cannot be loaded safely: {str(e).splitlines()[0]}") from None
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError from weights_only: the file wants to run code
-        raise CheckpointError(f"{f}: refused to load (not plain tensors; weights_only=True): "
-                              f"{str(e).splitlines()[0][:200]}") from None
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # an old (non-zip) file cannot be memory-mapped; a zip one can
+            if "mmap" not in str(e):
+                raise
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a class: loading it would run the file's code
+        raise CheckpointError(f"{f}: holds Python objects, not only tensors, and loading it could run code: refused; "
+                              "save the model's state_dict() with torch.save instead") from None
+    except Exception as e:  # truncated, corrupt, not a torch file at all
+        raise CheckpointError(f"{f}: cannot be loaded: {str(e).splitlines()[0][:200]}") from None
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: not a JSON object")
+    return d
+
+
+def _args_from_params(args_class, params: dict, f: Path):
+    """Meta's params.json as ModelArgs; a missing shape key or a value of the wrong type is a CheckpointError."""
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if missing:
+        raise CheckpointError(f"{f}: missing {', '.join(missing)}")
+    try:
+        return args_class.from_dict(params)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{f}: {e}") from None
+
+
+def check_weights_file(f: Path):
+    """CheckpointError unless `f` is whole: reads a zip archive's directory (torch.save's format since PyTorch 1.6;
+    the directory sits at the end, so a file cut short has none) or a safetensors header, never the tensors, so it is
+    as cheap for 7B as for 1M. An old non-zip torch.save file cannot be checked without reading it: it passes."""
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if f.suffix == ".safetensors":
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                if not 0 < n < 100_000_000:
+                    raise ValueError(n)
+                header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise CheckpointError(f"{f}: not a safetensors file (its header does not parse)") from None
+            if 8 + n + end != os.fstat(fh.fileno()).st_size:
+                raise CheckpointError(f"{f}: incomplete (cut off while it was written?); write it again")
+            return
+    if head[:1] == b"\x80":  # a pickle: torch.save's format before PyTorch 1.6
+        return
+    try:
+        with zipfile.ZipFile(f) as z:
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                raise CheckpointError(f"{f}: a zip archive, but not one written by torch.save")
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        what = "incomplete (cut off while it was written?)" if head.startswith(b"PK") else "not a torch.save file"
+        raise CheckpointError(f"{f}: {what}; write it again") from None
 
 
 HEADS = {"lm": "a language model", "scalar": "a reward or value model"}  # ModelArgs.head, in words
@@ -400,14 +457,29 @@ def checkpoint_layout(path, expect_head: Optional[str] = None) -> str:
         raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
     if expect_head is None:
         return layout
-    f = path / ("params.json" if layout == "meta" else "config.json")
-    try:
-        head = json.loads(f.read_text()).get(key) or "lm"
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f"{f}: not a JSON object ({e})") from None
+    head = _read_json(path / ("params.json" if layout == "meta" else "config.json")).get(key) or "lm"
     if head != expect_head:
         raise CheckpointError(f"{path}: {HEADS.get(head, repr(head))} (head {head!r}), where "
                               f"{HEADS[expect_head]} is needed (head {expect_head!r})")
+    return layout
+
+
+def check_checkpoint(path, expect_head: Optional[str] = None) -> str:
+    """checkpoint_layout, and everything that can be checked without reading the weights: the settings file makes a
+    model, and every weights file is whole (check_weights_file). A stage runs it on each checkpoint before any work."""
+    layout, path = checkpoint_layout(path, expect_head), Path(path)
+    if layout == "meta":
+        _args_from_params(ModelArgs, _read_json(path / "params.json"), path / "params.json")
+        files = sorted(path.glob("consolidated.*.pth"))
+    else:
+        missing = [k for k in _HF_KEYS if k not in _read_json(path / "config.json")]
+        if missing:
+            raise CheckpointError(f"{path / 'config.json'}: missing {', '.join(missing)}")
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{path}: {'params' if layout == 'meta' else 'config'}.json but no weights file")
+    for f in files:
+        check_weights_file(f)
     return layout
 
 
@@ -455,14 +527,14 @@ def find_tokenizer(path, tokenizer=None, flag: Optional[str] = None) -> Path:
 
 
 def _read_meta(path: Path, model_cls):
-    params = json.loads((path / "params.json").read_text())
+    params = _read_json(path / "params.json")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
     parts = [_torch_load(f) for f in shards]
     if params.get("vocab_size", -1) <= 0:  # Meta writes -1: the vocabulary comes from the tokenizer / embedding
         params["vocab_size"] = parts[0]["tok_embeddings.weight"].shape[0]
-    args = model_cls.args_class.from_dict(params)
+    args = _args_from_params(model_cls.args_class, params, path / "params.json")
     if len(parts) == 1:
         return args, dict(parts[0])
     state = {}
@@ -506,8 +578,11 @@ def _own_settings(args_class) -> list[str]:
     return [f.name for f in fields(args_class) if f.name not in {g.name for g in fields(ModelArgs)}]
 
 
+_HF_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+
+
 def _read_hf(path: Path, model_cls):
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = _read_json(path / "config.json")
     n_heads = cfg["num_attention_heads"]
     own = {k: cfg[f"nanollama2_{k}"] for k in _own_settings(model_cls.args_class) if f"nanollama2_{k}" in cfg}
     args = model_cls.args_class(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,

@@ -21,11 +21,14 @@ Choices:
      redo every stage after pretraining. A stage run with other arguments starts from a clean directory.
   3. The report is built only from the stages' metrics.json files: every number in it comes from this run, with the
      paper's own numbers quoted beside ours for the pattern to compare. Plots need matplotlib (optional).
-  4. The ETA is each stage's expected time (the default run on a 2-core CPU), rescaled by how fast this machine has
-     run the stages so far.
+  4. The ETA is each stage's reference time (the default run on a 2-core CPU), rescaled by how fast this machine has
+     run the stages so far; none is printed before the first stage has measured that pace, so that no guess for
+     another machine is contradicted a minute later.
   5. Speed lives in one marked section: on Linux a stage is forked from a server that has imported torch once, which
      saves each stage the ~2 s a new interpreter spends importing it. FORK_SERVER switches it; the tests check that
      both ways run a stage alike.
+  6. One run per output directory: the pipeline locks --out and each stage its own directory; a second run there
+     stops at once, naming the first one's PID.
 """
 from __future__ import annotations
 
@@ -116,9 +119,21 @@ def stage_command(stage: Stage, cfg: PipelineConfig) -> list[str]:
 
 
 def is_done(stage_dir: Path, cmd: list[str]) -> bool:
+    """metrics.json says complete, the flags were these, and the checkpoint it wrote still loads (a file truncated or
+    deleted since makes the stage run again, rather than every stage after it fail)."""
     marker = stage_dir / "pipeline_command.json"
-    return (common.read_metrics(stage_dir).get("complete") is True and marker.is_file()
-            and json.loads(marker.read_text()) == cmd[1:])
+    if not (common.read_metrics(stage_dir).get("complete") is True and marker.is_file()
+            and json.loads(marker.read_text()) == cmd[1:]):
+        return False
+    if (stage_dir / "params.json").is_file() or any(stage_dir.glob("consolidated.*.pth")):
+        from model import CheckpointError, check_checkpoint
+        try:
+            check_checkpoint(stage_dir)
+        except CheckpointError as e:
+            print(f"[pipeline] {stage_dir.name} is complete but its checkpoint is not ({e}): running it again",
+                  flush=True)
+            return False
+    return True
 
 
 def needs(stage: Stage) -> list[Stage]:
@@ -189,6 +204,8 @@ def wait_or_stop(pid: int, wait) -> int:
 def run_stage(stage: Stage, cfg: PipelineConfig, cmd: list[str]) -> float:
     stage_dir = Path(cfg.out) / stage.out
     marker = stage_dir / "pipeline_command.json"
+    if stage_dir.is_dir():
+        common.lock_output_dir(stage_dir, hold=False)  # a stage run by hand there: stop now, before deleting it
     if stage_dir.exists() and (cfg.force or not marker.is_file() or json.loads(marker.read_text()) != cmd[1:]):
         shutil.rmtree(stage_dir)  # different arguments (or --force): start clean rather than resume a different run
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -210,30 +227,30 @@ def main(cfg: PipelineConfig):
     unknown = set(cfg.only) - {s.name for s in STAGES}
     if unknown:
         common.die(f"--only: unknown stage(s) {sorted(unknown)}; stages: {' '.join(s.name for s in STAGES)}")
+    common.preflight(cfg.out, flag="--out")  # writable, and no other pipeline on it
     scale = 0.15 if cfg.quick else 1.0
     todo = to_run(stages, cfg)
     remaining = sum(s.seconds * scale for s in stages if s.name in todo)
     t_all = time.perf_counter()
     print(f"[pipeline] stages: {', '.join(s.name + ('' if s.name in todo else ' (done)') for s in stages)}; "
-          f"estimated {common.fmt_time(remaining)}", flush=True)
-    # the default run's times, rescaled by how fast this machine has run the stages so far (choice 4)
+          f"ETA after the first stage, from this machine's pace", flush=True)
+    # the reference times, rescaled by how fast this machine has run the stages so far (choice 4)
     spent = expected = 0.0
     for i, s in enumerate(stages, 1):
         cmd = stage_command(s, cfg)
         if s.name not in todo:
             print(f"[pipeline] {i}/{len(stages)} {s.name}: complete, skipped (--force reruns it)", flush=True)
             continue
-        speed = spent / expected if expected else 1.0
-        print(f"\n[pipeline] {i}/{len(stages)} {s.name}: {' '.join(cmd[1:])}\n[pipeline] stage ETA "
-              f"{common.fmt_time(s.seconds * scale * speed)}, total ETA {common.fmt_time(remaining * speed)}",
-              flush=True)
+        eta = (f"\n[pipeline] stage ETA {common.fmt_time(s.seconds * scale * spent / expected)}, total ETA "
+               f"{common.fmt_time(remaining * spent / expected)}") if expected else ""
+        print(f"\n[pipeline] {i}/{len(stages)} {s.name}: {' '.join(cmd[1:])}{eta}", flush=True)
         dt = run_stage(s, cfg, cmd)
         remaining -= s.seconds * scale
         spent, expected = spent + dt, expected + s.seconds * scale
-        print(f"[pipeline] {s.name} done in {common.fmt_time(dt)} ({dt / (s.seconds * scale):.1f}x the estimate); "
-              f"remaining ETA {common.fmt_time(max(0.0, remaining) * spent / expected)}", flush=True)
+        print(f"[pipeline] {s.name} done in {common.fmt_time(dt)} ({dt / (s.seconds * scale):.1f}x the reference "
+              f"time); remaining ETA {common.fmt_time(max(0.0, remaining) * spent / expected)}", flush=True)
     # every stage with results in --out, not only this call's: `--only gatt` keeps the other sections
-    path = write_report(Path(cfg.out), [s.name for s in available], cfg.quick)
+    path = write_report(Path(cfg.out), [s.name for s in STAGES], cfg.quick)
     print(f"\n[pipeline] all stages done in {common.fmt_time(time.perf_counter() - t_all)}; report: {path}", flush=True)
 
 
@@ -254,7 +271,10 @@ def _run_script(script: str, args: list[str], pipeline_pid: int):
     _die_with(pipeline_pid)
     os.chdir(REPO)
     sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:  # a forked child leaves by os._exit, past Python's atexit: free the stage's output lock here
+        common.release_output_dirs()
 
 
 def _die_with(pid: int):
@@ -711,10 +731,8 @@ def write_report(out: Path, stage_names: list[str], quick: bool = False) -> Path
 def cli(argv=None):
     """`python pipeline.py ...`: main, with Ctrl-C as one line (launch has stopped the running stage by then)."""
     cfg = common.parse_config(PipelineConfig, argv, description=__doc__)
-    try:
-        main(cfg)
-    except KeyboardInterrupt:
-        common.die("interrupted: the running stage was stopped; the same command resumes from where it stopped", 130)
+    common.run_main(main, cfg, interrupted="interrupted: the running stage was stopped; the same command resumes "
+                                           "from where it stopped")
 
 
 if __name__ == "__main__":

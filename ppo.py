@@ -375,6 +375,8 @@ def main(cfg: PPOConfig):
     check_flags(cfg)
     dist = common.setup_distributed(cfg.device)
     check_batch_layout(cfg, dist.world_size)
+    common.preflight(cfg.out_dir, dist, init_from=(cfg.init_from, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
+                     rm_safety=(cfg.rm_safety, "scalar"), sft=(cfg.sft if cfg.n_test else None, "lm"))
     device = dist.device
     common.seed_everything(cfg.seed)  # the same on every rank: nothing in a PPO step may depend on the rank
     m, tok, rms = load_models(cfg, dist, common.pick_dtype(cfg.dtype, device))
@@ -528,4 +530,4 @@ def check_batch_layout(cfg: PPOConfig, world_size: int):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(PPOConfig, description=__doc__))
+    common.run_main(main, common.parse_config(PPOConfig, description=__doc__))

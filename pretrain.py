@@ -40,7 +40,7 @@ import torch
 import common
 from data import DataError, read_text_files
 from generate import generate
-from model import CheckpointError, Transformer, find_tokenizer, load_checkpoint, preset
+from model import PRESETS, CheckpointError, Transformer, find_tokenizer, load_checkpoint, preset
 from tokenizer import B_INST, B_SYS, E_INST, E_SYS, Tokenizer, train_tokenizer
 from world import PRETRAIN_MIX, World, arith_question, arith_reply, recall_correct
 
@@ -335,6 +335,8 @@ def evaluate_final(cfg: PretrainConfig, out: Path, tok, device, dtype, history: 
 
 
 def main(cfg: PretrainConfig):
+    if cfg.model not in PRESETS:  # before the tokenizer's training, not after it
+        common.die(f"--model {cfg.model}: not a preset; choose one of {', '.join(PRESETS)}")
     dist = common.setup_distributed(cfg.device)
     device = dist.device
     dtype = common.pick_dtype(cfg.dtype, device)
@@ -347,6 +349,8 @@ def main(cfg: PretrainConfig):
         if B % n_micro:
             common.die(f"--batch-size {cfg.batch_size} gives {B} sequences at length {L}, not divisible by "
                        f"processes x --grad-accum = {n_micro}")
+    common.preflight(out, dist, init_from=(cfg.init_from, "lm"),
+                     out_dir=(out if (out / "consolidated.00.pth").is_file() else None, "lm"))  # a resume point
 
     tok, train, val = prepare_data(cfg, dist, out)
     tok_path = Path(tok.model_path)
@@ -420,4 +424,4 @@ def main(cfg: PretrainConfig):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(PretrainConfig, description=__doc__))
+    common.run_main(main, common.parse_config(PretrainConfig, description=__doc__))

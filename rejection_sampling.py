@@ -171,6 +171,8 @@ def main(cfg: RSConfig):
     common.check_checkpoints(init_from=(cfg.init_from, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
                              rm_safety=(cfg.rm_safety, "scalar"))
     dist = common.setup_distributed(cfg.device)
+    common.preflight(cfg.out_dir, dist, init_from=(cfg.init_from, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
+                     rm_safety=(cfg.rm_safety, "scalar"))
     device = dist.device
     common.seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
@@ -295,4 +297,4 @@ def prompts_by_rank(ids: list, dist) -> list[int]:
 
 
 if __name__ == "__main__":
-    main(common.parse_config(RSConfig, description=__doc__))
+    common.run_main(main, common.parse_config(RSConfig, description=__doc__))

@@ -641,6 +641,7 @@ def main(cfg: RewardConfig):
     out = Path(cfg.out_dir or ("out/rm_helpful" if cfg.axis == "helpfulness" else "out/rm_safety"))
     cfg = replace(cfg, prefs_dir=cfg.prefs_dir or str(out.parent / "prefs"))  # out/rm_helpful -> out/prefs
     dist = common.setup_distributed(cfg.device)
+    common.preflight(out, dist, init_from=(cfg.init_from, None))  # a chat model or an RM (reward.py starts from either)
     device = dist.device
     if dist.is_main and (out / "metrics.json").is_file():
         (out / "metrics.json").unlink()  # a rerun must not leave the last run's "complete": true (or its ablation)
@@ -745,4 +746,4 @@ def start_ablation_workers(cfg: RewardConfig) -> tuple:
 
 
 if __name__ == "__main__":
-    main(common.parse_config(RewardConfig, description=__doc__))
+    common.run_main(main, common.parse_config(RewardConfig, description=__doc__))

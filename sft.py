@@ -377,6 +377,8 @@ def main(cfg: SFTConfig):
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):
         common.die(f"--batch-size {cfg.batch_size} is not divisible by processes x --grad-accum = "
                    f"{dist.world_size * cfg.grad_accum}")
+    common.preflight(out, dist, init_from=(cfg.init_from, "lm"),
+                     out_dir=(out if (out / "consolidated.00.pth").is_file() else None, "lm"))  # a resume point
     train_dialogs, val_dialogs = load_dialogs(cfg)  # first: a bad line fails before a large model is loaded
     model, tok = load_start(cfg, device)
     packs, val_pack, schedule, stats = prepare_data(cfg, tok, dist, train_dialogs, val_dialogs)
@@ -486,4 +488,4 @@ def finish(cfg, out: Path, tok, history: dict, run: dict, device, t_start: float
 
 
 if __name__ == "__main__":
-    main(common.parse_config(SFTConfig, description=__doc__))
+    common.run_main(main, common.parse_config(SFTConfig, description=__doc__))
