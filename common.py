@@ -232,11 +232,17 @@ def check_checkpoints(**dirs: tuple[Optional[str], str]):
     """check_checkpoints(init_from=("out/sft", "lm"), rm_safety=("out/rm_safety", "scalar")): each directory a stage
     will read has a Meta or Hugging Face layout and the right head (chat model "lm" or reward model "scalar"), checked
     before any work and without reading weights, so a wrong --rm-safety fails now, naming its flag. None: unused."""
-    from model import CheckpointError, checkpoint_layout
+    from model import checkpoint_layout
+    _check_each(checkpoint_layout, dirs)
+
+
+def _check_each(check, dirs: dict):
+    """check(path, head) for each flag -> (path, head) given, a CheckpointError ending in one line naming the flag."""
+    from model import CheckpointError
     for name, (path, head) in dirs.items():
         if path is not None:
             try:
-                checkpoint_layout(path, head)
+                check(path, head)
             except CheckpointError as e:
                 die(f"--{name.replace('_', '-')}: {e}")
 
@@ -247,13 +253,8 @@ def preflight(out, dist: Optional[Dist] = None, flag: str = "--out-dir", **check
     each checkpoint it will read loads (model.check_checkpoint: the settings parse and every weights file is whole);
     it can write its output directory; and no other run writes there (lock_output_dir). checkpoints: as
     check_checkpoints, flag name -> (directory or None, head or None)."""
-    from model import CheckpointError, check_checkpoint
-    for name, (path, head) in checkpoints.items():
-        if path is not None:
-            try:
-                check_checkpoint(path, head)
-            except CheckpointError as e:
-                die(f"--{name.replace('_', '-')}: {e}")
+    from model import check_checkpoint
+    _check_each(check_checkpoint, checkpoints)
     check_writable(out, flag)
     if dist is None or dist.is_main:  # torchrun: rank 0 speaks for the run
         lock_output_dir(out, flag)

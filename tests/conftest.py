@@ -33,3 +33,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_chat_checkpoint(d: Path) -> Path:
+    """A tiny random chat model (dim 64, 2 layers, GQA) and a 400-piece tokenizer trained on a little world text,
+    saved in Meta's layout in d: fast enough to generate with in every test that needs a real checkpoint."""
+    import model as M
+    from tokenizer import B_INST, E_INST, train_tokenizer
+    from world import World
+    world = World(seed=0)
+    chats = [" ".join(f"{B_INST} {u['content']} {E_INST} {a['content']}" for u, a in zip(x[::2], x[1::2]))
+             for x in world.sft_dialogs("train", 300, seed=1)]
+    tok = train_tokenizer(world.pretrain_documents(200_000) + chats, 400, d / "tok.model")
+    args = M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=16,
+                       max_seq_len=256)
+    M.save_checkpoint(M.Transformer(args).init_weights(seed=0), d, tok.model_path)
+    return d

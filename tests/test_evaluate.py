@@ -19,6 +19,7 @@ from pathlib import Path
 from random import Random
 
 import pytest
+from conftest import tiny_chat_checkpoint
 import torch
 
 import common
@@ -29,7 +30,7 @@ import evaluate as E
 import rlhf
 import model as M
 from generate import generate
-from tokenizer import B_INST, E_INST, UNSAFE_ERROR, train_tokenizer
+from tokenizer import UNSAFE_ERROR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,16 +40,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny random model (dim 64, 2 layers) with a 400-piece tokenizer trained on a little world text."""
-    d = tmp_path_factory.mktemp("ckpt")
-    world = World(seed=0)
-    chats = [" ".join(f"{B_INST} {u['content']} {E_INST} {a['content']}" for u, a in zip(x[::2], x[1::2]))
-             for x in world.sft_dialogs("train", 300, seed=1)]
-    tok = train_tokenizer(world.pretrain_documents(200_000) + chats, 400, d / "tok.model")
-    args = M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=16,
-                       max_seq_len=256)
-    M.save_checkpoint(M.Transformer(args).init_weights(seed=0), d, tok.model_path)
-    return d
+    """A tiny random model (dim 64, 2 layers) with a 400-piece tokenizer (conftest.tiny_chat_checkpoint)."""
+    return tiny_chat_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
