@@ -353,7 +353,7 @@ def section_pretrain(out: Path, m: dict) -> list[str]:
              f"| fact recall (completion prompts) | {_fmt(m.get('fact_recall'), pct=True)} | the world's facts are "
              "stored in the weights |",
              f"| held-out sums completed right (\"26 + 16 =\") | {_fmt(m.get('arith_correct'), pct=True)} | "
-             "arithmetic, the skill a small model learns last (PRETRAIN_MIX) |",
+             "arithmetic, the skill a small model learns last (world.PRETRAIN_MIX) |",
              f"| the same sums asked (\"Q: What is 26 + 16? A:\"), operands copied and result right | "
              f"{_fmt(m.get('arith_asked_correct'), pct=True)} | what SFT's arithmetic needs: copying the operands "
              "from the question is a skill of its own (pretrain.arithmetic_asked) |",
