@@ -427,8 +427,8 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
     lines = ["## 3. Reward models (§3.2.2, Tables 7, 8, 28)", "",
              "Each RM is the SFT model's trunk with a scalar head" + (
                  f" and {blocks} new transformer blocks between them (identity at the start, "
-                 f"{h.get('head_lr_mult') or 1:g}x the lr: reward.py choice 11)" if blocks else "") + (
-                 ", reading the chat model's surprise at each token (choice 12)" if h.get("surprise") else "")
+                 f"{h.get('head_lr_mult') or 1:g}x the lr: reward.py choice 10)" if blocks else "") + (
+                 ", reading the chat model's surprise at each token (choice 11)" if h.get("surprise") else "")
              + ", trained one epoch on the annotator's pairs" + (
                  f" (rater noise {noise:g}: reward.py --rater-noise, choice 6)." if noise is not None else "."), "",
              "Table 7 in miniature: each RM's accuracy on each test set (the paper: safety RM 64.5 on Meta Safety, "
@@ -462,7 +462,7 @@ def section_reward(out: Path, h: dict, s: dict) -> list[str]:
                       "rest are deliberate defects: reward.py choice 2). Refusals and verbose replies are form; a "
                       "wrong fact (`wrong`) or another person's fact (`off_topic`) is content, and most of the "
                       "\"significantly better\" pairs, which an RM sees through the chat model's surprise "
-                      "(reward.py choices 6, 11 and 12).", "",
+                      "(reward.py choices 6, 10 and 11).", "",
                   "| reward model | chosen > rejected | pairs | accuracy |", "|---|---|---|---|"]
         for name, _, groups in srcs:
             lines += [f"| {name} | {k.replace('>', ' > ')} | {v['n']} | {_pct(v['accuracy'])} |"

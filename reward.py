@@ -34,19 +34,14 @@ Deviations from the paper, and choices where it is silent:
   8. The safety RM's zero point (calibrate_safety): the loss fixes only differences of scores, but §3.2.3's rule
      R_s < 0.15 presumes a level. The offset that puts 0.15 at the 5th percentile of the safe training replies'
      scores is stored (params.json's score_offset), so every stage reads calibrated scores.
-  9. --content-pairs K (default 0): K extra train pairs per prompt of a content flaw (a wrong fact or sum, another
-     person's fact) against the reference.
- 10. A flaw paired with a model sample ends as the sample does (closer_matched), so the writers' closer that samples
-     carry does not come to mean "chosen".
- 11. Aid: two new transformer blocks between the trunk and the head (--head-layers 2; 0 is the paper's RM). They start
-     as the identity (output projections at zero) and train at 10x the lr (--head-lr-mult), since zero weights hardly
-     move in one epoch. A 4-layer chat model has no layer to spare in which a late position could check a recalled fact.
- 12. Aid: surprise features (--surprise; --no-surprise is the paper's RM; rlhf.RewardModel). The RM reads how surprised
-     the chat model is by each token (its -log p, and the gap to the likeliest token), added to the residual stream
-     through a matrix that starts at zero: the chat model knows the facts that a small RM cannot recall a second time.
- 13. Reading Tables 8 and 28 at this size: Table 8's levels are different pairs, so a step between levels carries
-     both levels' standard errors; Table 28's RMs are judged on the same pairs and compared pair by pair
-     (paired_difference), which measures a margin's effect far more finely.
+  9. Optional content pairs (--content-pairs K, default 0): a wrong fact or another person's fact against the
+     reference. A flaw paired with a sample ends as the sample does (closer_matched), so a closer means nothing.
+ 10. Aid: two new transformer blocks before the head (--head-layers 2; 0 is the paper's RM), starting as the identity
+     and trained at 10x the lr (--head-lr-mult): a 4-layer chat model has no layer to spare to check a recalled fact.
+ 11. Aid: surprise features (--surprise; --no-surprise is the paper's RM; rlhf.RewardModel): the chat model's -log p
+     of each token, and its gap to the likeliest token, enter the residual stream through a matrix starting at zero.
+ 12. Table 8's levels are different pairs (a step carries both levels' errors); Table 28's RMs are compared pair by
+     pair on the same pairs (paired_difference), which measures a margin's effect far more finely.
 """
 from __future__ import annotations
 
@@ -74,7 +69,6 @@ AXES = ("helpfulness", "safety")
 HELPFUL_KINDS = ("fact", "arith", "story", "multiturn")
 SAFETY_KINDS = ("harmful", "borderline")
 HELPFUL_SAFETY_SHARE = 1 / 3  # the helpfulness RM's safety pairs per helpfulness pair (choice 3)
-PREFERENCE_NOISE = PREFERENCE_NOISE  # the annotator's noise on a score gap (choice 6; the field `data` hides data)
 # Table 27: margin m(r) per rating, in the order of RATINGS (significantly better ... negligibly better / unsure)
 MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
 
@@ -101,9 +95,9 @@ class RewardConfig:
     test_prompts: int = 200  # world test prompts per category
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.2])  # §3.2.1: two samples, two temperatures
     max_new_tokens: int = 64  # length limit of the sampled replies
-    head_layers: int = 2  # aid: new blocks between the trunk and the score head (choice 11; 0 = the paper's RM)
-    head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 11)
-    surprise: bool = True  # aid: the RM reads the chat model's surprise at each token (choice 12; off = the paper's)
+    head_layers: int = 2  # aid: new blocks between the trunk and the score head (choice 10; 0 = the paper's RM)
+    head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 10)
+    surprise: bool = True  # aid: the RM reads the chat model's surprise at each token (choice 11; off = the paper's)
     helpful_safety_share: float = HELPFUL_SAFETY_SHARE  # the helpfulness RM's safety pairs per helpfulness pair
     content_pairs: int = 0  # extra train pairs per prompt of a content flaw against the reference (choice 9)
     rater_noise: float = PREFERENCE_NOISE  # the annotator's noise when it labels the world's pairs (choice 6)
@@ -147,8 +141,8 @@ def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int =
                       surprise: bool = False) -> RewardModel:
     """A scalar-head copy of a chat model (§3.2.2): every weight but the next-token head, and a new `score` head with
     small random weights, std 1/sqrt(dim) (choice 5). Aids, both scoring exactly as the plain RM at the start:
-    head_layers new blocks between the trunk and the head (choice 11), their output projections (wo, w2) at zero;
-    surprise=True (choice 12) keeps the chat model's final norm and next-token head, its feature matrix at zero."""
+    head_layers new blocks between the trunk and the head (choice 10), their output projections (wo, w2) at zero;
+    surprise=True (choice 11) keeps the chat model's final norm and next-token head, its feature matrix at zero."""
     args = chat_model.args if isinstance(chat_model.args, RewardArgs) else RewardArgs(**asdict(chat_model.args))
     if chat_model.args.head == "scalar":  # starting from another reward model: keep its head (and head blocks) too
         rm = RewardModel(args)
@@ -160,7 +154,7 @@ def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int =
         rm = RewardModel(replace(args, head="scalar", n_layers=L + head_layers, surprise_layer=L if surprise else 0))
     sd = chat_model.state_dict()
     trunk = {k: v for k, v in sd.items() if not k.startswith("output.")}
-    if surprise:  # choice 12: the chat model's own final norm and next-token head, read after its last block
+    if surprise:  # choice 11: the chat model's own final norm and next-token head, read after its last block
         trunk.update({"surprise_norm.weight": sd["norm.weight"], "surprise_output.weight": sd["output.weight"]})
     missing, unexpected = rm.load_state_dict(trunk, strict=False)
     assert not unexpected and set(missing) == {"score.weight"} | ({"surprise_in.weight"} if surprise else set()) | {
@@ -181,7 +175,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 def head_block_lr(first_new: int, mult: float):
     """lr_mult for common.make_optimizer: `mult` for the parameters of blocks first_new, first_new + 1, ... (the head
-    blocks of choice 11), 1 for the rest; parameters are matched by name, so DDP's "module." and torch.compile's
+    blocks of choice 10), 1 for the rest; parameters are matched by name, so DDP's "module." and torch.compile's
     "_orig_mod." prefixes do not matter."""
     def lr_mult(name: str) -> float:
         m = _LAYER.search(name)
@@ -239,7 +233,7 @@ def train(init: Transformer, pairs: list, tok, cfg, dist, dtype, tag: str = "rew
     device = dist.device
     rm = reward_model_from(init, seed=cfg.seed, head_layers=cfg.head_layers, surprise=cfg.surprise).to(device)
     net = common.wrap_model(rm, dist, cfg.fsdp, cfg.compile, param_dtype=dtype if device.type == "cuda" else None)
-    # choice 11: the head blocks (those past init's layers) are new and start at zero: at the trunk's lr they would
+    # choice 10: the head blocks (those past init's layers) are new and start at zero: at the trunk's lr they would
     # hardly move in one epoch. An RM trained further from another RM adds none, and all its blocks train at 1x.
     opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay,
                                 lr_mult=head_block_lr(init.args.n_layers, cfg.head_lr_mult))
@@ -300,7 +294,7 @@ def accuracy_by_rating(pairs: list, right: list[float]) -> dict:
 
 
 def paired_difference(pairs: list, right_a: list[float], right_b: list[float]) -> dict:
-    """Two RMs judged on the same pairs (Table 28's margins), compared pair by pair (choice 13): rating -> {"diff": B's
+    """Two RMs judged on the same pairs (Table 28's margins), compared pair by pair (choice 12): rating -> {"diff": B's
     accuracy minus A's, "se": its paired standard error (the standard deviation of the per-pair differences over
     sqrt(n)), "n", "b_only" / "a_only": pairs that only B / only A ranks right}. Two RMs from the same start agree on
     most pairs, so their difference is far better measured than either accuracy."""
@@ -416,7 +410,7 @@ def _sample_replies(policy, tok, tasks, temperature: float, max_new_tokens: int,
 
 
 def closer_matched(defect: tuple[str, str], sample: str) -> tuple[str, str]:
-    """The (label, text) defect ending the way the model sample it is paired with ends (choice 10): with
+    """The (label, text) defect ending the way the model sample it is paired with ends (choice 9): with
     the writers' closer when the sample has one. The closer defect and refusals are left as they are."""
     label, text = defect
     closer = next((c for c in DEMO_CLOSERS if sample.rstrip().endswith(c)), None)
@@ -590,8 +584,8 @@ def rm_metrics(cfg: RewardConfig, rm, init, ev: dict, mix: list, train_pairs: li
     n_cat = {a: sum(p.category == a for p in mix) for a in AXES}
     return {
         "axis": cfg.axis, "margin": cfg.margin, "init_from": cfg.init_from,
-        "head_layers": rm.args.n_layers - init.args.n_layers,  # choice 11 (0 when init is already an RM)
-        "head_lr_mult": cfg.head_lr_mult, "surprise": rm.args.surprise_layer > 0,  # choice 12
+        "head_layers": rm.args.n_layers - init.args.n_layers,  # choice 10 (0 when init is already an RM)
+        "head_lr_mult": cfg.head_lr_mult, "surprise": rm.args.surprise_layer > 0,  # choice 11
         "accuracy": {a: ev[a]["accuracy"] for a in AXES},  # Table 7: this RM's row
         "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
         "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},

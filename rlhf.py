@@ -12,7 +12,7 @@ position, (B, T). What every RL stage does with it:
   3. logit undoes the sigmoid before PPO whitens the reward (§3.2.3).
 
 RewardModel is model.Transformer with the reward stage's one aid to the paper's architecture, surprise features
-(reward.py choice 12); off (surprise_layer 0) it is the plain trunk. load_reward_model reads either kind.
+(reward.py choice 11); off (surprise_layer 0) it is the plain trunk. load_reward_model reads either kind.
 
 Speed-up (the last section): replies to one prompt packed into one row over their shared prompt (pack_shared,
 shared_rewards), each reply seeing the prompt and itself. The same rewards as rewards_of_rows on separate rows, up to
@@ -160,11 +160,11 @@ def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-# ---- the surprise aid (reward.py choice 12) --------------------------------------------------------------------------
+# ---- the surprise aid (reward.py choice 11) --------------------------------------------------------------------------
 @dataclass
 class RewardArgs(ModelArgs):
     # after this many blocks the chat model's own next-token head says how surprising each token is, and that enters
-    # the residual stream (reward.py choice 12); 0 = off, the paper's reward model
+    # the residual stream (reward.py choice 11); 0 = off, the paper's reward model
     surprise_layer: int = 0
 
     def __post_init__(self):

@@ -41,19 +41,28 @@ def test_pipeline_quick_runs_every_stage_and_writes_the_report(tmp_path):
     assert (out / "report.md").read_text() == report
 
 
+def fake_finished_stages(root):
+    """Every stage's directory under root, marked complete with the pipeline's own command for it, finished in
+    pipeline order (metrics.json's mtime): what pipeline.to_run reads. Returns the PipelineConfig."""
+    import os
+    import pipeline
+    cfg = pipeline.PipelineConfig(out=str(root))
+    for i, s in enumerate(pipeline.STAGES):
+        d = root / s.out
+        d.mkdir()
+        (d / "pipeline_command.json").write_text(json.dumps(pipeline.stage_command(s, cfg)[1:]))
+        (d / "metrics.json").write_text(json.dumps({"complete": True}))
+        os.utime(d / "metrics.json", (1000 + i, 1000 + i))
+    return cfg
+
+
 def test_a_rerun_stage_makes_every_stage_that_reads_it_stale(tmp_path):
     """pipeline.to_run: complete stages with the same flags are skipped, unless a stage they read (their --init-from,
     --rm-helpful, ... directories) has finished after them or runs in this call; another pretraining mix changes
     pretrain's flags and so reruns everything. Fake stage directories, nothing is trained."""
     import os
     import pipeline
-    cfg = pipeline.PipelineConfig(out=str(tmp_path))
-    for i, s in enumerate(pipeline.STAGES):
-        d = tmp_path / s.out
-        d.mkdir()
-        (d / "pipeline_command.json").write_text(json.dumps(pipeline.stage_command(s, cfg)[1:]))
-        (d / "metrics.json").write_text(json.dumps({"complete": True}))
-        os.utime(d / "metrics.json", (1000 + i, 1000 + i))  # finished in pipeline order
+    cfg = fake_finished_stages(tmp_path)
     names = {s.name for s in pipeline.STAGES}
     assert pipeline.to_run(pipeline.STAGES, cfg) == set()
     assert {s.name for s in pipeline.needs(pipeline.STAGES[5])} == {"rs", "rm_helpful", "rm_safety", "sft"}  # ppo
@@ -319,16 +328,9 @@ def test_every_stage_has_its_script():
 def test_a_finished_stage_whose_checkpoint_was_cut_short_runs_again(tmp_path, capsys):
     """pipeline.is_done re-reads what a complete stage wrote: a consolidated.00.pth truncated since (a full disk, a
     killed copy) makes that stage and every stage after it run again, with a one-line note, not "complete, skipped"."""
-    import os
     import model as M
     import pipeline
-    cfg = pipeline.PipelineConfig(out=str(tmp_path))
-    for i, s in enumerate(pipeline.STAGES):
-        d = tmp_path / s.out
-        d.mkdir()
-        (d / "pipeline_command.json").write_text(json.dumps(pipeline.stage_command(s, cfg)[1:]))
-        (d / "metrics.json").write_text(json.dumps({"complete": True}))
-        os.utime(d / "metrics.json", (1000 + i, 1000 + i))
+    cfg = fake_finished_stages(tmp_path)
     M.save_checkpoint(M.Transformer(M.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)),
                       tmp_path / "sft")
     assert pipeline.to_run(pipeline.STAGES, cfg) == set()
