@@ -154,6 +154,17 @@ def combined_score(rm_helpful: Transformer, rm_safety: Transformer, tok, dialogs
     return combined_reward(r_s, r_h, is_safety, threshold), r_s
 
 
+def safety_decides(r_safety: torch.Tensor, is_safety: torch.Tensor, threshold: float = 0.15) -> dict:
+    """How often R_s decides R_c, from the sigmoid-scale safety scores (N,) and the prompts' IS_SAFETY (N,): on every
+    safety prompt by rule, and on a helpfulness prompt only when R_s < threshold (the reply looks unsafe). Returns
+    {"helpful_prompts", "share_on_helpful": the share of helpfulness prompts whose reward R_s set, "safety_prompts"}."""
+    benign = ~is_safety.bool()
+    n = int(benign.sum())
+    flagged = int(((r_safety < threshold) & benign).sum())
+    return {"helpful_prompts": n, "share_on_helpful": flagged / n if n else None,
+            "safety_prompts": int(is_safety.bool().sum())}
+
+
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Undo the sigmoid: log(p / (1 - p)), clamped so a score of exactly 0 or 1 stays finite (§3.2.3's LOGIT)."""
     p = p.clamp(eps, 1 - eps)
