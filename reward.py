@@ -4,23 +4,26 @@
   python reward.py --axis safety --out-dir out/rm_safety           # reuses out/prefs
   python reward.py --axis helpfulness --margin-ablation            # + Table 28: none / small / large margin
   python reward.py --axis helpfulness --quick --out-dir /tmp/rm    # a smoke run in seconds
+  python reward.py --axis safety --sample-from out/rlhf_v1 out/sft --prefs-dir out/prefs/batch_2 \
+      --earlier-prefs out/prefs/batch_1 --previous-rm out/rm_safety_v1 --out-dir out/rm_safety_v2   # round 2 (§3.2.3)
   python reward.py --axis safety --data my_prefs.jsonl --test-data my_test.jsonl --init-from /path/to/llama-2-7b-chat
   torchrun --nproc_per_node=8 reward.py --axis safety --init-from /path/to/llama-2-7b-chat --device cuda --fsdp
 
-An RM is the chat model with a scalar head `score` (C x 1) in place of its next-token head; the reward of a reply is
-the head's number at the reply's last token (rlhf.py). Steps: 1. preference pairs sampled from the chat model and rated
-by the world's annotator (§3.2.1), cached in out/prefs/ for both axes (or --data); 2. this axis's mixture (§3.2.2);
-3. one epoch of the margin ranking loss -log sigmoid(r_chosen - r_rejected - m(rating)) (eq. 2, Table 27); 4. accuracy
-on both test sets (Table 7), by rating (Table 8), and with --margin-ablation for each margin (Table 28). Writes
-params.json (head "scalar"), consolidated.00.pth, tokenizer.model and metrics.json to --out-dir. Figures: RESULTS.md.
+An RM is the chat model with a scalar head `score` (C x 1) in place of its next-token head, nothing else; the reward of
+a reply is the head's number at the reply's last token (rlhf.py). Steps: 1. a batch of preference pairs, two samples
+of chat-model variants per prompt rated by the world's annotator (§3.2.1), cached in --prefs-dir for both axes (or
+--data); 2. this axis's mixture of every batch so far (§3.2.2); 3. one epoch of the margin ranking loss
+-log sigmoid(r_chosen - r_rejected - m(rating)) (eq. 2, Table 27); 4. the zero point; 5. accuracy on both test sets
+(Table 7), by rating (Table 8), the last round's RM on this batch (the distribution shift) and with --margin-ablation
+each margin (Table 28). Writes params.json (head "scalar"), consolidated.00.pth, tokenizer.model, metrics.json.
 
-Deviations from the paper, and choices where it is silent:
+Choices where the paper is silent (or that differ from it):
   1. The reward is read at the reply's last token: the EOS of a finished turn "<s>[INST] prompt [/INST] reply </s>".
      A truncated sample (no EOS) is read at its last token, a state the RM never saw in training.
-  2. Pairs: two samples of the one chat model (T 0.7 and 1.2; the paper compares two model variants) and the world's
-     deliberately flawed replies (verbose, partial, wrong, off topic, refusal, harmful), so that every rating level
-     occurs. Per prompt: sample vs sample (a flaw vs a sample when the two samples are the same), flaw vs sample, flaw
-     vs reference. Safety pairs whose chosen reply is unsafe and the other one safe are dropped (§3.2.1).
+  2. Pairs (§3.2.1): per prompt, one sample of the latest chat model (the first --sample-from) at one of the two
+     --temperatures, and one of a model drawn from --sample-from at the other: "two model variants, different
+     temperatures". Two identical samples are not a comparison and are skipped (counted). Safety pairs whose chosen
+     reply is unsafe and the other one safe are dropped (§3.2.1). Table 26 in miniature goes to info.json.
   3. Mixtures (§3.2.2): safety RM = all safety pairs + helpfulness pairs as 10% of the mix. Helpfulness RM = all
      helpfulness pairs + the safety part of the paper's "equal part" (we have no open-source data): 1/3 as many
      safety pairs, Table 6's share of safety if half of Meta's own comparisons are safety.
@@ -29,18 +32,18 @@ Deviations from the paper, and choices where it is silent:
   5. The new head starts at std 1/sqrt(dim), so rewards start at unit scale, as a 7B's head at std 0.02 does.
   6. Test pairs: the same collection on held-out prompts, labelled by the same noisy annotator, so no RM reaches 100%
      on close pairs (as with the paper's human labels). --rater-noise 0.15: noisy enough that accuracy falls by rating
-     level as Table 8's does, clean enough for the safety RM to learn.
+     level as Table 8's does.
   7. No mid-run checkpoints: an RM trains in about a minute here.
-  8. The safety RM's zero point (calibrate_safety): the loss fixes only differences of scores, but §3.2.3's rule
-     R_s < 0.15 presumes a level. The offset that puts 0.15 at the 5th percentile of the safe training replies'
-     scores is stored (params.json's score_offset), so every stage reads calibrated scores.
-  9. Optional content pairs (--content-pairs K, default 0): a wrong fact or another person's fact against the
-     reference. A flaw paired with a sample ends as the sample does (closer_matched), so a closer means nothing.
- 10. Aid: two new transformer blocks before the head (--head-layers 2; 0 is the paper's RM), starting as the identity
-     and trained at 10x the lr (--head-lr-mult): a 4-layer chat model has no layer to spare to check a recalled fact.
- 11. Aid: surprise features (--surprise; --no-surprise is the paper's RM; rlhf.RewardModel): the chat model's -log p
-     of each token, and its gap to the likeliest token, enter the residual stream through a matrix starting at zero.
- 12. Table 8's levels are different pairs (a step carries both levels' errors); Table 28's RMs are compared pair by
+  8. Zero points (calibrate): the loss fixes only differences of scores, in the same units for both RMs (log-odds of
+     a preference, Bradley-Terry), but §3.2.3's switch compares R_s with 0.15 and hands the reward to R_h or R_s: it
+     presumes levels. Both RMs get the same rule: the offset that puts sigmoid(score) = 0.15 at the 5th percentile of
+     their safe training replies' scores (params.json's score_offset). R_s < 0.15 then flags ~5% of safe replies, and
+     a flagged reply's reward lies below 95% of what R_h gives safe replies: the two scales meet where they switch.
+  9. Iterations (§3.2.1, §3.2.3): --prefs-dir holds this round's batch; --earlier-prefs adds the earlier batches'
+     train pairs (and their test pairs to Tables 7-8's sets); every round's RM starts from --init-from (the SFT
+     model) again. --previous-rm scores this batch's test pairs with the last round's RM: "reward model accuracy can
+     quickly degrade if not exposed to this new sample distribution".
+ 10. Table 8's levels are different pairs (a step carries both levels' errors); Table 28's RMs are compared pair by
      pair on the same pairs (paired_difference), which measures a margin's effect far more finely.
 """
 from __future__ import annotations
@@ -49,9 +52,8 @@ import hashlib
 import json
 import math
 import random
-import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -61,8 +63,8 @@ import torch.nn.functional as F
 import common
 from annotator import Annotator, DROPPED_SAFETY_LABEL, PREFERENCE_NOISE, RATINGS, SAFETY_LABELS
 from data import DataError, read_preferences_jsonl
-from world import DEMO_CLOSERS, World
-from rlhf import RewardArgs, RewardModel, common_prefix_len, encode_reply, score, shared_rewards
+from world import World
+from rlhf import common_prefix_len, encode_reply, score, shared_rewards
 from model import CheckpointError, Transformer, atomic_write, find_tokenizer, load_checkpoint, save_checkpoint
 
 AXES = ("helpfulness", "safety")
@@ -77,7 +79,11 @@ MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "lar
 class RewardConfig:
     axis: str = "helpfulness"  # helpfulness | safety (§3.2.2: two separate reward models)
     margin: str = "small"  # none | small | large: Table 27's margin m(r) in the loss
-    init_from: str = "out/sft"  # the chat model the RM starts from (§3.2.2), also the policy that is sampled
+    init_from: str = "out/sft"  # the chat model the RM starts from (§3.2.2)
+    sample_from: list[str] = field(default_factory=list)  # chat models whose samples are paired, latest first
+    # (choice 2; default: --init-from)
+    earlier_prefs: list[str] = field(default_factory=list)  # earlier rounds' batch dirs: their pairs join (choice 9)
+    previous_rm: Optional[str] = None  # the last round's RM of this axis, scored on this batch's test pairs (choice 9)
     out_dir: Optional[str] = None  # default: out/rm_helpful or out/rm_safety
     data: Optional[str] = None  # preference JSONL {prompt, chosen, rejected, rating, category}; None = the world
     test_data: Optional[str] = None  # test pairs for --data (default: 10% of --data held out)
@@ -90,18 +96,14 @@ class RewardConfig:
     # -- advanced --
     prefs_dir: Optional[str] = None  # cache of the collected pairs, shared by both axes; default: prefs/ beside out-dir
     world_seed: int = 0  # seed of the built-in world
-    train_prompts: int = 500  # world train prompts of the helpful kinds (fact, arith, story, multiturn); 3 pairs each
-    safety_prompts: int = 700  # world train prompts of the safety kinds (harmful, borderline)
+    train_prompts: int = 1000  # world train prompts of the helpful kinds (fact, arith, story, multiturn); a pair each
+    safety_prompts: int = 1000  # world train prompts of the safety kinds (harmful, borderline)
     test_prompts: int = 200  # world test prompts per category
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.2])  # §3.2.1: two samples, two temperatures
     max_new_tokens: int = 64  # length limit of the sampled replies
-    head_layers: int = 2  # aid: new blocks between the trunk and the score head (choice 10; 0 = the paper's RM)
-    head_lr_mult: float = 10.0  # the head blocks' lr as a multiple of --lr (choice 10)
-    surprise: bool = True  # aid: the RM reads the chat model's surprise at each token (choice 11; off = the paper's)
     helpful_safety_share: float = HELPFUL_SAFETY_SHARE  # the helpfulness RM's safety pairs per helpfulness pair
-    content_pairs: int = 0  # extra train pairs per prompt of a content flaw against the reference (choice 9)
     rater_noise: float = PREFERENCE_NOISE  # the annotator's noise when it labels the world's pairs (choice 6)
-    safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; the safety RM is calibrated to it
+    safety_threshold: float = 0.15  # §3.2.3: R_s below it marks a reply unsafe; both RMs are calibrated to it
     max_train_pairs: int = 0  # use at most this many pairs of the mixture (0 = all): for quick runs
     warmup_frac: float = 0.03  # §3.2.2: warmup over 3% of the steps...
     min_warmup: int = 5  # ...but at least 5 steps
@@ -114,10 +116,9 @@ class RewardConfig:
     seed: int = 0
     log_interval: int = 25
     RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
-        positive="train_prompts safety_prompts test_prompts max_new_tokens head_lr_mult batch_size lr epochs "
-                 "grad_clip log_interval",
-        non_negative="world_seed temperatures head_layers helpful_safety_share content_pairs rater_noise "
-                     "max_train_pairs min_warmup weight_decay seed",
+        positive="train_prompts safety_prompts test_prompts max_new_tokens batch_size lr epochs grad_clip log_interval",
+        non_negative="world_seed temperatures helpful_safety_share rater_noise max_train_pairs min_warmup weight_decay "
+                     "seed",
         share="warmup_frac final_lr_ratio", open_share="safety_threshold")
 
 
@@ -137,50 +138,21 @@ def ranking_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch
 
 
 # ---- 2. the reward model and where the reward is read ----------------------------------------------------------------
-def reward_model_from(chat_model: Transformer, seed: int = 0, head_layers: int = 0,
-                      surprise: bool = False) -> RewardModel:
+def reward_model_from(chat_model: Transformer, seed: int = 0) -> Transformer:
     """A scalar-head copy of a chat model (§3.2.2): every weight but the next-token head, and a new `score` head with
-    small random weights, std 1/sqrt(dim) (choice 5). Aids, both scoring exactly as the plain RM at the start:
-    head_layers new blocks between the trunk and the head (choice 10), their output projections (wo, w2) at zero;
-    surprise=True (choice 11) keeps the chat model's final norm and next-token head, its feature matrix at zero."""
-    args = chat_model.args if isinstance(chat_model.args, RewardArgs) else RewardArgs(**asdict(chat_model.args))
-    if chat_model.args.head == "scalar":  # starting from another reward model: keep its head (and head blocks) too
-        rm = RewardModel(args)
+    small random weights, std 1/sqrt(dim) (choice 5). From another RM: a copy, its head included."""
+    if chat_model.args.head == "scalar":
+        rm = Transformer(chat_model.args)
         rm.load_state_dict(chat_model.state_dict())
         return rm.to(next(chat_model.parameters()).device)
-    L = chat_model.args.n_layers
-    with torch.random.fork_rng(devices=[]):  # the new blocks' init is a function of the seed alone
-        torch.manual_seed(seed + 1)
-        rm = RewardModel(replace(args, head="scalar", n_layers=L + head_layers, surprise_layer=L if surprise else 0))
-    sd = chat_model.state_dict()
-    trunk = {k: v for k, v in sd.items() if not k.startswith("output.")}
-    if surprise:  # choice 11: the chat model's own final norm and next-token head, read after its last block
-        trunk.update({"surprise_norm.weight": sd["norm.weight"], "surprise_output.weight": sd["output.weight"]})
+    rm = Transformer(replace(chat_model.args, head="scalar"))
+    trunk = {k: v for k, v in chat_model.state_dict().items() if not k.startswith("output.")}
     missing, unexpected = rm.load_state_dict(trunk, strict=False)
-    assert not unexpected and set(missing) == {"score.weight"} | ({"surprise_in.weight"} if surprise else set()) | {
-        k for k in rm.state_dict() if k.startswith(tuple(f"layers.{i}." for i in range(L, L + head_layers)))}, missing
+    assert not unexpected and set(missing) == {"score.weight"}, (missing, unexpected)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # (1, C): rewards start at unit scale, as a 7B's head at std 0.02 does (0.02 * sqrt(4096))
         rm.score.weight.copy_(torch.randn(rm.score.weight.shape, generator=g) * rm.args.dim ** -0.5)
-        for block in rm.layers[L:]:  # (C, C) and (C, F): the head blocks start as the identity
-            block.attention.wo.weight.zero_()
-            block.feed_forward.w2.weight.zero_()
-        if surprise:  # (C, 2): adds nothing until training moves it
-            rm.surprise_in.weight.zero_()
     return rm.to(next(chat_model.parameters()).device)
-
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def head_block_lr(first_new: int, mult: float):
-    """lr_mult for common.make_optimizer: `mult` for the parameters of blocks first_new, first_new + 1, ... (the head
-    blocks of choice 10), 1 for the rest; parameters are matched by name, so DDP's "module." and torch.compile's
-    "_orig_mod." prefixes do not matter."""
-    def lr_mult(name: str) -> float:
-        m = _LAYER.search(name)
-        return mult if (m and int(m.group(1)) >= first_new) or "surprise_in." in name else 1.0
-    return lr_mult
 
 
 # ---- 3. the mixture (§3.2.2) -----------------------------------------------------------------------------------------
@@ -231,12 +203,9 @@ def train(init: Transformer, pairs: list, tok, cfg, dist, dtype, tag: str = "rew
     """cfg.epochs (§3.2.2: one) of the ranking loss with cfg.margin on `pairs`. Returns (reward model, loss curve); the
     model is whole on every rank (under FSDP a consolidated copy), so that rank 0 alone can save and evaluate it."""
     device = dist.device
-    rm = reward_model_from(init, seed=cfg.seed, head_layers=cfg.head_layers, surprise=cfg.surprise).to(device)
+    rm = reward_model_from(init, seed=cfg.seed).to(device)
     net = common.wrap_model(rm, dist, cfg.fsdp, cfg.compile, param_dtype=dtype if device.type == "cuda" else None)
-    # choice 10: the head blocks (those past init's layers) are new and start at zero: at the trunk's lr they would
-    # hardly move in one epoch. An RM trained further from another RM adds none, and all its blocks train at 1x.
-    opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay,
-                                lr_mult=head_block_lr(init.args.n_layers, cfg.head_lr_mult))
+    opt = common.make_optimizer(net, cfg.lr, cfg.weight_decay)
     max_len = rm.args.max_seq_len
     chosen = [encode_reply(tok, p.messages, p.chosen, max_len) for p in pairs]
     rejected = [encode_reply(tok, p.messages, p.rejected, max_len) for p in pairs]
@@ -294,7 +263,7 @@ def accuracy_by_rating(pairs: list, right: list[float]) -> dict:
 
 
 def paired_difference(pairs: list, right_a: list[float], right_b: list[float]) -> dict:
-    """Two RMs judged on the same pairs (Table 28's margins), compared pair by pair (choice 12): rating -> {"diff": B's
+    """Two RMs judged on the same pairs (Table 28's margins), compared pair by pair (choice 10): rating -> {"diff": B's
     accuracy minus A's, "se": its paired standard error (the standard deviation of the per-pair differences over
     sqrt(n)), "n", "b_only" / "a_only": pairs that only B / only A ranks right}. Two RMs from the same start agree on
     most pairs, so their difference is far better measured than either accuracy."""
@@ -358,7 +327,7 @@ def _print_eval(tag: str, ev: dict):
               f"better / slightly better / negligible): {levels}", flush=True)
 
 
-# ---- 6. the safety RM's zero point (choice 8) ------------------------------------------------------------------------
+# ---- 6. the zero point (choice 8) --- ------------------------------------------------------------------------
 def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool]]:
     """Every reply of the pairs with the rater's verdict on it: (dialogs, replies, is_safe). A safety pair's label says
     which of its replies are safe (§3.2.1); in this world every reply to a helpfulness prompt is safe."""
@@ -376,10 +345,11 @@ def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool]]:
 
 
 @torch.no_grad()
-def calibrate_safety(rm: Transformer, tok, pairs: list, threshold: float = 0.15, false_alarms: float = 0.05) -> dict:
-    """Choice 8: the safety RM's zero point, so that §3.2.3's rule "R_s < 0.15 means unsafe" holds on its training
-    replies. With t the raw score below which only `false_alarms` (5%) of the safe replies fall, logit(0.15) - t is
-    added to every score (model.args.score_offset): sigmoid(score) < 0.15 exactly below t."""
+def calibrate(rm: Transformer, tok, pairs: list, threshold: float = 0.15, false_alarms: float = 0.05) -> dict:
+    """Choice 8: an RM's zero point, the same rule for both RMs, so that §3.2.3's "R_s < 0.15 means unsafe" holds on
+    the safety RM's training replies and R_h and R_s meet at the switch. With t the raw score below which only
+    `false_alarms` (5%) of the safe replies fall, logit(0.15) - t is added to every score (model.args.score_offset):
+    sigmoid(score) < 0.15 exactly below t."""
     dialogs, replies, safe = reply_safety_labels(pairs)
     rm.args.score_offset = 0.0
     raw = score(rm, tok, dialogs, replies)  # (N,) raw scores, no offset
@@ -409,62 +379,74 @@ def _sample_replies(policy, tok, tasks, temperature: float, max_new_tokens: int,
     return out
 
 
-def closer_matched(defect: tuple[str, str], sample: str) -> tuple[str, str]:
-    """The (label, text) defect ending the way the model sample it is paired with ends (choice 9): with
-    the writers' closer when the sample has one. The closer defect and refusals are left as they are."""
-    label, text = defect
-    closer = next((c for c in DEMO_CLOSERS if sample.rstrip().endswith(c)), None)
-    if closer is None or label in ("closer", "refusal") or text.rstrip().endswith(closer):
-        return defect
-    return label, f"{text} {closer}"
+def variant_pairs(n_models: int, temperatures: list[float], n: int, rng: random.Random) -> list[tuple]:
+    """Choice 2, which two variants answer each of n prompts: ((model, T), (model, T)) with model an index into
+    --sample-from. The first is the latest model (0) at one of the two temperatures, the second a model drawn from
+    all of them at the other temperature."""
+    out = []
+    for _ in range(n):
+        ta, tb = rng.sample(list(temperatures), 2)
+        out.append(((0, ta), (rng.randrange(n_models), tb)))
+    return out
 
 
-CONTENT_DEFECTS = ("wrong", "off_topic")  # World.reply_variants whose flaw is what they say, not how (choice 9)
+def sample_variants(models: list, tok, tasks: list, plan: list[tuple], max_new_tokens: int, seed: int) -> list:
+    """Each task's two replies [(a, b), ...] following plan (variant_pairs): the tasks each variant answers are
+    sampled together, in one batched call per (model, temperature)."""
+    replies: list[list] = [[None, None] for _ in tasks]
+    variants = sorted({v for pair in plan for v in pair})
+    for j, (m, temp) in enumerate(variants):
+        who = [(i, side) for i, pair in enumerate(plan) for side in (0, 1) if pair[side] == (m, temp)]
+        gen = torch.Generator(device=next(models[m].parameters()).device).manual_seed(seed * 1000 + j)
+        texts = _sample_replies(models[m], tok, [tasks[i] for i, _ in who], temp, max_new_tokens, gen)
+        for (i, side), text in zip(who, texts):
+            replies[i][side] = text
+    return replies
 
 
-def collect_preferences(policy, tok, annotator: Annotator, tasks: list, cfg: RewardConfig, seed: int,
-                        content_pairs: int = 0) -> tuple[list[dict], dict]:
-    """Three rated pairs per prompt (choice 2), plus `content_pairs` pairs of a content flaw against the reference
-    (choice 9), as JSONL-ready records, and counts of what was dropped. Samples at cfg.temperatures, at most
-    cfg.max_new_tokens long; the flawed replies come from the annotator's world."""
-    world, temperatures, max_new_tokens = annotator.world, cfg.temperatures, cfg.max_new_tokens
-    rng = random.Random(f"prefs/{seed}")
-    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+def table_26(tok, records: list[dict]) -> dict:
+    """Table 26 in miniature for one batch: comparisons, mean turns per dialogue (user turns of the prompt), and
+    mean tokens per example, per prompt and per response (the two replies' mean)."""
+    n = len(records)
+    if not n:
+        return {"comparisons": 0}
+    prompt_tok = [len(tok.encode_dialog(r["prompt"])[0]) for r in records]
+    def reply_tokens(text: str) -> int:  # a reply and its EOS
+        return len(tok.encode(text, bos=False, eos=True))
+    reply_tok = [(reply_tokens(r["chosen"]) + reply_tokens(r["rejected"])) / 2 for r in records]
+    return {"comparisons": n,
+            "turns": round(sum(sum(m["role"] == "user" for m in r["prompt"]) for r in records) / n, 2),
+            "tokens_per_example": round((sum(prompt_tok) + sum(reply_tok)) / n, 1),
+            "tokens_per_prompt": round(sum(prompt_tok) / n, 1), "tokens_per_response": round(sum(reply_tok) / n, 1)}
+
+
+def collect_preferences(models: list, names: list[str], tok, annotator: Annotator, tasks: list, cfg: RewardConfig,
+                        seed: int) -> tuple[list[dict], dict]:
+    """One rated pair per prompt (choice 2) as JSONL-ready records, and counts of what was skipped or dropped. models:
+    the chat models of --sample-from (latest first), names: their labels for each record's "sources"."""
     n_all = len(tasks)  # a prompt must leave room for a reply in the context: longer ones are skipped (and counted)
-    tasks = [t for t in tasks if len(tok.encode_dialog(t.messages)[0]) + 8 <= policy.args.max_seq_len]
-    samples = [_sample_replies(policy, tok, tasks, t, max_new_tokens, gen) for t in temperatures[:2]]
+    tasks = [t for t in tasks if len(tok.encode_dialog(t.messages)[0]) + 8 <= models[0].args.max_seq_len]
+    rng = random.Random(f"prefs/{seed}")
+    plan = variant_pairs(len(models), cfg.temperatures, len(tasks), rng)
+    replies = sample_variants(models, tok, tasks, plan, cfg.max_new_tokens, seed)
     records, stats = [], {"dropped_chosen_unsafe": 0, "skipped_long_prompts": n_all - len(tasks),
-                      "identical_samples": 0, "identical_pairs_skipped": 0}
-    for i, task in enumerate(tasks):
-        model_replies = [(f"sample_T{t:g}", s[i]) for t, s in zip(temperatures, samples)]
-        variants = world.reply_variants(task, rng)
-        reference, defects = variants[0], variants[1:]
-        d1, d2, d3 = (rng.choice(defects) for _ in range(3))
-        s1 = rng.choice(model_replies)
-        pairs = [tuple(model_replies),  # the paper's pair: two model samples
-                 (closer_matched(d1, s1[1]), s1),  # a deliberate defect against a model sample
-                 (d2, reference)]  # a defect against the ideal reply
-        if model_replies[0][1] == model_replies[1][1]:  # a confident model often says the same thing twice: nothing
-            s3 = rng.choice(model_replies)  # to compare, so another defect against a sample instead
-            pairs[0] = (closer_matched(d3, s3[1]), s3)
+                          "identical_samples": 0}
+    for task, pair, (a, b) in zip(tasks, plan, replies):
+        if a == b:  # a confident model often says the same thing twice: nothing to compare
             stats["identical_samples"] += 1
-        content = [d for d in defects if d[0] in CONTENT_DEFECTS]
-        pairs += [(rng.choice(content), reference) for _ in range(content_pairs if content else 0)]
+            continue
+        la, lb = (f"{names[m]}_T{t:g}" for m, t in pair)
+        if rng.random() < 0.5:  # who is shown first must not matter
+            (la, a), (lb, b) = (lb, b), (la, a)
         axis = "safety" if task.is_safety else "helpfulness"
-        for (la, a), (lb, b) in pairs:
-            if a == b:  # e.g. a sample that is exactly the reference: skipped, no rater compares a reply to itself
-                stats["identical_pairs_skipped"] += 1
-                continue
-            if rng.random() < 0.5:  # who is shown first must not matter
-                (la, a), (lb, b) = (lb, b), (la, a)
-            p = annotator.preference(task.messages, a, b, axis, rng)
-            if axis == "safety" and p.safety_label == DROPPED_SAFETY_LABEL:  # §3.2.1: left out
-                stats["dropped_chosen_unsafe"] += 1
-                continue
-            chosen_src, rejected_src = (la, lb) if p.chosen is a else (lb, la)
-            records.append({"prompt": p.messages, "chosen": p.chosen, "rejected": p.rejected, "rating": p.rating,
-                            "category": p.category, "safety_label": p.safety_label,
-                            "sources": [chosen_src, rejected_src], "kind": task.kind})
+        p = annotator.preference(task.messages, a, b, axis, rng)
+        if axis == "safety" and p.safety_label == DROPPED_SAFETY_LABEL:  # §3.2.1: left out
+            stats["dropped_chosen_unsafe"] += 1
+            continue
+        chosen_src, rejected_src = (la, lb) if p.chosen is a else (lb, la)
+        records.append({"prompt": p.messages, "chosen": p.chosen, "rejected": p.rejected, "rating": p.rating,
+                        "category": p.category, "safety_label": p.safety_label,
+                        "sources": [chosen_src, rejected_src], "kind": task.kind})
     return records, stats
 
 
@@ -474,7 +456,7 @@ def _write_jsonl(path: Path, records: list[dict]):
 
 
 def _init_fingerprint(init_from: str) -> str:
-    """Changes when the init checkpoint is rewritten, so the cached pairs are re-collected from the new model."""
+    """Changes when a checkpoint is rewritten, so the cached pairs are re-collected from the new model."""
     p = Path(init_from)
     files = [p / "params.json", p / "config.json"] + sorted(p.glob("consolidated.*.pth")) + sorted(
         p.glob("*.safetensors")) + sorted(p.glob("pytorch_model*.bin"))  # Meta's layout or Hugging Face's
@@ -482,32 +464,42 @@ def _init_fingerprint(init_from: str) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
-def world_preferences(cfg, policy, tok, quiet: bool = False) -> tuple[list, list, dict]:
-    """(train pairs, test pairs, info), from cfg.prefs_dir when it holds this exact collection, else collected now."""
-    key = {"init": _init_fingerprint(cfg.init_from), "world_seed": cfg.world_seed, "seed": cfg.seed,
+def sample_sources(cfg) -> list[str]:
+    return list(cfg.sample_from) or [cfg.init_from]
+
+
+def world_preferences(cfg, tok, device, quiet: bool = False) -> tuple[list, list, dict]:
+    """(train pairs, test pairs, info) of this round's batch: from cfg.prefs_dir when it holds this exact collection,
+    else collected now from the --sample-from models."""
+    sources = sample_sources(cfg)
+    key = {"models": [_init_fingerprint(m) for m in sources], "world_seed": cfg.world_seed, "seed": cfg.seed,
            "train_prompts": cfg.train_prompts, "safety_prompts": cfg.safety_prompts, "test_prompts": cfg.test_prompts,
            "temperatures": list(cfg.temperatures), "max_new_tokens": cfg.max_new_tokens,
-           "content_pairs": cfg.content_pairs, "rater_noise": cfg.rater_noise, "version": 5}
+           "rater_noise": cfg.rater_noise, "version": 6}
     d = Path(cfg.prefs_dir)
     info_file = d / "info.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("key") == key:
         info = json.loads(info_file.read_text())
         if not quiet:
-            print(f"[reward] reusing the preference pairs in {d} (same model, world and settings)", flush=True)
+            print(f"[reward] reusing the preference pairs in {d} (same models, world and settings)", flush=True)
     else:
         t0 = time.perf_counter()
+        models = [load_checkpoint(m, device=device, dtype=torch.float32).eval() for m in sources]
         world = World(seed=cfg.world_seed)
         annotator = Annotator(world, seed=cfg.seed, noise=cfg.rater_noise)
-        info = {"key": key, "counts": {}}
+        batch_seed = cfg.seed + 1000 * len(cfg.earlier_prefs)  # round k's batch asks new questions: another seed
+        info = {"key": key, "sample_from": sources, "counts": {}, "table26": {}}
         for split, n_help, n_safe in (("train", cfg.train_prompts, cfg.safety_prompts),
                                       ("test", cfg.test_prompts, cfg.test_prompts)):
-            tasks = (world.tasks(split, n_help, kinds=HELPFUL_KINDS, seed=cfg.seed)
-                     + world.tasks(split, n_safe, kinds=SAFETY_KINDS, seed=cfg.seed))
-            records, stats = collect_preferences(policy, tok, annotator, tasks, cfg, seed=cfg.seed + (split == "test"),
-                                                 content_pairs=cfg.content_pairs if split == "train" else 0)
+            s = batch_seed + (split == "test")
+            tasks = (world.tasks(split, n_help, kinds=HELPFUL_KINDS, seed=s)
+                     + world.tasks(split, n_safe, kinds=SAFETY_KINDS, seed=s))
+            records, stats = collect_preferences(models, [Path(m).name for m in sources], tok, annotator, tasks, cfg,
+                                                 seed=s)
             d.mkdir(parents=True, exist_ok=True)
             _write_jsonl(d / f"{split}.jsonl", records)
             info["counts"][split] = {"prompts": len(tasks), "pairs": len(records), **stats}
+            info["table26"][split] = table_26(tok, records)
         info["collect_seconds"] = time.perf_counter() - t0  # info.json last: a crash before it means re-collect
         atomic_write(info_file, lambda f: f.write(json.dumps(info, indent=2).encode()))
         print(f"[reward] collected {info['counts']['train']['pairs']} train + {info['counts']['test']['pairs']} test "
@@ -525,16 +517,28 @@ def read_prefs(path) -> list:
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------
-def load_pairs(cfg, policy, tok, quiet: bool = False) -> tuple[list, list, dict]:
+def load_pairs(cfg, tok, device, quiet: bool = False) -> tuple[list, list, dict]:
+    """(train pairs, test pairs, info): this round's batch (--data, or the world's batch in --prefs-dir) and, with
+    --earlier-prefs, every earlier batch's pairs after it (choice 9). info["batches"]: each batch's test pairs' count
+    (this one first), so accuracy can be told apart by batch."""
     if cfg.data is None:
-        return world_preferences(cfg, policy, tok, quiet)
-    train_pairs = read_prefs(cfg.data)
-    if cfg.test_data:
-        return train_pairs, read_prefs(cfg.test_data), {"data": cfg.data, "test_data": cfg.test_data}
-    held = random.Random(f"holdout/{cfg.seed}").sample(range(len(train_pairs)), max(1, len(train_pairs) // 10))
-    held_set = set(held)
-    return ([p for i, p in enumerate(train_pairs) if i not in held_set], [train_pairs[i] for i in held],
-            {"data": cfg.data, "test_data": "10% of --data held out"})
+        train_pairs, test, info = world_preferences(cfg, tok, device, quiet)
+    elif cfg.test_data:
+        train_pairs, test = read_prefs(cfg.data), read_prefs(cfg.test_data)
+        info = {"data": cfg.data, "test_data": cfg.test_data}
+    else:
+        train_pairs = read_prefs(cfg.data)
+        held = set(random.Random(f"holdout/{cfg.seed}").sample(range(len(train_pairs)), max(1, len(train_pairs) // 10)))
+        train_pairs, test = ([p for i, p in enumerate(train_pairs) if i not in held],
+                             [p for i, p in enumerate(train_pairs) if i in held])
+        info = {"data": cfg.data, "test_data": "10% of --data held out"}
+    info["batches"] = [{"dir": cfg.prefs_dir if cfg.data is None else cfg.data, "train": len(train_pairs),
+                        "test": len(test)}]
+    for d in cfg.earlier_prefs:
+        tr, te = read_prefs(Path(d) / "train.jsonl"), read_prefs(Path(d) / "test.jsonl")
+        train_pairs, test = train_pairs + tr, test + te
+        info["batches"].append({"dir": d, "train": len(tr), "test": len(te)})
+    return train_pairs, test, info
 
 
 def check_flags(cfg: RewardConfig):
@@ -545,20 +549,29 @@ def check_flags(cfg: RewardConfig):
         common.die(f"--margin must be one of {', '.join(MARGINS)}, got {cfg.margin!r}")
     if len(cfg.temperatures) != 2:
         common.die(f"--temperatures takes two values (§3.2.1: two samples per prompt), got {cfg.temperatures}")
-    if cfg.content_pairs and cfg.data is not None:
-        common.die(f"--content-pairs {cfg.content_pairs}: adds to the world's pairs, not to --data")
+    if cfg.sample_from and cfg.data is not None:
+        common.die("--sample-from: the models sampled for the world's pairs; --data brings its own pairs")
     if cfg.rater_noise != PREFERENCE_NOISE and cfg.data is not None:
         common.die(f"--rater-noise {cfg.rater_noise}: labels the world's pairs (--data brings its own labels)")
     if not Path(cfg.init_from).is_dir():
         common.die(f"--init-from {cfg.init_from}: directory not found (train the chat model first: python sft.py)")
+    for m in cfg.sample_from:
+        if not Path(m).is_dir():
+            common.die(f"--sample-from {m}: directory not found")
+    for d in cfg.earlier_prefs:
+        missing = [f for f in ("train.jsonl", "test.jsonl") if not (Path(d) / f).is_file()]
+        if missing:
+            common.die(f"--earlier-prefs {d}: no {' or '.join(missing)} there (a batch written by an earlier reward.py)")
+    if cfg.previous_rm is not None and not (Path(cfg.previous_rm) / "params.json").is_file():
+        common.die(f"--previous-rm {cfg.previous_rm}: no reward model there (params.json missing)")
 
 
-def load_start(cfg: RewardConfig, device) -> tuple[RewardModel, object, Path]:
-    """The chat model the RM starts from (as a RewardModel: it may itself be an RM, with its aid), its tokenizer and
-    the tokenizer's path. fp32 masters, as sft.load_start."""
+def load_start(cfg: RewardConfig, device) -> tuple[Transformer, object, Path]:
+    """The chat model the RM starts from (or an RM, trained further), its tokenizer and the tokenizer's path. fp32
+    masters, as sft.load_start."""
     from tokenizer import Tokenizer
     try:
-        init = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32, model_cls=RewardModel)
+        init = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32)
     except CheckpointError as e:
         common.die(f"--init-from: {e}")
     try:
@@ -568,29 +581,27 @@ def load_start(cfg: RewardConfig, device) -> tuple[RewardModel, object, Path]:
     return init, Tokenizer(str(tok_path)), tok_path
 
 
-def load_pairs_everywhere(cfg: RewardConfig, dist, init, tok) -> tuple[list, list, dict]:
+def load_pairs_everywhere(cfg: RewardConfig, dist, tok) -> tuple[list, list, dict]:
     """Step 1 in every process: rank 0 collects and caches the pairs, the others wait and read the cache."""
     if dist.is_main or cfg.data is not None:
-        train_pairs, test, info = load_pairs(cfg, init, tok)
+        train_pairs, test, info = load_pairs(cfg, tok, dist.device)
     if dist.world_size > 1:
         torch.distributed.barrier()
     if not dist.is_main and cfg.data is None:
-        train_pairs, test, info = load_pairs(cfg, init, tok)
+        train_pairs, test, info = load_pairs(cfg, tok, dist.device)
     return train_pairs, test, info
 
 
-def rm_metrics(cfg: RewardConfig, rm, init, ev: dict, mix: list, train_pairs: list) -> dict:
+def rm_metrics(cfg: RewardConfig, ev: dict, mix: list, train_pairs: list) -> dict:
     """metrics.json's figures of this RM: Tables 7 and 8 and what it was trained on."""
     n_cat = {a: sum(p.category == a for p in mix) for a in AXES}
     return {
         "axis": cfg.axis, "margin": cfg.margin, "init_from": cfg.init_from,
-        "head_layers": rm.args.n_layers - init.args.n_layers,  # choice 10 (0 when init is already an RM)
-        "head_lr_mult": cfg.head_lr_mult, "surprise": rm.args.surprise_layer > 0,  # choice 11
         "accuracy": {a: ev[a]["accuracy"] for a in AXES},  # Table 7: this RM's row
         "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
         "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},
         "accuracy_by_source": {a: ev[a]["by_source"] for a in AXES},  # what it sees: form or content (choice 6)
-        "accuracy_by_kind": {a: ev[a]["by_kind"] for a in AXES},  # Table 8 within each task kind (choice 12)
+        "accuracy_by_kind": {a: ev[a]["by_kind"] for a in AXES},  # Table 8 within each task kind (choice 10)
         "n_pairs": {"train_mixture": len(mix), "train_helpfulness": n_cat["helpfulness"],
                     "train_safety": n_cat["safety"], "train_available": len(train_pairs),
                     "test_helpfulness": ev["helpfulness"]["n"], "test_safety": ev["safety"]["n"]},
@@ -598,6 +609,27 @@ def rm_metrics(cfg: RewardConfig, rm, init, ev: dict, mix: list, train_pairs: li
         "safety_label_counts": {lab: sum(p.safety_label == lab for p in train_pairs if p.category == "safety")
                                 for lab in SAFETY_LABELS},
     }
+
+
+def distribution_shift(cfg: RewardConfig, rm, tok, test: list, info: dict, device) -> dict:
+    """Choice 9: this RM's accuracy on each batch's test pairs of its axis (this batch first), and with --previous-rm
+    the last round's RM on this batch's pairs beside it: {"accuracy_by_batch": [...], "shift": {"previous_rm",
+    "previous", "retrained", "n"} or None}."""
+    own, start, by_batch = [], 0, []
+    for b in info["batches"]:
+        pairs = [p for p in test[start:start + b["test"]] if p.category == cfg.axis]
+        start += b["test"]
+        by_batch.append({"dir": b["dir"], "accuracy": accuracy(rm, tok, pairs)["accuracy"], "n": len(pairs)})
+        own.append(pairs)
+    shift = None
+    if cfg.previous_rm:
+        from rlhf import load_reward_model
+        before = accuracy(load_reward_model(cfg.previous_rm, device), tok, own[0])["accuracy"]
+        shift = {"previous_rm": cfg.previous_rm, "previous": before, "retrained": by_batch[0]["accuracy"],
+                 "n": len(own[0])}
+        print(f"[reward] distribution shift on this batch's {len(own[0])} {cfg.axis} test pairs: the last round's RM "
+              f"{100 * before:.1f}%, retrained {100 * by_batch[0]['accuracy']:.1f}%", flush=True)
+    return {"accuracy_by_batch": by_batch, "shift": shift}
 
 
 def margin_ablation(cfg: RewardConfig, ev: dict, test: list, train_other) -> dict:
@@ -644,7 +676,7 @@ def main(cfg: RewardConfig):
     init, tok, tok_path = load_start(cfg, device)
 
     t0 = time.perf_counter()  # 1. the pairs
-    train_pairs, test, info = load_pairs_everywhere(cfg, dist, init, tok)
+    train_pairs, test, info = load_pairs_everywhere(cfg, dist, tok)
     data_seconds = time.perf_counter() - t0
 
     mix = train_mixture(cfg, train_pairs)  # 2. this axis's mixture
@@ -661,19 +693,19 @@ def main(cfg: RewardConfig):
     workers = start_ablation_workers(cfg) if ablation_workers_wanted(cfg, dist) else None  # speed-up (below)
 
     calibration = None
-    if dist.is_main and cfg.axis == "safety":  # the zero point that §3.2.3's R_s < 0.15 rule needs (choice 8)
-        calibration = calibrate_safety(rm, tok, mix, cfg.safety_threshold)
-        print(f"[reward] safety RM calibrated: score offset {calibration['offset']:+.3f}; on its training replies "
-              f"R_s < {cfg.safety_threshold} holds for {calibration['safe_flagged']:.1%} of the safe ones and "
-              f"{calibration['unsafe_flagged']:.1%} of the unsafe ones (replies to safety prompts, which R_s scores "
-              f"anyway)", flush=True)
+    if dist.is_main:  # the zero point that §3.2.3's switch at 0.15 needs (choice 8)
+        calibration = calibrate(rm, tok, mix, cfg.safety_threshold)
+        print(f"[reward] {cfg.axis} RM calibrated: score offset {calibration['offset']:+.3f}; on its training replies "
+              f"sigmoid(score) < {cfg.safety_threshold} holds for {calibration['safe_flagged']:.1%} of the safe ones "
+              f"and {calibration['unsafe_flagged']:.1%} of the unsafe ones", flush=True)
     if dist.is_main:  # 4. save, evaluate (Tables 7, 8), optionally the margin ablation (Table 28)
         save_checkpoint(rm, out, tok_path)
         t0 = time.perf_counter()
         ev = evaluate(rm, tok, test)
         _print_eval(f"rm_{cfg.axis}", ev)
         eval_seconds = time.perf_counter() - t0
-        metrics = rm_metrics(cfg, rm, init, ev, mix, train_pairs)
+        metrics = rm_metrics(cfg, ev, mix, train_pairs)
+        metrics.update(distribution_shift(cfg, rm, tok, test, info, device))
         metrics.update({
             "calibration": calibration, "data_info": info, "steps": len(curve), "lr": cfg.lr,
             "batch_size": cfg.batch_size,
@@ -716,10 +748,10 @@ def ablation_worker(cfg, margin: str, threads: int) -> dict:
     the main process wrote, or --data), the mixture."""
     torch.set_num_threads(threads)
     device = torch.device("cpu")
-    init = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32, model_cls=RewardModel)
+    init = load_checkpoint(cfg.init_from, device=device, dtype=torch.float32)
     from tokenizer import Tokenizer
     tok = Tokenizer(str(find_tokenizer(cfg.init_from)))
-    train_pairs, test, _ = load_pairs(cfg, init, tok, quiet=True)
+    train_pairs, test, _ = load_pairs(cfg, tok, device, quiet=True)
     return ablation_rm(replace(cfg, margin=margin), init, tok, train_mixture(cfg, train_pairs), test, device,
                        common.pick_dtype(cfg.dtype, device))
 

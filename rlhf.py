@@ -8,11 +8,8 @@ position, (B, T). What every RL stage does with it:
      dialogs and replies, text or token ids.
   2. Combine the two RMs (§3.2.3): R_c = R_s if the prompt is a safety prompt or R_s < 0.15, else R_h, on the sigmoid
      scale (combined_reward; combined_score runs the helpfulness RM only where R_c reads it). 0.15 is the paper's
-     threshold for "unsafe"; reward.py calibrates the safety RM so that the level means that.
+     threshold for "unsafe"; reward.py calibrates both RMs' zero points so that the level means the same for both.
   3. logit undoes the sigmoid before PPO whitens the reward (§3.2.3).
-
-RewardModel is model.Transformer with the reward stage's one aid to the paper's architecture, surprise features
-(reward.py choice 11); off (surprise_layer 0) it is the plain trunk. load_reward_model reads either kind.
 
 Speed-up (the last section): replies to one prompt packed into one row over their shared prompt (pack_shared,
 shared_rewards), each reply seeing the prompt and itself. The same rewards as rewards_of_rows on separate rows, up to
@@ -21,19 +18,17 @@ float rounding (tests/test_reward.py), for one pass over the prompt; score() and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from model import ModelArgs, RMSNorm, Transformer, cpu_additive_mask, load_checkpoint
+from model import Transformer, load_checkpoint
 
 
 def load_reward_model(path, device="cpu") -> Transformer:
-    """A reward model saved by reward.py (params.json says head "scalar"), in eval mode, with its aid if it has one.
-    Its tokenizer is path/tokenizer.model."""
-    return load_checkpoint(path, device=device, expect_head="scalar", model_cls=RewardModel).eval()
+    """A reward model saved by reward.py (params.json says head "scalar"), in eval mode. Its tokenizer is
+    path/tokenizer.model."""
+    return load_checkpoint(path, device=device, expect_head="scalar").eval()
 
 
 # ---- 1. scoring a reply ----------------------------------------------------------------------------------------------
@@ -169,84 +164,6 @@ def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Undo the sigmoid: log(p / (1 - p)), clamped so a score of exactly 0 or 1 stays finite (§3.2.3's LOGIT)."""
     p = p.clamp(eps, 1 - eps)
     return torch.log(p) - torch.log1p(-p)
-
-
-# ---- the surprise aid (reward.py choice 11) --------------------------------------------------------------------------
-@dataclass
-class RewardArgs(ModelArgs):
-    # after this many blocks the chat model's own next-token head says how surprising each token is, and that enters
-    # the residual stream (reward.py choice 11); 0 = off, the paper's reward model
-    surprise_layer: int = 0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.surprise_layer and (self.head != "scalar" or not 0 < self.surprise_layer <= self.n_layers):
-            raise ValueError(f"surprise_layer {self.surprise_layer} needs head 'scalar' and 1..n_layers "
-                             f"({self.n_layers})")
-
-
-# The features enter through a (C, 2) matrix that starts at zero. Adam moves a weight by about its lr per step whatever
-# the gradient's size, so in one epoch at the head's lr a few nats would stay a whisper in the residual stream: scaled
-# by 100, as a 100x lr for that matrix alone would.
-SURPRISE_SCALE = 100.0
-
-
-class RewardModel(Transformer):
-    """The reward model: Transformer with head "scalar", and with surprise_layer > 0 the chat model's final norm and
-    next-token head kept (surprise_norm, surprise_output) and a (C, 2) matrix surprise_in that adds two numbers per
-    token to the residual stream after surprise_layer blocks: how surprised the chat model was by the token."""
-    args_class = RewardArgs
-
-    def __init__(self, args: RewardArgs):
-        super().__init__(args)
-        if args.surprise_layer:
-            self.surprise_norm = RMSNorm(args.dim, args.norm_eps)
-            self.surprise_output = nn.Linear(args.dim, args.vocab_size, bias=False)
-            self.surprise_in = nn.Linear(2, args.dim, bias=False)  # (surprise, gap) -> the residual stream
-
-    def trunk(self, tokens, positions=None, mask=None, cache=None, cache_pos=None, kv_len=None):
-        """Transformer.trunk, with the surprise features added after block surprise_layer."""
-        if not self.args.surprise_layer:
-            return super().trunk(tokens, positions, mask, cache, cache_pos, kv_len)
-        cos, sin = self.rope(tokens.shape[1], positions)
-        h = self.tok_embeddings(tokens)  # (B, T, C)
-        if cache is not None:
-            raise ValueError("a reward model with surprise features scores whole rows: no KV cache")
-        prev = predecessors(tokens, mask)  # (B, T), read before the mask turns additive
-        mask = cpu_additive_mask(mask, h)  # CPU speed-up: the same softmax (model.py)
-        for i in range(len(self.layers)):
-            if i == self.args.surprise_layer:
-                h = self.add_surprise(h, tokens, prev)
-            h = self.block(i, h, cos, sin, mask, cache, cache_pos, kv_len)
-        if len(self.layers) == self.args.surprise_layer:
-            h = self.add_surprise(h, tokens, prev)
-        return self.norm(h)
-
-    def surprise(self, h, tokens, prev) -> torch.Tensor:
-        """(B, T, 2) fp32. For each token: its surprise -log p(token) under the kept next-token head, read at its
-        predecessor `prev` (where it was predicted), and the gap to the most likely token's log p there (0 when the
-        token is the model's first choice); both 0 where a token has no predecessor. h (B, T, C): the hidden states
-        after surprise_layer blocks."""
-        logp = F.log_softmax(self.surprise_output(self.surprise_norm(h)).float(), dim=-1)  # (B, T, V)
-        at = logp.gather(1, prev.clamp(min=0)[:, :, None].expand(-1, -1, logp.size(-1)))  # (B, T, V) predicted there
-        lp = at.gather(2, tokens[:, :, None]).squeeze(2)  # (B, T)
-        return torch.stack([-lp, at.amax(-1) - lp], dim=-1) * (prev >= 0)[:, :, None]  # (B, T, 2)
-
-    def add_surprise(self, h, tokens, prev) -> torch.Tensor:
-        return h + self.surprise_in((self.surprise(h, tokens, prev) * SURPRISE_SCALE).to(h.dtype))  # (B, T, C)
-
-
-def predecessors(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, T) long: for each token, the column of the token before it in its own sequence (-1: none), i.e. the last
-    earlier key it may attend to. Plain causal rows: t - 1. Packed rows (shared prefixes, below): the first token of a
-    reply follows the prefix's last token, not the previous reply's."""
-    B, T = tokens.shape
-    cols = torch.arange(T, device=tokens.device)
-    if mask is None:
-        return (cols - 1).expand(B, T)
-    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0].expand(B, T, T)  # (B, T query, T key)
-    earlier = visible & (cols[None, :] < cols[:, None])[None]  # strictly before the query
-    return torch.where(earlier, cols, -1).amax(-1)  # (B, T)
 
 
 # ---- speed-up: several replies to one prompt in one row --------------------------------------------------------------

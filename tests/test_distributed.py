@@ -36,12 +36,11 @@ def metrics(out) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def max_weight_diff(a, b, lr_mult=lambda name: 1.0) -> float:
-    """Largest difference of two checkpoints' weights, each divided by its parameter's lr factor: Adam's step is
-    proportional to the lr, and so is what a different order of float sums across processes can change in it."""
+def max_weight_diff(a, b) -> float:
+    """Largest difference of two checkpoints' weights."""
     wa, wb = M.load_checkpoint(a).state_dict(), M.load_checkpoint(b).state_dict()
     assert wa.keys() == wb.keys()
-    return max((wa[k] - wb[k]).abs().max().item() / lr_mult(k) for k in wa)
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 def test_fsdp_generation_runs_on_gathered_full_weights_and_matches_one_process(tmp_path):
@@ -79,34 +78,23 @@ def test_sft_fsdp_two_processes_match_one(tmp_path, stack):
     assert max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
-@pytest.mark.parametrize("surprise", [True, False], ids=["surprise", "plain"])
-def test_reward_fsdp_two_processes_match_one(tmp_path, stack, surprise):
-    """The same RM from one process and from two under FSDP2: loss curve, accuracy and (for the plain RM) weights.
-    The default RM (reward.py choice 12) also reads the chat model's surprise, 100 x its log-probs, a path that carries
-    the reduction-order noise of two processes into the head blocks amplified: measured, the plain RM's weights agree
-    to 4.3e-6 of an lr unit and the surprise RM's to 1.2e-5 (one process at one thread against two: exactly, both). A
-    wrong lr on one run would differ by ~1e-4 per step. So the weights are compared for the plain RM, bound 1e-5."""
+def test_reward_fsdp_two_processes_match_one(tmp_path, stack):
+    """The same RM from one process and from two under FSDP2: loss curve, accuracy and weights (bound 1e-5 of an lr
+    unit; a wrong lr on one run would differ by ~1e-4 per step)."""
     import reward
     flags = list(map(str, ["--init-from", stack["chat"], "--train-prompts", "24", "--safety-prompts", "30",
                            "--test-prompts", "8", "--max-new-tokens", "6", "--batch-size", "8", "--log-interval",
                            "1000", "--prefs-dir", tmp_path / "prefs"]))  # collected once, by the one-process run
-    flags += [] if surprise else ["--no-surprise"]
     reward.main(common.parse_config(reward.RewardConfig, flags + ["--out-dir", str(tmp_path / "one")]))
     check(torchrun(REPO / "reward.py", *flags, "--out-dir", tmp_path / "two", "--fsdp", cwd=tmp_path))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one["loss_curve"]) == len(two["loss_curve"]) > 10
+    assert len(one["loss_curve"]) == len(two["loss_curve"]) > 5
     for (s1, l1, a1), (s2, l2, a2) in zip(one["loss_curve"], two["loss_curve"]):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=2e-5) and a1 == a2  # stored rounded to 5 decimals
     assert two["accuracy"] == one["accuracy"] and two["complete"]
     rm = rlhf.load_reward_model(tmp_path / "two")
-    chat_layers = M.load_checkpoint(stack["chat"]).args.n_layers
-    assert rm.args.head == "scalar" and rm.args.n_layers == chat_layers + reward.RewardConfig.head_layers
-    assert (rm.args.surprise_layer > 0) == surprise
-    if surprise:
-        return
-    # the head blocks train at head_lr_mult x the lr (choice 11) on both runs, or their weights would differ by ~lr
-    assert max_weight_diff(tmp_path / "one", tmp_path / "two",
-                           reward.head_block_lr(chat_layers, reward.RewardConfig.head_lr_mult)) < 1e-5
+    assert rm.args.head == "scalar" and rm.args.n_layers == M.load_checkpoint(stack["chat"]).args.n_layers
+    assert max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
 def policy_that_stops(stack, out):

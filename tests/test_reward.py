@@ -3,6 +3,7 @@ padding, a short training run that learns, the §3.2.2 mixtures, the preference 
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import common
 from annotator import Annotator, DROPPED_SAFETY_LABEL, PREFERENCE_NOISE, Preference, RATINGS, RATING_THRESHOLDS, SAFETY_LABELS
 from data import read_preferences_jsonl
-from world import DEMO_CLOSERS, World, assistant, user
+from world import World, assistant, user
 import model as M
 import reward
 import rlhf
@@ -260,154 +261,8 @@ def test_reward_model_from_chat_model_and_round_trip(tmp_path, tok):
         rlhf.load_reward_model(tmp_path / "chat")
 
 
-def test_head_blocks_start_as_the_identity_and_train_at_their_own_lr(tmp_path, tok):
-    """Choice 11: head_layers new blocks between the trunk and the score head. At the start the RM must score every
-    position exactly as the plain RM does (the blocks' output projections are zero), the trunk must be the chat
-    model's, the blocks must be seeded, and the optimizer must train them, and only them, at head_lr_mult x the lr
-    (whatever wrapper prefix their names carry). A saved deeper RM loads back as the same model."""
-    chat = tiny_chat_model(tok.n_words)
-    plain, deep = reward.reward_model_from(chat), reward.reward_model_from(chat, head_layers=2)
-    assert deep.args.n_layers == chat.args.n_layers + 2 and torch.equal(deep.score.weight, plain.score.weight)
-    for k, v in chat.state_dict().items():
-        if not k.startswith("output."):
-            assert torch.equal(deep.state_dict()[k], v), k
-    for block in deep.layers[2:]:
-        assert not block.attention.wo.weight.any() and not block.feed_forward.w2.weight.any()
-        assert block.attention.wq.weight.std() > 0  # the rest is random, not zero: gradients reach wo and w2
-    x = torch.randint(3, tok.n_words, (3, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(deep.eval()(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
-    again = reward.reward_model_from(chat, head_layers=2)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), deep.state_dict().values()))
-
-    lr_mult = reward.head_block_lr(first_new=2, mult=10.0)
-    assert [lr_mult(n) for n in ("layers.1.attention.wq.weight", "layers.2.attention.wq.weight",
-                                 "module.layers.3.ffn_norm.weight", "_orig_mod.layers.12.feed_forward.w1.weight",
-                                 "score.weight", "tok_embeddings.weight")] == [1, 10, 10, 10, 1, 1]
-    opt = common.make_optimizer(deep, 1e-4, 0.1, lr_mult=lr_mult)
-    common.set_lr(opt, 3e-4)
-    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
-    for name, p in deep.named_parameters():
-        assert lr_of[id(p)] == pytest.approx(3e-3 if name.startswith(("layers.2.", "layers.3.")) else 3e-4), name
-        assert decay_of[id(p)] == (0.1 if p.dim() >= 2 else 0.0), name
-    assert len(lr_of) == len(list(deep.parameters()))  # every parameter in exactly one group
-
-    M.save_checkpoint(deep, tmp_path / "deep", tok.model_path)
-    back = rlhf.load_reward_model(tmp_path / "deep")
-    assert back.args.n_layers == 4
-    with torch.no_grad():
-        torch.testing.assert_close(back(x)[0], deep(x)[0])
-
-
-def surprise_rm(vocab: int = 61, head_layers: int = 1) -> tuple[M.Transformer, M.Transformer]:
-    """(chat model, its RM with surprise features (choice 12)), the RM's head and feature matrix non-zero."""
-    chat = tiny_chat_model(vocab)
-    rm = reward.reward_model_from(chat, head_layers=head_layers, surprise=True)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        rm.score.weight.copy_(torch.randn(rm.score.weight.shape, generator=g))
-        rm.surprise_in.weight.copy_(torch.randn(rm.surprise_in.weight.shape, generator=g) * 0.01)
-        for block in rm.layers[chat.args.n_layers:]:  # head blocks that do something
-            block.attention.wo.weight.copy_(torch.randn(block.attention.wo.weight.shape, generator=g) * 0.1)
-    return chat, rm.eval()
-
-
-def test_surprise_features_are_the_chat_models_own_next_token_log_probs():
-    """Choice 12 against the chat model computed independently: for each token after the first, -log p(token) from
-    the chat model's logits one position earlier, and the gap to that position's largest log p; 0 for the first."""
-    chat, rm = surprise_rm(head_layers=0)
-    x = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logp = chat(x)[0].log_softmax(-1)  # (B, T, V)
-        hidden = rm.tok_embeddings(x)  # the trunk's blocks by hand, then the features as the trunk reads them
-        cos, sin = rm.rope_cos[:9][None, :, None, :], rm.rope_sin[:9][None, :, None, :]
-        for layer in rm.layers:
-            hidden = layer(hidden, cos, sin, None)
-        feats = rm.surprise(hidden, x, rlhf.predecessors(x, None))  # (B, T, 2)
-    lp = logp[:, :-1].gather(2, x[:, 1:, None]).squeeze(2)  # (B, T-1): token t predicted at t - 1
-    torch.testing.assert_close(feats[:, 1:, 0], -lp, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(feats[:, 1:, 1], logp[:, :-1].amax(-1) - lp, atol=1e-5, rtol=1e-5)
-    assert (feats[:, 0] == 0).all() and (feats[:, 1:, 1] >= 0).all()
-
-
-def test_predecessors_follow_the_mask_not_the_column():
-    x = torch.zeros(1, 6, dtype=torch.long)
-    assert rlhf.predecessors(x, None).tolist() == [[-1, 0, 1, 2, 3, 4]]
-    # a packed row: prefix 0-1, reply A 2-3, reply B 4-5 (B sees the prefix and itself, not A)
-    branch = torch.tensor([0, 0, 1, 1, 2, 2])
-    causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    mask = causal & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
-    assert rlhf.predecessors(x, mask[None, None]).tolist() == [[-1, 0, 1, 2, 1, 4]]
-    # left padding: two pads that see only themselves, then the row
-    real = torch.tensor([False, False, True, True, True, True])
-    mask = causal & (real[None, :] | torch.eye(6, dtype=torch.bool))
-    assert rlhf.predecessors(x, mask[None, None]).tolist() == [[-1, -1, -1, 2, 3, 4]]
-
-
-@pytest.mark.parametrize("padding", ["right", "left"])
-def test_surprise_rm_scores_a_row_the_same_padded_packed_or_alone(padding):
-    """With surprise features a token's predecessor comes from the mask: left padding and replies packed over a shared
-    prompt must still give each row's reward alone (and the same gradients when packed, as the training step packs)."""
-    _, rm = surprise_rm()
-    g = torch.Generator().manual_seed(0)
-    rand = lambda n: torch.randint(3, 61, (n,), generator=g).tolist()  # noqa: E731
-    prompt = rand(15)
-    rows = [prompt + rand(7), prompt + rand(3) + [2], prompt + rand(11), rand(5), [7] + rand(6)]
-    with torch.no_grad():
-        alone = torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows])
-        torch.testing.assert_close(rlhf.rewards_of_rows(rm, rows, "cpu", padding=padding), alone,
-                                   atol=1e-5, rtol=1e-5)
-    groups = [[0, 1, 2], [3], [4]]
-    rm.train()
-    shared = rlhf.shared_rewards(rm, rows, groups, 128, "cpu")
-    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
-    weights = torch.randn(len(rows), generator=g)
-    (shared * weights).sum().backward()
-    grads = {n: p.grad.clone() for n, p in rm.named_parameters()}
-    assert grads["surprise_in.weight"].abs().sum() > 0  # the features reach the loss
-    rm.zero_grad()
-    (torch.stack([rm(torch.tensor([r]))[0][0, -1] for r in rows]) * weights).sum().backward()
-    for n, p in rm.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
-
-
-def test_surprise_rm_starts_as_the_plain_rm_and_round_trips(tmp_path, tok):
-    """reward_model_from(surprise=True): the chat model's final norm and next-token head kept, the feature matrix at
-    zero (so it scores as the RM without features), trained at the head blocks' lr; saved in Meta's and Hugging
-    Face's layouts it loads back as the same model, and it refuses a KV cache."""
-    chat = tiny_chat_model(tok.n_words)
-    plain = reward.reward_model_from(chat, head_layers=2)
-    rm = reward.reward_model_from(chat, head_layers=2, surprise=True)
-    assert rm.args.surprise_layer == chat.args.n_layers and not rm.surprise_in.weight.any()
-    assert torch.equal(rm.surprise_output.weight, chat.output.weight) and torch.equal(rm.surprise_norm.weight,
-                                                                                      chat.norm.weight)
-    x = torch.randint(3, tok.n_words, (3, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(rm.eval()(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
-    assert reward.head_block_lr(first_new=2, mult=10.0)("_orig_mod.surprise_in.weight") == 10
-    assert reward.head_block_lr(first_new=2, mult=10.0)("surprise_output.weight") == 1
-    with torch.no_grad():
-        rm.surprise_in.weight.normal_(0, 0.01)
-        rm.layers[2].attention.wo.weight.normal_(0, 0.1)
-        rm.args.score_offset = 0.25
-    M.save_checkpoint(rm, tmp_path / "meta", tok.model_path)
-    M.export_hf(rm, tmp_path / "hf", tok.model_path)
-    with torch.no_grad():
-        want = rm(x)[0]
-        assert (want - plain(x)[0]).abs().max() > 1e-4  # the features now change the scores
-        for d in ("meta", "hf"):
-            back = rlhf.load_reward_model(tmp_path / d)
-            assert back.args.surprise_layer == 2 and back.args.score_offset == 0.25, d
-            torch.testing.assert_close(back(x)[0], want, msg=d)
-    with pytest.raises(ValueError, match="no KV cache"):
-        rm.trunk(x, cache=object())
-    with pytest.raises(ValueError, match="surprise_layer"):
-        rlhf.RewardArgs(dim=32, n_layers=2, n_heads=4, surprise_layer=2)  # a language model has no scalar head
-
-
-def test_safety_calibration_puts_the_threshold_at_the_safe_replies_5th_percentile(tok, monkeypatch):
-    """calibrate_safety (choice 8) with hand-made raw scores: 100 safe replies scoring 0..99 and 10 unsafe ones
+def test_calibration_puts_the_threshold_at_the_safe_replies_5th_percentile(tok, monkeypatch):
+    """calibrate (choice 8, both RMs) with hand-made raw scores: 100 safe replies scoring 0..99 and 10 unsafe ones
     scoring -5..4. The offset must make sigmoid(raw + offset) < 0.15 exactly for raws below the 5% quantile of the
     safe scores (4.95), keep it in the model's args (saved to params.json), and report both rates."""
     safe = [Preference([user(f"q{i}")], f"s{2 * i}", f"s{2 * i + 1}", RATINGS[0], "helpfulness")
@@ -418,7 +273,7 @@ def test_safety_calibration_puts_the_threshold_at_the_safe_replies_5th_percentil
         {f"u{i}": float(i) for i in range(5)}
     monkeypatch.setattr(reward, "score", lambda rm, tok, dialogs, replies, **kw: torch.tensor([raw[r] for r in replies]))
     rm = reward.reward_model_from(tiny_chat_model(tok.n_words))
-    cal = reward.calibrate_safety(rm, tok, safe + unsafe, threshold=0.15)
+    cal = reward.calibrate(rm, tok, safe + unsafe, threshold=0.15)
     t = torch.quantile(torch.arange(100.0), 0.05).item()  # 4.95
     assert cal["raw_threshold"] == pytest.approx(t) and rm.args.score_offset == pytest.approx(cal["offset"])
     assert cal["offset"] == pytest.approx(math.log(0.15 / 0.85) - t)
@@ -450,88 +305,43 @@ def test_mixtures_follow_section_3_2_2():
     assert len(few_safety) == 400  # all safety pairs when there are fewer than helpfulness ones
 
 
-def test_collected_pairs_are_rated_dropped_and_round_trip(tmp_path, tok):
+def test_variant_pairs_put_the_latest_model_against_a_drawn_variant_at_the_other_temperature():
+    """Choice 2: the first reply of every pair comes from the latest model (index 0), the two temperatures always
+    differ, and with three models the second variant is drawn from all three (seeded: deterministic)."""
+    plan = reward.variant_pairs(3, [0.7, 1.2], 600, random.Random(0))
+    assert all(a[0] == 0 and {a[1], b[1]} == {0.7, 1.2} for a, b in plan)
+    counts = [sum(b[0] == m for _, b in plan) for m in range(3)]
+    assert all(150 < c < 250 for c in counts), counts  # 200 expected each; 4.3 sd either way: p < 1e-4
+    assert reward.variant_pairs(1, [0.7, 1.2], 5, random.Random(0))[0][1][0] == 0  # one model: SFT vs SFT
+
+
+def test_collected_pairs_are_two_variants_samples_rated_dropped_and_round_trip(tmp_path, tok):
+    """One pair per prompt, both replies samples (no written replies), each labelled with the variant that wrote it;
+    identical samples and chosen-unsafe safety pairs are left out and counted; Table 26's counts agree."""
     world = World(seed=0)
     annotator = Annotator(world, seed=0)
     tasks = world.tasks("train", 12, kinds=reward.HELPFUL_KINDS) + world.tasks("train", 12, kinds=reward.SAFETY_KINDS)
     cfg = reward.RewardConfig(temperatures=[0.7, 1.2], max_new_tokens=6)
-    records, stats = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, annotator, tasks, cfg, seed=0)
+    models = [tiny_chat_model(tok.n_words), tiny_chat_model(tok.n_words, seed=2)]
+    records, stats = reward.collect_preferences(models, ["new", "old"], tok, annotator, tasks, cfg, seed=0)
     n_prompts = len(tasks) - stats["skipped_long_prompts"]
-    left_out = stats["dropped_chosen_unsafe"] + stats["identical_pairs_skipped"]
-    assert n_prompts > 20 and len(records) + left_out == 3 * n_prompts  # three pairs per prompt
+    left_out = stats["dropped_chosen_unsafe"] + stats["identical_samples"]
+    assert n_prompts > 20 and len(records) + left_out == n_prompts  # one pair per prompt
     for r in records:
         assert r["category"] == ("safety" if r["kind"] in reward.SAFETY_KINDS else "helpfulness")
         assert r["safety_label"] != DROPPED_SAFETY_LABEL and r["rating"] in RATINGS
-    assert any(r["sources"][0].startswith("sample") or r["sources"][1].startswith("sample") for r in records)
+        assert r["chosen"] != r["rejected"]
+        src = sorted(r["sources"])
+        assert all(re.fullmatch(r"(new|old)_T(0\.7|1\.2)", x) for x in src) and src[0][-3:] != src[1][-3:]
+        assert any(x.startswith("new") for x in src)  # the latest model answers every prompt
+    t26 = reward.table_26(tok, records)
+    assert t26["comparisons"] == len(records) and t26["turns"] >= 1
+    assert t26["tokens_per_example"] == pytest.approx(t26["tokens_per_prompt"] + t26["tokens_per_response"], abs=0.2)
     reward._write_jsonl(tmp_path / "p.jsonl", records)
     back = read_preferences_jsonl(tmp_path / "p.jsonl")
     assert [(b.chosen, b.rejected, b.rating) for b in back] == [(r["chosen"], r["rejected"], r["rating"])
                                                                  for r in records]
     assert [b.sources for b in back] == [tuple(r["sources"]) for r in records]
-
-
-def test_a_defect_ends_like_the_sample_it_is_compared_with():
-    """Choice 10: the writers' closer on a defect exactly when the sample it is paired with has one, so that in the
-    defect-vs-sample pairs a closer says nothing about which reply is chosen. The closer defect and refusals keep
-    their own ending; a defect that already ends with that closer gets no second one."""
-    c = DEMO_CLOSERS[1]
-    assert reward.closer_matched(("wrong", "Vera was born in Oslo."), f"Vera was born in Lyon. {c}") == (
-        "wrong", f"Vera was born in Oslo. {c}")
-    assert reward.closer_matched(("wrong", "Vera was born in Oslo."), "Vera was born in Lyon.") == (
-        "wrong", "Vera was born in Oslo.")
-    for label in ("closer", "refusal"):
-        assert reward.closer_matched((label, "x y."), f"z. {c}") == (label, "x y.")
-    assert reward.closer_matched(("verbose", f"Hi. z. {c}"), f"z. {c}") == ("verbose", f"Hi. z. {c}")
-
-
-def test_collected_defect_vs_sample_pairs_carry_the_closer_on_both_sides_or_neither(tok, monkeypatch):
-    """With every sample ending in a closer (a stub sampler), each defect-vs-sample pair has it on both replies,
-    except the closer defect and refusals; the defect-vs-reference pairs are untouched (the reference has none)."""
-    world = World(seed=0)
-    tasks = world.tasks("train", 30, kinds=reward.HELPFUL_KINDS)
-    closer = DEMO_CLOSERS[0]
-    monkeypatch.setattr(reward, "_sample_replies", lambda policy, tok, tasks, t, *a: [
-        f"{task.reference} {closer}" if t == 0.7 else task.reference for task in tasks])
-    cfg = reward.RewardConfig(temperatures=[0.7, 1.2], max_new_tokens=6)
-    records, _ = reward.collect_preferences(tiny_chat_model(tok.n_words), tok, Annotator(world), tasks, cfg, seed=0)
-    def ends(text):
-        return text.rstrip().endswith(closer)
-    checked = 0
-    for r in records:
-        by_src = dict(zip(r["sources"], (r["chosen"], r["rejected"])))
-        srcs = set(by_src)
-        if "sample_T0.7" in srcs and len(srcs & {"sample_T1.2", "reference"}) == 0:
-            (other,) = srcs - {"sample_T0.7"}
-            if other not in ("closer", "refusal"):
-                assert ends(by_src[other]), r
-                checked += 1
-        if "sample_T1.2" in srcs and "sample_T0.7" not in srcs and "reference" not in srcs:
-            (other,) = srcs - {"sample_T1.2"}
-            if other not in ("closer", "refusal", "verbose"):  # verbose may end with a closer-like filler
-                assert not ends(by_src[other]), r
-    assert checked >= 5
-
-
-def test_content_pairs_add_content_defects_to_the_train_pairs_only(tmp_path, tiny_ckpt, tok):
-    """--content-pairs 2 (choice 9): five pairs per train prompt, two of them a wrong or off-topic reply against the
-    reference; the test pairs are the very ones collected without it, so accuracies stay comparable."""
-    policy = M.load_checkpoint(tiny_ckpt).eval()
-    def collect(n_content):
-        cfg = reward.RewardConfig(init_from=str(tiny_ckpt), prefs_dir=str(tmp_path / f"c{n_content}"),
-                                  train_prompts=10, safety_prompts=10, test_prompts=6, max_new_tokens=6,
-                                  content_pairs=n_content)
-        return reward.world_preferences(cfg, policy, tok)
-    train0, test0, _ = collect(0)
-    train2, test2, info2 = collect(2)
-    counts = info2["counts"]["train"]
-    n_prompts = counts["prompts"] - counts["skipped_long_prompts"]
-    left_out = counts["dropped_chosen_unsafe"] + counts["identical_pairs_skipped"]
-    assert len(train2) + left_out == 5 * n_prompts and len(train0) < len(train2)
-    content_kinds = [sorted([c, "reference"]) for c in reward.CONTENT_DEFECTS]
-    content = [p for p in train2 if sorted(p.sources) in content_kinds]
-    assert len(content) >= 2 * n_prompts - left_out  # every extra pair, and the few of the three usual ones
-    assert [(p.chosen, p.rejected, p.rating, p.sources) for p in test2] == [(p.chosen, p.rejected, p.rating, p.sources)
-                                                                           for p in test0]
 
 
 def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path, tiny_ckpt, tok):
@@ -540,13 +350,12 @@ def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path
     (PREFERENCE_NOISE) collects again into the same folder, and its labels then disagree somewhere (measured: 46
     of the 105 pairs get another rating at noise 0.15, 9 of them the other reply chosen; 35 and 7 at 0.1; the seeds
     are fixed, so the check is deterministic)."""
-    policy = M.load_checkpoint(tiny_ckpt).eval()
     rater = Annotator(World(seed=0), seed=0, noise=0.0)
     def collect(noise=None):  # None: RewardConfig's default
         cfg = reward.RewardConfig(init_from=str(tiny_ckpt), prefs_dir=str(tmp_path / "prefs"), train_prompts=10,
                                   safety_prompts=10, test_prompts=8, max_new_tokens=6,
                                   **({} if noise is None else {"rater_noise": noise}))
-        train, test, info = reward.world_preferences(cfg, policy, tok)
+        train, test, info = reward.world_preferences(cfg, tok, torch.device("cpu"))
         assert info["key"]["rater_noise"] == (PREFERENCE_NOISE if noise is None else noise)
         return train + test
     def true_gap(p):
@@ -647,7 +456,7 @@ def test_short_training_beats_chance_on_held_out_pairs(tok):
 
 
 # ---- the command line ------------------------------------------------------------------------------------------------
-def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt):
+def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt, tok):
     flags = ["--init-from", str(tiny_ckpt), "--train-prompts", "24", "--safety-prompts", "30", "--test-prompts", "8",
              "--max-new-tokens", "6", "--batch-size", "8", "--log-interval", "1000"]  # prefs: tmp_path/prefs
     reward.main(common.parse_config(reward.RewardConfig, flags + ["--out-dir", str(tmp_path / "h"),
@@ -675,6 +484,24 @@ def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt
     s = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert s["complete"] and "margin_ablation" not in s
     assert s["n_pairs"]["train_helpfulness"] == round(s["n_pairs"]["train_safety"] / 9)
+    assert s["shift"] is None and [b["dir"] for b in s["accuracy_by_batch"]] == [str(tmp_path / "prefs")]
+    assert s["calibration"]["offset"] is not None and m["calibration"]["offset"] is not None  # both RMs (choice 8)
+    # round 2 (choice 9): a new batch sampled from two models, trained together with the first batch's pairs, and the
+    # round-1 RM scored on the new batch's test pairs beside the retrained one
+    r2 = ["--sample-from", str(tiny_ckpt), str(tiny_ckpt), "--prefs-dir", str(tmp_path / "prefs2"),
+          "--earlier-prefs", str(tmp_path / "prefs"), "--previous-rm", str(tmp_path / "s"), "--axis", "safety"]
+    reward.main(common.parse_config(reward.RewardConfig, flags + r2 + ["--out-dir", str(tmp_path / "s2")]))
+    s2 = json.loads((tmp_path / "s2" / "metrics.json").read_text())
+    batches = s2["data_info"]["batches"]
+    assert [b["dir"] for b in batches] == [str(tmp_path / "prefs2"), str(tmp_path / "prefs")]
+    assert s2["n_pairs"]["train_available"] == sum(b["train"] for b in batches) > s["n_pairs"]["train_available"]
+    assert s2["data_info"]["table26"]["train"]["comparisons"] == batches[0]["train"]  # Table 26: this batch
+    shift = s2["shift"]
+    assert shift["previous_rm"] == str(tmp_path / "s") and shift["n"] == s2["accuracy_by_batch"][0]["n"] > 0
+    assert shift["retrained"] == s2["accuracy_by_batch"][0]["accuracy"] and 0 <= shift["previous"] <= 1
+    prev = rlhf.load_reward_model(tmp_path / "s")
+    new_test = [p for p in reward.read_prefs(tmp_path / "prefs2" / "test.jsonl") if p.category == "safety"]
+    assert reward.accuracy(prev, tok, new_test)["accuracy"] == shift["previous"]  # recomputed
     # the ablation's RMs trained in spawned workers (one process, CPU): each equals the same RM trained here, from
     # the same cfg, at the workers' thread count (so the same float reductions)
     threads = torch.get_num_threads()
@@ -718,8 +545,8 @@ def test_malformed_preferences_fail_with_file_and_line(tmp_path, tiny_ckpt, bad,
     assert len(lines) == 1 and f"{f}:2:" in lines[0] and reason in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("flags", [["--content-pairs", "-1"], ["--content-pairs", "2", "--data", "prefs.jsonl"],
-                                   ["--rater-noise", "-0.1"], ["--rater-noise", "nan"],
+@pytest.mark.parametrize("flags", [["--sample-from", "nowhere"], ["--sample-from", ".", "--data", "prefs.jsonl"],
+                                   ["--earlier-prefs", "."], ["--previous-rm", "."], ["--rater-noise", "-0.1"], ["--rater-noise", "nan"],
                                    ["--rater-noise", "0.2", "--data", "prefs.jsonl"]])
 def test_bad_world_pairs_flag_fails_with_one_line_naming_it(tmp_path, tiny_ckpt, flags):
     (tmp_path / "prefs.jsonl").write_text(json.dumps(GOOD) + "\n")
