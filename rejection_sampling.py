@@ -15,8 +15,9 @@ One iteration:
      otherwise; rlhf.combined_reward), and keep the argmax per prompt;
   4. keep the best of ALL iterations so far per prompt (keep_best): from RLHF-V4 on, §3.2.3's fix for the regressions
      seen when only the last iteration's samples were used. The earlier versions' kept replies (--previous: each
-     run writes its kept set to kept.jsonl, the prompt keyed by its text) compete too, re-scored first by THIS run's
-     reward models: their old rewards came from older reward models and are not comparable;
+     run writes its kept set to kept.jsonl, the prompt keyed by its text, so a prompt drawn twice keeps one reply)
+     compete too, re-scored first by THIS run's reward models: their old rewards came from older reward models and
+     are not comparable;
   5. fine-tune with sft.py's recipe on the kept (prompt, best reply) dialogues.
 Fig. 7: the max and median reward among N samples, N = 1, 2, 4, ... K: the max grows with N, the median does not;
 their gap is what rejection sampling can harvest. Fig. 8: the max-of-N curve at several temperatures, for the model
