@@ -270,7 +270,9 @@ def main(cfg: RSConfig):
     for key, messages, is_safety, _ in previous:
         prompts.setdefault(key, (messages, is_safety))
     kept: dict[str, tuple[float, str]] = keep_best({}, rescore_previous(previous, tok, scorer, dist))[0]
-    from_previous = dict(kept)  # prompt_key -> (reward, reply): the best of the earlier versions by this run's RMs
+    # prompt_key -> (reward, reply): the best of the earlier versions by this run's RMs. A prompt counts as kept from
+    # them while its kept reply is that text (the same text sampled again may score a hair higher and replace it)
+    from_previous = dict(kept)
     metrics: dict = {"iterations": [], "start": cfg.init_from, "base": base, "previous": list(cfg.previous),
                      "previous_kept": len(from_previous)}
     if dist.is_main and cfg.previous:
@@ -310,7 +312,7 @@ def main(cfg: RSConfig):
         path, n_mix = write_training_set(rows, world, cfg, out, it, dist.is_main)
         if dist.is_main:
             write_kept(out / KEPT_FILE, kept, prompts)
-        n_prev = sum(kept[key] == old for key, old in from_previous.items())
+        n_prev = sum(kept[key][1] == reply for key, (_, reply) in from_previous.items())
         stats = {"iteration": it, "temperature": temp, "mean_reward": rewards.mean().item(),
                  "mean_best_reward": rewards.max(1).values.mean().item(), "kept": len(kept), "improved": improved,
                  "kept_from_previous": n_prev, "instruction_dialogs": n_mix,
@@ -324,7 +326,7 @@ def main(cfg: RSConfig):
                   f"{stats['sampled_tokens_per_sec']:,.0f} sampled tokens/s", flush=True)
         # 5. fine-tune the base model (--base, default --init-from) on the kept replies (choice 1)
         model = fine_tune(cfg, base, out, path, it, dist)
-    n_prev = sum(kept[key] == old for key, old in from_previous.items())
+    n_prev = sum(kept[key][1] == reply for key, (_, reply) in from_previous.items())
     metrics.update(kept=len(kept), kept_from_previous=n_prev, previous_replaced=len(from_previous) - n_prev,
                    safety_decides=rlhf.safety_decides(torch.cat([r for r, _ in safety_inputs]),
                                                       torch.cat([s for _, s in safety_inputs]), cfg.safety_threshold))

@@ -167,10 +167,10 @@ def test_a_version_with_previous_keeps_the_best_of_both_runs(tmp_path):
     rescored = {k: r for k, r, _ in RS.rescore_previous(RS.read_kept(tmp_path / "v1" / RS.KEPT_FILE), tok,
                                                           RS.Scorer(cfg, "cpu"), common.Dist())}
     assert any(abs(rescored[k] - v1[k]["reward"]) > 1e-3 for k in v1)  # the old rewards are indeed not comparable
-    # each prompt keeps version 1's reply at its new score (the same computation, bit for bit), or a new sample
-    # scored strictly higher (replaced; the same text sampled again can score a little apart, tokenized otherwise)
-    from_v1 = [k for k in v1 if v2[k]["reply"] == v1[k]["reply"] and v2[k]["reward"] == rescored[k]]
+    # each prompt keeps version 1's reply or a new sample that scored strictly higher (replaced)
+    from_v1 = [k for k in v1 if v2[k]["reply"] == v1[k]["reply"]]
     assert all(v2[k]["reward"] > rescored[k] for k in v1 if k not in from_v1)
+    assert all(v2[k]["reward"] >= rescored[k] for k in from_v1)  # the same text, this run's score or a resample's
     assert m["kept_from_previous"] == len(from_v1) and m["previous_replaced"] == len(v1) - len(from_v1)
     assert m["iterations"][0]["kept_from_previous"] == m["kept_from_previous"]
     # the metrics the report reads
