@@ -114,6 +114,7 @@ def test_every_checkpoint_directory_is_checked_before_any_work(tmp_path, monkeyp
             (ppo.main, ppo.PPOConfig, dict(init_from=str(rm)), "--init-from: "),
             (ppo.main, ppo.PPOConfig, dict(rm_helpful=str(hf)), "--rm-helpful: "),
             (rejection_sampling.main, rejection_sampling.RSConfig, dict(rm_helpful=str(empty)), "--rm-helpful: "),
+            (rejection_sampling.main, rejection_sampling.RSConfig, dict(base=str(rm)), "--base: "),
             (rejection_sampling.main, rejection_sampling.RSConfig, dict(rm_safety=str(meta)), "--rm-safety: ")):
         with pytest.raises(SystemExit):
             run(cfg_cls(**{**good, **kwargs}, out_dir=str(tmp_path / "out")))
