@@ -508,7 +508,7 @@ def consolidated_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = Non
                 v = v.to(dtype)  # cast the shard, then gather: half the bytes sent for bf16, no fp32 full copy
             sd[k] = v.full_tensor() if isinstance(v, DTensor) else v  # one all-gather, every rank gets it all
     with torch.device("meta"):  # no memory, no random init: load_state_dict(assign=True) puts the gathered tensors in
-        # the model's own class (Transformer, or a subclass: rlhf.RewardModel), not FSDP2's wrapper class
+        # the model's own class (Transformer), not FSDP2's wrapper class
         full = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))(inner.args)
     full.load_state_dict(sd, assign=True, strict=True)
     for name, buf in inner.named_buffers():  # the RoPE tables: not weights, never sharded, shared with the original

@@ -394,12 +394,12 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], completions:
 
 # ---- chat: the Llama 2 chat format on top of generate() (every stage that samples replies uses these) -------------
 def load_model_and_tokenizer(path, device="cpu", dtype: Optional[torch.dtype] = None,
-                             head: str = "lm", model_cls=None) -> tuple[Transformer, Tokenizer]:
+                             head: str = "lm") -> tuple[Transformer, Tokenizer]:
     """A checkpoint directory (ours, Meta's or Hugging Face's) and its tokenizer.model (model.find_tokenizer: inside
     it, or one folder up as Meta's download lays it out), in eval mode; a chat model, or with head="scalar" a
     reward model.
     Raises CheckpointError / FileNotFoundError / ValueError with a one-line reason (the CLIs call common.die)."""
-    model = load_checkpoint(path, device=device, dtype=dtype, expect_head=head, model_cls=model_cls)
+    model = load_checkpoint(path, device=device, dtype=dtype, expect_head=head)
     tok_path = find_tokenizer(path)
     tok = Tokenizer(tok_path)
     if tok.n_words != model.args.vocab_size:

@@ -216,8 +216,6 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    args_class = ModelArgs  # what load_checkpoint reads params.json into (a subclass may add settings: rlhf.py)
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -309,7 +307,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype: Optional[torch.dtype] = None, **arg_overrides):
-        return load_checkpoint(path, device=device, dtype=dtype, model_cls=cls, **arg_overrides)
+        return load_checkpoint(path, device=device, dtype=dtype, **arg_overrides)
 
 
 # ---- CPU speed-ups ---------------------------------------------------------------------------------------------------
@@ -399,13 +397,13 @@ def _read_json(f: Path) -> dict:
     return d
 
 
-def _args_from_params(args_class, params: dict, f: Path):
+def _args_from_params(params: dict, f: Path):
     """Meta's params.json as ModelArgs; a missing shape key or a value of the wrong type is a CheckpointError."""
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
         raise CheckpointError(f"{f}: missing {', '.join(missing)}")
     try:
-        return args_class.from_dict(params)
+        return ModelArgs.from_dict(params)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{f}: {e}") from None
 
@@ -483,15 +481,14 @@ def check_checkpoint(path, expect_head: Optional[str] = None) -> str:
     return layout
 
 
-def load_checkpoint(path, device="cpu", dtype=None, expect_head: Optional[str] = None, model_cls=None,
+def load_checkpoint(path, device="cpu", dtype=None, expect_head: Optional[str] = None,
                     **arg_overrides) -> Transformer:
-    """A checkpoint directory (ours, Meta's or Hugging Face's) as a Transformer; expect_head as checkpoint_layout.
-    model_cls: a subclass of Transformer to build instead, with settings of its own (rlhf.RewardModel)."""
-    path, model_cls = Path(path), model_cls or Transformer
-    args, state = (_read_meta if checkpoint_layout(path, expect_head) == "meta" else _read_hf)(path, model_cls)
-    args = model_cls.args_class(**{**asdict(args), **arg_overrides})
+    """A checkpoint directory (ours, Meta's or Hugging Face's) as a Transformer; expect_head as checkpoint_layout."""
+    path = Path(path)
+    args, state = (_read_meta if checkpoint_layout(path, expect_head) == "meta" else _read_hf)(path)
+    args = ModelArgs(**{**asdict(args), **arg_overrides})
     with torch.device("meta"):
-        model = model_cls(args)
+        model = Transformer(args)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -526,7 +523,7 @@ def find_tokenizer(path, tokenizer=None, flag: Optional[str] = None) -> Path:
                             f"(Meta's download layout: {tried[1]}){hint}")
 
 
-def _read_meta(path: Path, model_cls):
+def _read_meta(path: Path):
     params = _read_json(path / "params.json")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
@@ -534,7 +531,7 @@ def _read_meta(path: Path, model_cls):
     parts = [_torch_load(f) for f in shards]
     if params.get("vocab_size", -1) <= 0:  # Meta writes -1: the vocabulary comes from the tokenizer / embedding
         params["vocab_size"] = parts[0]["tok_embeddings.weight"].shape[0]
-    args = _args_from_params(model_cls.args_class, params, path / "params.json")
+    args = _args_from_params(params, path / "params.json")
     if len(parts) == 1:
         return args, dict(parts[0])
     state = {}
@@ -566,31 +563,25 @@ _HF_NAMES = {  # Meta name pattern -> Hugging Face name pattern
 
 
 def _meta_to_hf_name(name: str) -> str:
-    if not name.startswith("layers."):  # our own weights (score, a subclass's) keep their names
+    if not name.startswith("layers."):  # our own weights (the scalar head `score`) keep their names
         return _HF_NAMES.get(name, name)
     _, i, rest = name.split(".", 2)  # layers.N.attention.wq.weight
     sub, _, suffix = rest.rpartition(".")
     return f"model.layers.{i}.{_HF_NAMES[sub]}.{suffix}"
 
 
-def _own_settings(args_class) -> list[str]:
-    """The fields a Transformer subclass adds to ModelArgs; Hugging Face's config.json keeps them as nanollama2_NAME."""
-    return [f.name for f in fields(args_class) if f.name not in {g.name for g in fields(ModelArgs)}]
-
-
 _HF_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 
 
-def _read_hf(path: Path, model_cls):
+def _read_hf(path: Path):
     cfg = _read_json(path / "config.json")
     n_heads = cfg["num_attention_heads"]
-    own = {k: cfg[f"nanollama2_{k}"] for k in _own_settings(model_cls.args_class) if f"nanollama2_{k}" in cfg}
-    args = model_cls.args_class(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=cfg.get("num_key_value_heads") or None, vocab_size=cfg["vocab_size"],
                      norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
                      max_seq_len=cfg.get("max_position_embeddings", 4096),
                      head="scalar" if cfg.get("nanollama2_head") == "scalar" else "lm",
-                     score_offset=cfg.get("nanollama2_score_offset", 0.0), **own)
+                     score_offset=cfg.get("nanollama2_score_offset", 0.0))
     hidden = cfg["intermediate_size"]
     args.multiple_of, args.ffn_dim_multiplier = 1, None
     if args.ffn_hidden != hidden:  # express the given width through Meta's rule: multiplier on the 8/3*dim width
@@ -612,7 +603,7 @@ def _read_hf(path: Path, model_cls):
         for f in files:
             hf.update(_torch_load(f))
     with torch.device("meta"):
-        names = {_meta_to_hf_name(k): k for k in model_cls(args).state_dict()}
+        names = {_meta_to_hf_name(k): k for k in Transformer(args).state_dict()}
     state = {}
     for hname, t in hf.items():
         if hname not in names:
@@ -671,7 +662,6 @@ def export_hf(model: Transformer, out_dir, tokenizer_path=None):
     if a.head == "scalar":
         cfg["nanollama2_head"] = "scalar"  # not a LlamaForCausalLM: our reward/value head, reloadable here
         cfg["nanollama2_score_offset"] = a.score_offset  # the reward's zero point (reward.py calibrates it)
-        cfg.update({f"nanollama2_{k}": getattr(a, k) for k in _own_settings(type(a)) if getattr(a, k)})
     atomic_write(out / "model.safetensors", lambda f: f.write(save(hf, metadata={"format": "pt"})))
     atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
     if tokenizer_path is not None:
