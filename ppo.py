@@ -486,8 +486,8 @@ def selection_report(evals: list[dict], best_it: int, select_by: str) -> dict:
 
 def check_flags(cfg: PPOConfig):
     """--quick's sizes, and one clear error for a flag combination that cannot run, before any work."""
-    if cfg.select_by not in ("annotator", "rm"):
-        common.die(f"--select-by must be 'annotator' or 'rm', got {cfg.select_by!r}")
+    if cfg.select_by not in ("rm", "annotator"):
+        common.die(f"--select-by must be 'rm' or 'annotator' (an aid, choice 8), got {cfg.select_by!r}")
     if cfg.quick:
         cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, min(cfg.n_test, 24), 2
     if not cfg.eval_start and cfg.iterations < 1:
