@@ -13,8 +13,10 @@ What it does:
      (-3 = B much better ... 0 = about the same ... +3 = A much better). A judgement > 0 is a win of A, 0 a tie,
      < 0 a loss; win rate = wins + ties / 2, overall and per kind of prompt.
   4. With --rm-helpful / --rm-safety the reward models judge too (Fig. 11's "Meta RM"): A wins a prompt when its
-     reply scores higher. "rm_combined" asks the safety RM on safety prompts and the helpfulness RM elsewhere
-     (§3.2.3's split).
+     reply scores higher, by each RM alone ("rm_helpful", "rm_safety") and, with both, by the reward RS and PPO
+     maximize ("rm_combined": §3.2.3's R_c, the safety RM on safety prompts and wherever R_s < --safety-threshold,
+     the helpfulness RM elsewhere). Per model, the distribution of R_c over its replies (Fig. 20) and how often R_s
+     decided it (rm_reward_a/_b, safety_decides_a/_b).
   5. Per model: the annotator's helpfulness, the safety violation rate on harmful prompts (§4), the refusal rate on
      borderline ones (false refusals), format validity, and correctness on fact and arithmetic questions.
 Writes out/eval/metrics.json and prints a short table. Stage scripts report themselves with compare_models (RS, PPO)
@@ -27,8 +29,8 @@ Choices where the paper is silent:
   2. Greedy decoding by default (--temperature 0): the comparison measures the models, not sampling luck; the
      annotator's own noise is what remains. With --temperature > 0, A and B sample with different seeds.
   3. The prompt set depends on --prompt-seed only, not on --seed, so every stage is compared on the same prompts.
-  4. An RM comparison is a tie when the two scores differ by less than --rm-tie: identical replies scored in
-     different batches can differ in the last float bits.
+  4. An RM comparison is a tie when the two scores (raw per RM; R_c on the sigmoid scale for rm_combined) differ by
+     less than --rm-tie: identical replies scored in different batches can differ in the last float bits.
   5. --reply-cache DIR: a model's replies are stored under a hash of everything that decides them (its weights, its
      tokenizer, the prompts, the decoding settings and seed, the batch size, the device and dtype) and read back when
      the same model answers the same prompts again. pipeline.py passes one: SFT is the baseline of several
@@ -64,6 +66,7 @@ class EvalConfig:
     b: str = "out/pretrain"  # model B: the baseline
     rm_helpful: Optional[str] = None  # helpfulness reward model: also judge by RM (Fig. 11)
     rm_safety: Optional[str] = None  # safety reward model
+    safety_threshold: float = 0.15  # §3.2.3: R_c reads the safety RM where R_s is below this (rm_combined)
     prompts: Optional[str] = None  # JSONL of {"messages", "is_safety"} instead of the world's test prompts
     n_prompts: int = 400  # held-out test prompts, every kind
     temperature: float = 0.0  # 0 = greedy (choice 2; Meta's chat default is 0.6)
@@ -83,7 +86,7 @@ class EvalConfig:
     reply_cache: Optional[str] = None  # a directory of replies keyed by weights, prompts and settings (choice 5)
     RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
         positive="n_prompts max_new_tokens batch_size", positive_share="top_p",
-        non_negative="world_seed prompt_seed temperature seed rm_tie n_examples")
+        non_negative="world_seed prompt_seed temperature seed rm_tie n_examples", open_share="safety_threshold")
 
 
 # ---- 5. what the annotator says about one model's replies ------------------------------------------------------------
@@ -229,29 +232,53 @@ def rm_judgments(scores_a: torch.Tensor, scores_b: torch.Tensor, tie: float) -> 
 
 
 def rm_compare(cfg: EvalConfig, tasks, replies_a: list[str], replies_b: list[str], device, dtype) -> dict:
-    """Fig. 11's RM-judged win rates of A over B: one entry per RM given, plus the combined judge."""
+    """Fig. 11's RM-judged win rates of A over B: one entry per RM given, plus, with both, the combined judge and each
+    model's reward distribution (rm_verdicts)."""
     rms = {k: p for k, p in (("helpful", cfg.rm_helpful), ("safety", cfg.rm_safety)) if p}
     if not rms:
         return {}
     dialogs = [t.messages for t in tasks]
-    kinds = [t.kind for t in tasks]
-    out, per_rm = {}, {}
+    scores = {}  # RM name -> (A's scores (N,), B's scores (N,)), raw (log-odds)
     for name, path in rms.items():
         try:
-            rm, rm_tok = load_model_and_tokenizer(path, device, dtype, head="scalar", model_cls=rlhf.RewardModel)
+            rm, rm_tok = load_model_and_tokenizer(path, device, dtype, head="scalar")
         except (CheckpointError, OSError, ValueError) as e:
             common.die(f"--rm-{name}: {e}")
         with torch.no_grad():
             # A's and B's replies in one call: replies to the same prompt are scored packed over it
-            s = torch.as_tensor(rlhf.score(rm, rm_tok, dialogs + dialogs, replies_a + replies_b))
-            sa, sb = s[:len(dialogs)], s[len(dialogs):]
-        per_rm[name] = rm_judgments(sa, sb, cfg.rm_tie)
-        out[f"rm_{name}"] = summarize(per_rm[name], kinds)
+            s = torch.as_tensor(rlhf.score(rm, rm_tok, dialogs + dialogs, replies_a + replies_b)).float().cpu()
+        scores[name] = (s[:len(dialogs)], s[len(dialogs):])
         del rm
-    if len(per_rm) == 2:  # §3.2.3: the safety RM speaks for safety prompts, the helpfulness RM for the rest
-        combined = [per_rm["safety" if t.is_safety else "helpful"][i] for i, t in enumerate(tasks)]
-        out["rm_combined"] = summarize(combined, kinds)
+    return rm_verdicts(scores, tasks, cfg.safety_threshold, cfg.rm_tie)
+
+
+def rm_verdicts(scores: dict, tasks, threshold: float, tie: float) -> dict:
+    """The RM judges from raw scores {"helpful"/"safety": (A's (N,), B's (N,))}: "rm_<name>" per RM; with both,
+    "rm_combined" judged on R_c = rlhf.combined_reward of the sigmoid-scale scores (the reward RS and PPO maximize:
+    a reply R_s finds unsafe is judged by R_s even on a helpfulness prompt), "rm_reward_a"/"rm_reward_b" each model's
+    R_c distribution (reward_distribution) and "safety_decides_a"/"_b" (rlhf.safety_decides)."""
+    kinds = [t.kind for t in tasks]
+    out = {f"rm_{name}": summarize(rm_judgments(sa, sb, tie), kinds) for name, (sa, sb) in scores.items()}
+    if len(scores) == 2:
+        is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
+        (ha, hb), (sa, sb) = ((x.sigmoid() for x in scores[k]) for k in ("helpful", "safety"))
+        r_a = rlhf.combined_reward(sa, ha, is_safety, threshold)  # (N,) R_c of A's replies
+        r_b = rlhf.combined_reward(sb, hb, is_safety, threshold)
+        out["rm_combined"] = summarize(rm_judgments(r_a, r_b, tie), kinds)
+        out["rm_reward_a"], out["rm_reward_b"] = reward_distribution(r_a), reward_distribution(r_b)
+        out["safety_decides_a"] = rlhf.safety_decides(sa, is_safety, threshold)
+        out["safety_decides_b"] = rlhf.safety_decides(sb, is_safety, threshold)
     return out
+
+
+def reward_distribution(r: torch.Tensor, bins: int = 10) -> dict:
+    """Fig. 20's reward distribution of one model's replies, from sigmoid-scale rewards (N,): the mean, the 10/25/50/
+    75/90% quantiles (linear interpolation), and a histogram over [0, 1] (bins + 1 edges; 1.0 falls in the last bin)."""
+    r = r.double()
+    counts = torch.histc(r, bins=bins, min=0.0, max=1.0)
+    return {"mean": r.mean().item(),
+            "quantiles": torch.quantile(r, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=r.dtype)).tolist(),
+            "histogram": {"edges": [i / bins for i in range(bins + 1)], "counts": [int(c) for c in counts.tolist()]}}
 
 
 # ---- the command line -----------------------------------------------------------------------------------------------
@@ -317,6 +344,10 @@ def print_table(m: dict):
             rows.append((k, m[k]))
     for k, s in rows:
         print(f"{k:<12}{s['n']:>5}{s['win']:>8.1%}{s['tie']:>8.1%}{s['loss']:>8.1%}{s['win_rate']:>10.1%}")
+    if "rm_reward_a" in m:
+        ra, rb = m["rm_reward_a"], m["rm_reward_b"]
+        print(f"\ncombined RM reward R_c (sigmoid scale), mean / median: A {ra['mean']:.3f} / "
+              f"{ra['quantiles'][2]:.3f}, B {rb['mean']:.3f} / {rb['quantiles'][2]:.3f}")
 
 
 def main(cfg: EvalConfig) -> dict:

@@ -321,7 +321,8 @@ def cpu_eager(x: torch.Tensor) -> bool:
 def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope as Meta writes it, one complex multiply: the same bits forward and backward, one kernel, not seven."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, T, H, D/2) complex64
-    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)  # (B, T, H, D)
+    # the tables of a model cast to bf16 (ppo.py's frozen RMs) widen to fp32 exactly, as apply_rope's type promotion
+    return torch.view_as_real(xc * torch.complex(cos.float(), sin.float())).flatten(-2).type_as(x)  # (B, T, H, D)
 
 
 # Query rows per attention call for sequences of at least twice as many tokens on the CPU (chunked_causal_attention)

@@ -22,21 +22,24 @@ One iteration, as numbered in `ppo_iteration`:
 
 Choices where the paper is silent:
   1. KL estimator k1 = logprob - ref_logprob per sampled token, in the reward and in the logs alike: the logs show what
-     the reward penalized. Its batch mean is unbiased and may dip below 0 by noise.
+     the reward penalized. Its batch mean is unbiased and may dip below 0 by noise. pi_0 runs at the precision of the
+     policy's forward (fp32, or FSDP's bf16 compute), so the KL is exactly 0 before the first update.
   2. Value model: a separate scalar-head model initialized from the helpfulness RM, whose trunk already reads replies
      for quality, so its estimates start in the reward's units (as InstructGPT).
   3. Whitening: R~c over the batch's replies and the advantages over its reply tokens, every iteration.
-  4. Model selection: every --eval-interval iterations (and before the first) greedy replies to held-out prompts are
-     scored; the best iterate is kept (the start included, so PPO must beat it; --no-eval-start leaves it out), and
-     training stops after --patience evaluations without gain. --select-by annotator asks the raters (§3.4's human
-     evaluation), rm the reward models (§3.4's model-based one): the RMs cannot see their own blind spots (a polite
-     refusal of a sum scores like an answer).
+  4. Model selection (§3.4.1: checkpoints were picked by the latest reward models): every --eval-interval iterations
+     (and before the first) greedy replies to held-out prompts are scored by the RMs, the mean R_c; the best iterate
+     is kept (the start included, so PPO must beat it; --no-eval-start leaves it out), and training stops after
+     --patience evaluations without gain. The annotator's view of the same replies is logged beside it, never used:
+     where the two part, PPO games the RMs (reward hacking). A run that keeps its start says so.
   5. Miniature scale: batch 64, minibatch 16, constant lr 5e-5 (larger, the policy drifts far from pi_0 and games the
      RMs within a few dozen iterations), replies up to 64 tokens; beta 0.01 as the 7B's.
   6. A reply cut off at the length limit (no EOS) is scored at a state the RMs never saw, so its score is arbitrary:
      it loses a fixed 1.0 (one standard deviation of R~c), as TRL's missing_eos_penalty, so PPO cannot learn to ramble.
   7. Minibatches: the batch is split once per iteration (its random order); later epochs visit the same minibatches
      in a new order rather than reshuffling rows, which keeps N processes equal to one (the default is one epoch).
+  8. Aid, off by default: --select-by annotator lets the raters' view pick the iterate and stop early (the paper's
+     humans validated finished versions, §3.4.1, but picked no checkpoint inside PPO); the RMs' view is logged instead.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ class PPOConfig:
     missing_eos_penalty: float = 1.0  # subtracted from the whitened score of a reply without EOS (choice 6)
     eval_interval: int = 5  # iterations between held-out evaluations (early stopping)
     patience: int = 2  # evaluations without improvement before stopping
-    select_by: str = "annotator"  # held-out judge of the iterates (choice 4): "annotator" or "rm"
+    select_by: str = "rm"  # held-out judge that picks the iterate: "rm" (choice 4) or the aid "annotator" (choice 8)
     eval_start: bool = True  # choice 4: the starting policy is a candidate; --no-eval-start keeps a trained iterate
     n_eval: int = 96  # held-out prompts for early stopping
     n_test: int = 200  # test prompts for the final win rate against SFT (0: none; pipeline.py's eval_ppo measures it)
@@ -244,14 +247,26 @@ class Rollouts:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    kl: torch.Tensor  # k1 per reply token (choice 1), 0 outside the reply
 
 
 def ppo_iteration(m: PPOModels, batch: Batch, reward_fn: RewardFn, cfg: PPOConfig, eos_id: int,
                   dist: Optional[common.Dist] = None, shuffle: Optional[random.Random] = None) -> dict:
     """One PPO iteration on this rank's rows. shuffle: a random.Random, the same on every rank, that reorders the
     minibatches in epochs after the first (None: Python's global one). Returns the statistics of the GLOBAL batch."""
+    # 1.-4. rollout, score, shape, GAE: from the policy as it is now (the behaviour policy)
+    ro, scores, t_roll = collect_rollouts(m, batch, reward_fn, cfg, eos_id, dist)
+    # 5. optimize: minibatches, one gradient step each for the policy and the value model
+    parts = ppo_epochs(m, ro, cfg, dist, shuffle)
+    # 6. log: the global batch's statistics
+    return iteration_stats(parts, ro.mask, scores, ro.kl, t_roll, dist)
+
+
+def collect_rollouts(m: PPOModels, batch: Batch, reward_fn: RewardFn, cfg: PPOConfig, eos_id: int,
+                     dist: Optional[common.Dist] = None) -> tuple[Rollouts, torch.Tensor, float]:
+    """Steps 1-4, before any update: (the rollouts, the scores (B,) with the missing-EOS penalty, rollout seconds)."""
     device = next(m.policy.parameters()).device
-    # 1. rollout: one reply per prompt, from the policy as it is now (the behaviour policy)
+    # 1. rollout: one reply per prompt
     t0 = time.perf_counter()
     replies = rollout(m.policy, batch.prompts, cfg, eos_id, batch.gen, m.gen_dtype)
     t_roll = time.perf_counter() - t0
@@ -270,11 +285,7 @@ def ppo_iteration(m: PPOModels, batch: Batch, reward_fn: RewardFn, cfg: PPOConfi
         # 4. GAE: advantages, whitened over the reply tokens
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask, dist=dist)
-    ro = Rollouts(tokens, index, mask, old_logprobs, old_values, advantages, returns)
-    # 5. optimize: minibatches, one gradient step each for the policy and the value model
-    parts = ppo_epochs(m, ro, cfg, dist, shuffle)
-    # 6. log: the global batch's statistics
-    return iteration_stats(parts, ro.mask, scores, kl, t_roll, dist)
+    return Rollouts(tokens, index, mask, old_logprobs, old_values, advantages, returns, kl), scores, t_roll
 
 
 def rollout(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int, gen,
@@ -340,34 +351,48 @@ def iteration_stats(parts: torch.Tensor, mask: torch.Tensor, scores: torch.Tenso
 def rm_reward_fn(rm_helpful, rm_safety, tok, threshold: float, stats: dict,
                  dist: Optional[common.Dist] = None) -> RewardFn:
     """R~c of this rank's replies, whitened with the statistics of the global batch (all ranks'); `stats` receives the
-    global batch's mean R_c and the share of replies judged by the safety RM."""
+    global batch's mean R_c, the share of replies judged by the safety RM, and rlhf.safety_decides of the batch."""
 
     def fn(tasks, replies):
         is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
         r_c, r_s = rlhf.combined_score(rm_helpful, rm_safety, tok, [t.messages for t in tasks], replies, is_safety,
                                        threshold)  # (B,) each, on the CPU
         used_safety = (is_safety | (r_s < threshold)).float()
-        n, r_sum, used_sum = common.all_reduce_sum(torch.stack([torch.tensor(float(len(r_c))), r_c.sum(),
-                                                                used_safety.sum()]), dist).tolist()
+        sd = rlhf.safety_decides(r_s, is_safety, threshold)  # this rank's rows: counts, added over the ranks below
+        flagged = (sd["share_on_helpful"] or 0.0) * sd["helpful_prompts"]
+        n, r_sum, used_sum, n_help, n_flag, n_safe = common.all_reduce_sum(torch.tensor(
+            [float(len(r_c)), r_c.sum().item(), used_safety.sum().item(), float(sd["helpful_prompts"]), flagged,
+             float(sd["safety_prompts"])], dtype=torch.float64), dist).tolist()
         stats["rm_reward"] = r_sum / n  # the sigmoid-scale reward, comparable across iterations
         stats["used_safety_rm"] = used_sum / n
+        stats["safety_decides"] = {"helpful_prompts": round(n_help), "share_on_helpful": n_flag / n_help if n_help
+                                   else None, "safety_prompts": round(n_safe)}
         return whiten(logit(r_c), dist=dist)  # R~c = WHITEN(LOGIT(R_c)), over the global batch
     return fn
 
 
+def pooled_safety_decides(per_iteration: list[dict]) -> dict:
+    """rlhf.safety_decides over every rollout of the run: the iterations' counts added, the share of all helpfulness
+    prompts whose reward R_s set (not a mean of the iterations' shares)."""
+    n = sum(d["helpful_prompts"] for d in per_iteration)
+    flagged = sum((d["share_on_helpful"] or 0.0) * d["helpful_prompts"] for d in per_iteration)
+    return {"scope": "PPO's rollouts, all iterations pooled", "helpful_prompts": n,
+            "share_on_helpful": flagged / n if n else None,
+            "safety_prompts": sum(d["safety_prompts"] for d in per_iteration)}
+
+
 @torch.no_grad()
-def heldout_scores(policy, tok, tasks, rms: tuple, cfg: PPOConfig, annotator=None) -> dict:
+def heldout_scores(policy, tok, tasks, rms: tuple, cfg: PPOConfig, annotator: Annotator) -> dict:
     """Greedy replies to held-out prompts, scored two ways: "rm", the mean combined reward R_c (sigmoid scale) of the
-    two RMs `rms` = (helpful, safety) (§3.4's model-based evaluation), and, with an annotator, "annotator", the raters'
-    mean overall utility (helpfulness, minus 1 for an unsafe reply: the §3.4 human evaluation in miniature)."""
+    two RMs `rms` = (helpful, safety) (§3.4.1's model-based evaluation), and "annotator", the raters' mean overall
+    utility of the same replies (helpfulness, minus 1 for an unsafe reply: §3.4's human evaluation in miniature)."""
     out = chat_generate(policy, tok, [t.messages for t in tasks], cfg.max_new_tokens)
     is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-    scores = {"rm": rlhf.combined_score(*rms, tok, [t.messages for t in tasks], [r.tokens for r in out], is_safety,
-                                        cfg.safety_threshold)[0].mean().item()}
-    if annotator is not None:
-        judged = [annotator.score(t.messages, r.text) for t, r in zip(tasks, out)]
-        scores["annotator"] = sum(j.helpfulness - (0.0 if j.safe else 1.0) for j in judged) / len(judged)
-    return scores
+    r_c = rlhf.combined_score(*rms, tok, [t.messages for t in tasks], [r.tokens for r in out], is_safety,
+                              cfg.safety_threshold)[0]
+    judged = [annotator.score(t.messages, r.text) for t, r in zip(tasks, out)]
+    return {"rm": r_c.mean().item(),
+            "annotator": sum(j.helpfulness - (0.0 if j.safe else 1.0) for j in judged) / len(judged)}
 
 
 # ---- the script ------------------------------------------------------------------------------------------------------
@@ -384,13 +409,14 @@ def main(cfg: PPOConfig):
     train_tasks = world.tasks("train", seed=cfg.seed)
     eval_tasks = world.tasks("val", cfg.n_eval, seed=cfg.seed)
     rng = random.Random(f"ppo/{cfg.seed}")  # not seeded by the rank: every rank draws the same global batches
-    log: dict = {"reward_by_iter": [], "kl_by_iter": [], "heldout_by_iter": [], "heldout_scores": [], "iters": []}
+    # evals: every held-out evaluation, {"iteration", "rm", "annotator"} (iteration 0: the start; choice 4)
+    log: dict = {"reward_by_iter": [], "kl_by_iter": [], "evals": [], "iters": []}
     best, best_it, bad = -math.inf, 0, 0
     out = Path(cfg.out_dir)
     t_start = time.perf_counter()
     prog = common.Progress("ppo", cfg.iterations, cfg.batch_size, 0.0, device, torch.float32,
                            enabled=dist.is_main, unit="prompts")
-    annotator = Annotator(world, seed=cfg.seed) if cfg.select_by == "annotator" else None
+    annotator = Annotator(world, seed=cfg.seed)  # its view is logged beside the RMs'; it decides only as an aid
 
     def evaluate_and_keep(it: int) -> bool:
         """Held-out scores of the current policy; the best iterate so far is saved. Returns True to stop early."""
@@ -398,9 +424,8 @@ def main(cfg: PPOConfig):
         sc = heldout_scores(common.consolidated_copy(m.policy, m.gen_dtype), tok, eval_tasks, rms, cfg,
                             annotator)  # FSDP: full weights once
         sc = {k: common.all_reduce_mean(v, dist) for k, v in sc.items()}
-        h = sc[cfg.select_by]
-        log["heldout_by_iter"].append([it, h])
-        log["heldout_scores"].append({"iter": it, **sc})
+        h = sc[cfg.select_by]  # "rm" (choice 4), or the aid "annotator" (choice 8)
+        log["evals"].append({"iteration": it, "rm": sc["rm"], "annotator": sc["annotator"]})
         if dist.is_main:
             print(f"[ppo] iteration {it}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in sc.items())
                   + f" (best {cfg.select_by} {max(best, h):.4f})", flush=True)
@@ -435,19 +460,34 @@ def main(cfg: PPOConfig):
     if dist.is_main:
         final = load_checkpoint(out, device=device).eval()
         metrics = final_report(final, tok, cfg, world, device) if cfg.n_test else {}
-        metrics.update(log, best_iteration=best_it, best_heldout_reward=best, kl_coef=cfg.kl_coef,
-                       wall_seconds=time.perf_counter() - t_start, complete=True)
+        metrics.update(log, **selection_report(log["evals"], best_it, cfg.select_by), best_heldout_reward=best,
+                       safety_decides=pooled_safety_decides([i["safety_decides"] for i in log["iters"]]),
+                       kl_coef=cfg.kl_coef, wall_seconds=time.perf_counter() - t_start, complete=True)
         common.write_metrics(out, metrics)
         won = (f", win rate vs SFT {metrics['win_rate_vs_sft']:.1%}, safety violations "
                f"{metrics['safety_violation_rate']} (SFT {metrics['sft_safety_violation_rate']})" if cfg.n_test else "")
-        print(f"[ppo] done: best iteration {best_it}{won}; wrote {out}", flush=True)
+        if best_it == 0:
+            judge = "the reward models" if cfg.select_by == "rm" else "the annotator (aid, choice 8)"
+            print(f"[ppo] PPO did not improve on its start by {judge}: the kept model is the starting policy",
+                  flush=True)
+        print(f"[ppo] done: best iteration {best_it} by {cfg.select_by}, the annotator's view peaks at iteration "
+              f"{metrics['annotator_best_iteration']}{won}; wrote {out}", flush=True)
     common.cleanup_distributed(dist)
+
+
+def selection_report(evals: list[dict], best_it: int, select_by: str) -> dict:
+    """metrics.json's account of choice 4: the kept iterate (best_iteration, by select_by), where the annotator's view
+    of the same iterates peaks (the first maximum; where it parts from best_iteration the RMs were gamed), and whether
+    PPO improved on its start."""
+    ann_best = max(evals, key=lambda e: e["annotator"])["iteration"] if evals else None  # max keeps the first of ties
+    return {"select_by": select_by, "best_iteration": best_it, "annotator_best_iteration": ann_best,
+            "improved_on_start": best_it > 0}
 
 
 def check_flags(cfg: PPOConfig):
     """--quick's sizes, and one clear error for a flag combination that cannot run, before any work."""
-    if cfg.select_by not in ("annotator", "rm"):
-        common.die(f"--select-by must be 'annotator' or 'rm', got {cfg.select_by!r}")
+    if cfg.select_by not in ("rm", "annotator"):
+        common.die(f"--select-by must be 'rm' or 'annotator' (an aid, choice 8), got {cfg.select_by!r}")
     if cfg.quick:
         cfg.iterations, cfg.batch_size, cfg.n_eval, cfg.n_test, cfg.eval_interval = 3, 16, 16, min(cfg.n_test, 24), 2
     if not cfg.eval_start and cfg.iterations < 1:
@@ -469,12 +509,14 @@ def load_models(cfg: PPOConfig, dist: common.Dist, dtype: torch.dtype):
     except (CheckpointError, OSError, ValueError) as e:
         common.die(str(e))
     value_model = copy.deepcopy(rm_helpful).float().requires_grad_(True).train()  # choice 2 (fp32, before the cast)
-    ref_policy = copy.deepcopy(policy)  # pi_0
-    # bf16 where the GPU has it (fp16 would need a GradScaler, which PPO does not use): the frozen models' weights,
-    # FSDP's compute copy of the trained ones and the rollouts' gathered weights.
-    half = device.type == "cuda" and dtype == torch.bfloat16
-    param_dtype = torch.bfloat16 if half else None
-    for frozen in (ref_policy, rm_helpful, rm_safety):  # forward passes only: eval mode, no gradients
+    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_0
+    # --dtype bfloat16 (the default on a GPU that has it; fp16 would need a GradScaler, which PPO does not use), on any
+    # device: the RMs' weights and FSDP's compute copy of the trained models are bf16. The policy's forward is fp32
+    # without FSDP and bf16 under it; pi_0 and the rollouts run at exactly that precision, so that the KL is 0 before
+    # the first update (choice 1): fp32 weights, or under FSDP the same sharded bf16 forward as the policy.
+    param_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
+    sharded = cfg.fsdp and dist.world_size > 1
+    for frozen in (rm_helpful, rm_safety):  # forward passes only: eval mode, no gradients
         frozen.to(param_dtype or torch.float32).eval().requires_grad_(False)
     policy.train()
     if device.type == "cpu" and not cfg.fsdp:
@@ -485,9 +527,12 @@ def load_models(cfg: PPOConfig, dist: common.Dist, dtype: torch.dtype):
     # the optimizers are made after wrapping (DDP, or FSDP2 with --fsdp), over the (sharded) parameters
     pol_net = common.wrap_model(policy, dist, cfg.fsdp, param_dtype=param_dtype)
     val_net = common.wrap_model(value_model, dist, cfg.fsdp, param_dtype=param_dtype)
+    if sharded:  # pi_0 sharded as the policy, with its mixed precision: the very forward the policy runs
+        ref_policy = common.wrap_model(ref_policy, dist, True, param_dtype=param_dtype)
     pol_opt = common.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     val_opt = common.make_optimizer(value_model, cfg.value_lr, cfg.weight_decay)
-    return (PPOModels(policy, ref_policy, value_model, pol_opt, val_opt, pol_net, val_net, param_dtype), tok,
+    gen_dtype = param_dtype if sharded else None  # the rollout copy: FSDP's compute dtype, else the fp32 policy itself
+    return (PPOModels(policy, ref_policy, value_model, pol_opt, val_opt, pol_net, val_net, gen_dtype), tok,
             (rm_helpful, rm_safety))
 
 

@@ -141,7 +141,7 @@ def test_ppo_two_processes_match_one_under_ddp_and_fsdp(tmp_path, stack):
         for key in ("rm_reward", "used_safety_rm", "score", "reply_len", "kl", "kl_per_token", "policy_loss",
                     "value_loss", "clip_frac", "entropy"):
             assert two[key] == pytest.approx(one[key], abs=1e-5), (mode, key)
-        for h1, h2 in zip(runs["one"]["heldout_scores"], runs[mode]["heldout_scores"]):
+        for h1, h2 in zip(runs["one"]["evals"], runs[mode]["evals"]):
             assert h2 == pytest.approx(h1, abs=1e-5), mode  # greedy replies of the trained policy, scored
         assert max_weight_diff(tmp_path / "one", tmp_path / mode) < 1e-5, mode
 

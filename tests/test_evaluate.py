@@ -209,6 +209,12 @@ def test_reward_model_judge_and_wrong_directories(tmp_path, ckpt, rm_ckpt, monke
     assert calls == [120] * 2  # each RM scores A's and B's replies in one call (they share prompts)
     for k in ("rm_helpful", "rm_safety", "rm_combined"):
         assert m[k]["tie"] == 1.0 and m[k]["win_rate"] == 0.5
+    for x in ("a", "b"):  # Fig. 20: each model's R_c over its 60 replies; the same replies, the same distribution
+        r = m[f"rm_reward_{x}"]
+        assert len(r["quantiles"]) == 5 and r["quantiles"] == sorted(r["quantiles"]) and 0 < r["mean"] < 1
+        assert len(r["histogram"]["edges"]) == 11 and sum(r["histogram"]["counts"]) == 60
+        assert m[f"safety_decides_{x}"]["helpful_prompts"] + m[f"safety_decides_{x}"]["safety_prompts"] == 60
+    assert m["rm_reward_a"] == m["rm_reward_b"]
     m = run_eval(tmp_path, ckpt, ckpt, "--n-prompts", "60")
     assert "rm_helpful" not in m and m["complete"]  # a fresh metrics.json, not merged with the previous run's
     # a wrong directory, whichever flag names it, fails before any model answers: one line naming the flag
@@ -268,3 +274,33 @@ def test_compare_models_flat_keys_for_stage_scripts(ckpt):
     assert {"helpfulness", "borderline_refusal_rate", "sft_borderline_refusal_rate", "format_valid", "per_kind",
             "win_rate_vs_sft_per_kind", "examples_vs_sft"} <= set(m)
     assert "examples" not in m  # never overwrites a stage's own keys of that name
+
+
+def test_combined_rm_judge_reads_the_safety_rm_where_a_reply_looks_unsafe():
+    """By hand, sigmoid-scale scores (the RMs return log-odds, so their logits go in):
+      helpfulness prompt: A  R_h 0.93, R_s 0.12 (< 0.15: unsafe)  -> R_c 0.12;   B  R_h 0.64, R_s 0.55 -> R_c 0.64
+      safety prompt:      A  R_h 0.05, R_s 0.83                   -> R_c 0.83;   B  R_h 0.97, R_s 0.31 -> R_c 0.31
+    The plain split by prompt kind (the helpfulness RM on the first prompt) has A win both; the combined reward of RS
+    and PPO makes A lose the first: its reply looks unsafe. At threshold 0.1 R_s = 0.12 passes, and A wins it again."""
+    world = World(seed=0)
+    pool = world.tasks("test", 60, seed=0)
+    tasks = [next(t for t in pool if not t.is_safety), next(t for t in pool if t.is_safety)]
+    sig = {"helpful": ([0.93, 0.05], [0.64, 0.97]), "safety": ([0.12, 0.83], [0.55, 0.31])}
+    scores = {k: tuple(rlhf.logit(torch.tensor(v, dtype=torch.float64)).float() for v in ab) for k, ab in sig.items()}
+    m = E.rm_verdicts(scores, tasks, 0.15, 1e-4)
+    plain = [1, 1]  # the split by prompt kind: rm_helpful on the first prompt (A 0.93 > 0.64), rm_safety on the second
+    assert [m["rm_helpful"]["per_kind"][tasks[0].kind]["win"], m["rm_safety"]["per_kind"][tasks[1].kind]["win"]] \
+        == plain
+    combined = m["rm_combined"]["per_kind"]
+    assert combined[tasks[0].kind]["loss"] == 1.0 and combined[tasks[1].kind]["win"] == 1.0  # the first one flipped
+    assert m["rm_combined"]["win_rate"] == 0.5
+    ra, rb = m["rm_reward_a"], m["rm_reward_b"]
+    assert ra["mean"] == pytest.approx((0.12 + 0.83) / 2, abs=1e-6) and rb["mean"] == pytest.approx(0.475, abs=1e-6)
+    assert ra["quantiles"] == pytest.approx([0.12 + q * 0.71 for q in (0.1, 0.25, 0.5, 0.75, 0.9)], abs=1e-6)
+    assert ra["histogram"]["edges"] == pytest.approx([i / 10 for i in range(11)])
+    assert ra["histogram"]["counts"] == [0, 1, 0, 0, 0, 0, 0, 0, 1, 0]  # 0.12 and 0.83
+    assert rb["histogram"]["counts"] == [0, 0, 0, 1, 0, 0, 1, 0, 0, 0]  # 0.31 and 0.64
+    assert m["safety_decides_a"] == {"helpful_prompts": 1, "share_on_helpful": 1.0, "safety_prompts": 1}
+    assert m["safety_decides_b"]["share_on_helpful"] == 0.0
+    m = E.rm_verdicts(scores, tasks, 0.1, 1e-4)  # R_s = 0.12 is no longer below the threshold: R_h judges
+    assert m["rm_combined"]["per_kind"][tasks[0].kind]["win"] == 1.0 and m["safety_decides_a"]["share_on_helpful"] == 0

@@ -1,14 +1,19 @@
 """ppo.py's pieces against hand computations and naive loops, the sampling/training log-prob invariant, and a toy
 reward that PPO must learn to raise while the KL to the reference grows from zero."""
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
+from conftest import tiny_chat_checkpoint
 
 import common
+import model as M
 import ppo
 import rlhf
 from model import ModelArgs, Transformer
+from world import World
 
 
 def test_combined_reward_follows_the_015_rule():
@@ -221,3 +226,90 @@ def test_combined_reward_uses_the_threshold_it_is_given():
     r_s, r_h = torch.tensor([0.3, 0.6]), torch.tensor([0.9, 0.8])
     got = rlhf.combined_reward(r_s, r_h, torch.tensor([False, False]), 0.5)
     assert got.tolist() == pytest.approx([0.3, 0.8])
+
+
+# ---- the script's pieces on a tiny real stack: precision of pi_0, iterate selection -----------------------------------
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A tiny random chat model (conftest) and a scalar-head model of its shape, standing in for both RMs."""
+    chat = tiny_chat_checkpoint(tmp_path_factory.mktemp("chat"))
+    rm = tmp_path_factory.mktemp("rm")
+    args = M.load_checkpoint(chat).args
+    M.save_checkpoint(M.Transformer(dataclasses.replace(args, head="scalar")).init_weights(seed=1), rm,
+                      chat / "tokenizer.model")
+    return {"chat": str(chat), "rm": str(rm)}
+
+
+def test_kl_is_exactly_zero_before_the_first_update_with_bf16(stack):
+    """--dtype bfloat16 on the CPU takes the GPU's mixed-precision path (the RMs in bf16): pi_0 must still run at the
+    policy's own precision (fp32 without FSDP), so every reply token's k1 = logprob - ref_logprob of the first rollout
+    is exactly 0. With pi_0 cast to bf16 beside the fp32 policy, as before, this fails: the two forwards round
+    differently (checked by casting ref_policy to bf16 in load_models: every reply token's KL nonzero, |KL| up to
+    2e-3 on this stack)."""
+    cfg = ppo.PPOConfig(init_from=stack["chat"], rm_helpful=stack["rm"], rm_safety=stack["rm"], dtype="bfloat16",
+                        device="cpu", batch_size=8, max_new_tokens=8)
+    dist = common.Dist()  # one process on the CPU
+    m, tok, rms = ppo.load_models(cfg, dist, common.pick_dtype(cfg.dtype, dist.device))
+    assert all(p.dtype == torch.bfloat16 for rm in rms for p in rm.parameters())  # the bf16 path is the one taken
+    tasks = World(seed=0).tasks("train", cfg.batch_size, seed=0)
+    batch = ppo.Batch(tasks, [tok.encode_dialog(t.messages)[0] for t in tasks],
+                      ppo.rollout_generators(0, 1, list(range(cfg.batch_size)), dist.device))
+    stats: dict = {}
+    ro, scores, _ = ppo.collect_rollouts(m, batch, ppo.rm_reward_fn(*rms, tok, cfg.safety_threshold, stats), cfg,
+                                         tok.eos_id)
+    assert ro.mask.sum() >= cfg.batch_size  # at least one token per reply was scored
+    assert torch.equal(ro.kl, torch.zeros_like(ro.kl))
+    assert torch.isfinite(scores).all() and 0 < stats["rm_reward"] < 1
+    sd = stats["safety_decides"]  # rlhf.safety_decides of the batch: every prompt counted once, by its kind
+    assert sd["helpful_prompts"] + sd["safety_prompts"] == cfg.batch_size
+    assert sd["safety_prompts"] == sum(t.is_safety for t in tasks)
+    # the held-out judge: the RMs' view (mean R_c, sigmoid scale) and the annotator's of the same greedy replies
+    from annotator import Annotator
+    h = ppo.heldout_scores(m.policy, tok, tasks[:4], rms, cfg, Annotator(World(seed=0), seed=0))
+    assert set(h) == {"rm", "annotator"} and 0 < h["rm"] < 1 and -1 <= h["annotator"] <= 1
+
+
+def test_pooled_safety_decides_counts_every_rollout_once():
+    """10 helpfulness prompts with share 0.5 and 30 with share 0.1: (5 + 3) / 40 = 0.2, not the mean share 0.3."""
+    got = ppo.pooled_safety_decides([{"helpful_prompts": 10, "share_on_helpful": 0.5, "safety_prompts": 6},
+                                     {"helpful_prompts": 30, "share_on_helpful": 0.1, "safety_prompts": 2},
+                                     {"helpful_prompts": 0, "share_on_helpful": None, "safety_prompts": 4}])
+    assert got["helpful_prompts"] == 40 and got["safety_prompts"] == 12
+    assert got["share_on_helpful"] == pytest.approx(0.2)
+
+
+def run_with_heldout(stack, tmp_path, monkeypatch, rm, annotator, *flags) -> dict:
+    """ppo.main on the tiny stack with the held-out judge scripted: evaluation k returns rm[k] and annotator[k]."""
+    calls = iter(zip(rm, annotator))
+
+    def scripted(policy, tok, tasks, rms, cfg, annotator_):
+        r, a = next(calls)
+        return {"rm": r, "annotator": a}
+    monkeypatch.setattr(ppo, "heldout_scores", scripted)
+    out = tmp_path / "ppo"
+    ppo.main(common.parse_config(ppo.PPOConfig, [
+        "--init-from", stack["chat"], "--rm-helpful", stack["rm"], "--rm-safety", stack["rm"], "--sft", stack["chat"],
+        "--iterations", str(len(rm) - 1), "--eval-interval", "1", "--patience", "10", "--batch-size", "4",
+        "--minibatch-size", "4", "--n-eval", "2", "--n-test", "0", "--max-new-tokens", "4", "--device", "cpu",
+        "--out-dir", str(out), *flags]))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_the_rms_pick_the_iterate_and_the_annotators_view_is_logged(stack, tmp_path, monkeypatch, capsys):
+    """The RMs' view peaks at iteration 2, the annotator's at 1 (they part: the RMs are being gamed). The default keeps
+    iteration 2 and logs where the annotator would have stopped; the aid --select-by annotator keeps 1."""
+    rm, ann = [0.3, 0.5, 0.9, 0.4], [0.1, 0.6, 0.2, 0.1]
+    m = run_with_heldout(stack, tmp_path, monkeypatch, rm, ann)
+    assert m["evals"] == [{"iteration": i, "rm": r, "annotator": a} for i, (r, a) in enumerate(zip(rm, ann))]
+    assert (m["select_by"], m["best_iteration"], m["annotator_best_iteration"]) == ("rm", 2, 1)
+    assert m["improved_on_start"] is True and m["best_heldout_reward"] == 0.9
+    assert m["safety_decides"]["helpful_prompts"] + m["safety_decides"]["safety_prompts"] == 3 * 4  # 3 batches of 4
+    assert "did not improve" not in capsys.readouterr().out
+    m = run_with_heldout(stack, tmp_path, monkeypatch, rm, ann, "--select-by", "annotator")
+    assert (m["select_by"], m["best_iteration"], m["annotator_best_iteration"]) == ("annotator", 1, 1)
+
+
+def test_a_run_that_keeps_its_start_says_so(stack, tmp_path, monkeypatch, capsys):
+    m = run_with_heldout(stack, tmp_path, monkeypatch, [0.6, 0.5, 0.4], [0.0, 0.3, 0.2])
+    assert (m["best_iteration"], m["annotator_best_iteration"], m["improved_on_start"]) == (0, 1, False)
+    assert "PPO did not improve on its start by the reward models" in capsys.readouterr().out
