@@ -468,7 +468,7 @@ def check_checkpoint(path, expect_head: Optional[str] = None) -> str:
     model, and every weights file is whole (check_weights_file). A stage runs it on each checkpoint before any work."""
     layout, path = checkpoint_layout(path, expect_head), Path(path)
     if layout == "meta":
-        _args_from_params(ModelArgs, _read_json(path / "params.json"), path / "params.json")
+        _args_from_params(_read_json(path / "params.json"), path / "params.json")
         files = sorted(path.glob("consolidated.*.pth"))
     else:
         missing = [k for k in _HF_KEYS if k not in _read_json(path / "config.json")]
