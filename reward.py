@@ -366,19 +366,6 @@ def calibrate(rm: Transformer, tok, pairs: list, threshold: float = 0.15, false_
 
 
 # ---- 7. preference data (§3.2.1) -------------------------------------------------------------------------------------
-def _sample_replies(policy, tok, tasks, temperature: float, max_new_tokens: int, gen, batch: int = 256) -> list[str]:
-    from generate import generate
-    out = []
-    ticker = common.Ticker(f"reward sampling T={temperature:g}", len(tasks))
-    for i in range(0, len(tasks), batch):
-        prompts = [tok.encode_dialog(t.messages)[0] for t in tasks[i:i + batch]]
-        for ids in generate(policy, prompts, max_new_tokens, temperature=temperature, top_p=0.9, eos_id=tok.eos_id,
-                            generator=gen):
-            out.append(tok.decode([t for t in ids if t != tok.eos_id]).strip())  # the rater reads text
-        ticker.tick(len(out))
-    return out
-
-
 def variant_pairs(n_models: int, temperatures: list[float], n: int, rng: random.Random) -> list[tuple]:
     """Choice 2, which two variants answer each of n prompts: ((model, T), (model, T)) with model an index into
     --sample-from. The first is the latest model (0) at one of the two temperatures, the second a model drawn from
@@ -393,12 +380,13 @@ def variant_pairs(n_models: int, temperatures: list[float], n: int, rng: random.
 def sample_variants(models: list, tok, tasks: list, plan: list[tuple], max_new_tokens: int, seed: int) -> list:
     """Each task's two replies [(a, b), ...] following plan (variant_pairs): the tasks each variant answers are
     sampled together, in one batched call per (model, temperature)."""
+    from generate import chat_replies
     replies: list[list] = [[None, None] for _ in tasks]
     variants = sorted({v for pair in plan for v in pair})
     for j, (m, temp) in enumerate(variants):
         who = [(i, side) for i, pair in enumerate(plan) for side in (0, 1) if pair[side] == (m, temp)]
-        gen = torch.Generator(device=next(models[m].parameters()).device).manual_seed(seed * 1000 + j)
-        texts = _sample_replies(models[m], tok, [tasks[i] for i, _ in who], temp, max_new_tokens, gen)
+        texts = chat_replies(models[m], tok, [tasks[i].messages for i, _ in who], max_new_tokens, temperature=temp,
+                             top_p=0.9, seed=seed * 1000 + j, progress=f"reward sampling model {m} T={temp:g}")
         for (i, side), text in zip(who, texts):
             replies[i][side] = text
     return replies
@@ -475,7 +463,7 @@ def world_preferences(cfg, tok, device, quiet: bool = False) -> tuple[list, list
     key = {"models": [_init_fingerprint(m) for m in sources], "world_seed": cfg.world_seed, "seed": cfg.seed,
            "train_prompts": cfg.train_prompts, "safety_prompts": cfg.safety_prompts, "test_prompts": cfg.test_prompts,
            "temperatures": list(cfg.temperatures), "max_new_tokens": cfg.max_new_tokens,
-           "rater_noise": cfg.rater_noise, "version": 6}
+           "rater_noise": cfg.rater_noise, "version": 7}
     d = Path(cfg.prefs_dir)
     info_file = d / "info.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("key") == key:
