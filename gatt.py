@@ -459,6 +459,8 @@ def main(cfg: GattConfig):
         common.die(f"--mix: expected 'own' or 'sft', got {cfg.mix!r}")
     if bool(cfg.rm_helpful) != bool(cfg.rm_safety):
         common.die("--rm-helpful and --rm-safety: aid 3 needs both reward models (or neither)")
+    if cfg.instruction_focus > 0 and cfg.instruction_share == 0:
+        common.die("--instruction-focus: aid 6 draws aid 5's dialogues; set --instruction-share too")
     if cfg.quick:
         cfg.n_dialogs, cfg.n_eval, cfg.n_turns, cfg.n_attention = 12, 8, 4, 4
     t0 = time.perf_counter()
