@@ -11,30 +11,35 @@ it with data and a loss mask, not with any change to attention:
      hobby, random combinations, half the time in the short form "Figure: pirate (Arr!)").
   2. Sampling: the instruction joined to EVERY user message, the replies sampled turn by turn from the latest RLHF
      model, which follows an instruction in the current turn. Each dialogue keeps its prompt's keys/values between
-     turns (generate.CachedPrompt), so a turn computes only what it adds.
+     turns (generate.CachedPrompt), so a turn computes only what it adds. The samples are the model's own replies:
+     one that breaks the instruction is dropped, never replaced (choice 1).
   3. Training sample: the instruction in the FIRST user message only, the loss zeroed on the earlier turns, assistant
      replies included. The paper's form is one sample per prefix (turns 1..k, only reply k trained; --per-prefix).
      Attention is causal, so reply k sees the same context in the whole dialogue as in prefix k, and has the same
      loss (tests/test_gatt.py): the default trains each dialogue once with every reply on, at ~2/(n+1) of the tokens.
-  4. Fine-tune with sft.py's recipe (sft.main) on these samples, mixed with ordinary dialogues (choices 3-4).
+  4. Fine-tune with sft.py's recipe (sft.main) on these samples alone (the mixes of aids 4-5 are off).
   5. Table 30: the share of replies keeping the instruction at turns 1..8, before and after, with the model's own
      replies as history, on held-out dialogues and on constraints never trained on (zero-shot).
   6. Fig. 10 in numbers: the attention each turn's reply pays to the instruction, before and after, on the same
      dialogues; and adherence on that history with and without the instruction in turn 1.
 
-Choices where the paper is silent; the aids are help the paper's GAtt does without (RESULTS.md has what they do):
-  1. Aid: a sampled reply that fails the constraint check, or that the annotator rates unhelpful, is replaced by the
-     world's reference reply with the constraint applied (fallback_rate reports the share). The paper's RLHF model
-     followed in-turn instructions reliably; a 1M-parameter model does not.
+Choices where the paper is silent, then the aids: help the paper's GAtt does without, off by default (RESULTS.md):
+  1. A reply is dropped when it breaks the instruction's own rule (world.Constraint.check, the instruction's
+     definition), and so is the rest of its dialogue: a later reply's history would hold the broken one. A dialogue
+     is trained up to its last reply before the first dropped one and sampled no further; one whose first reply is
+     dropped gives no sample. metrics.json: dropped_share and dropped_by_kind, the share of dialogue turns (the
+     paper's per-prefix samples) lost, overall and per instruction kind; dropped_by_turn, the share of the replies
+     sampled at turn t, after a history that kept the instruction, that broke it.
   2. The instruction goes in front of the user message ("inst question"), as a system prompt would.
-  3. Aid: the GAtt samples are mixed with ordinary dialogues, one per trained GAtt reply (--mix-ratio), so that the
-     other skills are not forgotten: by default (--mix own) the model's own greedy replies to train prompts, kept where
-     the annotator finds them safe and helpful. --mix sft takes SFT's demonstrations instead, which bring back the
-     writers' habit (world.DEMO_HABIT) that RLHF trained away.
-  4. Aid: with them, 0.9 in-turn instruction dialogues per mix dialogue (--instruction-share; SFT has 0.3): the skill
-     every GAtt reply starts from, since most misses are a word copied wrong from the instruction.
-  5. Aid, off by default: --instruction-focus F > 0 draws half of those dialogues toward the instruction kinds that
-     fell back most in step 2 (focus_on_failures).
+  3. Aid: --rm-helpful and --rm-safety (reward model dirs) also drop a reply whose combined reward (§3.2.3's R_c; the
+     GAtt questions are helpfulness prompts) is below 0.15, the level both RMs are calibrated to (reward.py).
+  4. Aid: --mix-ratio r > 0 mixes r ordinary dialogues per trained GAtt reply into the fine-tune, so that the other
+     skills are not forgotten: with --mix own, the model's own greedy replies to train prompts as sampled
+     (unfiltered); with --mix sft, SFT's demonstrations, which bring back the writers' habit (world.DEMO_HABIT).
+  5. Aid: --instruction-share s > 0 adds s in-turn instruction dialogues (the world's compliant replies, as in SFT's
+     data) per trained GAtt reply: the skill every GAtt reply starts from.
+  6. Aid: --instruction-focus F > 0 (with aid 5) draws half of those dialogues toward the instruction kinds dropped
+     most in step 2 (focus_on_failures).
 """
 from __future__ import annotations
 
@@ -42,16 +47,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 
 import common
+import rlhf
 import sft
-from annotator import Annotator
 from data import write_dialogs_jsonl
 from generate import CachedPrompt, chat_replies, load_model_and_tokenizer
-from model import CheckpointError
+from model import CheckpointError, save_checkpoint
 from world import World
 
 
@@ -59,7 +65,7 @@ from world import World
 class GattConfig:
     init_from: str = "out/ppo"  # the latest RLHF model: samples the replies and is fine-tuned
     out_dir: str = "out/gatt"
-    n_dialogs: int = 600  # GAtt training dialogues
+    n_dialogs: int = 600  # GAtt dialogues sampled for training (step 2)
     n_turns: int = 8  # turns per dialogue (Table 30 reports up to 20; our context holds 8)
     lr: float = 1e-3  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2  # over the training samples (step 3)
@@ -71,10 +77,12 @@ class GattConfig:
     n_eval: int = 100  # held-out dialogues per evaluation set (seen / unseen constraints)
     n_attention: int = 32  # of the seen ones, dialogues for Fig. 10's measurements (step 6)
     max_new_tokens: int = 48  # reply budget per turn (replies in capitals take many pieces)
-    mix_ratio: float = 1.0  # ordinary dialogues per trained GAtt reply (choice 3)
-    mix: str = "own"  # those dialogues (choice 3): "own" (the model's replies, checked) or "sft" (demonstrations)
-    instruction_share: float = 0.9  # in-turn instruction dialogues per mix dialogue (choice 4)
-    instruction_focus: float = 0.0  # > 0: half of those drawn toward the kinds step 2 failed (choice 5); 0 = off
+    rm_helpful: Optional[str] = None  # aid 3, with --rm-safety: also drop replies whose combined reward is < 0.15
+    rm_safety: Optional[str] = None  # aid 3: the safety RM
+    mix_ratio: float = 0.0  # aid 4: ordinary dialogues per trained GAtt reply; 0 = off (the paper's GAtt)
+    mix: str = "own"  # aid 4's dialogues: "own" (the model's replies, unfiltered) or "sft" (demonstrations)
+    instruction_share: float = 0.0  # aid 5: in-turn instruction dialogues per trained GAtt reply; 0 = off
+    instruction_focus: float = 0.0  # aid 6, > 0: half of aid 5's dialogues drawn toward the kinds dropped most
     world_seed: int = 0
     dtype: str = "auto"
     RANGES = common.ranges(  # each numeric flag's range, checked before any work (common.parse_config)
@@ -82,7 +90,7 @@ class GattConfig:
         non_negative="mix_ratio instruction_share instruction_focus world_seed seed")
 
 
-GOOD_REPLY = 0.75  # the annotator's helpfulness from which a sampled reply counts as good (choices 1 and 3)
+RM_FLOOR = 0.15  # aid 3: a reply whose combined reward (sigmoid scale) is below this is dropped (§3.2.3's threshold)
 # dialogues per generate() call: a decoding step costs about the same for a few rows as for many, so wide batches pay;
 # the multi-turn prompts are long, and 128 of them is where wider stops paying
 TURN_BATCH, SINGLE_BATCH = 128, 256
@@ -93,30 +101,47 @@ def with_instruction(instruction: str, question: str) -> str:
 
 
 # ---- 2. sampling with the instruction in every turn ------------------------------------------------------------------
+Judge = Callable[[list, list], list]  # (prompts, replies) -> keep each reply? (aid 3's reward models)
+
+
 @torch.no_grad()
-def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int, annotator) -> tuple[list[list[str]], list[int]]:
-    """Replies turn by turn, the instruction attached to every user message. Returns the replies per dialogue and,
-    per dialogue, how many of them were replaced by the compliant reference (choice 1)."""
+def sample_dialogs(model, tok, dialogs: list, max_new_tokens: int,
+                   judge: Optional[Judge] = None) -> tuple[list[list[str]], list[int]]:
+    """Replies turn by turn, the instruction attached to every user message. A reply that breaks the instruction
+    (g.check), or that `judge` rejects, is dropped with the rest of its dialogue, which is sampled no further
+    (choice 1). Returns each dialogue's kept replies (all n_turns, or those before the first dropped one) and, per
+    turn, how many replies were sampled at it."""
+    n_turns = len(dialogs[0].user_turns)
     histories = [[] for _ in dialogs]
     replies = [[] for _ in dialogs]
-    fallbacks = [0] * len(dialogs)
+    sampled = [0] * n_turns
     # each dialogue's last prompt and its keys/values: a turn computes only what it adds (the reply, the question)
     prefixes = [CachedPrompt() for _ in dialogs]
-    n_turns = len(dialogs[0].user_turns)
-    ticker = common.Ticker("gatt sampling", n_turns * len(dialogs), unit="replies")
+    alive = list(range(len(dialogs)))
+    ticker = common.Ticker("gatt sampling", n_turns, unit="turns")
     for t in range(n_turns):
-        for h, g in zip(histories, dialogs):
-            h.append({"role": "user", "content": with_instruction(g.instruction, g.user_turns[t])})
-        out = chat_replies(model, tok, [fit_context(tok, h, model.args.max_seq_len - max_new_tokens, refill=0.5)
-                                        for h in histories], max_new_tokens, batch_size=TURN_BATCH, prefixes=prefixes)
-        for i, (h, g, r, rs) in enumerate(zip(histories, dialogs, out, replies)):
-            good = g.check(r) and annotator.score(h, r).helpfulness >= GOOD_REPLY
-            if not good:
-                r, fallbacks[i] = g.compliant_replies()[t], fallbacks[i] + 1
-            rs.append(r)
-            h.append({"role": "assistant", "content": r})
-        ticker.tick((t + 1) * len(dialogs))
-    return replies, fallbacks
+        if not alive:
+            break
+        for i in alive:
+            histories[i].append({"role": "user", "content": with_instruction(dialogs[i].instruction,
+                                                                             dialogs[i].user_turns[t])})
+        prompts = [fit_context(tok, histories[i], model.args.max_seq_len - max_new_tokens, refill=0.5) for i in alive]
+        out = chat_replies(model, tok, prompts, max_new_tokens, batch_size=TURN_BATCH,
+                           prefixes=[prefixes[i] for i in alive])
+        keep = [dialogs[i].check(r) for i, r in zip(alive, out)]
+        if judge is not None and any(keep):  # the reward models see only replies the rule kept
+            asked = [k for k, ok in enumerate(keep) if ok]
+            for k, ok in zip(asked, judge([prompts[k] for k in asked], [out[k] for k in asked])):
+                keep[k] = bool(ok)
+        sampled[t], still = len(alive), []
+        for i, r, ok in zip(alive, out, keep):
+            histories[i].append({"role": "assistant", "content": r})  # only kept dialogues go on
+            if ok:
+                replies[i].append(r)
+                still.append(i)
+        alive = still
+        ticker.tick(t + 1)
+    return replies, sampled
 
 
 def instruction_kind(constraints) -> str:
@@ -124,14 +149,31 @@ def instruction_kind(constraints) -> str:
     return "+".join(sorted(c.rule for c in constraints))
 
 
-def failure_rates(dialogs: list, fallbacks: list[int]) -> dict[str, float]:
-    """Share of the sampled replies replaced by the reference, per instruction kind: where the model's in-turn
-    instruction following fails."""
+def dropped_by_kind(dialogs: list, replies: list[list[str]]) -> dict[str, float]:
+    """Share of the dialogue turns (the paper's per-prefix samples) dropped, per instruction kind: where the model's
+    in-turn instruction following fails."""
     counts = {}
-    for g, f in zip(dialogs, fallbacks):
-        failed, total = counts.get(instruction_kind(g.constraints), (0, 0))
-        counts[instruction_kind(g.constraints)] = (failed + f, total + len(g.user_turns))
-    return {k: failed / total for k, (failed, total) in sorted(counts.items())}
+    for g, r in zip(dialogs, replies):
+        lost, total = counts.get(instruction_kind(g.constraints), (0, 0))
+        counts[instruction_kind(g.constraints)] = (lost + len(g.user_turns) - len(r), total + len(g.user_turns))
+    return {k: lost / total for k, (lost, total) in sorted(counts.items())}
+
+
+class RewardJudge:
+    """Aid 3: keeps a reply whose combined reward R_c (§3.2.3, sigmoid scale) is at least RM_FLOOR; the prompts are
+    the GAtt questions, helpfulness prompts (IS_SAFETY false). Counts what it was asked and what it dropped."""
+
+    def __init__(self, rm_helpful: str, rm_safety: str, tok, device):
+        self.rm_h = rlhf.load_reward_model(rm_helpful, device)
+        self.rm_s = rlhf.load_reward_model(rm_safety, device)
+        self.tok, self.asked, self.dropped = tok, 0, 0
+
+    def __call__(self, prompts: list, replies: list) -> list[bool]:
+        r_c, _ = rlhf.combined_score(self.rm_h, self.rm_s, self.tok, prompts, replies,
+                                     torch.zeros(len(prompts), dtype=torch.bool), RM_FLOOR)
+        keep = (r_c >= RM_FLOOR).tolist()
+        self.asked, self.dropped = self.asked + len(keep), self.dropped + keep.count(False)
+        return keep
 
 
 def fit_context(tok, history: list[dict], budget: int, refill: float = 1.0) -> list[dict]:
@@ -151,8 +193,8 @@ def fit_context(tok, history: list[dict], budget: int, refill: float = 1.0) -> l
 
 
 def focus_on_failures(rates: dict[str, float], focus: float):
-    """Choice 5: keep(g) for World.instruction_dialogs, the probability of keeping an in-turn instruction dialogue
-    of g's kind, (fallback rate of the kind / the highest rate) ** focus. Kinds step 2 did not sample count as the
+    """Aid 6: keep(g) for World.instruction_dialogs, the probability of keeping an in-turn instruction dialogue of
+    g's kind, (dropped share of the kind / the highest share) ** focus. Kinds step 2 did not sample count as the
     highest. None (keep all: the world's mix) for focus 0, the default."""
     top = max(rates.values(), default=0.0)
     if focus == 0 or top == 0:
@@ -161,27 +203,21 @@ def focus_on_failures(rates: dict[str, float], focus: float):
 
 
 @torch.no_grad()
-def own_replies(model, tok, world, annotator, n: int, max_new_tokens: int, seed: int) -> list[list[dict]]:
-    """Choice 3's default mix: the model's own greedy replies to n ordinary train prompts, kept where the annotator
-    finds them helpful (GOOD_REPLY) and safe (any safe reply to a harmful prompt: a refusal); earlier turns of
-    multi-turn prompts are context (weight 0)."""
+def own_replies(model, tok, world, n: int, max_new_tokens: int, seed: int) -> list[list[dict]]:
+    """Aid 4 with --mix own: the model's own greedy replies to n ordinary train prompts, as sampled (no rater filters
+    them); earlier turns of multi-turn prompts are context (weight 0)."""
     tasks = world.tasks("train", n, seed=seed)
     budget = model.args.max_seq_len - max_new_tokens
     tasks = [t for t in tasks if len(tok.encode_dialog(t.messages)[0]) <= budget]
-    out = []
-    for t, r in zip(tasks, chat_replies(model, tok, [t.messages for t in tasks], max_new_tokens,
-                                        batch_size=SINGLE_BATCH, progress="gatt own replies")):
-        score = annotator.score(t.messages, r)
-        # a refusal of a harmful request is the right reply, though raters give it moderate helpfulness
-        if score.safe and (score.helpfulness >= GOOD_REPLY or t.kind == "harmful"):
-            context = [m if m["role"] != "assistant" else {**m, "weight": 0} for m in t.messages]
-            out.append(context + [{"role": "assistant", "content": r}])
-    return out
+    out = chat_replies(model, tok, [t.messages for t in tasks], max_new_tokens, batch_size=SINGLE_BATCH,
+                       progress="gatt own replies")
+    return [[m if m["role"] != "assistant" else {**m, "weight": 0} for m in t.messages]
+            + [{"role": "assistant", "content": r}] for t, r in zip(tasks, out)]
 
 
 def instruction_mix(world, n: int, seed: int, keep=None) -> list[list[dict]]:
-    """Choice 4: n in-turn instruction dialogues in the world's mix of kinds; with `keep` (choice 5), half of them
-    in that mix (every skill stays in the data) and half drawn toward the failed kinds."""
+    """Aid 5: n in-turn instruction dialogues in the world's mix of kinds; with `keep` (aid 6), half of them in that
+    mix (every skill stays in the data) and half drawn toward the most dropped kinds."""
     if keep is None:
         return world.instruction_dialogs("train", n, seed=seed)
     return (world.instruction_dialogs("train", n - n // 2, seed=seed)
@@ -329,35 +365,42 @@ class Run:
     device: torch.device
     tok: object
     world: World
-    annotator: Annotator
 
 
 def sample_and_write(run: Run, model) -> dict:
-    """Steps 1-3: sample the training dialogues with the instruction in every turn, build the training samples and
-    the mix, and write them to out/gatt_train.jsonl. Returns the figures metrics.json keeps."""
+    """Steps 1-3: sample the training dialogues with the instruction in every turn, build the training samples (and
+    the aids' mixes, when on), and write them to out/gatt_train.jsonl. Returns the figures metrics.json keeps."""
     cfg, world = run.cfg, run.world
     train = world.gatt_dialogs("train", cfg.n_dialogs, cfg.n_turns, seed=cfg.seed)
-    replies, fallbacks = sample_dialogs(model, run.tok, train, cfg.max_new_tokens, run.annotator)
-    fallback = sum(fallbacks) / max(1, len(train) * cfg.n_turns)
-    rates = failure_rates(train, fallbacks)
-    print(f"[gatt] sampled {len(train)} dialogues x {cfg.n_turns} turns; {fallback:.1%} of replies replaced by the "
-          f"compliant reference; by instruction kind: " + ", ".join(f"{k} {100 * r:.0f}%" for k, r in rates.items()),
+    judge = RewardJudge(cfg.rm_helpful, cfg.rm_safety, run.tok, run.device) if cfg.rm_helpful else None
+    replies, sampled = sample_dialogs(model, run.tok, train, cfg.max_new_tokens, judge)
+    kept = sum(len(r) for r in replies)  # trained GAtt replies
+    dropped = 1 - kept / (len(train) * cfg.n_turns)
+    by_kind = dropped_by_kind(train, replies)
+    by_turn = [(n - sum(len(r) > t for r in replies)) / n if n else None for t, n in enumerate(sampled)]
+    print(f"[gatt] sampled {len(train)} dialogues x {cfg.n_turns} turns; {dropped:.1%} of the turns dropped (a reply "
+          f"that broke the instruction and the rest of its dialogue); by instruction kind: "
+          + ", ".join(f"{k} {100 * r:.0f}%" for k, r in by_kind.items())
+          + "; replies dropped at turn 1..n: " + " ".join("-" if x is None else f"{100 * x:.0f}%" for x in by_turn),
           flush=True)
-    samples = [s for g, r in zip(train, replies) for s in training_samples(g, r, cfg.per_prefix)]
-    n_mix = round(cfg.mix_ratio * sum(len(r) for r in replies))  # choice 3: one per trained GAtt reply
-    if cfg.mix == "own":
-        keep = focus_on_failures(rates, cfg.instruction_focus)
-        mix = (own_replies(model, run.tok, world, run.annotator, n_mix, cfg.max_new_tokens, seed=cfg.seed + 1)
-               + instruction_mix(world, round(cfg.instruction_share * n_mix), seed=cfg.seed + 1, keep=keep))
-        print(f"[gatt] mix: {len(mix):,} dialogues (the model's own checked replies and instruction dialogues)",
-              flush=True)
-    else:
-        mix = world.sft_dialogs("train", n_mix, seed=cfg.seed + 1)
+    samples = [s for g, r in zip(train, replies) if r for s in training_samples(g, r, cfg.per_prefix)]
+    mix = []  # the aids (4-6); none by default
+    if cfg.mix_ratio > 0:
+        n_mix = round(cfg.mix_ratio * kept)
+        mix += (own_replies(model, run.tok, world, n_mix, cfg.max_new_tokens, seed=cfg.seed + 1) if cfg.mix == "own"
+                else world.sft_dialogs("train", n_mix, seed=cfg.seed + 1))
+    if cfg.instruction_share > 0:
+        keep = focus_on_failures(by_kind, cfg.instruction_focus)
+        mix += instruction_mix(world, round(cfg.instruction_share * kept), seed=cfg.seed + 1, keep=keep)
+    if mix:
+        print(f"[gatt] aids: {len(mix):,} mix dialogues (--mix-ratio {cfg.mix_ratio:g} --mix {cfg.mix}, "
+              f"--instruction-share {cfg.instruction_share:g})", flush=True)
     rows = samples + mix
     Random(f"gatt/{cfg.seed}").shuffle(rows)
     write_dialogs_jsonl(run.out / "gatt_train.jsonl", rows)
-    return {"n_train_dialogs": len(train), "n_train_samples": len(samples), "fallback_rate": fallback,
-            "fallback_rate_by_kind": rates, "n_mix": len(mix)}
+    return {"n_train_dialogs": len(train), "n_train_samples": len(samples), "n_kept_replies": kept,
+            "dropped_share": dropped, "dropped_by_kind": by_kind, "dropped_by_turn": by_turn, "n_mix": len(mix),
+            **({"rm_dropped_share": judge.dropped / max(1, judge.asked)} if judge else {})}
 
 
 def eval_dialogs(run: Run) -> tuple[list, list]:
@@ -376,9 +419,16 @@ def table_30(run: Run, model, seen: list, unseen: list, histories_out: Optional[
             "unseen": adherence_by_turn(model, run.tok, unseen, n)}
 
 
-def fine_tune(run: Run):
-    """Step 4: sft.py's recipe on out/gatt_train.jsonl, into out/."""
+def fine_tune(run: Run, n_rows: int):
+    """Step 4: sft.py's recipe on out/gatt_train.jsonl, into out/. With nothing to train on (every dialogue dropped at
+    its first reply, no aid on), out/ gets the starting model unchanged, and the run says so."""
     cfg = run.cfg
+    if n_rows == 0:
+        print(f"[gatt] WARNING: no training sample (every dialogue's first reply broke its instruction): {run.out} is "
+              f"{cfg.init_from} unchanged", flush=True)
+        model, _ = load_model_and_tokenizer(cfg.init_from, "cpu")
+        save_checkpoint(model, run.out, Path(cfg.init_from) / "tokenizer.model")
+        return
     sft_cfg = sft.SFTConfig(init_from=cfg.init_from, out_dir=str(run.out), data=str(run.out / "gatt_train.jsonl"),
                             seq_len=512, lr=cfg.lr, epochs=cfg.epochs, eval_n=100 if not cfg.quick else 8,
                             device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, val_frac=0.02)
@@ -407,26 +457,31 @@ def figure_10(run: Run, tuned, seen: list, histories: list) -> tuple[dict, dict]
 def main(cfg: GattConfig):
     if cfg.mix not in ("own", "sft"):
         common.die(f"--mix: expected 'own' or 'sft', got {cfg.mix!r}")
+    if bool(cfg.rm_helpful) != bool(cfg.rm_safety):
+        common.die("--rm-helpful and --rm-safety: aid 3 needs both reward models (or neither)")
+    if cfg.instruction_focus > 0 and cfg.instruction_share == 0:
+        common.die("--instruction-focus: aid 6 draws aid 5's dialogues; set --instruction-share too")
     if cfg.quick:
         cfg.n_dialogs, cfg.n_eval, cfg.n_turns, cfg.n_attention = 12, 8, 4, 4
     t0 = time.perf_counter()
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
-    common.preflight(out, init_from=(cfg.init_from, "lm"))
+    common.preflight(out, init_from=(cfg.init_from, "lm"), rm_helpful=(cfg.rm_helpful, "scalar"),
+                     rm_safety=(cfg.rm_safety, "scalar"))
     try:
         model, tok = load_model_and_tokenizer(cfg.init_from, device)
     except (CheckpointError, OSError, ValueError) as e:
         common.die(f"--init-from: {e}")
     world = World(seed=cfg.world_seed)
-    run = Run(cfg, out, device, tok, world, Annotator(world, seed=cfg.seed))
+    run = Run(cfg, out, device, tok, world)
 
     data = sample_and_write(run, model)  # 1-3
     seen, unseen = eval_dialogs(run)
     before = table_30(run, model, seen, unseen)  # 5a. Table 30 before GAtt
     print("[gatt] before: " + _fmt_turns(before["seen"]), flush=True)
     del model
-    fine_tune(run)  # 4
+    fine_tune(run, data["n_train_samples"] + data["n_mix"])  # 4
     tuned, _ = load_model_and_tokenizer(out, device)
     histories: list = []
     after = table_30(run, tuned, seen, unseen, histories_out=histories)  # 5b. Table 30 after GAtt
@@ -439,9 +494,8 @@ def main(cfg: GattConfig):
         "adherence_by_turn": {"baseline": before["seen"], "gatt": after["seen"]},
         "attention_to_instruction": attention, "adherence_on_gatt_history": on_history,
         "adherence_by_turn_unseen": {"baseline": before["unseen"], "gatt": after["unseen"]},
-        "n_train_dialogs": data["n_train_dialogs"], "n_train_samples": data["n_train_samples"],
-        "fallback_rate": data["fallback_rate"], "fallback_rate_by_kind": data["fallback_rate_by_kind"],
-        "mix": cfg.mix, "instruction_focus": cfg.instruction_focus, "n_mix": data["n_mix"],
+        **data, "aids": {"rm_filter": bool(cfg.rm_helpful), "mix_ratio": cfg.mix_ratio, "mix": cfg.mix,
+                         "instruction_share": cfg.instruction_share, "instruction_focus": cfg.instruction_focus},
         "n_eval_seen": len(seen), "n_eval_unseen": len(unseen), "gatt_seconds": time.perf_counter() - t0,
         "complete": True})
     print(f"[gatt] done in {common.fmt_time(time.perf_counter() - t0)}; wrote {out}", flush=True)

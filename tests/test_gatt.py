@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from annotator import Annotator
-from world import CONSTRAINTS, INSTRUCTION_SHARE, World
+from data import read_dialogs_jsonl
+from world import CONSTRAINTS, World, apply_all
 import gatt
 from tokenizer import train_tokenizer
 
@@ -65,27 +65,84 @@ def test_one_dialogue_with_every_reply_trained_equals_the_per_prefix_samples(tok
     assert one.item() > 100  # a random model: the sum is large, so rel=1e-5 is a tight check
 
 
-def test_sampling_context_has_the_instruction_in_every_turn(tok, monkeypatch):
-    w = World(seed=0)
-    dialogs = w.gatt_dialogs("train", 3, n_turns=3)
-    seen = []
+def _fake_model(monkeypatch, answer):
+    """A stand-in for the chat model: chat_replies answers each prompt (a history ending with the user message) with
+    answer(history); the model itself is read only for its context length. Returns the list of calls' prompts."""
+    calls = []
 
     def fake_chat_replies(model, tok, histories, max_new_tokens, **kw):
-        seen.append([h[-1]["content"] for h in histories])
-        return ["plain reply."] * len(histories)  # never compliant: every reply falls back to the reference
+        calls.append([list(h) for h in histories])
+        return [answer(h) for h in histories]
     monkeypatch.setattr(gatt, "chat_replies", fake_chat_replies)
-    model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))  # only its context length is read
-    replies, fallbacks = gatt.sample_dialogs(model, tok, dialogs, 8, Annotator(w))
-    assert fallbacks == [3, 3, 3]
-    assert set(gatt.failure_rates(dialogs, fallbacks).values()) == {1.0}
+    return SimpleNamespace(args=SimpleNamespace(max_seq_len=512)), calls
+
+
+def _own_reply(dialogs, broken: dict):
+    """The fake model's reply to dialogue g's turn t: its own words ("mine") made compliant, except at (g, t) in
+    `broken`, where it ignores the instruction. Dialogues are told apart by their first user message."""
+    firsts = {gatt.with_instruction(g.instruction, g.user_turns[0]): i for i, g in enumerate(dialogs)}
+
+    def answer(h):
+        i, t = firsts[h[0]["content"]], sum(m["role"] == "user" for m in h) - 1
+        g = dialogs[i]
+        return f"mine {i} {t}." if (i, t) in broken else apply_all(g.constraints, f"mine {i} {t}.")
+    return answer
+
+
+def test_sampling_has_the_instruction_in_every_turn_and_drops_a_broken_reply_with_the_rest_of_its_dialogue(
+        tok, monkeypatch):
+    """Choice 1: the replies are the model's own; one that breaks the instruction is dropped, never replaced, and its
+    dialogue is sampled no further; the earlier replies stay. Every prompt carries the instruction in every user
+    message."""
+    dialogs = World(seed=0).gatt_dialogs("train", 4, n_turns=3)
+    broken = {(1, 0), (2, 1)}  # dialogue 1 breaks it at turn 1, dialogue 2 at turn 2
+    model, calls = _fake_model(monkeypatch, _own_reply(dialogs, broken))
+    replies, sampled = gatt.sample_dialogs(model, tok, dialogs, 8)
+    assert [len(r) for r in replies] == [3, 0, 1, 3]
+    for i, (g, rs) in enumerate(zip(dialogs, replies)):
+        assert all(g.check(r) and f"mine {i} {t}" in r for t, r in enumerate(rs))  # the model's own, not a reference
+        assert not any(r in g.compliant_replies() for r in rs)
+    assert sampled == [4, 3, 2] and [len(c) for c in calls] == sampled  # dropped dialogues are not asked again
+    for prompts in calls:
+        for h in prompts:
+            g = dialogs[[gatt.with_instruction(d.instruction, d.user_turns[0]) for d in dialogs].index(h[0]["content"])]
+            users = [m["content"] for m in h if m["role"] == "user"]
+            assert users == [gatt.with_instruction(g.instruction, q) for q in g.user_turns[:len(users)]]
+    # the shares dropped: dialogue turns lost per instruction kind, by hand
+    lost = {0: 0, 1: 3, 2: 2, 3: 0}
     kinds = [gatt.instruction_kind(g.constraints) for g in dialogs]
-    by_hand = {k: sum(f for f, kk in zip([3, 1, 0], kinds) if kk == k) / (3 * kinds.count(k)) for k in kinds}
-    assert gatt.failure_rates(dialogs, [3, 1, 0]) == by_hand
-    for t, turn in enumerate(seen):
-        for g, content in zip(dialogs, turn):
-            assert content == gatt.with_instruction(g.instruction, g.user_turns[t])
-    for g, r in zip(dialogs, replies):
-        assert r == g.compliant_replies() and all(g.check(x) for x in r)
+    by_hand = {k: sum(lost[i] for i in range(4) if kinds[i] == k) / (3 * kinds.count(k)) for k in kinds}
+    assert gatt.dropped_by_kind(dialogs, replies) == by_hand and max(by_hand.values()) > 0
+    # a judge (aid 3) drops what the rule kept, with the same consequences; it sees only replies the rule kept
+    judged = []
+
+    def judge(prompts, rs):  # rejects dialogue 3's first reply
+        judged.extend(rs)
+        return ["mine 3 0." not in r for r in rs]
+    replies, sampled = gatt.sample_dialogs(model, tok, dialogs, 8, judge=judge)
+    assert [len(r) for r in replies] == [3, 0, 1, 0] and sampled == [4, 2, 1]
+    assert not any("mine 1 0" in r or "mine 2 1" in r for r in judged)  # the rule dropped those first
+
+
+def test_sample_and_write_trains_the_kept_replies_alone_by_default(tok, monkeypatch, tmp_path):
+    """The default run (no aid): gatt_train.jsonl holds the training samples of the kept replies and nothing else:
+    no mix, no reference reply; metrics count the dropped turns."""
+    cfg = gatt.GattConfig(n_dialogs=6, n_turns=3)
+    assert (cfg.mix_ratio, cfg.instruction_share, cfg.instruction_focus, cfg.rm_helpful) == (0, 0, 0, None)
+    world = World(seed=0)
+    dialogs = world.gatt_dialogs("train", 6, 3, seed=cfg.seed)
+    model, _ = _fake_model(monkeypatch, _own_reply(dialogs, {(0, 0), (4, 2)}))
+    run = gatt.Run(cfg, tmp_path, torch.device("cpu"), tok, world)
+    m = gatt.sample_and_write(run, model)
+    rows = read_dialogs_jsonl(tmp_path / "gatt_train.jsonl")
+    # dialogue 0 gives nothing (3 turns lost), dialogue 4 its first two replies (1 lost)
+    assert len(rows) == m["n_train_samples"] == 5 and m["n_mix"] == 0 and m["n_kept_replies"] == 14
+    assert m["dropped_share"] == pytest.approx(4 / 18) and m["dropped_by_turn"] == [1 / 6, 0, 1 / 5]
+    trained = [msg["content"] for r in rows for msg in r if msg["role"] == "assistant" and msg.get("weight", 1)]
+    assert len(trained) == 14 and all("mine" in r for r in trained)  # every reply the model's own
+    for r in rows:
+        g = next(d for d in dialogs if r[0]["content"] == gatt.with_instruction(d.instruction, d.user_turns[0]))
+        assert all(g.instruction not in x["content"] for x in r[2::2])  # the instruction in the first turn only
 
 
 def test_sampling_context_keeps_the_latest_turns_that_fit(tok):
@@ -115,31 +172,24 @@ def test_constraint_checkers_accept_compliant_and_reject_plain_replies():
         assert not c.check(plain), c.name
 
 
-def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialogs(tok, monkeypatch):
-    """Choice 3's default mix: the model's reply is kept when the annotator finds it helpful and safe (a refusal of a
-    harmful request counts), dropped otherwise; earlier turns are context only. Choice 4's instruction dialogues are
-    the world's; choice 5's focus draws half of them through keep."""
+def test_the_aids_mixes_are_unfiltered_own_replies_or_the_worlds_dialogues(tok, monkeypatch):
+    """Aid 4 (--mix own): the model's reply to every train prompt that fits, wrong or not (no rater filters it); earlier
+    turns are context only. Aid 5's instruction dialogues are the world's; aid 6's focus draws half of them through
+    keep."""
     world = World(seed=0)
-    annotator = Annotator(world, seed=0)
     tasks = world.tasks("train", 60, seed=3)
-    harmful_ids = {i for i, t in enumerate(tasks) if t.kind == "harmful"}
     wrong_ids = {i for i, t in enumerate(tasks) if t.kind == "fact"}
-    assert harmful_ids and wrong_ids
-    # the "model" answers with the reference (a refusal for harmful prompts), except one wrong reply to every fact
+    assert wrong_ids and any(t.kind == "harmful" for t in tasks)
     fake = [t.reference if i not in wrong_ids else "It is a cat." for i, t in enumerate(tasks)]
     monkeypatch.setattr(gatt, "chat_replies", lambda model, tok, dialogs, n, **kw: fake[:len(dialogs)])
     model = SimpleNamespace(args=SimpleNamespace(max_seq_len=512))
-    kept = gatt.own_replies(model, tok, world, annotator, 60, 48, seed=3)
-    kept_replies = [d[-1]["content"] for d in kept]
-    assert "It is a cat." not in kept_replies  # wrong facts dropped
-    assert len(kept) == len(tasks) - len(wrong_ids)  # every other reference reply kept, refusals of harmful ones too
-    assert any(tasks[i].reference in kept_replies for i in harmful_ids)
-    for d in kept:  # earlier assistant turns are context (weight 0), the model's reply is trained
-        assert all(m.get("weight") == 0 for m in d[:-1] if m["role"] == "assistant")
-        assert "weight" not in d[-1]
-    n = round(INSTRUCTION_SHARE * 60)
-    assert gatt.instruction_mix(world, n, seed=3) == world.instruction_dialogs("train", n, seed=3)
-    # choice 5: with keep, half the instruction dialogues are the world's draw, half pass keep (here: capitals only)
+    mixed = gatt.own_replies(model, tok, world, 60, 48, seed=3)
+    assert [d[-1]["content"] for d in mixed] == fake  # every reply kept as sampled, the wrong ones too
+    assert [d[:-1] for d in mixed] == [[m if m["role"] != "assistant" else {**m, "weight": 0} for m in t.messages]
+                                       for t in tasks]
+    assert any(m.get("weight") == 0 for d in mixed for m in d)  # some multi-turn prompts: their replies are context
+    assert gatt.instruction_mix(world, 54, seed=3) == world.instruction_dialogs("train", 54, seed=3)
+    # aid 6: with keep, half the instruction dialogues are the world's draw, half pass keep (here: capitals only)
     upper = lambda g: float(any(c.rule == "upper" for c in g.constraints))  # noqa: E731
     focused = gatt.instruction_mix(world, 36, seed=3, keep=upper)
     assert len(focused) == 36 and focused[:18] == world.instruction_dialogs("train", 18, seed=3)
@@ -147,12 +197,28 @@ def test_own_reply_mix_keeps_checked_replies_refusals_and_adds_instruction_dialo
                if m["role"] == "assistant")
 
 
+def test_reward_judge_keeps_a_reply_whose_combined_reward_reaches_the_floor(monkeypatch):
+    """Aid 3: the RMs' combined reward R_c, read for helpfulness prompts (IS_SAFETY false), keeps a reply at or above
+    RM_FLOOR and drops one below it, counting both."""
+    monkeypatch.setattr(gatt.rlhf, "load_reward_model", lambda path, device: path)
+    seen = {}
+
+    def fake_combined(rm_h, rm_s, tok, dialogs, replies, is_safety, threshold):
+        seen.update(rms=(rm_h, rm_s), is_safety=is_safety.tolist(), threshold=threshold)
+        return torch.tensor([0.9, gatt.RM_FLOOR, 0.1]), torch.zeros(3)
+    monkeypatch.setattr(gatt.rlhf, "combined_score", fake_combined)
+    judge = gatt.RewardJudge("h_dir", "s_dir", tok=None, device="cpu")
+    assert judge([[]] * 3, ["a", "b", "c"]) == [True, True, False]
+    assert seen == {"rms": ("h_dir", "s_dir"), "is_safety": [False] * 3, "threshold": gatt.RM_FLOOR}
+    assert (judge.asked, judge.dropped) == (3, 1)
+
+
 def test_instruction_dialogs_drawn_with_keep_and_the_focus_on_failed_kinds():
     """World.instruction_dialogs(keep=...) is rejection sampling over the world's draw: keep 1 gives the draw itself,
     a kind kept with probability 1/4 falls to ~0.3 of its share (1/4, renormalized over the draw: hobby-only is ~24%
     of it), a kind kept always rises, and a keep that accepts nothing fails with a clear error. The seeds are fixed;
     the ratio's bounds are 3.5 and 5.7 binomial standard deviations (~0.027) from 0.305, so a correct draw fails them
-    with odds under 1 in 4,000. focus_on_failures maps step 2's fallback rates to those probabilities."""
+    with odds under 1 in 4,000. focus_on_failures (aid 6) maps step 2's dropped shares to those probabilities."""
     world = World(seed=0)
     assert world.instruction_dialogs("train", 50, seed=2, keep=lambda g: 1.0) == world.instruction_dialogs(
         "train", 50, seed=2)
