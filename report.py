@@ -312,10 +312,13 @@ def section_gatt(out: Path, m: dict) -> list[str]:
                           f"standard error of {_stderr(p, n_dialogs):.1f} points."]
         lines.append("")
     dropped = m.get("dropped_by_kind") or {}
+    a = m.get("aids") or {}
+    aids = [f"{k} {v}" for k, v in a.items() if v and (k != "mix" or a.get("mix_ratio"))]
     lines.append("GAtt trains on the model's own replies, sampled with the instruction in every turn; a reply that "
-                 "breaks the instruction's rule is dropped with the rest of its dialogue, never replaced: "
-                 f"{_pct(m.get('dropped_share'))} of the sampled replies were dropped"
-                 + (" (" + ", ".join(f"{k} {_pct(v)}" for k, v in dropped.items()) + ")." if dropped else "."))
+                 "breaks the instruction's rule is dropped with the rest of its dialogue, never replaced (gatt.py "
+                 f"choice 1): {_pct(m.get('dropped_share'))} of the dialogue turns were lost"
+                 + (" (" + ", ".join(f"{k} {_pct(v)}" for k, v in dropped.items()) + ")" if dropped else "")
+                 + (f". Aids on: {', '.join(aids)}." if aids else ". No aid was on: the paper's form."))
     att, on_history = m.get("attention_to_instruction") or {}, m.get("adherence_on_gatt_history") or {}
     if att.get("gatt"):
         n = len(att["gatt"]["mean"])
