@@ -222,3 +222,35 @@ def test_the_first_eta_agrees_with_the_next(tmp_path, monkeypatch, capsys):
     etas = [int(m) * 60 + int(s) for m, s in re.findall(r"remaining ETA (\d+)m(\d\d)s", out)]
     left_after_a = pace["b"] * 200 + pace["c"] * 300  # what really came
     assert abs(etas[0] / left_after_a - 1) < 0.1 and abs(etas[0] / (etas[1] + pace["b"] * 200) - 1) < 0.1, etas
+
+
+def test_the_stages_follow_the_iterative_recipe():
+    """pipeline.stages(2): DESIGN.md's data flow for RLHF-V1 and V2, read off each stage's flags. Version k's batch
+    is sampled from the latest model first, then the earlier ones; its RMs train on every batch so far and are
+    compared with the last round's; RS samples from the latest model and fine-tunes SFT, keeping the earlier
+    versions' best; PPO starts from the last RS model; GAtt from PPO's."""
+    import pipeline
+
+    def flag(stage, name):  # the values after --name, up to the next flag
+        args = stage.args[stage.args.index(name) + 1:]
+        return args[:next((i for i, a in enumerate(args) if a.startswith("--")), len(args))]
+    st = {s.name: s for s in pipeline.stages(2)}
+    assert [n for n in st if not n.startswith("eval_")] == [
+        "pretrain", "sft", "rm_helpful_v1", "rm_safety_v1", "rs_v1", "rm_helpful_v2", "rm_safety_v2", "rs_v2", "ppo",
+        "gatt"]
+    assert flag(st["rm_helpful_v1"], "--sample-from") == ["{out}/sft"] and "--previous-rm" not in st["rm_helpful_v1"].args
+    assert flag(st["rm_safety_v2"], "--sample-from") == ["{out}/rlhf_v1", "{out}/sft"]
+    assert flag(st["rm_safety_v2"], "--prefs-dir") == ["{out}/prefs/batch_2"]
+    assert flag(st["rm_safety_v2"], "--earlier-prefs") == ["{out}/prefs/batch_1"]
+    assert flag(st["rm_safety_v2"], "--previous-rm") == ["{out}/rm_safety_v1"]
+    assert flag(st["rm_helpful_v2"], "--init-from") == ["{out}/sft"]  # every round's RMs start from SFT
+    assert "--margin-ablation" in st["rm_helpful_v2"].args and "--margin-ablation" not in st["rm_helpful_v1"].args
+    assert (st["rs_v1"].out, st["rs_v2"].out, st["ppo"].out) == ("rlhf_v1", "rlhf_v2_rs", "rlhf_v2")
+    assert flag(st["rs_v2"], "--init-from") == ["{out}/rlhf_v1"] and flag(st["rs_v2"], "--base") == ["{out}/sft"]
+    assert flag(st["rs_v2"], "--previous") == ["{out}/rlhf_v1"] and flag(st["rs_v2"], "--rm-safety") == [
+        "{out}/rm_safety_v2"]
+    assert flag(st["ppo"], "--init-from") == ["{out}/rlhf_v2_rs"] and flag(st["gatt"], "--init-from") == [
+        "{out}/rlhf_v2"]
+    assert flag(st["eval_ppo_vs_rs"], "--b") == ["{out}/rlhf_v2_rs"]
+    assert all(flag(s, "--rm-helpful") == ["{out}/rm_helpful_v2"] for n, s in st.items() if n.startswith("eval_v"))
+    assert [s.name for s in pipeline.STAGES] == [s.name for s in pipeline.stages(pipeline.ROUNDS)]
