@@ -88,7 +88,7 @@ class Preference:
     rating: str           # one of RATINGS
     category: str         # "helpfulness" | "safety"
     safety_label: str | None = None  # one of SAFETY_LABELS (or DROPPED_SAFETY_LABEL) when known
-    sources: tuple[str, str] | None = None  # where chosen and rejected came from ("sample_T0.7", "wrong", ...)
+    sources: tuple[str, str] | None = None  # which model variant wrote chosen and rejected ("sft_T0.7", ...)
     kind: str | None = None  # the prompt's task kind (one of KINDS: "arith", "fact", ...) when known
 
 

@@ -194,9 +194,11 @@ def _x(v):
 
 # ---- memory plan (python bench.py --plan --model 7B --stage ppo --world-size 8) -------------------------------------
 # Bytes per parameter. Trained under mixed precision: fp32 weights, gradients and AdamW's two moments (autocast's
-# bf16 copies of a layer's weights are transient, not counted). Frozen models (reference policy, reward models): bf16.
+# bf16 copies of a layer's weights are transient, not counted). Frozen models: the reward models in bf16; PPO's
+# reference policy at the policy's own precision (fp32 weights, cast by autocast as the policy's are), so that the KL
+# is exactly 0 before the first update (ppo.py).
 TRAINABLE_BYTES = {"params": 4, "grads": 4, "optimizer": 8}
-FROZEN_BYTES = 2
+FROZEN_BYTES = {"ref policy": 4}  # any other frozen model: 2 (bf16)
 # Which models each stage holds at once: (role, trainable).
 STAGE_MODELS = {
     "pretrain": [("policy", True)], "sft": [("policy", True)], "reward": [("reward model", True)],
@@ -237,11 +239,12 @@ def memory_plan(model_name: str, stage: str, world_size: int, micro_batch: int, 
         if trainable:
             p, g, o = (n * TRAINABLE_BYTES[k] for k in ("params", "grads", "optimizer"))
         else:
-            p, g, o = n * FROZEN_BYTES, 0, 0
+            p, g, o = n * FROZEN_BYTES.get(role, 2), 0, 0
         t = p + g + o
         totals["ddp"] += t
         totals["fsdp"] += t / world_size
-        lines.append(f"| {role} | {'yes' if trainable else 'no (bf16)'} | {p / gib:.1f} GiB | {g / gib:.1f} GiB | "
+        frozen = f"no ({'fp32' if FROZEN_BYTES.get(role, 2) == 4 else 'bf16'})"
+        lines.append(f"| {role} | {'yes' if trainable else frozen} | {p / gib:.1f} GiB | {g / gib:.1f} GiB | "
                      f"{o / gib:.1f} GiB | {t / gib:.1f} GiB | {t / world_size / gib:.1f} GiB |")
     n_train = sum(1 for _, t in STAGE_MODELS[stage] if t)
     act = {gc: n_train * activation_bytes(args, micro_batch, seq, gc) for gc in (False, True)}

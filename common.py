@@ -49,7 +49,7 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -517,19 +517,15 @@ def consolidated_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = Non
 
 
 # ---- optimizer and schedule ----------------------------------------------------------------------------------------
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-5,
-                   lr_mult: Optional[Callable[[str], float]] = None):
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
+                   eps: float = 1e-5):
     """AdamW with Llama 2's betas, eps and weight decay (§2.2). The paper does not say which tensors decay: here the
     matrices do and the RMSNorm gains do not (decaying a gain shrinks the normalized activations, not a prior on
-    weights; the usual GPT/Llama practice). lr_mult(name) -> factor: parameters, by their name in `model`, that train
-    at a multiple of the lr (reward.py's new head blocks); set_lr keeps the factor."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    groups: dict[tuple[bool, float], list] = {}
-    for n, p in named:
-        groups.setdefault((p.dim() >= 2, lr_mult(n) if lr_mult else 1.0), []).append(p)
-    groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_mult": mult, "lr": lr * mult}
-              for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    weights; the usual GPT/Llama practice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     # fused: one kernel over all tensors instead of a Python loop of small ops (several times faster on the CPU).
     # Sharded (FSDP2 DTensor) parameters on the CPU keep the default implementation, which supports them everywhere.
     from torch.distributed.tensor import DTensor
@@ -563,7 +559,7 @@ def lr_at(step: int, max_steps: int, peak: float, warmup: int, final_ratio: floa
 
 def set_lr(opt: torch.optim.Optimizer, lr: float):
     for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)  # make_optimizer's per-group factor (1 unless lr_mult was given)
+        g["lr"] = lr
 
 
 # ---- checkpoints with exact resume -----------------------------------------------------------------------------------

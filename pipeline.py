@@ -78,12 +78,14 @@ def _eval(name: str, a: str, b: str, rounds: int) -> Stage:
     """evaluate.py: model a against model b, judged by the annotator and by the latest reward models."""
     return Stage(name, "evaluate.py", name, ["--a", "{out}/" + a, "--b", "{out}/" + b,
                                              "--rm-helpful", f"{{out}}/rm_helpful_v{rounds}",
-                                             "--rm-safety", f"{{out}}/rm_safety_v{rounds}", "--out-dir", "{out}/" + name,
-                                             "--reply-cache", "{out}/replies"], ["--quick"], 5)
+                                             "--rm-safety", f"{{out}}/rm_safety_v{rounds}",
+                                             "--out-dir", "{out}/" + name, "--reply-cache", "{out}/replies"],
+                 ["--quick"], 5)
 
 
-def version_dir(k: int, rounds: int) -> str:
-    """The chat model of version k: sft (k = 0), rlhf_vk; the last version's RS model is rlhf_vN_rs, PPO's start."""
+def version_dir(k: int) -> str:
+    """The directory of chat model version k: sft (k = 0), then rlhf_vk (the last version's is PPO's; its RS model,
+    PPO's start, is rlhf_vN_rs)."""
     return "sft" if k == 0 else f"rlhf_v{k}"
 
 
@@ -97,8 +99,8 @@ def stages(rounds: int = 3) -> list[Stage]:
                   "--log-interval", "20"], 210),
            Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 65)]
     for k in range(1, rounds + 1):
-        latest = version_dir(k - 1, rounds)
-        models = ["{out}/" + latest] + ["{out}/" + version_dir(j, rounds) for j in range(k - 2, -1, -1)]
+        latest = version_dir(k - 1)
+        models = ["{out}/" + latest] + ["{out}/" + version_dir(j) for j in range(k - 2, -1, -1)]
         for axis, name in (("helpfulness", "helpful"), ("safety", "safety")):
             args = ["--axis", axis, "--init-from", "{out}/sft", "--sample-from", *models,
                     "--prefs-dir", f"{{out}}/prefs/batch_{k}", "--out-dir", f"{{out}}/rm_{name}_v{k}"]
@@ -114,7 +116,7 @@ def stages(rounds: int = 3) -> list[Stage]:
         out.append(Stage(f"rs_v{k}", "rejection_sampling.py", rs_out,
                          ["--init-from", "{out}/" + latest, "--base", "{out}/sft", "--iterations", "1",
                           "--rm-helpful", f"{{out}}/rm_helpful_v{k}", "--rm-safety", f"{{out}}/rm_safety_v{k}",
-                          *(["--previous", *[f"{{out}}/rlhf_v{j}" for j in range(1, k)]] if k > 1 else []),
+                          *(["--previous", f"{{out}}/rlhf_v{k - 1}"] if k > 1 else []),  # its kept set holds all before
                           "--out-dir", "{out}/" + rs_out, "--n-test", "0"], ["--quick"], 50))
     final = f"rlhf_v{rounds}"
     out += [
@@ -146,7 +148,7 @@ STAGES = stages(ROUNDS)
 class PipelineConfig:
     out: str = "out"  # output root: one directory per stage, and report.md
     quick: bool = False  # a seconds-to-minutes smoke version of every stage
-    only: list[str] = field(default_factory=list)  # run only these stages (names: pretrain sft rm_helpful ...)
+    only: list[str] = field(default_factory=list)  # run only these stages (names: pretrain sft rm_helpful_v1 ...)
     force: bool = False  # rerun stages whose outputs are complete
     seed: int = 0  # passed to every stage
     rounds: int = ROUNDS  # RLHF versions: each a new preference batch, new reward models, rejection sampling (§3.2.3)

@@ -93,7 +93,7 @@ class PPOConfig:
     select_by: str = "rm"  # held-out judge that picks the iterate: "rm" (choice 4) or the aid "annotator" (choice 8)
     eval_start: bool = True  # choice 4: the starting policy is a candidate; --no-eval-start keeps a trained iterate
     n_eval: int = 96  # held-out prompts for early stopping
-    n_test: int = 200  # test prompts for the final win rate against SFT (0: none; pipeline.py's eval_ppo measures it)
+    n_test: int = 200  # test prompts for the final win rate against SFT (0: none; pipeline.py's eval_ppo_vs_sft)
     world_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -545,8 +545,9 @@ def final_report(model, tok, cfg, world, device) -> dict:
 
 
 # ==== under torchrun: N processes run the same PPO as one process =====================================================
-# The policy and the value model train data-parallel (DDP, or FSDP2 with --fsdp); the frozen reference and both reward
-# models are held whole on every rank and only run forward passes; under FSDP a rollout gathers the policy's weights
+# The policy and the value model train data-parallel (DDP, or FSDP2 with --fsdp); the frozen reference runs as the
+# policy does (sharded the same way under FSDP), both reward models are held whole on every rank, and these three only
+# run forward passes; under FSDP a rollout gathers the policy's weights
 # once (common.consolidated_copy). N processes give one process's run with the same global batch, up to the order of
 # float sums (tests/test_distributed.py), so --batch-size means the same on any number of GPUs:
 #   - every rank draws the same global batch; its random order is the minibatch split, and rank r of W takes the rows

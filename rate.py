@@ -99,7 +99,7 @@ class Item:
     mode: str
     messages: list  # the dialog, ending with the user turn the replies answer
     replies: list  # [A's reply, B's reply]
-    sources: list  # where each came from: "sample_T0.7_a" (reward.py's source names start with "sample")
+    sources: list  # where each came from: "sample_T0.7_a", side a's model sampled at temperature 0.7
     first: int  # which reply is shown first: 0 = A, 1 = B
     is_safety: Optional[bool]  # None: a prompt a rater wrote (choice 5)
     kind: Optional[str] = None  # the world task's kind; None for typed prompts

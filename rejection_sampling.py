@@ -31,11 +31,13 @@ Choices where the paper is silent:
      model on it again, so that no reply is trained on twice; the samples of iteration i+1 come from the model of
      iteration i. In the loop (pipeline.py) version k samples from version k-1 (--init-from) but fine-tunes SFT
      (--base out/sft) on the best of all versions' samples, for the same reason.
-  2. K = 8 (the paper's figures go up to N = 100); 600 prompts per iteration, from the world's training prompts.
-  3. The fine-tuning set also holds the SFT data's share (30%, INSTRUCTION_SHARE) of instruction-following dialogues,
-     unchanged: our RL prompts carry no persistent instruction and the reward models never judged one, so a fine-tune
-     on kept replies alone would erode a skill no RLHF step asks for (and Ghost Attention, §3.3, samples from the RLHF
-     model).
+  2. K = 8 (the paper's figures go up to N = 100); 600 prompts per iteration, from the world's training prompts. The
+     draw depends on the seed and the iteration number only, so with --iterations 1 every version of the loop samples
+     the same prompts and improves their best replies (keep_best across versions).
+  3. Aid, off by default: --instruction-share s > 0 adds s of the SFT data's instruction-following dialogues per kept
+     reply to each fine-tune (SFT's own share is INSTRUCTION_SHARE). Our RL prompts carry no persistent instruction
+     and the reward models never judged one, so a fine-tune on kept replies alone may erode that skill, which Ghost
+     Attention (§3.3) later samples from; the paper fine-tunes on the kept replies alone.
   4. A sample cut off at --max-new-tokens (no EOS) is not a reply: it scores UNFINISHED_REWARD (0, the bottom of the
      sigmoid scale) in the selection and in Figs. 7-8, and is never kept. The reward models read it at a state they
      never saw in training and may rate it above a finished reply; kept, it would teach the model to stop mid-word.
@@ -43,7 +45,7 @@ Choices where the paper is silent:
 Under torchrun every rank holds the whole model and both reward models and samples and scores its own share of the
 prompts (the last section); the kept records are gathered to every rank, so keep_best gives the same set everywhere;
 the fine-tuning (sft.main, in the same processes) is data-parallel, DDP or FSDP2 with --fsdp; rank 0 alone writes files
-and evaluates against SFT at the end.
+and evaluates against the start (--init-from) at the end.
 """
 from __future__ import annotations
 
@@ -83,8 +85,8 @@ class RSConfig:
     max_new_tokens: int = 64  # stories with the demonstrations' closer need ~55 tokens
     lr: float = 5e-4  # fine-tuning peak lr (sft.py's recipe)
     epochs: int = 2
-    instruction_share: float = INSTRUCTION_SHARE  # instruction dialogues per kept reply in each fine-tune (choice 3)
-    n_test: int = 200  # test prompts for the win rate against SFT (0: none; pipeline.py's eval_rs stage measures it)
+    instruction_share: float = 0.0  # aid: SFT's instruction dialogues per kept reply in each fine-tune (choice 3)
+    n_test: int = 200  # test prompts for the win rate against the start (0: none; pipeline.py's eval_v* stages)
     world_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -330,7 +332,7 @@ def main(cfg: RSConfig):
     metrics.update(kept=len(kept), kept_from_previous=n_prev, previous_replaced=len(from_previous) - n_prev,
                    safety_decides=rlhf.safety_decides(torch.cat([r for r, _ in safety_inputs]),
                                                       torch.cat([s for _, s in safety_inputs]), cfg.safety_threshold))
-    # Fig. 8 for the RS model, and the score against SFT (rank 0 alone)
+    # Fig. 8 for the RS model, and the score against the model sampled from, --init-from (rank 0 alone)
     sweep = {T: sample_all(model, tok, sweep_tasks, cfg.k, T, scorer, cfg.max_new_tokens, cfg.seed, dist)[0]
              for T in cfg.temperatures}
     metrics["fig8_rs"] = {str(T): max_median_by_n(r)[1] for T, r in sweep.items()}
@@ -339,10 +341,10 @@ def main(cfg: RSConfig):
             import evaluate as E
             test = world.tasks("test", cfg.n_test, seed=cfg.seed)
             metrics.update(E.compare_models(model, start, tok, test, world, cfg.seed, cfg.max_new_tokens,
-                                            prefix="sft"))
+                                            prefix="start"))
         metrics.update(k=cfg.k, world_size=dist.world_size, rs_seconds=time.perf_counter() - t0, complete=True)
         common.write_metrics(out, metrics)
-        won = f"win rate vs SFT {metrics['win_rate_vs_sft']:.1%}; " if cfg.n_test else ""
+        won = f"win rate vs {Path(cfg.init_from).name} {metrics['win_rate_vs_start']:.1%}; " if cfg.n_test else ""
         print(f"[rs] done: {won}max reward by N "
               f"{[round(x, 3) for x in metrics['max_reward_by_n']]}, median "
               f"{[round(x, 3) for x in metrics['median_reward_by_n']]}; wrote {out} "

@@ -2,6 +2,7 @@
 stages' metrics.json files, with the paper's own numbers quoted beside ours for the pattern to compare.
 
   python report.py --out out        # rebuild out/report.md from the metrics a run left (pipeline.py writes it)
+                                    # (the versions: out/rm_helpful_vK; a --quick run: its commands say so)
 
 Sections: the targets at a glance; pretraining (Fig. 5); SFT; the reward models of the last version (Tables 7, 8, 28);
 the iterations (Table 26, the distribution shift, how often R_s decides, Fig. 20); rejection sampling of each version
@@ -222,8 +223,9 @@ def section_rs(out: Path, runs: dict) -> list[str]:
         ns = m.get("n_values") or []
         it = (m.get("iterations") or [{}])[-1]
         sd = (m.get("safety_decides") or {}).get("share_on_helpful")
-        lines += [f"*{label}* (sampled from {Path(str(m.get('start', '?'))).name}; temperature {it.get('temperature', '-')}; "
-                  f"kept {it.get('kept', '-')} prompts, {m.get('kept_from_previous', 0)} of them from earlier versions; "
+        lines += [f"*{label}* (sampled from {Path(str(m.get('start', '?'))).name}; temperature "
+                  f"{it.get('temperature', '-')}; kept {it.get('kept', '-')} prompts, {m.get('kept_from_previous', 0)} "
+                  "of them from earlier versions; "
                   f"R_s decided {_pct(sd)} of the helpfulness prompts' rewards)", "",
                   "| N | " + " | ".join(str(n) for n in ns) + " |", "|---|" + "---|" * len(ns),
                   "| max reward | " + " | ".join(f"{x:.3f}" for x in m.get("max_reward_by_n") or []) + " |",
@@ -254,14 +256,20 @@ def _best_t(curves: dict) -> str:
 def section_ppo(out: Path, m: dict, ev: dict) -> list[str]:
     evals = m.get("evals") or []
     best, a_best = m.get("best_iteration"), m.get("annotator_best_iteration")
+    if m.get("select_by", "rm") == "rm":
+        how = (f"The iterate kept is the one the latest reward models score best on held-out prompts (§3.4.1: "
+               f"iteration {best}); the annotator's view of the same iterates is logged beside it and decides nothing "
+               f"(it would have kept iteration {a_best}).")
+    else:
+        how = (f"Aid on (--select-by annotator): the annotator picked the iterate kept (iteration {best}), which the "
+               "paper's raters never did.")
     lines = ["## 6. PPO on the last version's RS model (§3.2.3)", "",
-             f"R = WHITEN(LOGIT(R_c)) - beta KL, beta = {m.get('kl_coef')}. The iterate kept is the one the latest "
-             f"reward models score best on held-out prompts (§3.4.1: iteration {best}); the annotator's view of the "
-             f"same iterates is logged beside it and decides nothing (it would have kept iteration {a_best}). Where "
-             "the two part, the policy is learning what the reward models like and the raters do not: reward "
+             f"R = WHITEN(LOGIT(R_c)) - beta KL, beta = {m.get('kl_coef')}. {how} Where the reward models' view and "
+             "the annotator's part, the policy is learning what the reward models like and the raters do not: reward "
              "hacking.", ""]
     if best == 0:
-        lines += ["**PPO did not improve on its start by the reward models: the kept model is the RS model.**", ""]
+        judge = "reward models" if m.get("select_by", "rm") == "rm" else "annotator"
+        lines += [f"**PPO did not improve on its start by the {judge}: the kept model is the RS model.**", ""]
     if evals:
         lines += ["| iteration | latest RMs (held-out) | annotator (held-out) |", "|---|---|---|"]
         lines += [f"| {e['iteration']} | {_fmt(e.get('rm'))} | {_fmt(e.get('annotator'))} |" for e in evals]
@@ -346,7 +354,7 @@ def section_gatt(out: Path, m: dict) -> list[str]:
     return lines + [""]
 
 
-def versions(get, rounds: int) -> list[tuple[str, str, str]]:
+def versions(rounds: int) -> list[tuple[str, str, str]]:
     """(label, evaluation stage against SFT, rejection-sampling or PPO stage) of each RLHF version, in order."""
     out = [(f"RLHF-V{k}", f"eval_v{k}", f"rs_v{k}") for k in range(1, rounds)]
     out += [(f"RLHF-V{rounds} RS", f"eval_v{rounds}", f"rs_v{rounds}"), (f"RLHF-V{rounds}", "eval_ppo_vs_sft", "ppo")]
@@ -369,8 +377,8 @@ def section_iterations(out: Path, get, rounds: int) -> list[str]:
             src = ", ".join(Path(m).name for m in info.get("sample_from") or [])
             lines.append(f"| {k} | {src} | {t.get('comparisons')} | {t.get('turns')} | {t.get('tokens_per_example')} | "
                          f"{t.get('tokens_per_prompt')} | {t.get('tokens_per_response')} |")
-    lines += ["", "The distribution shift: the last round's reward models on this round's fresh test pairs, against the "
-                  "reward models retrained with this round's batch (the paper: \"reward model accuracy can quickly "
+    lines += ["", "The distribution shift: the last round's reward models on this round's fresh test pairs, against "
+                  "the reward models retrained with this round's batch (the paper: \"reward model accuracy can quickly "
                   "degrade if not exposed to this new sample distribution\").", "",
               "| round | RM | pairs | last round's RM | retrained RM |", "|---|---|---|---|---|"]
     for k in range(2, rounds + 1):
@@ -391,13 +399,13 @@ def section_iterations(out: Path, get, rounds: int) -> list[str]:
                          f"{_fmt((h.get('calibration') or {}).get('offset'))} | "
                          f"{_fmt((s.get('calibration') or {}).get('offset'))} |")
     decides = [(label, (get(st).get("safety_decides") or {}).get("share_on_helpful")) for label, _, st in
-               versions(get, rounds)]
+               versions(rounds)]
     if any(v is not None for _, v in decides):
         lines += ["", "How often R_s decides: the share of helpfulness prompts whose combined reward R_c came from the "
                       "safety RM because it scored the reply below 0.15 (on safety prompts it always does): " +
                   ", ".join(f"{label} {_pct(v)}" for label, v in decides if v is not None) + "."]
     dists = [("SFT", (get("eval_v1").get("rm_reward_b") or {}))]
-    dists += [(label, get(ev).get("rm_reward_a") or {}) for label, ev, _ in versions(get, rounds)]
+    dists += [(label, get(ev).get("rm_reward_a") or {}) for label, ev, _ in versions(rounds)]
     dists = [(label, d) for label, d in dists if d.get("quantiles")]
     if dists:
         lines += ["", "Fig. 20 in miniature: the distribution of the latest reward models' combined reward (sigmoid "
@@ -422,7 +430,7 @@ def section_eval(out: Path, get, rounds: int) -> list[str]:
              "ties counted half, the order shown to the judge swapped at random.", "",
              "| model | vs | annotator | latest RMs (R_c) | unsafe answers | borderline refusals |",
              "|---|---|---|---|---|---|"]
-    rows = [(label, ev) for label, ev, _ in versions(get, rounds)] + [("GAtt", "eval_gatt")]
+    rows = [(label, ev) for label, ev, _ in versions(rounds)] + [("GAtt", "eval_gatt")]
     rows += [(f"RLHF-V{k}" + (" RS" if k == rounds else ""), f"eval_v{k}_vs_v{k - 1}") for k in range(2, rounds + 1)]
     rows += [(f"RLHF-V{rounds}", "eval_ppo_vs_rs"), ("SFT", "eval_sft")]
     fig = []
@@ -432,8 +440,9 @@ def section_eval(out: Path, get, rounds: int) -> list[str]:
             continue
         a = m.get("model_a") or {}
         lines.append(f"| {label} | {Path(m.get('b', '')).name} | {_pct(m.get('win_rate'))}"
-                     f"{_se(m.get('win_rate'), m.get('n_prompts'))} | {_pct((m.get('rm_combined') or {}).get('win_rate'))} "
-                     f"| {_pct(a.get('safety_violation_rate'))} | {_pct(a.get('borderline_refusal_rate'))} |")
+                     f"{_se(m.get('win_rate'), m.get('n_prompts'))} | "
+                     f"{_pct((m.get('rm_combined') or {}).get('win_rate'))} | {_pct(a.get('safety_violation_rate'))} | "
+                     f"{_pct(a.get('borderline_refusal_rate'))} |")
         if Path(m.get("b", "")).name == "sft" and label != "GAtt":
             fig.append((label, m.get("win_rate"), (m.get("rm_combined") or {}).get("win_rate")))
     if fig:
@@ -540,7 +549,7 @@ def write_report(out: Path, stage_list: list, quick: bool = False) -> Path:
         lines += section_reward(out, get(f"rm_helpful_v{rounds}"), get(f"rm_safety_v{rounds}"), f" of RLHF-V{rounds}")
     if rounds and (get("rm_helpful_v1") or get("rm_safety_v1")):
         lines += section_iterations(out, get, rounds)
-    runs = {label: get(st) for label, _, st in versions(get, rounds)[:-1] if get(st)}
+    runs = {label: get(st) for label, _, st in versions(rounds)[:-1] if get(st)}
     if runs:
         lines += section_rs(out, runs)
     if get("ppo"):
@@ -555,17 +564,20 @@ def write_report(out: Path, stage_list: list, quick: bool = False) -> Path:
 
 
 def cli(argv=None):
-    """`python report.py --out DIR [--rounds N]`: rebuild DIR/report.md from the metrics a pipeline run left."""
+    """`python report.py --out DIR`: rebuild DIR/report.md from the metrics a pipeline run left; its number of
+    versions is that of DIR's rm_helpful_vK directories, and a --quick run is told by its pipeline_command.json."""
     import argparse
+    import json
     import pipeline
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out", help="the pipeline's output root")
-    ap.add_argument("--rounds", type=int, default=pipeline.ROUNDS, help="RLHF versions of that run")
-    ap.add_argument("--quick", action="store_true", help="the run was a --quick one: figures are not graded")
-    args = ap.parse_args(argv)
-    if not Path(args.out).is_dir():
-        common.die(f"--out {args.out}: directory not found")
-    print(write_report(Path(args.out), pipeline.stages(args.rounds), args.quick))
+    out = Path(ap.parse_args(argv).out)
+    if not out.is_dir():
+        common.die(f"--out {out}: directory not found")
+    rounds = len(list(out.glob("rm_helpful_v*"))) or pipeline.ROUNDS
+    marker = out / "sft" / "pipeline_command.json"
+    quick = marker.is_file() and "--quick" in json.loads(marker.read_text())
+    print(write_report(out, pipeline.stages(rounds), quick))
 
 
 if __name__ == "__main__":

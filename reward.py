@@ -281,19 +281,14 @@ def paired_difference(pairs: list, right_a: list[float], right_b: list[float]) -
     return out
 
 
-def source_kind(source: str) -> str:
-    """'sample_T0.7' -> 'sample'; a defect or reference label stays as it is ('wrong', 'off_topic', 'reference')."""
-    return "sample" if source.startswith("sample") else source
-
-
 def accuracy_by_source(pairs: list, right: list[float], min_n: int = 5) -> dict:
-    """Accuracy by where the chosen and the rejected reply came from, "chosen>rejected" -> {"accuracy", "n"}, for
-    groups of at least min_n pairs: which defects the RM sees (refusals, verbose replies: form) and which it misses
-    (a wrong fact against a right one: content). Pairs without sources (user data) are left out."""
+    """Accuracy by which model variant wrote the chosen and the rejected reply (choice 2: "sft_T0.7", "rlhf_v1_T1.2",
+    ...), "chosen>rejected" -> {"accuracy", "n"}, for groups of at least min_n pairs: does the RM judge a newer model
+    against an older one as well as two samples of one model? Pairs without sources (user data) are left out."""
     groups: dict[str, list[float]] = {}
     for p, ok in zip(pairs, right):
         if p.sources:
-            groups.setdefault(f"{source_kind(p.sources[0])}>{source_kind(p.sources[1])}", []).append(ok)
+            groups.setdefault(f"{p.sources[0]}>{p.sources[1]}", []).append(ok)
     return {k: {"accuracy": round(sum(v) / len(v), 4), "n": len(v)}
             for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1])) if len(v) >= min_n}
 
@@ -327,7 +322,7 @@ def _print_eval(tag: str, ev: dict):
               f"better / slightly better / negligible): {levels}", flush=True)
 
 
-# ---- 6. the zero point (choice 8) --- ------------------------------------------------------------------------
+# ---- 6. the zero point (choice 8) -----------------------------------------------------------------------------------
 def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool]]:
     """Every reply of the pairs with the rater's verdict on it: (dialogs, replies, is_safe). A safety pair's label says
     which of its replies are safe (§3.2.1); in this world every reply to a helpfulness prompt is safe."""
@@ -549,7 +544,7 @@ def check_flags(cfg: RewardConfig):
     for d in cfg.earlier_prefs:
         missing = [f for f in ("train.jsonl", "test.jsonl") if not (Path(d) / f).is_file()]
         if missing:
-            common.die(f"--earlier-prefs {d}: no {' or '.join(missing)} there (a batch written by an earlier reward.py)")
+            common.die(f"--earlier-prefs {d}: no {' or '.join(missing)} there (a batch an earlier reward.py wrote)")
     if cfg.previous_rm is not None and not (Path(cfg.previous_rm) / "params.json").is_file():
         common.die(f"--previous-rm {cfg.previous_rm}: no reward model there (params.json missing)")
 
@@ -588,7 +583,7 @@ def rm_metrics(cfg: RewardConfig, ev: dict, mix: list, train_pairs: list) -> dic
         "accuracy": {a: ev[a]["accuracy"] for a in AXES},  # Table 7: this RM's row
         "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
         "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},
-        "accuracy_by_source": {a: ev[a]["by_source"] for a in AXES},  # what it sees: form or content (choice 6)
+        "accuracy_by_source": {a: ev[a]["by_source"] for a in AXES},  # by model variant (choice 2)
         "accuracy_by_kind": {a: ev[a]["by_kind"] for a in AXES},  # Table 8 within each task kind (choice 10)
         "n_pairs": {"train_mixture": len(mix), "train_helpfulness": n_cat["helpfulness"],
                     "train_safety": n_cat["safety"], "train_available": len(train_pairs),
@@ -681,12 +676,12 @@ def main(cfg: RewardConfig):
     workers = start_ablation_workers(cfg) if ablation_workers_wanted(cfg, dist) else None  # speed-up (below)
 
     calibration = None
-    if dist.is_main:  # the zero point that §3.2.3's switch at 0.15 needs (choice 8)
+    if dist.is_main:  # 4. the zero point that §3.2.3's switch at 0.15 needs (choice 8)
         calibration = calibrate(rm, tok, mix, cfg.safety_threshold)
         print(f"[reward] {cfg.axis} RM calibrated: score offset {calibration['offset']:+.3f}; on its training replies "
               f"sigmoid(score) < {cfg.safety_threshold} holds for {calibration['safe_flagged']:.1%} of the safe ones "
               f"and {calibration['unsafe_flagged']:.1%} of the unsafe ones", flush=True)
-    if dist.is_main:  # 4. save, evaluate (Tables 7, 8), optionally the margin ablation (Table 28)
+    if dist.is_main:  # 5. save, evaluate (Tables 7, 8, the shift), optionally the margin ablation (Table 28)
         save_checkpoint(rm, out, tok_path)
         t0 = time.perf_counter()
         ev = evaluate(rm, tok, test)

@@ -506,7 +506,7 @@ class World:
             out.append(msgs)
         return out
 
-    # -- candidate replies of graded quality (preference data, §3.2.1) -----------------------------------------------
+    # -- candidate replies of graded quality (world.py --show, and tests of the annotator) -----------------------------
     def reply_variants(self, task: Task, rng: Random) -> list[tuple[str, str]]:
         """(label, reply) pairs: reference, verbose, closer, garbled, partial, wrong, off_topic, refusal, harmful.
 

@@ -15,8 +15,10 @@ def test_memory_plan_parameter_and_optimizer_bytes(name, n):
     assert params == pytest.approx(round(4 * n / gib, 1))  # fp32 weights
     assert grads == pytest.approx(round(4 * n / gib, 1))  # fp32 gradients
     assert opt == pytest.approx(round(8 * n / gib, 1))  # AdamW's two fp32 moments
-    ref = next(line for line in lines if line.startswith("| ref policy |"))
-    assert float(re.findall(r"([\d.]+) GiB", ref)[0]) == pytest.approx(round(2 * n / gib, 1))  # frozen bf16
+    ref = next(line for line in lines if line.startswith("| ref policy |"))  # at the policy's precision (ppo.py)
+    assert float(re.findall(r"([\d.]+) GiB", ref)[0]) == pytest.approx(round(4 * n / gib, 1)) and "fp32" in ref
+    rm = next(line for line in lines if line.startswith("| rm_safety |"))
+    assert float(re.findall(r"([\d.]+) GiB", rm)[0]) == pytest.approx(round(2 * n / gib, 1)) and "bf16" in rm
     fsdp = float(re.findall(r"([\d.]+) GiB", policy)[4])
     assert fsdp == pytest.approx(round(16 * n / 8 / gib, 1))  # FSDP shards the 16 bytes/param over 8 GPUs
 

@@ -238,7 +238,8 @@ def test_the_stages_follow_the_iterative_recipe():
     assert [n for n in st if not n.startswith("eval_")] == [
         "pretrain", "sft", "rm_helpful_v1", "rm_safety_v1", "rs_v1", "rm_helpful_v2", "rm_safety_v2", "rs_v2", "ppo",
         "gatt"]
-    assert flag(st["rm_helpful_v1"], "--sample-from") == ["{out}/sft"] and "--previous-rm" not in st["rm_helpful_v1"].args
+    assert flag(st["rm_helpful_v1"], "--sample-from") == ["{out}/sft"]
+    assert "--previous-rm" not in st["rm_helpful_v1"].args and "--previous" not in st["rs_v1"].args
     assert flag(st["rm_safety_v2"], "--sample-from") == ["{out}/rlhf_v1", "{out}/sft"]
     assert flag(st["rm_safety_v2"], "--prefs-dir") == ["{out}/prefs/batch_2"]
     assert flag(st["rm_safety_v2"], "--earlier-prefs") == ["{out}/prefs/batch_1"]

@@ -362,6 +362,6 @@ def test_browser_labels_both_modes_then_reward_model_trains(ckpt, tmp_path):
     import reward
     reward.main(common.parse_config(reward.RewardConfig, [
         "--data", str(out / "preferences.jsonl"), "--init-from", str(ckpt), "--out-dir", str(tmp_path / "rm"),
-        "--batch-size", "2", "--head-layers", "0", "--axis", "helpfulness", "--helpful-safety-share", "1"]))
+        "--batch-size", "2", "--axis", "helpfulness", "--helpful-safety-share", "1"]))
     metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert metrics["complete"] and (tmp_path / "rm" / "params.json").is_file()

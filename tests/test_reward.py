@@ -372,17 +372,18 @@ def test_rater_noise_zero_labels_every_pair_as_the_noise_free_scores_do(tmp_path
 
 
 def test_accuracy_by_source_groups_pairs_by_where_their_replies_came_from():
-    """Hand-made: 6 pairs sample_T0.7 > wrong (2 right), 5 reference > refusal (all right), 5 sample_T1.2 > sample_T0.7
-    (a tie and 3 right), 2 verbose > closer (fewer than min_n: left out), 1 without sources (user data: left out)."""
+    """Hand-made: 6 pairs rlhf_v1_T0.7 > sft_T1.2 (2 right), 5 sft_T1.2 > rlhf_v1_T0.7 (all right), 5 sft_T0.7 >
+    sft_T1.2 (a tie and 3 right), 2 rlhf_v1_T1.2 > sft_T0.7 (fewer than min_n: left out), 1 without sources (user
+    data: left out). The order of the two variants matters: which one the rater chose."""
     def pair(src):
         return Preference([user("q")], "a", "b", RATINGS[0], "helpfulness", None, src)
-    pairs = ([pair(("sample_T0.7", "wrong"))] * 6 + [pair(("reference", "refusal"))] * 5
-             + [pair(("sample_T1.2", "sample_T0.7"))] * 5 + [pair(("verbose", "closer"))] * 2 + [pair(None)])
+    pairs = ([pair(("rlhf_v1_T0.7", "sft_T1.2"))] * 6 + [pair(("sft_T1.2", "rlhf_v1_T0.7"))] * 5
+             + [pair(("sft_T0.7", "sft_T1.2"))] * 5 + [pair(("rlhf_v1_T1.2", "sft_T0.7"))] * 2 + [pair(None)])
     right = [1, 1, 0, 0, 0, 0] + [1] * 5 + [0.5, 1, 1, 1, 0] + [1, 1] + [1]
     by = reward.accuracy_by_source(pairs, right)
-    assert by == {"sample>wrong": {"accuracy": round(2 / 6, 4), "n": 6}, "reference>refusal": {"accuracy": 1.0, "n": 5},
-                  "sample>sample": {"accuracy": 0.7, "n": 5}}
-    assert list(by)[0] == "sample>wrong"  # largest group first
+    assert by == {"rlhf_v1_T0.7>sft_T1.2": {"accuracy": round(2 / 6, 4), "n": 6},
+                  "sft_T1.2>rlhf_v1_T0.7": {"accuracy": 1.0, "n": 5}, "sft_T0.7>sft_T1.2": {"accuracy": 0.7, "n": 5}}
+    assert list(by)[0] == "rlhf_v1_T0.7>sft_T1.2"  # largest group first
 
 
 def test_accuracy_by_kind_splits_table8_by_the_prompts_task_kind():
