@@ -389,7 +389,8 @@ def section_iterations(out: Path, get, rounds: int) -> list[str]:
                 lines.append(f"| {k} | {name} | {n} | {_pct(sh.get('previous'))}{_se(sh.get('previous'), n)} | "
                              f"{_pct(sh.get('retrained'))}{_se(sh.get('retrained'), n)} |")
     lines += ["", "Each round's reward models on their own test sets (all batches so far), and their zero points "
-                  "(reward.py choice 8: both put sigmoid = 0.15 at the 5th percentile of their safe training replies).",
+                  "(reward.py choice 8: both put sigmoid = 0.15 at the 5th percentile of their safe training replies to "
+                  "helpfulness prompts).",
               "", "| round | helpfulness RM | safety RM | R_h offset | R_s offset |", "|---|---|---|---|---|"]
     for k in range(1, rounds + 1):
         h, s = get(f"rm_helpful_v{k}"), get(f"rm_safety_v{k}")

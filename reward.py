@@ -36,9 +36,10 @@ Choices where the paper is silent (or that differ from it):
   7. No mid-run checkpoints: an RM trains in about a minute here.
   8. Zero points (calibrate): the loss fixes only differences of scores, in the same units for both RMs (log-odds of
      a preference, Bradley-Terry), but §3.2.3's switch compares R_s with 0.15 and hands the reward to R_h or R_s: it
-     presumes levels. Both RMs get the same rule: the offset that puts sigmoid(score) = 0.15 at the 5th percentile of
-     their safe training replies' scores (params.json's score_offset). R_s < 0.15 then flags ~5% of safe replies, and
-     a flagged reply's reward lies below 95% of what R_h gives safe replies: the two scales meet where they switch.
+     presumes levels. The switch reads R_s < 0.15 on helpfulness prompts only, so both RMs get the same rule there:
+     the offset that puts sigmoid(score) = 0.15 at the 5th percentile of their scores of the safe training replies
+     to helpfulness prompts (params.json's score_offset). R_s < 0.15 then flags ~5% of safe helpful replies, and a
+     flagged reply's reward lies below 95% of what R_h gives them: the two scales meet where they switch.
   9. Iterations (§3.2.1, §3.2.3): --prefs-dir holds this round's batch; --earlier-prefs adds the earlier batches'
      train pairs (and their test pairs to Tables 7-8's sets); every round's RM starts from --init-from (the SFT
      model) again. --previous-rm scores this batch's test pairs with the last round's RM: "reward model accuracy can
@@ -323,10 +324,11 @@ def _print_eval(tag: str, ev: dict):
 
 
 # ---- 6. the zero point (choice 8) -----------------------------------------------------------------------------------
-def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool]]:
-    """Every reply of the pairs with the rater's verdict on it: (dialogs, replies, is_safe). A safety pair's label says
-    which of its replies are safe (§3.2.1); in this world every reply to a helpfulness prompt is safe."""
-    dialogs, replies, safe = [], [], []
+def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool], list[bool]]:
+    """Every reply of the pairs with the rater's verdict on it: (dialogs, replies, is_safe, to a helpfulness prompt).
+    A safety pair's label says which of its replies are safe (§3.2.1); in this world every reply to a helpfulness
+    prompt is safe."""
+    dialogs, replies, safe, helpful = [], [], [], []
     for p in pairs:
         lab = p.safety_label if p.category == "safety" else SAFETY_LABELS[1]
         chosen_safe, rejected_safe = {SAFETY_LABELS[0]: (True, False), SAFETY_LABELS[1]: (True, True),
@@ -336,28 +338,32 @@ def reply_safety_labels(pairs: list) -> tuple[list, list, list[bool]]:
                 dialogs.append(p.messages)
                 replies.append(reply)
                 safe.append(ok)
-    return dialogs, replies, safe
+                helpful.append(p.category == "helpfulness")
+    return dialogs, replies, safe, helpful
 
 
 @torch.no_grad()
 def calibrate(rm: Transformer, tok, pairs: list, threshold: float = 0.15, false_alarms: float = 0.05) -> dict:
-    """Choice 8: an RM's zero point, the same rule for both RMs, so that §3.2.3's "R_s < 0.15 means unsafe" holds on
-    the safety RM's training replies and R_h and R_s meet at the switch. With t the raw score below which only
-    `false_alarms` (5%) of the safe replies fall, logit(0.15) - t is added to every score (model.args.score_offset):
-    sigmoid(score) < 0.15 exactly below t."""
-    dialogs, replies, safe = reply_safety_labels(pairs)
+    """Choice 8: an RM's zero point, the same rule for both RMs. §3.2.3's switch consults R_s < 0.15 only on
+    helpfulness prompts (a safety prompt's reward is R_s whatever it is), so the level is set there: with t the raw
+    score below which only `false_alarms` (5%) of the safe replies to the training mix's helpfulness prompts fall,
+    logit(0.15) - t is added to every score (model.args.score_offset): sigmoid(score) < 0.15 exactly below t. The
+    other figures: how many unsafe replies (those of the safety pairs) and safe replies to safety prompts fall below."""
+    dialogs, replies, safe, helpful = reply_safety_labels(pairs)
     rm.args.score_offset = 0.0
     raw = score(rm, tok, dialogs, replies)  # (N,) raw scores, no offset
-    is_safe = torch.tensor(safe)
-    if not is_safe.any():
+    is_safe, on_helpful = torch.tensor(safe, dtype=torch.bool), torch.tensor(helpful, dtype=torch.bool)
+    ref = is_safe & on_helpful
+    if not ref.any():
         return {"offset": 0.0, "unsafe_flagged": float("nan"), "safe_flagged": float("nan"), "n": len(safe)}
-    t = torch.quantile(raw[is_safe], false_alarms).item()
+    t = torch.quantile(raw[ref], false_alarms).item()
     offset = math.log(threshold / (1 - threshold)) - t
     rm.args.score_offset = offset
     flagged = raw < t
-    return {"offset": offset, "raw_threshold": t, "n": len(safe), "n_unsafe": int((~is_safe).sum()),
-            "unsafe_flagged": flagged[~is_safe].float().mean().item() if (~is_safe).any() else float("nan"),
-            "safe_flagged": flagged[is_safe].float().mean().item()}
+    share = lambda mask: flagged[mask].float().mean().item() if mask.any() else float("nan")  # noqa: E731
+    return {"offset": offset, "raw_threshold": t, "n": int(ref.sum()), "n_unsafe": int((~is_safe).sum()),
+            "safe_flagged": share(ref), "unsafe_flagged": share(~is_safe),
+            "safe_flagged_on_safety_prompts": share(is_safe & ~on_helpful)}
 
 
 # ---- 7. preference data (§3.2.1) -------------------------------------------------------------------------------------
@@ -680,7 +686,8 @@ def main(cfg: RewardConfig):
         calibration = calibrate(rm, tok, mix, cfg.safety_threshold)
         print(f"[reward] {cfg.axis} RM calibrated: score offset {calibration['offset']:+.3f}; on its training replies "
               f"sigmoid(score) < {cfg.safety_threshold} holds for {calibration['safe_flagged']:.1%} of the safe ones "
-              f"and {calibration['unsafe_flagged']:.1%} of the unsafe ones", flush=True)
+              f"to helpfulness prompts, {calibration['safe_flagged_on_safety_prompts']:.1%} of the safe ones to "
+              f"safety prompts and {calibration['unsafe_flagged']:.1%} of the unsafe ones", flush=True)
     if dist.is_main:  # 5. save, evaluate (Tables 7, 8, the shift), optionally the margin ablation (Table 28)
         save_checkpoint(rm, out, tok_path)
         t0 = time.perf_counter()

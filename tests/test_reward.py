@@ -261,28 +261,34 @@ def test_reward_model_from_chat_model_and_round_trip(tmp_path, tok):
         rlhf.load_reward_model(tmp_path / "chat")
 
 
-def test_calibration_puts_the_threshold_at_the_safe_replies_5th_percentile(tok, monkeypatch):
-    """calibrate (choice 8, both RMs) with hand-made raw scores: 100 safe replies scoring 0..99 and 10 unsafe ones
-    scoring -5..4. The offset must make sigmoid(raw + offset) < 0.15 exactly for raws below the 5% quantile of the
-    safe scores (4.95), keep it in the model's args (saved to params.json), and report both rates."""
+def test_calibration_puts_the_threshold_at_the_5th_percentile_of_safe_replies_to_helpfulness_prompts(tok, monkeypatch):
+    """calibrate (choice 8, both RMs) with hand-made raw scores: 100 safe replies to helpfulness prompts scoring
+    0..99, 10 unsafe ones scoring -5..4, and 10 safe replies to safety prompts scoring -100..-91. The switch reads
+    R_s < 0.15 on helpfulness prompts only, so the offset must make sigmoid(raw + offset) < 0.15 exactly for raws
+    below the 5% quantile of the first group (4.95), whatever the safe replies to safety prompts score (counted in,
+    they would move it to 0.5); kept in the model's args (saved to params.json), with the three rates."""
     safe = [Preference([user(f"q{i}")], f"s{2 * i}", f"s{2 * i + 1}", RATINGS[0], "helpfulness")
             for i in range(50)]  # helpfulness pairs: both replies count as safe
     unsafe = [Preference([user(f"h{i}")], f"r{i}", f"u{i}", RATINGS[0], "safety",
-                              SAFETY_LABELS[2]) for i in range(5)]  # both_unsafe: both replies unsafe
+                         SAFETY_LABELS[2]) for i in range(5)]  # both_unsafe: both replies unsafe
+    borderline = [Preference([user(f"b{i}")], f"b{2 * i}", f"b{2 * i + 1}", RATINGS[0], "safety", SAFETY_LABELS[1])
+                  for i in range(5)]  # both_safe replies to safety prompts
     raw = {f"s{i}": float(i) for i in range(100)} | {f"r{i}": float(i - 5) for i in range(5)} | \
-        {f"u{i}": float(i) for i in range(5)}
+        {f"u{i}": float(i) for i in range(5)} | {f"b{i}": float(i - 100) for i in range(10)}
     monkeypatch.setattr(reward, "score", lambda rm, tok, dialogs, replies, **kw: torch.tensor([raw[r] for r in replies]))
     rm = reward.reward_model_from(tiny_chat_model(tok.n_words))
-    cal = reward.calibrate(rm, tok, safe + unsafe, threshold=0.15)
+    cal = reward.calibrate(rm, tok, safe + unsafe + borderline, threshold=0.15)
     t = torch.quantile(torch.arange(100.0), 0.05).item()  # 4.95
     assert cal["raw_threshold"] == pytest.approx(t) and rm.args.score_offset == pytest.approx(cal["offset"])
-    assert cal["offset"] == pytest.approx(math.log(0.15 / 0.85) - t)
+    assert cal["offset"] == pytest.approx(math.log(0.15 / 0.85) - t) and cal["n"] == 100
     for value in raw.values():
         assert (torch.sigmoid(torch.tensor(value + cal["offset"])) < 0.15).item() == (value < t)
     assert cal["safe_flagged"] == pytest.approx(0.05) and cal["unsafe_flagged"] == pytest.approx(1.0)
-    labels = reward.reply_safety_labels(safe[:1] + unsafe[:1] + [Preference(
-        [user("x")], "c", "d", RATINGS[0], "safety", SAFETY_LABELS[0])])[2]
+    assert cal["safe_flagged_on_safety_prompts"] == pytest.approx(1.0)
+    _, _, labels, helpful = reward.reply_safety_labels(safe[:1] + unsafe[:1] + [Preference(
+        [user("x")], "c", "d", RATINGS[0], "safety", SAFETY_LABELS[0])])
     assert labels == [True, True, False, False, True, False]  # chosen_safe_other_unsafe: chosen safe only
+    assert helpful == [True, True, False, False, False, False]
 
 
 # ---- data: mixtures, collection --------------------------------------------------------------------------------------
