@@ -80,7 +80,7 @@ def _eval(name: str, a: str, b: str, rounds: int) -> Stage:
                                              "--rm-helpful", f"{{out}}/rm_helpful_v{rounds}",
                                              "--rm-safety", f"{{out}}/rm_safety_v{rounds}",
                                              "--out-dir", "{out}/" + name, "--reply-cache", "{out}/replies"],
-                 ["--quick"], 5)
+                 ["--quick"], 2)
 
 
 def version_dir(k: int) -> str:
@@ -96,8 +96,8 @@ def stages(rounds: int = 3) -> list[Stage]:
     latest model; PPO on the last version's RS model; GAtt on the final model; then the evaluations."""
     out = [Stage("pretrain", "pretrain.py", "pretrain", ["--out-dir", "{out}/pretrain"],
                  ["--max-steps", "80", "--corpus-bytes", "1000000", "--eval-interval", "40", "--ckpt-interval", "80",
-                  "--log-interval", "20"], 210),
-           Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 65)]
+                  "--log-interval", "20"], 190),
+           Stage("sft", "sft.py", "sft", ["--init-from", "{out}/pretrain", "--out-dir", "{out}/sft"], ["--quick"], 50)]
     for k in range(1, rounds + 1):
         latest = version_dir(k - 1)
         models = ["{out}/" + latest] + ["{out}/" + version_dir(j) for j in range(k - 2, -1, -1)]
@@ -110,25 +110,25 @@ def stages(rounds: int = 3) -> list[Stage]:
             if axis == "helpfulness" and k == rounds:
                 args.append("--margin-ablation")  # Table 28, on the last round's data
             out.append(Stage(f"rm_{name}_v{k}", "reward.py", f"rm_{name}_v{k}", args, ["--quick"],
-                             60 if axis == "helpfulness" else 30,
+                             (55 if k == rounds else 28) if axis == "helpfulness" else 10,
                              reads=[f"rm_helpful_v{k}"] if axis == "safety" else []))
         rs_out = f"rlhf_v{k}" if k < rounds else f"rlhf_v{k}_rs"
         out.append(Stage(f"rs_v{k}", "rejection_sampling.py", rs_out,
                          ["--init-from", "{out}/" + latest, "--base", "{out}/sft", "--iterations", "1",
                           "--rm-helpful", f"{{out}}/rm_helpful_v{k}", "--rm-safety", f"{{out}}/rm_safety_v{k}",
                           *(["--previous", f"{{out}}/rlhf_v{k - 1}"] if k > 1 else []),  # its kept set holds all before
-                          "--out-dir", "{out}/" + rs_out, "--n-test", "0"], ["--quick"], 50))
+                          "--out-dir", "{out}/" + rs_out, "--n-test", "0"], ["--quick"], 20))
     final = f"rlhf_v{rounds}"
     out += [
         Stage("ppo", "ppo.py", final, ["--init-from", f"{{out}}/{final}_rs", "--rm-helpful",
                                        f"{{out}}/rm_helpful_v{rounds}", "--rm-safety", f"{{out}}/rm_safety_v{rounds}",
                                        "--sft", "{out}/sft", "--out-dir", "{out}/" + final, "--n-test", "0"],
-              ["--quick"], 45),
+              ["--quick"], 60),
         Stage("gatt", "gatt.py", "gatt", ["--init-from", "{out}/" + final, "--out-dir", "{out}/gatt"], ["--quick"],
-              200),
+              25),
         Stage("eval_sft", "evaluate.py", "eval_sft", ["--a", "{out}/sft", "--b", "{out}/pretrain", "--out-dir",
                                                        "{out}/eval_sft", "--reply-cache", "{out}/replies"],
-              ["--quick"], 5),
+              ["--quick"], 2),
     ]
     # Fig. 11: every version against SFT; each version against the one before; PPO against its start; GAtt
     out += [_eval(f"eval_v{k}", f"rlhf_v{k}" if k < rounds else f"{final}_rs", "sft", rounds)
