@@ -463,7 +463,7 @@ def test_short_training_beats_chance_on_held_out_pairs(tok):
 
 # ---- the command line ------------------------------------------------------------------------------------------------
 def test_main_end_to_end_writes_metrics_and_reuses_the_cache(tmp_path, tiny_ckpt, tok):
-    flags = ["--init-from", str(tiny_ckpt), "--train-prompts", "24", "--safety-prompts", "30", "--test-prompts", "8",
+    flags = ["--init-from", str(tiny_ckpt), "--train-prompts", "24", "--safety-prompts", "30", "--test-prompts", "24",
              "--max-new-tokens", "6", "--batch-size", "8", "--log-interval", "1000"]  # prefs: tmp_path/prefs
     reward.main(common.parse_config(reward.RewardConfig, flags + ["--out-dir", str(tmp_path / "h"),
                                                                    "--margin-ablation"]))
