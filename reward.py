@@ -464,7 +464,7 @@ def world_preferences(cfg, tok, device, quiet: bool = False) -> tuple[list, list
     key = {"models": [_init_fingerprint(m) for m in sources], "world_seed": cfg.world_seed, "seed": cfg.seed,
            "train_prompts": cfg.train_prompts, "safety_prompts": cfg.safety_prompts, "test_prompts": cfg.test_prompts,
            "temperatures": list(cfg.temperatures), "max_new_tokens": cfg.max_new_tokens,
-           "rater_noise": cfg.rater_noise, "version": 7}
+           "rater_noise": cfg.rater_noise, "batch": len(cfg.earlier_prefs) + 1, "version": 7}
     d = Path(cfg.prefs_dir)
     info_file = d / "info.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("key") == key:
@@ -476,7 +476,7 @@ def world_preferences(cfg, tok, device, quiet: bool = False) -> tuple[list, list
         models = [load_checkpoint(m, device=device, dtype=torch.float32).eval() for m in sources]
         world = World(seed=cfg.world_seed)
         annotator = Annotator(world, seed=cfg.seed, noise=cfg.rater_noise)
-        batch_seed = cfg.seed + 1000 * len(cfg.earlier_prefs)  # round k's batch asks new questions: another seed
+        batch_seed = cfg.seed + 1000 * (key["batch"] - 1)  # round k's batch asks new questions: another seed
         info = {"key": key, "sample_from": sources, "counts": {}, "table26": {}}
         for split, n_help, n_safe in (("train", cfg.train_prompts, cfg.safety_prompts),
                                       ("test", cfg.test_prompts, cfg.test_prompts)):
