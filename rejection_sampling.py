@@ -3,8 +3,8 @@ best, fine-tune on the kept replies as on SFT data. Iterate.
 
   python rejection_sampling.py                      # out/sft + out/rm_* -> out/rs, with Figs. 7 and 8 in miniature
   python rejection_sampling.py --iterations 3 --k 16
-  python rejection_sampling.py --iterations 1 --init-from out/rlhf_v1 --base out/sft --previous out/rs_v1 \
-      --rm-helpful out/rm_helpful_v2 --rm-safety out/rm_safety_v2 --out-dir out/rs_v2   # version 2 of the loop
+  python rejection_sampling.py --iterations 1 --init-from out/rlhf_v1 --base out/sft --previous out/rlhf_v1 \
+      --rm-helpful out/rm_helpful_v2 --rm-safety out/rm_safety_v2 --out-dir out/rlhf_v2   # version 2 of the loop
   torchrun --nproc_per_node=8 rejection_sampling.py --device cuda [--fsdp]   # data parallel; --fsdp for the fine-tuning
 
 One iteration:
@@ -14,17 +14,12 @@ One iteration:
   3. score: the paper's combined reward (safety RM on safety prompts or when it scores below 0.15, helpfulness RM
      otherwise; rlhf.combined_reward), and keep the argmax per prompt;
   4. keep the best of ALL iterations so far per prompt (keep_best): from RLHF-V4 on, §3.2.3's fix for the regressions
-     seen when only the last iteration's samples were used. The earlier versions' kept replies (--previous: each
-     run writes its kept set to kept.jsonl, the prompt keyed by its text, so a prompt drawn twice keeps one reply)
-     compete too, re-scored first by THIS run's reward models: their old rewards came from older reward models and
-     are not comparable;
+     seen when only the last iteration's samples were used. The earlier versions' kept replies (--previous DIR's
+     kept.jsonl, prompts keyed by their text) compete too, re-scored by THIS run's reward models first;
   5. fine-tune with sft.py's recipe on the kept (prompt, best reply) dialogues.
 Fig. 7: the max and median reward among N samples, N = 1, 2, 4, ... K: the max grows with N, the median does not;
 their gap is what rejection sampling can harvest. Fig. 8: the max-of-N curve at several temperatures, for the model
-sampled from (--init-from; metrics key fig8_sft, alias fig8_start) and the RS model (fig8_rs).
-metrics.json also says how often R_s set the reward of this run's finished samples on helpfulness prompts
-(safety_decides: rlhf.safety_decides), how many kept replies came from earlier versions (kept_from_previous) and how
-many of theirs a new sample beat (previous_replaced), and which models were sampled from and fine-tuned (start, base).
+sampled from and the RS model. metrics.json adds how often R_s set a helpfulness prompt's reward (safety_decides).
 
 Choices where the paper is silent:
   1. Every iteration fine-tunes the base model (--base, default --init-from) on the kept set, rather than the last RS
@@ -64,7 +59,7 @@ import rlhf
 from data import DataError, _field, _messages, _read_jsonl, write_dialogs_jsonl
 from generate import chat_generate, load_model_and_tokenizer
 from model import CheckpointError
-from world import INSTRUCTION_SHARE, World
+from world import World
 
 
 @dataclass

@@ -30,10 +30,9 @@ Choices where the paper is silent (or that differ from it):
   4. One epoch, AdamW, cosine to 10%, warmup 3% of the steps (at least 5), as the paper. Batch 32 pairs, not 512 (we
      have a few thousand pairs); peak lr 1e-4, 10x the paper's, as pretrain.py scales its lr.
   5. The new head starts at std 1/sqrt(dim), so rewards start at unit scale, as a 7B's head at std 0.02 does.
-  6. Test pairs: the same collection on held-out prompts, labelled by the same noisy annotator, so no RM reaches 100%
-     on close pairs (as with the paper's human labels). --rater-noise 0.15: noisy enough that accuracy falls by rating
-     level as Table 8's does.
-  7. No mid-run checkpoints: an RM trains in about a minute here.
+  6. Test pairs: the same collection on held-out prompts, labelled by the same noisy annotator (--rater-noise 0.15),
+     so no RM reaches 100% on close pairs, as with the paper's human labels.
+  7. No mid-run checkpoints: an RM trains in seconds to a minute here.
   8. Zero points (calibrate): the loss fixes only differences of scores, in the same units for both RMs (log-odds of
      a preference, Bradley-Terry), but §3.2.3's switch compares R_s with 0.15 and hands the reward to R_h or R_s: it
      presumes levels. The switch reads R_s < 0.15 on helpfulness prompts only, so both RMs get the same rule there:
@@ -41,11 +40,9 @@ Choices where the paper is silent (or that differ from it):
      to helpfulness prompts (params.json's score_offset). R_s < 0.15 then flags ~5% of safe helpful replies, and a
      flagged reply's reward lies below 95% of what R_h gives them: the two scales meet where they switch.
   9. Iterations (§3.2.1, §3.2.3): --prefs-dir holds this round's batch; --earlier-prefs adds the earlier batches'
-     train pairs (and their test pairs to Tables 7-8's sets); every round's RM starts from --init-from (the SFT
-     model) again. --previous-rm scores this batch's test pairs with the last round's RM: "reward model accuracy can
-     quickly degrade if not exposed to this new sample distribution".
- 10. Table 8's levels are different pairs (a step carries both levels' errors); Table 28's RMs are compared pair by
-     pair on the same pairs (paired_difference), which measures a margin's effect far more finely.
+     pairs; every round's RM starts from --init-from (SFT) again. --previous-rm scores this batch's test pairs with
+     the last round's RM: "reward model accuracy can quickly degrade if not exposed to this new sample distribution".
+ 10. Table 28's RMs are compared pair by pair on the same pairs (paired_difference), far finer than two accuracies.
 """
 from __future__ import annotations
 
@@ -65,7 +62,7 @@ import common
 from annotator import Annotator, DROPPED_SAFETY_LABEL, PREFERENCE_NOISE, RATINGS, SAFETY_LABELS
 from data import DataError, read_preferences_jsonl
 from world import World
-from rlhf import common_prefix_len, encode_reply, score, shared_rewards
+from rlhf import common_prefix_len, encode_reply, load_reward_model, score, shared_rewards
 from model import CheckpointError, Transformer, atomic_write, find_tokenizer, load_checkpoint, save_checkpoint
 
 AXES = ("helpfulness", "safety")
@@ -590,7 +587,7 @@ def rm_metrics(cfg: RewardConfig, ev: dict, mix: list, train_pairs: list) -> dic
         "accuracy_by_rating": {a: ev[a]["by_rating"] for a in AXES},  # Table 8
         "n_test_by_rating": {a: ev[a]["n_by_rating"] for a in AXES},
         "accuracy_by_source": {a: ev[a]["by_source"] for a in AXES},  # by model variant (choice 2)
-        "accuracy_by_kind": {a: ev[a]["by_kind"] for a in AXES},  # Table 8 within each task kind (choice 10)
+        "accuracy_by_kind": {a: ev[a]["by_kind"] for a in AXES},  # Table 8 within each task kind
         "n_pairs": {"train_mixture": len(mix), "train_helpfulness": n_cat["helpfulness"],
                     "train_safety": n_cat["safety"], "train_available": len(train_pairs),
                     "test_helpfulness": ev["helpfulness"]["n"], "test_safety": ev["safety"]["n"]},
@@ -612,7 +609,6 @@ def distribution_shift(cfg: RewardConfig, rm, tok, test: list, info: dict, devic
         own.append(pairs)
     shift = None
     if cfg.previous_rm:
-        from rlhf import load_reward_model
         before = accuracy(load_reward_model(cfg.previous_rm, device), tok, own[0])["accuracy"]
         shift = {"previous_rm": cfg.previous_rm, "previous": before, "retrained": by_batch[0]["accuracy"],
                  "n": len(own[0])}
