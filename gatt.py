@@ -159,18 +159,16 @@ def dropped_by_kind(dialogs: list, replies: list[list[str]]) -> dict[str, float]
     return {k: lost / total for k, (lost, total) in sorted(counts.items())}
 
 
-class RewardJudge:
+class RewardJudge(rlhf.RewardModels):
     """Aid 3: keeps a reply whose combined reward R_c (§3.2.3, sigmoid scale) is at least RM_FLOOR; the prompts are
     the GAtt questions, helpfulness prompts (IS_SAFETY false). Counts what it was asked and what it dropped."""
 
     def __init__(self, rm_helpful: str, rm_safety: str, tok, device):
-        self.rm_h = rlhf.load_reward_model(rm_helpful, device)
-        self.rm_s = rlhf.load_reward_model(rm_safety, device)
+        super().__init__(rm_helpful, rm_safety, device, RM_FLOOR)
         self.tok, self.asked, self.dropped = tok, 0, 0
 
     def __call__(self, prompts: list, replies: list) -> list[bool]:
-        r_c, _ = rlhf.combined_score(self.rm_h, self.rm_s, self.tok, prompts, replies,
-                                     torch.zeros(len(prompts), dtype=torch.bool), RM_FLOOR)
+        r_c, _ = super().__call__(self.tok, prompts, replies, torch.zeros(len(prompts), dtype=torch.bool))
         keep = (r_c >= RM_FLOOR).tolist()
         self.asked, self.dropped = self.asked + len(keep), self.dropped + keep.count(False)
         return keep

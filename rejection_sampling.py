@@ -129,19 +129,16 @@ def max_median_by_n(rewards: torch.Tensor) -> tuple[list[int], list[float], list
 
 
 # ---- sampling and scoring --------------------------------------------------------------------------------------------
-class Scorer:
-    """The combined reward R_c and the safety score R_s (sigmoid scale) of replies, from the two frozen reward
-    models."""
+class Scorer(rlhf.RewardModels):
+    """The combined reward R_c and the safety score R_s (sigmoid scale) of replies to tasks (their messages and
+    IS_SAFETY), from the two frozen reward models (rlhf.RewardModels)."""
 
     def __init__(self, cfg, device):
-        self.rm_h = rlhf.load_reward_model(cfg.rm_helpful, device)
-        self.rm_s = rlhf.load_reward_model(cfg.rm_safety, device)
-        self.threshold = cfg.safety_threshold
+        super().__init__(cfg.rm_helpful, cfg.rm_safety, device, cfg.safety_threshold)
 
     def __call__(self, tok, tasks, replies) -> tuple[torch.Tensor, torch.Tensor]:
-        is_safety = torch.tensor([bool(t.is_safety) for t in tasks])
-        return rlhf.combined_score(self.rm_h, self.rm_s, tok, [t.messages for t in tasks], replies, is_safety,
-                                   self.threshold)
+        return super().__call__(tok, [t.messages for t in tasks], replies,
+                                torch.tensor([bool(t.is_safety) for t in tasks]))
 
 
 UNFINISHED_REWARD = 0.0  # choice 4: a reply cut off at the budget scores the bottom of the sigmoid scale

@@ -7,8 +7,9 @@ position, (B, T). What every RL stage does with it:
      padding side, never by searching for a pad or EOS id). rewards_of_rows scores a batch of rows; score() does it for
      dialogs and replies, text or token ids.
   2. Combine the two RMs (§3.2.3): R_c = R_s if the prompt is a safety prompt or R_s < 0.15, else R_h, on the sigmoid
-     scale (combined_reward; combined_score runs the helpfulness RM only where R_c reads it). 0.15 is the paper's
-     threshold for "unsafe"; reward.py calibrates both RMs' zero points so that the level means the same for both.
+     scale (combined_reward; combined_score runs the helpfulness RM only where R_c reads it; RewardModels holds both).
+     0.15 is the paper's threshold for "unsafe"; reward.py calibrates both RMs' zero points so that the level means
+     the same for both.
   3. logit undoes the sigmoid before PPO whitens the reward (§3.2.3).
 
 Speed-up (the last section): replies to one prompt packed into one row over their shared prompt (pack_shared,
@@ -147,6 +148,21 @@ def combined_score(rm_helpful: Transformer, rm_safety: Transformer, tok, dialogs
     if idx:
         r_h[use_h] = score(rm_helpful, tok, [dialogs[i] for i in idx], [replies[i] for i in idx], sigmoid=True)
     return combined_reward(r_s, r_h, is_safety, threshold), r_s
+
+
+class RewardModels:
+    """The two frozen reward models with §3.2.3's switch between them: models(tok, dialogs, replies, is_safety) ->
+    (R_c, R_s), each (N,) on the sigmoid scale (combined_score). What rejection sampling and GAtt's RM filter score
+    with."""
+
+    def __init__(self, rm_helpful, rm_safety, device="cpu", threshold: float = 0.15):
+        self.helpful = load_reward_model(rm_helpful, device)
+        self.safety = load_reward_model(rm_safety, device)
+        self.threshold = threshold
+
+    def __call__(self, tok, dialogs: list[list[dict]], replies: list,
+                 is_safety: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return combined_score(self.helpful, self.safety, tok, dialogs, replies, is_safety, self.threshold)
 
 
 def safety_decides(r_safety: torch.Tensor, is_safety: torch.Tensor, threshold: float = 0.15) -> dict:
